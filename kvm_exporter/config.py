@@ -1,0 +1,219 @@
+"""The YAML configuration: one loader, frozen dataclasses, one error type.
+
+Every key, its type and its default lives in the dataclasses below; ``config/kvm_exporter.yml``
+documents the same keys for operators. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_PORT = 9429
+LABELS = ("user", "tty", "state")
+SOURCES = ("auto", "procfs", "libkvm")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
+"""kvm_getprocs(3) ops by name; ``proc`` is one row per process, ``all`` includes kernel
+processes the same way; the rest take ``libkvm.argument``."""
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the file, the key and the problem."""
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen_address: str = f":{DEFAULT_PORT}"
+    telemetry_path: str = "/metrics"
+    config_file: Optional[str] = None
+    """exporter-toolkit web config (TLS, basic auth, headers)."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class ProcfsConfig:
+    root: str = "/proc"
+
+
+@dataclass(frozen=True)
+class LibkvmConfig:
+    library: str = "libkvm.so.7"
+    predicate: str = "proc"
+    argument: Optional[int] = None
+    """The pid, process group, session, tty device number or uid that ``predicate`` selects."""
+    threads: bool = False
+    """Add KERN_PROC_INC_THREAD: one row per thread instead of per process."""
+    kernel: Optional[str] = None
+    """Kernel image of a crash dump; with ``core`` set, the exporter reads the dump once."""
+    core: Optional[str] = None
+    swapfile: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "auto"
+    interval: float = 15.0
+    """Seconds between polls; 0 collects on every scrape."""
+    labels: tuple[str, ...] = LABELS
+    max_series: int = 1000
+    """Most series per process metric; smaller groups fold into ``other`` past it."""
+    web: WebConfig = field(default_factory=WebConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    procfs: ProcfsConfig = field(default_factory=ProcfsConfig)
+    libkvm: LibkvmConfig = field(default_factory=LibkvmConfig)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a Go-style duration (``500ms``, ``15s``, ``1m``)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 15s, 500ms, 1m or a number of seconds")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value).strip())
+        if not match:
+            raise ValueError("a duration such as 15s, 500ms, 1m or a number of seconds")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration of 0 or more")
+    return seconds
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return value
+
+    return check
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    expected = "a list drawn from " + ", ".join(LABELS) + " without repeats"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(expected)
+    if len(set(value)) != len(value) or not set(value) <= set(LABELS):
+        raise ValueError(expected)
+    return tuple(value)
+
+
+def _positive(value: Any) -> Any:
+    if value < 1:
+        raise ValueError("an integer of 1 or more")
+    return value
+
+
+def _path(value: Any) -> Any:
+    if not value.startswith("/"):
+        raise ValueError("a path starting with /")
+    return value
+
+
+# Keys whose YAML form differs from the stored type: the parser replaces the type check.
+_PARSERS: dict[str, Callable[[Any], Any]] = {"interval": parse_duration, "labels": _labels}
+
+# Checks of value after the type check. Parsers and checks return the value to store or
+# raise ValueError whose text says what was expected.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "source": _one_of(SOURCES),
+    "max_series": _positive,
+    "log.level": _one_of(LOG_LEVELS),
+    "web.telemetry_path": _path,
+    "libkvm.predicate": _one_of(PREDICATES),
+}
+
+T = TypeVar("T")
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if get_origin(hint) is Union:
+        return any(_matches(value, a) for a in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _build(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            allowed = ", ".join(sorted(names))
+            raise ConfigError(f"{where}: {prefix}{key}: unknown key (expected one of {allowed})")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, where, key + ".")  # type: ignore[arg-type]
+            continue
+        parse = _PARSERS.get(key)
+        if parse is None and not _matches(value, hint):
+            raise ConfigError(f"{where}: {key}: got {value!r}, expected {_type_name(hint)}")
+        check = parse or _CHECKS.get(key)
+        if check is not None:
+            try:
+                value = check(value)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {key}: got {value!r}, expected {err}") from None
+        values[name] = value
+    return cls(**values)
+
+
+def parse_config(text: str, where: str = "<config>") -> Config:
+    """Build a :class:`Config` from YAML text; ``where`` names the file in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: {position}invalid YAML: {problem}") from None
+    return _build(Config, {} if data is None else data, where)
+
+
+def load_config(path: Optional[str]) -> Config:
+    """Read the config file at ``path``; ``None`` gives the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"{path}: cannot read config file: {reason}") from None
+    return parse_config(text, path)
+
+
+def with_overrides(config: Config, **web: Any) -> Config:
+    """A copy of ``config`` with web settings given on the command line taking precedence."""
+    changes = {k: v for k, v in web.items() if v is not None}
+    return dataclasses.replace(config, web=dataclasses.replace(config.web, **changes))

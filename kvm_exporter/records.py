@@ -1,0 +1,74 @@
+"""The records every source returns and the interface every source implements.
+
+A source (``sources/procfs.py`` on Linux, ``sources/libkvm.py`` on FreeBSD) turns
+platform data into these plain immutable records; nothing platform-specific passes
+this boundary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+NO_TTY = "none"
+"""The ``tty`` of a process without a controlling terminal (ps shows ``?`` or ``-``)."""
+
+
+class Proc(NamedTuple):
+    """One process, as of the moment it was read."""
+
+    pid: int
+    ppid: int
+    uid: int
+    """Effective uid: the one ``ps -o uid`` shows."""
+    ruid: int
+    tty: str
+    """Controlling terminal as ``ps`` names it (``pts/3``, ``ttyv0``), or :data:`NO_TTY`."""
+    state: str
+    """A word of :data:`kvm_exporter.states.STATES`."""
+    comm: str
+    threads: int
+    rss_bytes: int
+    vsize_bytes: int
+    cpu_seconds: float
+    start_time: float
+    """Start time, seconds since the Unix epoch."""
+
+
+class LoadAvg(NamedTuple):
+    load1: float
+    load5: float
+    load15: float
+
+
+class SwapDevice(NamedTuple):
+    device: str
+    size_bytes: int
+    used_bytes: int
+
+
+class HostLimits(NamedTuple):
+    cpus: int
+    max_procs: int
+    """Most processes the kernel allows (``kern.maxproc``; Linux ``pid_max``)."""
+    max_threads: int
+    """Most threads the kernel allows (``kern.maxproc`` x threads; Linux ``threads-max``)."""
+
+
+class SourceError(Exception):
+    """A source could not read what was asked; the message says what and why."""
+
+
+class Source(Protocol):
+    """What the poller needs from a platform. Implementations may raise :class:`SourceError`."""
+
+    name: str
+
+    def procs(self) -> list[Proc]: ...
+
+    def loadavg(self) -> LoadAvg: ...
+
+    def swap(self) -> list[SwapDevice]: ...
+
+    def limits(self) -> HostLimits: ...
+
+    def close(self) -> None: ...
