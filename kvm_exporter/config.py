@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .aggregate import MIN_SERIES
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
@@ -31,7 +35,7 @@ class ConfigError(Exception):
 class WebConfig:
     listen_address: str = f":{DEFAULT_PORT}"
     telemetry_path: str = "/metrics"
-    config_file: Optional[str] = None
+    config_file: str | None = None
     """exporter-toolkit web config (TLS, basic auth, headers)."""
 
 
@@ -49,14 +53,14 @@ class ProcfsConfig:
 class LibkvmConfig:
     library: str = "libkvm.so.7"
     predicate: str = "proc"
-    argument: Optional[int] = None
+    argument: int | None = None
     """The pid, process group, session, tty device number or uid that ``predicate`` selects."""
     threads: bool = False
     """Add KERN_PROC_INC_THREAD: one row per thread instead of per process."""
-    kernel: Optional[str] = None
+    kernel: str | None = None
     """Kernel image of a crash dump; with ``core`` set, the exporter reads the dump once."""
-    core: Optional[str] = None
-    swapfile: Optional[str] = None
+    core: str | None = None
+    swapfile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,9 @@ def _labels(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _positive(value: Any) -> Any:
-    if value < 1:
-        raise ValueError("an integer of 1 or more")
+def _series_cap(value: Any) -> Any:
+    if value < MIN_SERIES:
+        raise ValueError(f"an integer of {MIN_SERIES} or more")
     return value
 
 
@@ -130,7 +134,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {"interval": parse_duration, "labels
 # raise ValueError whose text says what was expected.
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "source": _one_of(SOURCES),
-    "max_series": _positive,
+    "max_series": _series_cap,
     "log.level": _one_of(LOG_LEVELS),
     "web.telemetry_path": _path,
     "libkvm.predicate": _one_of(PREDICATES),
@@ -139,15 +143,19 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
 T = TypeVar("T")
 
 
+def _is_union(hint: Any) -> bool:
+    return get_origin(hint) in (Union, types.UnionType)
+
+
 def _type_name(hint: Any) -> str:
-    if get_origin(hint) is Union:
+    if _is_union(hint):
         return " or ".join(_type_name(a) for a in get_args(hint))
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     return names.get(hint, "null" if hint is type(None) else str(hint))
 
 
 def _matches(value: Any, hint: Any) -> bool:
-    if get_origin(hint) is Union:
+    if _is_union(hint):
         return any(_matches(value, a) for a in get_args(hint))
     if hint is type(None):
         return value is None
@@ -200,7 +208,7 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     return _build(Config, {} if data is None else data, where)
 
 
-def load_config(path: Optional[str]) -> Config:
+def load_config(path: str | None) -> Config:
     """Read the config file at ``path``; ``None`` gives the built-in defaults."""
     if path is None:
         return Config()
@@ -213,7 +221,19 @@ def load_config(path: Optional[str]) -> Config:
     return parse_config(text, path)
 
 
-def with_overrides(config: Config, **web: Any) -> Config:
-    """A copy of ``config`` with web settings given on the command line taking precedence."""
-    changes = {k: v for k, v in web.items() if v is not None}
-    return dataclasses.replace(config, web=dataclasses.replace(config.web, **changes))
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``config`` where each key of ``overrides`` (``source``, ``web.listen_address``)
+    whose value is not ``None`` replaces the file's setting: flags win over the file."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[key] = value
+        else:
+            top[key] = value
+    for name, values in sections.items():
+        top[name] = dataclasses.replace(getattr(config, name), **values)
+    return dataclasses.replace(config, **top)

@@ -1,0 +1,139 @@
+"""Turn the poller's latest snapshot into Prometheus metric families."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .aggregate import Key
+from .poller import COLLECTORS, Snapshot
+
+AS_OF = " As of the last poll."
+
+
+class ReloadStatus(NamedTuple):
+    successful: bool
+    failures: int
+    last_success: float
+    """Wall-clock time of the last successful config load (start-up counts)."""
+
+
+def _counts(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, int]) -> Metric:
+    family = GaugeMetricFamily(name, doc + AS_OF, labels=labels)
+    for key, value in counts.items():
+        family.add_metric(key, value)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class KvmCollector(Collector):
+    """Serves the snapshot ``snapshot()`` returns, plus build and reload information."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        source_name: Callable[[], str],
+        reload_status: Callable[[], ReloadStatus],
+    ) -> None:
+        self._snapshot = snapshot
+        self._source_name = source_name
+        self._reload_status = reload_status
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._data(snap)
+        yield from self._health(snap)
+        yield from self._meta()
+
+    def _data(self, snap: Snapshot) -> Iterator[Metric]:
+        if snap.counts is not None:
+            c = snap.counts
+            yield _counts("kvm_processes", "Processes per label group.", c.labels, c.processes)
+            yield _counts("kvm_threads", "Threads per label group.", c.labels, c.threads)
+            yield _gauge(
+                "kvm_processes_folded_groups",
+                "Label groups folded into 'other' to stay under max_series." + AS_OF,
+                c.folded,
+            )
+        if snap.load is not None:
+            for minutes, value in zip((1, 5, 15), snap.load, strict=False):
+                yield _gauge(f"kvm_load{minutes}", f"{minutes}m load average.{AS_OF}", value)
+        if snap.swap is not None:
+            size = GaugeMetricFamily(
+                "kvm_swap_size_bytes", "Size of a swap device." + AS_OF, labels=["device"]
+            )
+            used = GaugeMetricFamily(
+                "kvm_swap_used_bytes", "Swap in use on a device." + AS_OF, labels=["device"]
+            )
+            for dev in snap.swap:
+                size.add_metric([dev.device], dev.size_bytes)
+                used.add_metric([dev.device], dev.used_bytes)
+            yield size
+            yield used
+        if snap.limits is not None:
+            lim = snap.limits
+            yield _gauge("kvm_cpus", "CPUs of the host." + AS_OF, lim.cpus)
+            yield _gauge("kvm_processes_limit", "Most processes the kernel allows.", lim.max_procs)
+            yield _gauge("kvm_threads_limit", "Most threads the kernel allows.", lim.max_threads)
+
+    def _health(self, snap: Snapshot) -> Iterator[Metric]:
+        yield _gauge("kvm_up", "1 if every part of the last poll succeeded.", snap.up)
+        success = GaugeMetricFamily(
+            "kvm_poll_success", "1 if this part of the last poll succeeded.", labels=["collector"]
+        )
+        duration = GaugeMetricFamily(
+            "kvm_poll_duration_seconds",
+            "Time this part of the last poll took.",
+            labels=["collector"],
+        )
+        errors = CounterMetricFamily(
+            "kvm_poll_errors", "Failed polls of this part.", labels=["collector"]
+        )
+        for part in COLLECTORS:
+            if part in snap.success:
+                success.add_metric([part], snap.success[part])
+                duration.add_metric([part], snap.duration[part])
+            errors.add_metric([part], snap.errors.get(part, 0))
+        yield success
+        yield duration
+        yield errors
+        yield CounterMetricFamily("kvm_polls", "Polls run since start.", value=snap.polls)
+        if snap.last_success is not None:
+            yield _gauge(
+                "kvm_last_successful_poll_timestamp_seconds",
+                "Unix time of the last poll in which every part succeeded.",
+                snap.last_success,
+            )
+
+    def _meta(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "kvm_exporter_build_info",
+            "Always 1; labels tell the version, the source and the Python running it.",
+            labels=["version", "source", "python_version"],
+        )
+        info.add_metric([__version__, self._source_name(), platform.python_version()], 1)
+        yield info
+        status = self._reload_status()
+        yield _gauge(
+            "kvm_config_last_reload_successful",
+            "1 if the last configuration load succeeded.",
+            status.successful,
+        )
+        yield CounterMetricFamily(
+            "kvm_config_reload_failures",
+            "Configuration reloads that failed and left the previous one in force.",
+            value=status.failures,
+        )
+        yield _gauge(
+            "kvm_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.",
+            status.last_success,
+        )

@@ -1,0 +1,159 @@
+"""The poller: owns the source, polls it, publishes immutable snapshots.
+
+The HTTP side only ever reads :meth:`Poller.snapshot`; it never touches the source
+except when ``interval`` is 0, where each scrape runs one poll (serialised by a lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
+
+from .aggregate import Counts, aggregate
+from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
+
+log = logging.getLogger(__name__)
+
+COLLECTORS = ("procs", "loadavg", "swap", "limits")
+"""The parts of a poll, each timed and reported on its own."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a poll needs from the config; replaced as a whole on reload."""
+
+    interval: float = 15.0
+    labels: tuple[str, ...] = ("user", "tty", "state")
+    max_series: int = 1000
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One finished poll. A part that failed is ``None``: no stale data is served as fresh."""
+
+    counts: Counts | None
+    load: LoadAvg | None
+    swap: tuple[SwapDevice, ...] | None
+    limits: HostLimits | None
+    success: Mapping[str, bool]
+    duration: Mapping[str, float]
+    polled_at: float
+    last_success: float | None
+    """Wall-clock time of the last poll in which every part succeeded."""
+    polls: int
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def up(self) -> bool:
+        return all(self.success.values())
+
+
+EMPTY = Snapshot(None, None, None, None, {}, {}, 0.0, None, 0, {})
+
+
+class Poller:
+    """Polls ``source`` every ``settings.interval`` seconds on a thread of its own."""
+
+    def __init__(self, source: Source, settings: Settings) -> None:
+        self.source = source
+        self.settings = settings
+        self._snapshot = EMPTY
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def snapshot(self) -> Snapshot:
+        """The latest snapshot; with ``interval`` 0, a fresh poll."""
+        if self.settings.interval == 0:
+            return self.poll()
+        return self._snapshot
+
+    def poll(self) -> Snapshot:
+        """Poll every part once, publish and return the snapshot."""
+        with self._poll_lock:
+            settings, previous = self.settings, self._snapshot
+            success: dict[str, bool] = {}
+            duration: dict[str, float] = {}
+            errors = dict(previous.errors)
+
+            def timed(part: str, read: Callable[[], T]) -> T | None:
+                start = time.perf_counter()
+                try:
+                    value: T | None = read()
+                except SourceError as err:
+                    log.error("poll of %s failed: %s", part, err)
+                    errors[part] = errors.get(part, 0) + 1
+                    value = None
+                duration[part] = time.perf_counter() - start
+                success[part] = value is not None
+                return value
+
+            source = self.source
+            counts = timed(
+                "procs",
+                lambda: aggregate(source.procs(), settings.labels, settings.max_series),
+            )
+            load = timed("loadavg", source.loadavg)
+            swap = timed("swap", lambda: tuple(source.swap()))
+            limits = timed("limits", source.limits)
+            now = time.time()
+            up = all(success.values())
+            self._snapshot = Snapshot(
+                counts=counts,
+                load=load,
+                swap=swap,
+                limits=limits,
+                success=MappingProxyType(success),
+                duration=MappingProxyType(duration),
+                polled_at=now,
+                last_success=now if up else previous.last_success,
+                polls=previous.polls + 1,
+                errors=MappingProxyType(errors),
+            )
+            return self._snapshot
+
+    def start(self) -> None:
+        """Poll once now (so the first scrape has data), then on a background thread."""
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
+        self._thread.start()
+
+    def reconfigure(self, source: Source, settings: Settings) -> Source:
+        """Swap in a new source and settings; returns the old source for the caller to close."""
+        with self._poll_lock:
+            old, self.source, self.settings = self.source, source, settings
+        self._wake.set()
+        return old
+
+    def _run(self) -> None:
+        next_due = time.monotonic() + self.settings.interval
+        while True:
+            interval = self.settings.interval
+            # Collect-on-scrape mode (0) polls from the HTTP side: sleep until reconfigured.
+            timeout = max(next_due - time.monotonic(), 0.0) if interval > 0 else None
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            interval = self.settings.interval
+            if interval == 0:
+                continue
+            started = time.monotonic()
+            self.poll()
+            # A poll slower than the interval skips the ticks it overran: no pile-up.
+            overran = (time.monotonic() - started) // interval
+            next_due = started + interval * (overran + 1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,104 @@
+"""The running exporter: source, poller, HTTP server, and reload on SIGHUP."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from .app import make_app
+from .collector import KvmCollector, ReloadStatus
+from .config import Config, ConfigError, load_config, with_overrides
+from .logs import set_level
+from .poller import Poller, Settings
+from .records import Source, SourceError
+from .sources import open_source
+from .web import Server, serve
+from .webconfig import load_web_config
+
+log = logging.getLogger(__name__)
+
+
+def settings_of(config: Config) -> Settings:
+    return Settings(interval=config.interval, labels=config.labels, max_series=config.max_series)
+
+
+def source_key(config: Config) -> tuple[Any, ...]:
+    """The settings that decide which source is open; a change means reopening it."""
+    return (config.source, config.procfs, config.libkvm)
+
+
+def build_registry(poller: Poller, reload_status: Any = None) -> CollectorRegistry:
+    """A private registry holding only this exporter's collector."""
+    registry = CollectorRegistry()
+    registry.register(
+        KvmCollector(
+            poller.snapshot,
+            lambda: poller.source.name,
+            reload_status or (lambda: ReloadStatus(True, 0, time.time())),
+        )
+    )
+    return registry
+
+
+class Service:
+    """Everything a long-running exporter holds; built from the config file and flags.
+
+    Raises ConfigError, SourceError or WebError (all with one-line messages) if it
+    cannot start.
+    """
+
+    def __init__(self, config_path: str | None, overrides: dict[str, Any]) -> None:
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config = with_overrides(load_config(config_path), overrides)
+        set_level(self.config.log.level)
+        web = self.config.web
+        web_settings = load_web_config(web.config_file) if web.config_file else None
+        self._reload = ReloadStatus(True, 0, time.time())
+        source = open_source(self.config)
+        try:
+            self.poller = Poller(source, settings_of(self.config))
+            registry = build_registry(self.poller, lambda: self._reload)
+            app = make_app(registry, web.telemetry_path, self.poller.snapshot)
+            self.server: Server = serve(app, web.listen_address, web_settings)
+        except BaseException:
+            source.close()
+            raise
+        self.poller.start()
+        host, port = self.server.address[:2]
+        log.info("listening on %s:%s, source %s", host, port, source.name)
+
+    def reload(self) -> bool:
+        """Re-read the config file; on any error keep the running config and say why."""
+        try:
+            config = with_overrides(load_config(self.config_path), self.overrides)
+            source: Source | None = None
+            if source_key(config) != source_key(self.config):
+                source = open_source(config)
+        except (ConfigError, SourceError) as err:
+            self._reload = self._reload._replace(
+                successful=False, failures=self._reload.failures + 1
+            )
+            log.error("reload failed, still serving the previous configuration: %s", err)
+            return False
+        if config.web != self.config.web:
+            log.warning("web settings changed in %s: they take effect on restart", self.config_path)
+            config = dataclasses.replace(config, web=self.config.web)
+        old = self.poller.reconfigure(source or self.poller.source, settings_of(config))
+        if source is not None:
+            old.close()
+        set_level(config.log.level)
+        self.config = config
+        self._reload = ReloadStatus(True, self._reload.failures, time.time())
+        log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
+        return True
+
+    def stop(self) -> None:
+        """Stop polling, stop serving, release the source."""
+        self.poller.stop()
+        self.server.shutdown()
+        self.poller.source.close()

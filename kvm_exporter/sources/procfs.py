@@ -1,0 +1,174 @@
+"""The Linux source: processes, load and swap from ``/proc``.
+
+Each process costs two reads: ``/proc/PID/stat`` (state, tty, threads, memory, times) and
+``/proc/PID/status`` (real and effective uid). The uid cannot come from ``stat()`` of a
+file inside ``/proc/PID``: for a non-dumpable (setuid) process those files belong to root,
+while ``ps`` shows the process's own uid, which ``status`` reports for every process.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as statmod
+
+from ..records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from ..states import linux_state
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_VANISHED = (FileNotFoundError, ProcessLookupError)
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 16384)
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return _read(path).decode("ascii", "replace")
+    except OSError as err:
+        raise SourceError(f"cannot read {path}: {err.strerror}") from None
+
+
+def tty_name(tty_nr: int, dev_names: dict[int, str]) -> str:
+    """Name a ``tty_nr`` of ``/proc/PID/stat`` the way ``ps`` does (``pts/3``, ``tty1``)."""
+    if tty_nr == 0:
+        return NO_TTY
+    major = (tty_nr >> 8) & 0xFFF
+    minor = (tty_nr & 0xFF) | ((tty_nr >> 12) & 0xFFF00)
+    if 136 <= major <= 143:  # Unix98 pseudo-terminals span eight majors
+        return f"pts/{minor + (major - 136) * 256}"
+    if major == 4:
+        return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
+    name = dev_names.get(os.makedev(major, minor))
+    return name if name is not None else f"{major}:{minor}"
+
+
+def dev_char_names(dev: str = "/dev") -> dict[int, str]:
+    """Map device numbers of the character devices directly in ``dev`` to their names."""
+    names: dict[int, str] = {}
+    try:
+        entries = list(os.scandir(dev))
+    except OSError:
+        return names
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if statmod.S_ISCHR(st.st_mode):
+            names.setdefault(st.st_rdev, entry.name)
+    return names
+
+
+def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
+    """Split ``/proc/PID/stat`` into comm and the fields after it (state first).
+
+    comm is whatever the process named itself and may hold spaces, parentheses or
+    newlines, so it ends at the *last* ``)``.
+    """
+    start, end = data.index(b"("), data.rindex(b")")
+    return data[start + 1 : end].decode("utf-8", "replace"), data[end + 2 :].split()
+
+
+def _status_uids(data: bytes) -> tuple[int, int]:
+    """(real, effective) uid from ``/proc/PID/status``."""
+    line = data[data.index(b"\nUid:") + 5 :].split(None, 2)
+    return int(line[0]), int(line[1])
+
+
+class ProcfsSource:
+    """Reads a procfs mounted at ``root`` (``/proc``; a copy of one in tests)."""
+
+    name = "procfs"
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+        if not os.path.isfile(os.path.join(root, "loadavg")):
+            raise SourceError(f"{root} does not look like procfs: no {root}/loadavg")
+        self._dev_names: dict[int, str] | None = None
+
+    def _boot_time(self) -> int:
+        for line in _read_text(f"{self.root}/stat").splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1])
+        raise SourceError(f"no btime line in {self.root}/stat")
+
+    def _tty(self, tty_nr: int) -> str:
+        name = tty_name(tty_nr, self._dev_names or {})
+        if ":" in name and self._dev_names is None:
+            self._dev_names = dev_char_names()  # scanned once, on the first unusual tty
+            name = tty_name(tty_nr, self._dev_names)
+        return name
+
+    def procs(self) -> list[Proc]:
+        root = self.root
+        boot = self._boot_time()
+        try:
+            pids = [p for p in os.listdir(root) if p.isdigit()]
+        except OSError as err:
+            raise SourceError(f"cannot list {root}: {err.strerror}") from None
+        out: list[Proc] = []
+        append = out.append
+        for pid in pids:
+            try:
+                stat = _read(f"{root}/{pid}/stat")
+                status = _read(f"{root}/{pid}/status")
+            except _VANISHED:
+                continue  # exited between listdir and read
+            if not stat:
+                continue  # a pid being reaped can read as empty
+            comm, f = parse_stat(stat)
+            ruid, uid = _status_uids(status)
+            append(
+                Proc(
+                    pid=int(pid),
+                    ppid=int(f[1]),
+                    uid=uid,
+                    ruid=ruid,
+                    tty=self._tty(int(f[4])),
+                    state=linux_state(f[0].decode("ascii", "replace")),
+                    comm=comm,
+                    threads=int(f[17]),
+                    rss_bytes=int(f[21]) * _PAGE_SIZE,
+                    vsize_bytes=int(f[20]),
+                    cpu_seconds=(int(f[11]) + int(f[12])) / _CLK_TCK,
+                    start_time=boot + int(f[19]) / _CLK_TCK,
+                )
+            )
+        return out
+
+    def loadavg(self) -> LoadAvg:
+        text = _read_text(f"{self.root}/loadavg")
+        try:
+            one, five, fifteen = (float(v) for v in text.split()[:3])
+        except ValueError:
+            raise SourceError(f"{self.root}/loadavg: unexpected content {text!r}") from None
+        return LoadAvg(one, five, fifteen)
+
+    def swap(self) -> list[SwapDevice]:
+        lines = _read_text(f"{self.root}/swaps").splitlines()[1:]  # first line is a header
+        devices = []
+        for line in lines:
+            fields = line.split()
+            # Whitespace in a swap file's name is escaped as octal (\040) by the kernel.
+            name = fields[0].encode().decode("unicode_escape")
+            devices.append(SwapDevice(name, int(fields[2]) * 1024, int(fields[3]) * 1024))
+        return devices
+
+    def limits(self) -> HostLimits:
+        cpus = sum(
+            1
+            for line in _read_text(f"{self.root}/stat").splitlines()
+            if line.startswith("cpu") and line[3:4].isdigit()
+        )
+        pid_max = int(_read_text(f"{self.root}/sys/kernel/pid_max"))
+        threads_max = int(_read_text(f"{self.root}/sys/kernel/threads-max"))
+        return HostLimits(cpus=cpus, max_procs=pid_max, max_threads=threads_max)
+
+    def close(self) -> None:
+        """Nothing to release: every read opens and closes its own file."""
