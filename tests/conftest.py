@@ -1,0 +1,107 @@
+"""Shared test helpers: free ports, and real exporter processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""Debian's python, for child processes that run as another user: a venv's interpreter may
+live where only root can read it (pyenv under /root)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, keyed by (name, labels)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+class Exporter:
+    """A real ``kvm_exporter`` process serving on a free loopback port."""
+
+    def __init__(self, tmp: Path, config: str | None, args: list[str], env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "kvm_exporter", f"--web.listen-address=127.0.0.1:{self.port}"]
+        if config is not None:
+            self.config_path = tmp / f"kvm_exporter-{self.port}.yml"
+            self.config_path.write_text(config)
+            cmd.append(f"--config.file={self.config_path}")
+        self.stderr_path = tmp / f"stderr-{self.port}.log"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd + args, stderr=self._stderr, env={**os.environ, **env}, cwd=REPO
+        )
+        wait_until(self._answers, what=f"exporter on {self.url}")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exporter exited {self.proc.returncode}: {self.stderr()}")
+        return bool(self.get("/-/healthy"))
+
+    def get(self, path: str = "/metrics", headers: dict[str, str] | None = None) -> str:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(response.read().decode())
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return samples(self.get())
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout=10)
+        self._stderr.close()
+        return code
+
+
+@pytest.fixture
+def exporter(tmp_path: Path) -> Iterator[Any]:
+    """Start exporters with ``exporter(config_yaml, *args, env={})``; all stop at teardown."""
+    started: list[Exporter] = []
+
+    def start(config: str | None = None, *args: str, env: dict[str, str] | None = None):
+        started.append(Exporter(tmp_path, config, list(args), env or {}))
+        return started[-1]
+
+    yield start
+    for e in started:
+        e.stop()
