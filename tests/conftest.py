@@ -65,7 +65,7 @@ class Exporter:
         self.stderr_path = tmp / f"stderr-{self.port}.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd + args, stderr=self._stderr, env={**os.environ, **env}, cwd=REPO
+            cmd + args, stderr=self._stderr, env={**os.environ, **env}, cwd="/"
         )
         wait_until(self._answers, what=f"exporter on {self.url}")
 

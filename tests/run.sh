@@ -1,0 +1,25 @@
+#!/bin/sh
+# Install everything the test suite needs on Debian, then run lint, type checks and every test.
+# Usage: tests/run.sh [pytest args...]   (as root, or with sudo available)
+set -eu
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
+# gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
+# systemd: systemd-analyze for the unit; util-linux: setpriv for the daemon(8) stand-in.
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    prometheus shellcheck python3 python3-venv python3-dev gcc libc6-dev openssl procps \
+    systemd util-linux ca-certificates >/dev/null
+
+# Debian's python (not one under /root) so that tests can run the exporter as nobody.
+VENV="${KVM_EXPORTER_TEST_VENV:-/opt/kvm_exporter-test-venv}"
+$SUDO /usr/bin/python3 -m venv "$VENV"
+$SUDO "$VENV/bin/pip" install -q --upgrade pip
+$SUDO "$VENV/bin/pip" install -q ".[test]"
+
+"$VENV/bin/ruff" check kvm_exporter tests bench
+"$VENV/bin/ruff" format --check kvm_exporter tests bench
+"$VENV/bin/mypy" kvm_exporter
+PATH="$VENV/bin:$PATH" "$VENV/bin/pytest" -p no:cacheprovider "$@" tests
