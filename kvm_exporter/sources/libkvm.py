@@ -1,0 +1,243 @@
+"""The FreeBSD source: processes, load and swap through libkvm (kvm(3), not the hypervisor).
+
+A live system is opened unprivileged the way ``ps`` does it (memory file ``/dev/null``:
+everything below is then read through sysctls); a crash dump is opened from its kernel
+image and core file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from ..config import LibkvmConfig
+from ..records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from ..states import freebsd_state
+from . import kvm_cdef
+from .kvm_cdef import ffi
+
+# kvm_getprocs(3) ops, sys/sys/sysctl.h.
+KERN_PROC_OPS: dict[str, int] = {
+    "all": 0,
+    "pid": 1,
+    "pgrp": 2,
+    "session": 3,
+    "tty": 4,
+    "uid": 5,
+    "ruid": 6,
+    "proc": 8,
+}
+KERN_PROC_INC_THREAD = 0x10
+O_RDONLY = 0
+ERRBUF_SIZE = 2048  # _POSIX2_LINE_MAX, what kvm_openfiles copies into errbuf
+NODEV = 2**64 - 1  # (dev_t)-1 in the 64-bit ki_tdev
+S_IFCHR = 0o020000
+DEVNAME_SIZE = 256  # SPECNAMELEN + 1
+MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
+
+
+class LibkvmSource:
+    """:class:`~kvm_exporter.records.Source` over one ``kvm_t`` handle."""
+
+    name = "libkvm"
+
+    def __init__(self, config: LibkvmConfig) -> None:
+        self._lib = kvm_cdef.load(config.library)
+        if config.predicate not in ("proc", "all") and config.argument is None:
+            raise SourceError(
+                f"libkvm.predicate {config.predicate!r} selects by a number: set libkvm.argument"
+            )
+        base_op = KERN_PROC_OPS[config.predicate]
+        self._op = base_op | (KERN_PROC_INC_THREAD if config.threads else 0)
+        self._arg = config.argument or 0
+        # KERN_PROC_ALL returns one row per thread even without the modifier.
+        self._per_thread = config.threads or base_op == KERN_PROC_OPS["all"]
+        self._lock = threading.Lock()
+        self._devname = ffi.new("char[]", DEVNAME_SIZE)
+        errbuf = ffi.new("char[]", ERRBUF_SIZE)
+        if config.core is None:
+            where = "the running kernel"
+            kd = self._lib.kvm_openfiles(ffi.NULL, b"/dev/null", ffi.NULL, O_RDONLY, errbuf)
+        else:
+            where = f"crash dump {config.core!r} (kernel {config.kernel or 'the booted one'})"
+            kd = self._lib.kvm_openfiles(
+                _path(config.kernel), _path(config.core), _path(config.swapfile), O_RDONLY, errbuf
+            )
+        if kd == ffi.NULL:
+            reason = _text(errbuf) or os.strerror(ffi.errno)
+            raise SourceError(f"kvm_openfiles cannot open {where}: {reason}")
+        self._kd: Any = kd
+        self.crash_dump = config.core is not None
+        try:
+            self._pagesize = self._sysctl_int("hw.pagesize")
+        except SourceError:
+            self.close()
+            raise
+
+    def procs(self) -> list[Proc]:
+        """Every process the predicate selects (one record per process)."""
+        count = ffi.new("int *", -1)
+        with self._lock:
+            kd = self._handle()
+            self._clear_error(kd)
+            base = self._lib.kvm_getprocs(kd, self._op, self._arg, count)
+            if base == ffi.NULL:
+                if ffi.errno == errno.ESRCH and self._op & ~KERN_PROC_INC_THREAD == 1:
+                    return []  # KERN_PROC_PID of a process that has gone, as ps treats it
+                raise self._failure("kvm_getprocs", kd)
+            if count[0] == 0:
+                return []
+            records = ffi.cast(_record_type(ffi.cast("int *", base)[0]) + " *", base)
+            # The array belongs to libkvm and the next call frees it: copy out now.
+            # tty names are cached per poll, because a pts device number can be reused.
+            ttys: dict[int, str] = {}
+            procs = [self._proc(records[i], ttys) for i in range(count[0])]
+        return _fold_threads(procs) if self._per_thread else procs
+
+    def loadavg(self) -> LoadAvg:
+        samples = ffi.new("double[3]")
+        with self._lock:
+            kd = self._handle()
+            self._clear_error(kd)
+            got = self._lib.kvm_getloadavg(kd, samples, 3)
+            if got != 3:
+                raise self._failure(f"kvm_getloadavg (got {got} of 3 samples)", kd)
+        return LoadAvg(samples[0], samples[1], samples[2])
+
+    def swap(self) -> list[SwapDevice]:
+        """One record per swap device, in bytes."""
+        entries = ffi.new("struct kvm_swap[]", MAX_SWAP_DEVICES + 1)
+        with self._lock:
+            kd = self._handle()
+            self._clear_error(kd)
+            # flags 0: libkvm's SWIF_DEV_PREFIX would cut long names to fit 32 bytes.
+            got = self._lib.kvm_getswapinfo(kd, entries, MAX_SWAP_DEVICES + 1, 0)
+            if got < 0:
+                raise self._failure("kvm_getswapinfo", kd)
+        devices = [entries[i] for i in range(got)]
+        total = entries[got]  # the grand total sits after the devices, at the returned index
+        if got < MAX_SWAP_DEVICES and (
+            sum(d.ksw_used for d in devices) != total.ksw_used
+            or sum(d.ksw_total for d in devices) != total.ksw_total
+        ):
+            raise SourceError(
+                f"kvm_getswapinfo: the grand total ({total.ksw_used} of {total.ksw_total} pages"
+                f" used) is not the sum of the {got} devices: struct kvm_swap is misread"
+            )
+        return [
+            SwapDevice(
+                _swap_name(_text(d.ksw_devname)),
+                d.ksw_total * self._pagesize,
+                d.ksw_used * self._pagesize,
+            )
+            for d in devices
+        ]
+
+    def limits(self) -> HostLimits:
+        """Kernel limits of the running system (sysctls; not available from a crash dump)."""
+        if self.crash_dump:
+            raise SourceError("host limits are sysctls of the running kernel, not in a crash dump")
+        return HostLimits(
+            cpus=self._sysctl_int("hw.ncpu"),
+            max_procs=self._sysctl_int("kern.maxproc"),
+            # System-wide thread limit (FreeBSD 13+); kern.threads.max_threads_per_proc
+            # is per process and would overstate the host's capacity.
+            max_threads=self._sysctl_int("kern.maxthread"),
+        )
+
+    def close(self) -> None:
+        """Release the handle; later calls raise :class:`SourceError`."""
+        with self._lock:
+            kd, self._kd = self._kd, None
+            if kd is not None:
+                self._lib.kvm_close(kd)
+
+    def _handle(self) -> Any:
+        if self._kd is None:
+            raise SourceError("the libkvm source is closed")
+        return self._kd
+
+    def _clear_error(self, kd: Any) -> None:
+        # libkvm never clears its errbuf, so empty it before a call: a failure's text is
+        # then that call's own, and an empty text means the call set none.
+        self._lib.kvm_geterr(kd)[0] = b"\0"
+
+    def _failure(self, call: str, kd: Any) -> SourceError:
+        code = ffi.errno
+        reason = _text(self._lib.kvm_geterr(kd)) or (os.strerror(code) if code else "no reason")
+        return SourceError(f"{call} failed: {reason}")
+
+    def _sysctl_int(self, name: str) -> int:
+        value = ffi.new("int *")
+        size = ffi.new("size_t *", ffi.sizeof("int"))
+        if self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0) != 0:
+            raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
+        return int(value[0])
+
+    def _proc(self, kp: Any, ttys: dict[int, str]) -> Proc:
+        return Proc(
+            pid=kp.ki_pid,
+            ppid=kp.ki_ppid,
+            uid=kp.ki_uid,
+            ruid=kp.ki_ruid,
+            tty=self._tty(kp.ki_tdev, ttys),
+            state=freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime),
+            comm=_text(kp.ki_comm),
+            threads=kp.ki_numthreads,
+            rss_bytes=kp.ki_rssize * self._pagesize,
+            vsize_bytes=kp.ki_size,
+            cpu_seconds=kp.ki_runtime / 1e6,
+            start_time=kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6,
+        )
+
+    def _tty(self, dev: int, cache: dict[int, str]) -> str:
+        if dev == NODEV:
+            return NO_TTY
+        name = cache.get(dev)
+        if name is None:
+            name = _text(self._lib.devname_r(dev, S_IFCHR, self._devname, DEVNAME_SIZE))
+            # devname_r never fails; "#NODEV" or "#C:0x..." is its way of saying "no name".
+            if name.startswith("#"):
+                name = NO_TTY
+            cache[dev] = name
+        return name
+
+
+def _record_type(structsize: int) -> str:
+    pointer_bits = ffi.sizeof("void *") * 8
+    known = kvm_cdef.KINFO_PROC_TYPES[ffi.sizeof("void *")]
+    record_type = known.get(structsize)
+    if record_type is None:
+        sizes = " or ".join(str(size) for size in known)
+        raise SourceError(
+            f"kvm_getprocs: the kernel's struct kinfo_proc is {structsize} bytes"
+            f" (ki_structsize), this {pointer_bits}-bit binding knows {sizes}:"
+            " refusing to read records of an unknown layout"
+        )
+    return record_type
+
+
+def _fold_threads(rows: list[Proc]) -> list[Proc]:
+    """One record per process from thread rows: the first row, with its visible threads."""
+    first: dict[int, Proc] = {}
+    threads: Counter[int] = Counter()
+    for row in rows:
+        first.setdefault(row.pid, row)
+        threads[row.pid] += 1
+    return [proc._replace(threads=threads[pid]) for pid, proc in first.items()]
+
+
+def _swap_name(devname: str) -> str:
+    # Swap over NFS has no device; libkvm names it "[NFS swap]".
+    return devname if devname.startswith("[") else "/dev/" + devname
+
+
+def _path(value: str | None) -> Any:
+    return ffi.NULL if value is None else os.fsencode(value)
+
+
+def _text(chars: Any) -> str:
+    return str(ffi.string(chars).decode("utf-8", "replace"))

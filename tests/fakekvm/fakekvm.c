@@ -1,0 +1,694 @@
+/*
+ * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
+ * kvm_openfiles(3), kvm_getprocs(3), kvm_getloadavg(3), kvm_getswapinfo(3),
+ * kvm_geterr(3), kvm_close(3), devname_r(3) and sysctlbyname(3), with the
+ * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
+ *
+ * Build: cc -O2 -Wall -Werror -shared -fPIC -o libfakekvm.so fakekvm.c
+ *
+ * Which scenario: a live open (core "/dev/null") reads the file named by the
+ * environment variable FAKE_KVM_SCENARIO; a crash-dump open reads the core
+ * file itself as the scenario. The kernel argument is not read.
+ * sysctlbyname() and devname_r() answer from the scenario of the newest handle
+ * still open, or with none open from FAKE_KVM_SCENARIO, read afresh.
+ *
+ * Scenario format: one directive per line, '#' starts a comment line.
+ *
+ *   sysctl NAME VALUE        integer sysctl (hw.ncpu, hw.pagesize, kern.maxproc, ...)
+ *   loadavg L1 L5 L15        kvm_getloadavg()
+ *   swap NAME USED TOTAL     one swap device; NAME as devname gives it (ada0p3),
+ *                            USED and TOTAL in pages
+ *   tty DEV NAME             devname_r(DEV, S_IFCHR) gives NAME (DEV decimal or 0x hex)
+ *   proc KEY=VALUE ...       one process; keys (default 0 unless said):
+ *                              pid ppid pgid(=pid) sid(=pid) uid ruid(=uid)
+ *                              tdev (device number, or "none" = NODEV, the default)
+ *                              stat (SIDL SRUN SSLEEP SSTOP SZOMB SWAIT SLOCK or 1..7)
+ *                              tdflags slptime threads(=1) rss (pages) size (bytes)
+ *                              runtime (microseconds) start (seconds, fraction allowed)
+ *                              comm (no spaces; at most 19 bytes)
+ *   structsize N             ki_structsize written into every record (default 1088)
+ *   fail CALL N MESSAGE      call number N (1-based, or '*' for every call) of CALL fails
+ *                            with MESSAGE as its kvm_geterr()/errbuf text. CALL is one of
+ *                            open, getprocs, swapinfo, loadavg. Calls are counted per
+ *                            handle, opens per process. A failing kvm_getloadavg sets
+ *                            errno EINVAL and no text, as the live libkvm does.
+ *
+ * Semantics copied from libkvm: the kvm_getprocs() array belongs to the
+ * library and is freed by the next call and by kvm_close(); on failure it
+ * returns NULL, sets the error text and leaves *cnt alone; KERN_PROC_PID with
+ * no such process fails with errno ESRCH. kvm_getswapinfo() fills at most
+ * swap_max - 1 devices, puts the grand total (empty name) at the index it
+ * returns, and returns -1 without a message for swap_max < 1.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ---- FreeBSD LP64 ABI, transcribed for this fake ---- */
+
+typedef int32_t fb_pid_t;
+typedef uint32_t fb_uid_t;
+typedef uint64_t fb_dev_t;
+
+struct fb_timeval {
+	int64_t tv_sec;
+	long tv_usec;
+};
+
+struct fb_rusage {
+	struct fb_timeval ru_utime;
+	struct fb_timeval ru_stime;
+	long ru_counters[14];
+};
+
+struct kinfo_proc {
+	int ki_structsize;
+	int ki_layout;
+	void *ki_args;
+	void *ki_paddr;
+	void *ki_addr;
+	void *ki_tracep;
+	void *ki_textvp;
+	void *ki_fd;
+	void *ki_vmspace;
+	const void *ki_wchan;
+	fb_pid_t ki_pid;
+	fb_pid_t ki_ppid;
+	fb_pid_t ki_pgid;
+	fb_pid_t ki_tpgid;
+	fb_pid_t ki_sid;
+	fb_pid_t ki_tsid;
+	short ki_jobc;
+	short ki_spare_short1;
+	uint32_t ki_tdev_freebsd11;
+	uint32_t ki_sigsets[4][4];
+	fb_uid_t ki_uid;
+	fb_uid_t ki_ruid;
+	fb_uid_t ki_svuid;
+	uint32_t ki_rgid;
+	uint32_t ki_svgid;
+	short ki_ngroups;
+	short ki_spare_short2;
+	uint32_t ki_groups[16];
+	unsigned long ki_size;
+	long ki_rssize;
+	long ki_swrss;
+	long ki_tsize;
+	long ki_dsize;
+	long ki_ssize;
+	unsigned short ki_xstat;
+	unsigned short ki_acflag;
+	uint32_t ki_pctcpu;
+	unsigned int ki_estcpu;
+	unsigned int ki_slptime;
+	unsigned int ki_swtime;
+	unsigned int ki_cow;
+	uint64_t ki_runtime;
+	struct fb_timeval ki_start;
+	struct fb_timeval ki_childtime;
+	long ki_flag;
+	long ki_kiflag;
+	int ki_traceflag;
+	char ki_stat;
+	signed char ki_nice;
+	char ki_lock;
+	char ki_rqindex;
+	unsigned char ki_oncpu_old;
+	unsigned char ki_lastcpu_old;
+	char ki_tdname[17];
+	char ki_wmesg[9];
+	char ki_login[18];
+	char ki_lockname[9];
+	char ki_comm[20];
+	char ki_emul[17];
+	char ki_loginclass[18];
+	char ki_moretdname[4];
+	char ki_sparestrings[46];
+	int ki_spareints[2];
+	fb_dev_t ki_tdev;
+	int ki_oncpu;
+	int ki_lastcpu;
+	int ki_tracer;
+	int ki_flag2;
+	int ki_fibnum;
+	unsigned int ki_cr_flags;
+	int ki_jid;
+	int ki_numthreads;
+	int32_t ki_tid;
+	unsigned char ki_pri[4];
+	struct fb_rusage ki_rusage;
+	struct fb_rusage ki_rusage_ch;
+	void *ki_pcb;
+	void *ki_kstack;
+	void *ki_udata;
+	void *ki_tdaddr;
+	void *ki_pd;
+	void *ki_spareptrs[5];
+	long ki_sparelongs[12];
+	long ki_sflag;
+	long ki_tdflags;
+};
+
+#define KP_OFF(field, value) \
+	_Static_assert(offsetof(struct kinfo_proc, field) == (value), #field " offset")
+_Static_assert(sizeof(struct kinfo_proc) == 1088, "KINFO_PROC_SIZE (LP64)");
+KP_OFF(ki_structsize, 0);
+KP_OFF(ki_pid, 72);
+KP_OFF(ki_ppid, 76);
+KP_OFF(ki_pgid, 80);
+KP_OFF(ki_sid, 88);
+KP_OFF(ki_uid, 168);
+KP_OFF(ki_ruid, 172);
+KP_OFF(ki_size, 256);
+KP_OFF(ki_rssize, 264);
+KP_OFF(ki_slptime, 316);
+KP_OFF(ki_runtime, 328);
+KP_OFF(ki_start, 336);
+KP_OFF(ki_stat, 388);
+KP_OFF(ki_comm, 447);
+KP_OFF(ki_tdev, 560);
+KP_OFF(ki_numthreads, 596);
+KP_OFF(ki_rusage, 608);
+KP_OFF(ki_tdflags, 1080);
+
+struct kvm_swap {
+	char ksw_devname[32];
+	unsigned int ksw_used;
+	unsigned int ksw_total;
+	int ksw_flags;
+	unsigned int ksw_reserved1;
+	unsigned int ksw_reserved2;
+};
+_Static_assert(sizeof(struct kvm_swap) == 52, "struct kvm_swap size");
+_Static_assert(offsetof(struct kvm_swap, ksw_used) == 32, "ksw_used offset");
+_Static_assert(offsetof(struct kvm_swap, ksw_total) == 36, "ksw_total offset");
+_Static_assert(offsetof(struct kvm_swap, ksw_flags) == 40, "ksw_flags offset");
+
+#define KERN_PROC_ALL 0
+#define KERN_PROC_PID 1
+#define KERN_PROC_PGRP 2
+#define KERN_PROC_SESSION 3
+#define KERN_PROC_TTY 4
+#define KERN_PROC_UID 5
+#define KERN_PROC_RUID 6
+#define KERN_PROC_PROC 8
+#define KERN_PROC_INC_THREAD 0x10
+#define NODEV ((fb_dev_t)-1)
+#define FB_S_IFCHR 0020000
+#define FB_O_RDWR 0x0002
+#define ERRBUF_SIZE 2048 /* _POSIX2_LINE_MAX */
+
+/* ---- scenario ---- */
+
+enum call { CALL_OPEN, CALL_GETPROCS, CALL_SWAPINFO, CALL_LOADAVG, NCALLS };
+static const char *const call_names[NCALLS] = {"open", "getprocs", "swapinfo", "loadavg"};
+
+#define MAXPROCS 4096
+#define MAXSWAP 16
+#define MAXTTY 64
+#define MAXSYSCTL 32
+#define MAXFAIL 16
+
+struct fake_proc {
+	fb_pid_t pid, ppid, pgid, sid;
+	fb_uid_t uid, ruid;
+	fb_dev_t tdev;
+	int stat, threads;
+	long tdflags, rss;
+	unsigned int slptime;
+	unsigned long size;
+	uint64_t runtime;
+	double start;
+	char comm[20];
+};
+
+struct failure {
+	enum call call;
+	int nth; /* 0: every call */
+	char message[256];
+};
+
+struct scenario {
+	struct fake_proc procs[MAXPROCS];
+	int nprocs;
+	struct kvm_swap swap[MAXSWAP];
+	int nswap;
+	struct {
+		fb_dev_t dev;
+		char name[64];
+	} ttys[MAXTTY];
+	int nttys;
+	struct {
+		char name[64];
+		int value;
+	} sysctls[MAXSYSCTL];
+	int nsysctls;
+	double loadavg[3];
+	int structsize;
+	struct failure fails[MAXFAIL];
+	int nfails;
+};
+
+struct __kvm {
+	struct scenario sc;
+	char errbuf[ERRBUF_SIZE];
+	struct kinfo_proc *procbase;
+	int nprocbase;
+	int calls[NCALLS];
+};
+typedef struct __kvm kvm_t;
+
+#define MAXOPEN 64
+static kvm_t *open_handles[MAXOPEN]; /* oldest first; sysctlbyname() asks the newest */
+static int nopen;
+static int open_calls;
+
+static int parse_stat(const char *s)
+{
+	static const char *const names[] = {"SIDL", "SRUN", "SSLEEP", "SSTOP", "SZOMB", "SWAIT",
+					    "SLOCK"};
+	for (int i = 0; i < 7; i++)
+		if (strcmp(s, names[i]) == 0)
+			return i + 1;
+	return (int)strtol(s, NULL, 0);
+}
+
+static int parse_proc(struct fake_proc *p, char *rest)
+{
+	char *save = NULL;
+	int have_pgid = 0, have_sid = 0, have_ruid = 0;
+
+	memset(p, 0, sizeof(*p));
+	p->tdev = NODEV;
+	p->threads = 1;
+	for (char *tok = strtok_r(rest, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
+		char *eq = strchr(tok, '=');
+		if (!eq)
+			return -1;
+		*eq = '\0';
+		const char *k = tok, *v = eq + 1;
+		if (!strcmp(k, "pid"))
+			p->pid = (fb_pid_t)strtol(v, NULL, 0);
+		else if (!strcmp(k, "ppid"))
+			p->ppid = (fb_pid_t)strtol(v, NULL, 0);
+		else if (!strcmp(k, "pgid"))
+			p->pgid = (fb_pid_t)strtol(v, NULL, 0), have_pgid = 1;
+		else if (!strcmp(k, "sid"))
+			p->sid = (fb_pid_t)strtol(v, NULL, 0), have_sid = 1;
+		else if (!strcmp(k, "uid"))
+			p->uid = (fb_uid_t)strtoul(v, NULL, 0);
+		else if (!strcmp(k, "ruid"))
+			p->ruid = (fb_uid_t)strtoul(v, NULL, 0), have_ruid = 1;
+		else if (!strcmp(k, "tdev"))
+			p->tdev = strcmp(v, "none") ? strtoull(v, NULL, 0) : NODEV;
+		else if (!strcmp(k, "stat"))
+			p->stat = parse_stat(v);
+		else if (!strcmp(k, "tdflags"))
+			p->tdflags = strtol(v, NULL, 0);
+		else if (!strcmp(k, "slptime"))
+			p->slptime = (unsigned int)strtoul(v, NULL, 0);
+		else if (!strcmp(k, "threads"))
+			p->threads = (int)strtol(v, NULL, 0);
+		else if (!strcmp(k, "rss"))
+			p->rss = strtol(v, NULL, 0);
+		else if (!strcmp(k, "size"))
+			p->size = strtoul(v, NULL, 0);
+		else if (!strcmp(k, "runtime"))
+			p->runtime = strtoull(v, NULL, 0);
+		else if (!strcmp(k, "start"))
+			p->start = strtod(v, NULL);
+		else if (!strcmp(k, "comm"))
+			snprintf(p->comm, sizeof(p->comm), "%s", v);
+		else
+			return -1;
+	}
+	if (!have_pgid)
+		p->pgid = p->pid;
+	if (!have_sid)
+		p->sid = p->pid;
+	if (!have_ruid)
+		p->ruid = p->uid;
+	return 0;
+}
+
+static int parse_failure(struct failure *f, char *rest)
+{
+	char *save = NULL;
+	char *call = strtok_r(rest, " \t", &save);
+	char *nth = strtok_r(NULL, " \t", &save);
+	char *message = strtok_r(NULL, "", &save);
+
+	if (!call || !nth || !message)
+		return -1;
+	for (f->call = 0; f->call < NCALLS; f->call++)
+		if (!strcmp(call, call_names[f->call]))
+			break;
+	if (f->call == NCALLS)
+		return -1;
+	f->nth = strcmp(nth, "*") ? atoi(nth) : 0;
+	message += strspn(message, " \t");
+	snprintf(f->message, sizeof(f->message), "%s", message);
+	return 0;
+}
+
+/* Reads a scenario; on error writes a message to err and returns -1. */
+static int load_scenario(struct scenario *sc, const char *path, char *err)
+{
+	char line[1024];
+	int lineno = 0, bad = 0;
+	FILE *f = fopen(path, "r");
+
+	if (!f) {
+		snprintf(err, ERRBUF_SIZE, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	memset(sc, 0, sizeof(*sc));
+	sc->structsize = (int)sizeof(struct kinfo_proc);
+	while (!bad && fgets(line, sizeof(line), f)) {
+		char *save = NULL, *kw, *rest;
+		lineno++;
+		line[strcspn(line, "\r\n")] = '\0';
+		kw = strtok_r(line, " \t", &save);
+		if (!kw || kw[0] == '#')
+			continue;
+		rest = strtok_r(NULL, "", &save);
+		if (!rest)
+			rest = "";
+		if (!strcmp(kw, "proc") && sc->nprocs < MAXPROCS) {
+			bad = parse_proc(&sc->procs[sc->nprocs++], rest);
+		} else if (!strcmp(kw, "swap") && sc->nswap < MAXSWAP) {
+			struct kvm_swap *s = &sc->swap[sc->nswap++];
+			bad = sscanf(rest, "%31s %u %u", s->ksw_devname, &s->ksw_used,
+				     &s->ksw_total) != 3;
+		} else if (!strcmp(kw, "tty") && sc->nttys < MAXTTY) {
+			char dev[32];
+			bad = sscanf(rest, "%31s %63s", dev, sc->ttys[sc->nttys].name) != 2;
+			sc->ttys[sc->nttys++].dev = strtoull(dev, NULL, 0);
+		} else if (!strcmp(kw, "sysctl") && sc->nsysctls < MAXSYSCTL) {
+			bad = sscanf(rest, "%63s %d", sc->sysctls[sc->nsysctls].name,
+				     &sc->sysctls[sc->nsysctls].value) != 2;
+			sc->nsysctls++;
+		} else if (!strcmp(kw, "loadavg")) {
+			bad = sscanf(rest, "%lf %lf %lf", &sc->loadavg[0], &sc->loadavg[1],
+				     &sc->loadavg[2]) != 3;
+		} else if (!strcmp(kw, "structsize")) {
+			bad = sscanf(rest, "%d", &sc->structsize) != 1;
+		} else if (!strcmp(kw, "fail") && sc->nfails < MAXFAIL) {
+			bad = parse_failure(&sc->fails[sc->nfails++], rest);
+		} else {
+			bad = 1;
+		}
+	}
+	fclose(f);
+	if (bad) {
+		snprintf(err, ERRBUF_SIZE, "%s:%d: bad scenario line", path, lineno);
+		return -1;
+	}
+	return 0;
+}
+
+/* The injected failure message for call number n of c, or NULL. */
+static const char *failure(const struct scenario *sc, enum call c, int n)
+{
+	for (int i = 0; i < sc->nfails; i++)
+		if (sc->fails[i].call == c && (sc->fails[i].nth == 0 || sc->fails[i].nth == n))
+			return sc->fails[i].message;
+	return NULL;
+}
+
+/* Poisons the old array before freeing it, so a caller that kept a pointer sees garbage. */
+static void free_procbase(kvm_t *kd)
+{
+	if (kd->procbase != NULL)
+		memset(kd->procbase, 0xa5, (size_t)kd->nprocbase * sizeof(struct kinfo_proc));
+	free(kd->procbase);
+	kd->procbase = NULL;
+}
+
+static void set_err(kvm_t *kd, const char *message)
+{
+	snprintf(kd->errbuf, sizeof(kd->errbuf), "%s", message);
+}
+
+/* ---- the libkvm API ---- */
+
+kvm_t *kvm_openfiles(const char *kernel, const char *core, const char *swapfile, int flags,
+		     char *errout)
+{
+	const char *path = core;
+	const char *message;
+	kvm_t *kd;
+
+	(void)kernel;
+	(void)swapfile;
+	if (flags & ~FB_O_RDWR) {
+		snprintf(errout, ERRBUF_SIZE, "kvm_openfiles: bad flags arg");
+		return NULL;
+	}
+	if (core == NULL || strcmp(core, "/dev/null") == 0) {
+		path = getenv("FAKE_KVM_SCENARIO");
+		if (path == NULL) {
+			snprintf(errout, ERRBUF_SIZE, "fakekvm: FAKE_KVM_SCENARIO is not set");
+			return NULL;
+		}
+	}
+	kd = calloc(1, sizeof(*kd));
+	if (kd == NULL) {
+		snprintf(errout, ERRBUF_SIZE, "fakekvm: %s", strerror(errno));
+		return NULL;
+	}
+	if (load_scenario(&kd->sc, path, errout) != 0) {
+		free(kd);
+		return NULL;
+	}
+	message = failure(&kd->sc, CALL_OPEN, ++open_calls);
+	if (message != NULL) {
+		snprintf(errout, ERRBUF_SIZE, "%s", message);
+		free(kd);
+		return NULL;
+	}
+	if (nopen < MAXOPEN)
+		open_handles[nopen++] = kd;
+	return kd;
+}
+
+int kvm_close(kvm_t *kd)
+{
+	if (kd == NULL) {
+		errno = EINVAL;
+		return -1;
+	}
+	for (int i = 0; i < nopen; i++) {
+		if (open_handles[i] == kd) {
+			memmove(&open_handles[i], &open_handles[i + 1],
+				(size_t)(nopen - i - 1) * sizeof(open_handles[0]));
+			nopen--;
+			break;
+		}
+	}
+	free_procbase(kd);
+	free(kd);
+	return 0;
+}
+
+char *kvm_geterr(kvm_t *kd)
+{
+	static char empty[] = "";
+	return kd == NULL ? empty : kd->errbuf;
+}
+
+static int selected(const struct fake_proc *p, int what, int arg)
+{
+	switch (what) {
+	case KERN_PROC_ALL:
+	case KERN_PROC_PROC:
+		return 1;
+	case KERN_PROC_PID:
+		return p->pid == arg;
+	case KERN_PROC_PGRP:
+		return p->pgid == arg;
+	case KERN_PROC_SESSION:
+		return p->sid == arg;
+	case KERN_PROC_TTY:
+		return p->tdev == (fb_dev_t)(uint32_t)arg;
+	case KERN_PROC_UID:
+		return p->uid == (fb_uid_t)arg;
+	case KERN_PROC_RUID:
+		return p->ruid == (fb_uid_t)arg;
+	default:
+		return 0;
+	}
+}
+
+static void fill(struct kinfo_proc *kp, const struct fake_proc *p, int structsize, int tid)
+{
+	memset(kp, 0, sizeof(*kp));
+	kp->ki_structsize = structsize;
+	kp->ki_pid = p->pid;
+	kp->ki_ppid = p->ppid;
+	kp->ki_pgid = p->pgid;
+	kp->ki_sid = p->sid;
+	kp->ki_uid = p->uid;
+	kp->ki_ruid = p->ruid;
+	kp->ki_svuid = p->uid;
+	kp->ki_tdev = p->tdev;
+	kp->ki_tdev_freebsd11 = (uint32_t)p->tdev; /* truncated, as the kernel does */
+	kp->ki_stat = (char)p->stat;
+	kp->ki_tdflags = p->tdflags;
+	kp->ki_slptime = p->slptime;
+	kp->ki_numthreads = p->threads;
+	kp->ki_rssize = p->rss;
+	kp->ki_size = p->size;
+	kp->ki_runtime = p->runtime;
+	kp->ki_start.tv_sec = (int64_t)p->start;
+	kp->ki_start.tv_usec = (long)((p->start - (double)(int64_t)p->start) * 1e6 + 0.5);
+	kp->ki_tid = 100000 + p->pid * 16 + tid;
+	kp->ki_oncpu = -1;
+	kp->ki_lastcpu = -1;
+	memcpy(kp->ki_comm, p->comm, sizeof(kp->ki_comm));
+	snprintf(kp->ki_tdname, sizeof(kp->ki_tdname), "%s", p->comm);
+}
+
+void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
+{
+	int what = op & ~KERN_PROC_INC_THREAD;
+	/* KERN_PROC_ALL already means one row per thread. */
+	int per_thread = what == KERN_PROC_ALL || (op & KERN_PROC_INC_THREAD);
+	const char *message = failure(&kd->sc, CALL_GETPROCS, ++kd->calls[CALL_GETPROCS]);
+	int n = 0;
+
+	free_procbase(kd);
+	if (message != NULL) {
+		errno = ENOMEM;
+		set_err(kd, message);
+		return NULL;
+	}
+	if (what > KERN_PROC_RUID && what != KERN_PROC_PROC) {
+		errno = EINVAL;
+		set_err(kd, "kvm_getprocs: Invalid argument");
+		return NULL;
+	}
+	for (int i = 0; i < kd->sc.nprocs; i++)
+		if (selected(&kd->sc.procs[i], what, arg))
+			n += per_thread && kd->sc.procs[i].threads > 0 ? kd->sc.procs[i].threads : 1;
+	if (n == 0 && what == KERN_PROC_PID) {
+		errno = ESRCH;
+		set_err(kd, "kvm_getprocs: No such process");
+		return NULL;
+	}
+	/* Like libkvm, never return NULL for an empty success. */
+	kd->procbase = calloc((size_t)n + 1, sizeof(struct kinfo_proc));
+	if (kd->procbase == NULL) {
+		set_err(kd, "kvm_getprocs: Cannot allocate memory");
+		return NULL;
+	}
+	kd->nprocbase = n + 1;
+	n = 0;
+	for (int i = 0; i < kd->sc.nprocs; i++) {
+		const struct fake_proc *p = &kd->sc.procs[i];
+		int rows = per_thread && p->threads > 0 ? p->threads : 1;
+		if (!selected(p, what, arg))
+			continue;
+		for (int t = 0; t < rows; t++)
+			fill(&kd->procbase[n++], p, kd->sc.structsize, t);
+	}
+	*cnt = n;
+	return kd->procbase;
+}
+
+int kvm_getloadavg(kvm_t *kd, double loadavg[], int nelem)
+{
+	const char *message = failure(&kd->sc, CALL_LOADAVG, ++kd->calls[CALL_LOADAVG]);
+
+	if (message != NULL) {
+		/* The live path is getloadavg(3): -1 and errno, errbuf untouched. */
+		errno = EINVAL;
+		return -1;
+	}
+	if (nelem > 3)
+		nelem = 3;
+	for (int i = 0; i < nelem; i++)
+		loadavg[i] = kd->sc.loadavg[i];
+	return nelem < 0 ? -1 : nelem;
+}
+
+int kvm_getswapinfo(kvm_t *kd, struct kvm_swap *swap_ary, int swap_max, int flags)
+{
+	const char *message = failure(&kd->sc, CALL_SWAPINFO, ++kd->calls[CALL_SWAPINFO]);
+	struct kvm_swap total;
+	int filled = 0;
+
+	(void)flags;
+	if (message != NULL) {
+		set_err(kd, message);
+		return -1;
+	}
+	if (swap_max < 1)
+		return -1;
+	memset(&total, 0, sizeof(total));
+	for (int i = 0; i < kd->sc.nswap; i++) {
+		const struct kvm_swap *s = &kd->sc.swap[i];
+		if (i < swap_max - 1)
+			swap_ary[filled++] = *s;
+		total.ksw_used += s->ksw_used;
+		total.ksw_total += s->ksw_total;
+	}
+	swap_ary[filled] = total;
+	return filled;
+}
+
+char *devname_r(fb_dev_t dev, uint16_t type, char *buf, int len)
+{
+	const struct scenario *sc = nopen > 0 ? &open_handles[nopen - 1]->sc : NULL;
+
+	if (dev == NODEV || (type & 0170000) != FB_S_IFCHR) {
+		snprintf(buf, (size_t)len, "#NODEV");
+		return buf;
+	}
+	for (int i = 0; sc != NULL && i < sc->nttys; i++) {
+		if (sc->ttys[i].dev == dev) {
+			snprintf(buf, (size_t)len, "%s", sc->ttys[i].name);
+			return buf;
+		}
+	}
+	snprintf(buf, (size_t)len, "#C:%#jx", (uintmax_t)dev);
+	return buf;
+}
+
+int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+{
+	static struct scenario env_scenario;
+	const struct scenario *sc = nopen > 0 ? &open_handles[nopen - 1]->sc : NULL;
+
+	if (newp != NULL || newlen != 0) {
+		errno = EPERM;
+		return -1;
+	}
+	if (sc == NULL) {
+		char err[ERRBUF_SIZE];
+		const char *path = getenv("FAKE_KVM_SCENARIO");
+		if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
+			sc = &env_scenario;
+	}
+	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
+		if (strcmp(sc->sysctls[i].name, name) != 0)
+			continue;
+		if (oldp != NULL) {
+			if (*oldlenp < sizeof(int)) {
+				errno = ENOMEM;
+				return -1;
+			}
+			memcpy(oldp, &sc->sysctls[i].value, sizeof(int));
+		}
+		*oldlenp = sizeof(int);
+		return 0;
+	}
+	errno = ENOENT;
+	return -1;
+}

@@ -1,0 +1,358 @@
+"""The libkvm source through the real cffi path, against the fake libkvm (tests/fakekvm)."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
+
+from kvm_exporter.config import LibkvmConfig
+from kvm_exporter.records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from kvm_exporter.sources.kvm_cdef import ffi
+from kvm_exporter.sources.libkvm import LibkvmSource
+
+WEB01 = SCENARIOS / "web01.scenario"
+DB01 = SCENARIOS / "db01.scenario"
+SMALL = """\
+sysctl hw.pagesize 4096
+sysctl hw.ncpu 2
+sysctl kern.maxproc 1000
+sysctl kern.maxthread 20000
+loadavg 1.5 1.25 1.0
+swap ada0p3 10 100
+swap ada1p3 20 200
+proc pid=1 uid=0 stat=SSLEEP tdflags=0x8 slptime=30 rss=10 size=4096 comm=init
+proc pid=2 ppid=1 uid=33 stat=SRUN threads=3 rss=5 size=8192 comm=worker
+"""
+
+Opener = Callable[..., LibkvmSource]
+
+
+@pytest.fixture
+def open_libkvm(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Opener]:
+    """Opens LibkvmSource on the fake; FAKE_KVM_SCENARIO names ``scenario``."""
+    opened: list[LibkvmSource] = []
+    monkeypatch.delenv("FAKE_KVM_SCENARIO", raising=False)
+
+    def open_(scenario: pathlib.Path | None = None, **config: Any) -> LibkvmSource:
+        if scenario is not None:
+            monkeypatch.setenv("FAKE_KVM_SCENARIO", str(scenario))
+        source = LibkvmSource(LibkvmConfig(library=str(fake_libkvm), **config))
+        opened.append(source)
+        return source
+
+    yield open_
+    for source in opened:
+        source.close()
+
+
+def write(tmp_path: pathlib.Path, text: str, name: str = "test.scenario") -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def scenario_procs(path: pathlib.Path) -> dict[int, dict[str, str]]:
+    """The ``proc`` lines of a scenario, parsed independently of the fake."""
+    procs = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("proc "):
+            fields = dict(item.split("=", 1) for item in line.split()[1:])
+            procs[int(fields["pid"])] = fields
+    return procs
+
+
+def scenario_ttys(path: pathlib.Path) -> dict[int, str]:
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return {int(words[1], 0): words[2] for words in lines if words and words[0] == "tty"}
+
+
+@pytest.mark.parametrize("scenario", [WEB01, DB01], ids=["web01", "db01"])
+def test_records_match_the_scenario(open_libkvm: Opener, scenario: pathlib.Path) -> None:
+    expected = scenario_procs(scenario)
+    ttys = scenario_ttys(scenario)
+    procs = open_libkvm(scenario).procs()
+    assert [p.pid for p in procs] == list(expected)
+    for proc in procs:
+        fields = expected[proc.pid]
+        uid = int(fields["uid"])
+        tdev = fields.get("tdev", "none")
+        assert proc.ppid == int(fields["ppid"])
+        assert proc.uid == uid
+        assert proc.ruid == int(fields.get("ruid", uid))
+        assert proc.tty == (NO_TTY if tdev == "none" else ttys[int(tdev, 0)])
+        assert proc.comm == fields["comm"]
+        assert proc.threads == int(fields.get("threads", 1))
+        assert proc.rss_bytes == int(fields["rss"]) * 4096
+        assert proc.vsize_bytes == int(fields["size"])
+        assert proc.cpu_seconds == pytest.approx(int(fields["runtime"]) / 1e6)
+        assert proc.start_time == pytest.approx(float(fields["start"]), abs=1e-6)
+
+
+def test_web01_states_and_terminals(open_libkvm: Opener) -> None:
+    procs = open_libkvm(WEB01).procs()
+    assert Counter(p.state for p in procs) == {
+        "sleeping": 11,
+        "idle": 7,
+        "uninterruptible": 4,
+        "running": 4,
+        "waiting": 1,
+        "lock": 1,
+        "zombie": 1,
+        "stopped": 1,
+    }
+    assert Counter(p.tty for p in procs) == {
+        NO_TTY: 22,
+        "pts/0": 4,
+        "pts/1": 2,
+        "ttyv0": 1,
+        "ttyv1": 1,
+    }
+    assert [p for p in procs if p.pid == 1230] == [
+        Proc(
+            pid=1230,
+            ppid=1201,
+            uid=1001,
+            ruid=1001,
+            tty="pts/0",
+            state="stopped",
+            comm="vim",
+            threads=1,
+            rss_bytes=1900 * 4096,
+            vsize_bytes=24100864,
+            cpu_seconds=0.21,
+            start_time=1795841000.0,
+        )
+    ]
+
+
+def test_load_swap_and_limits(open_libkvm: Opener) -> None:
+    db01 = open_libkvm(DB01)
+    assert db01.loadavg() == LoadAvg(3.15, 2.87, 2.40)
+    gib4 = 4194304 * 4096
+    assert db01.swap() == [
+        SwapDevice("/dev/nvd0p3", gib4, 131072 * 4096),
+        SwapDevice("/dev/nvd1p3", gib4, 129500 * 4096),
+    ]
+    assert db01.limits() == HostLimits(cpus=16, max_procs=32724, max_threads=1000000)
+
+
+def test_page_size_comes_from_hw_pagesize(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    source = open_libkvm(write(tmp_path, SMALL.replace("hw.pagesize 4096", "hw.pagesize 16384")))
+    assert [p.rss_bytes for p in source.procs()] == [10 * 16384, 5 * 16384]
+    assert source.swap()[0] == SwapDevice("/dev/ada0p3", 100 * 16384, 10 * 16384)
+
+
+@pytest.mark.parametrize(
+    "predicate, argument, pids",
+    [
+        ("pid", 1201, [1201]),
+        ("pgrp", 1230, [1230]),
+        ("session", 1201, [1201, 1230, 1244, 1245]),
+        ("tty", 0x95, [1201, 1230, 1244, 1245]),
+        ("uid", 1001, [1200, 1201, 1230]),
+        ("ruid", 1001, [1200, 1201, 1230, 1244]),
+    ],
+)
+def test_predicates(open_libkvm: Opener, predicate: str, argument: int, pids: list[int]) -> None:
+    source = open_libkvm(WEB01, predicate=predicate, argument=argument)
+    assert [p.pid for p in source.procs()] == pids
+
+
+def test_a_pid_that_is_gone_gives_no_rows_not_an_error(open_libkvm: Opener) -> None:
+    assert open_libkvm(WEB01, predicate="pid", argument=99999).procs() == []
+
+
+def test_a_predicate_without_its_argument_is_refused(open_libkvm: Opener) -> None:
+    with pytest.raises(SourceError, match="libkvm.predicate 'uid' .* set libkvm.argument"):
+        open_libkvm(WEB01, predicate="uid")
+
+
+@pytest.mark.parametrize("config", [{"threads": True}, {"predicate": "all"}])
+def test_thread_rows_fold_into_one_record_per_process(
+    open_libkvm: Opener, config: dict[str, Any]
+) -> None:
+    per_process = open_libkvm(WEB01).procs()
+    assert open_libkvm(WEB01, **config).procs() == per_process
+    assert sum(p.threads for p in per_process) == 283 + 4 + 8 + 52 + 3 + 4 + 24
+
+
+def test_records_are_copied_out_before_the_next_call(open_libkvm: Opener) -> None:
+    # The fake poisons and frees the previous array on every call; records kept from the
+    # first call must still hold the first call's values.
+    source = open_libkvm(WEB01)
+    first = source.procs()
+    snapshot = [tuple(p) for p in first]
+    for _ in range(3):
+        assert source.procs() == first
+    assert [tuple(p) for p in first] == snapshot
+    assert first[1].comm == "init" and first[1].state == "idle"
+
+
+def test_getprocs_failure_carries_the_library_text_and_the_next_call_recovers(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    scenario = write(tmp_path, SMALL + "fail getprocs 2 kvm_getprocs: Cannot allocate memory\n")
+    source = open_libkvm(scenario)
+    good = source.procs()
+    with pytest.raises(SourceError) as caught:
+        source.procs()
+    assert str(caught.value) == "kvm_getprocs failed: kvm_getprocs: Cannot allocate memory"
+    assert source.procs() == good
+    assert [p.pid for p in good] == [1, 2]
+
+
+def test_open_failure_carries_errbuf(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    scenario = write(tmp_path, SMALL + "fail open * /dev/mem: Permission denied\n")
+    with pytest.raises(SourceError) as caught:
+        open_libkvm(scenario)
+    assert str(caught.value) == (
+        "kvm_openfiles cannot open the running kernel: /dev/mem: Permission denied"
+    )
+
+
+def test_open_failure_when_the_scenario_is_missing(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    with pytest.raises(SourceError, match="FAKE_KVM_SCENARIO is not set"):
+        open_libkvm()
+    missing = tmp_path / "missing.scenario"
+    with pytest.raises(SourceError, match=f"{missing}: No such file or directory"):
+        open_libkvm(missing)
+
+
+def test_swapinfo_failure_carries_the_text_and_other_calls_keep_working(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    text = "cannot read sysctl vm.swap_info:Operation not permitted"
+    source = open_libkvm(write(tmp_path, SMALL + f"fail swapinfo * {text}\n"))
+    with pytest.raises(SourceError) as caught:
+        source.swap()
+    assert str(caught.value) == f"kvm_getswapinfo failed: {text}"
+    assert [p.pid for p in source.procs()] == [1, 2]
+
+
+def test_loadavg_failure_reports_errno_not_a_stale_error_text(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    failing = "fail getprocs 1 kvm_getprocs: stale text\nfail loadavg * unused\n"
+    source = open_libkvm(write(tmp_path, SMALL + failing))
+    with pytest.raises(SourceError, match="stale text"):
+        source.procs()
+    with pytest.raises(SourceError) as caught:
+        source.loadavg()
+    assert str(caught.value) == "kvm_getloadavg (got -1 of 3 samples) failed: Invalid argument"
+
+
+def test_an_unknown_structsize_is_refused(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    source = open_libkvm(write(tmp_path, SMALL + "structsize 999\n"))
+    with pytest.raises(SourceError) as caught:
+        source.procs()
+    assert "is 999 bytes" in str(caught.value)
+    assert "knows 1088" in str(caught.value)
+
+
+def test_a_missing_library_is_named_with_the_dlerror_text(tmp_path: pathlib.Path) -> None:
+    library = str(tmp_path / "libkvm.so.7")
+    with pytest.raises(SourceError) as caught:
+        LibkvmSource(LibkvmConfig(library=library))
+    assert str(caught.value) == (
+        f"cannot load libkvm from '{library}': {library}: cannot open shared object file:"
+        " No such file or directory"
+    )
+
+
+def test_a_missing_sysctl_is_named(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    source = open_libkvm(write(tmp_path, SMALL.replace("sysctl kern.maxthread 20000\n", "")))
+    with pytest.raises(SourceError, match="^sysctl kern.maxthread: No such file or directory$"):
+        source.limits()
+
+
+def test_terminals_without_a_name_are_no_tty(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    scenario = SMALL + "tty 0x95 pts/0\nproc pid=3 tdev=0x95\nproc pid=4 tdev=0x1234\n"
+    procs = open_libkvm(write(tmp_path, scenario)).procs()
+    assert [p.tty for p in procs] == [NO_TTY, NO_TTY, "pts/0", NO_TTY]
+
+
+def test_crash_dump_reads_the_core(open_libkvm: Opener) -> None:
+    live = open_libkvm(DB01)
+    expected = (live.procs(), live.loadavg(), live.swap())
+    live.close()
+    dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(DB01))
+    assert (dump.procs(), dump.loadavg(), dump.swap()) == expected
+    with pytest.raises(SourceError, match="not in a crash dump"):
+        dump.limits()
+
+
+def test_close_is_once_and_later_calls_fail(open_libkvm: Opener) -> None:
+    source = open_libkvm(WEB01)
+    source.close()
+    source.close()  # a second kvm_close would be a double free
+    with pytest.raises(SourceError, match="closed"):
+        source.procs()
+
+
+def test_concurrent_polls_are_serialised(open_libkvm: Opener) -> None:
+    source = open_libkvm(WEB01)
+    expected = (source.procs(), source.swap())
+    results: list[bool] = []
+
+    def poll() -> None:
+        results.extend((source.procs(), source.swap()) == expected for _ in range(50))
+
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 400
+
+
+# The fake's own semantics, through a bare cffi handle: what the source relies on.
+
+
+@pytest.fixture
+def kd(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> Iterator[tuple[Any, Any]]:
+    text = SMALL + "fail getprocs 2 kvm_getprocs: injected\n"
+    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(write(tmp_path, text)))
+    lib = ffi.dlopen(str(fake_libkvm))
+    handle = lib.kvm_openfiles(ffi.NULL, b"/dev/null", ffi.NULL, 0, ffi.new("char[2048]"))
+    assert handle != ffi.NULL
+    yield lib, handle
+    lib.kvm_close(handle)
+
+
+def test_fake_getprocs_failure_leaves_cnt_alone(kd: tuple[Any, Any]) -> None:
+    lib, handle = kd
+    count = ffi.new("int *", -1)
+    assert lib.kvm_getprocs(handle, 8, 0, count) != ffi.NULL
+    assert count[0] == 2
+    count[0] = -1
+    assert lib.kvm_getprocs(handle, 8, 0, count) == ffi.NULL
+    assert count[0] == -1
+    assert ffi.string(lib.kvm_geterr(handle)) == b"kvm_getprocs: injected"
+
+
+def test_fake_swapinfo_puts_the_grand_total_at_the_returned_index(kd: tuple[Any, Any]) -> None:
+    lib, handle = kd
+    entries = ffi.new("struct kvm_swap[3]")
+    assert lib.kvm_getswapinfo(handle, entries, 3, 0) == 2
+    total = entries[2]
+    assert (total.ksw_used, total.ksw_total, total.ksw_devname[0]) == (30, 300, b"\0")
+    one = ffi.new("struct kvm_swap[2]")
+    assert lib.kvm_getswapinfo(handle, one, 2, 0) == 1
+    assert ffi.string(one[0].ksw_devname) == b"ada0p3"
+    assert (one[1].ksw_used, one[1].ksw_total) == (30, 300)
+    assert lib.kvm_getswapinfo(handle, one, 0, 0) == -1
