@@ -25,8 +25,8 @@ class ReloadStatus(NamedTuple):
 
 def _counts(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, int]) -> Metric:
     family = GaugeMetricFamily(name, doc + AS_OF, labels=labels)
-    for key, value in counts.items():
-        family.add_metric(key, value)
+    for key in sorted(counts):  # a stable order, whatever order the source listed processes
+        family.add_metric(key, counts[key])
     return family
 
 

@@ -52,7 +52,7 @@ class Snapshot:
 
     @property
     def up(self) -> bool:
-        return all(self.success.values())
+        return bool(self.success) and all(self.success.values())
 
 
 EMPTY = Snapshot(None, None, None, None, {}, {}, 0.0, None, 0, {})
@@ -92,6 +92,11 @@ class Poller:
                     log.error("poll of %s failed: %s", part, err)
                     errors[part] = errors.get(part, 0) + 1
                     value = None
+                except Exception as err:  # a bug or unforeseen content: fail the part, not
+                    # the poller thread, which would leave the last snapshot served as fresh
+                    log.error("poll of %s failed: %s: %s", part, type(err).__name__, err)
+                    errors[part] = errors.get(part, 0) + 1
+                    value = None
                 duration[part] = time.perf_counter() - start
                 success[part] = value is not None
                 return value
@@ -105,7 +110,7 @@ class Poller:
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
             now = time.time()
-            up = all(success.values())
+            up = all(success.values())  # never empty: every part ran
             self._snapshot = Snapshot(
                 counts=counts,
                 load=load,
@@ -121,8 +126,7 @@ class Poller:
             return self._snapshot
 
     def start(self) -> None:
-        """Poll once now (so the first scrape has data), then on a background thread."""
-        self.poll()
+        """Poll on a background thread from now on."""
         self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
         self._thread.start()
 

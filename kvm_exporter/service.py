@@ -62,6 +62,7 @@ class Service:
         source = open_source(self.config)
         try:
             self.poller = Poller(source, settings_of(self.config))
+            self.poller.poll()  # the first scrape already has data
             registry = build_registry(self.poller, lambda: self._reload)
             app = make_app(registry, web.telemetry_path, self.poller.snapshot)
             self.server: Server = serve(app, web.listen_address, web_settings)

@@ -1,0 +1,141 @@
+"""Poller, collector and WSGI app on a fixture /proc, without sockets."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+from prometheus_client import CollectorRegistry
+
+from kvm_exporter.app import make_app
+from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.service import build_registry
+from kvm_exporter.sources.procfs import ProcfsSource
+from kvm_exporter.states import STATES
+
+FIXTURE = Path(__file__).parent / "fixtures" / "proc"
+
+
+def polled(root: Path | str = FIXTURE, **settings: Any) -> tuple[Poller, CollectorRegistry]:
+    poller = Poller(ProcfsSource(str(root)), Settings(**settings))
+    poller.poll()
+    return poller, build_registry(poller)
+
+
+def test_process_counts_and_host_metrics() -> None:
+    _, registry = polled()
+    value = registry.get_sample_value
+    assert value("kvm_processes", {"user": "root", "tty": "none", "state": "sleeping"}) == 3
+    assert value("kvm_processes", {"user": "54321", "tty": "pts/0", "state": "running"}) == 1
+    assert value("kvm_threads", {"user": "54321", "tty": "pts/0", "state": "running"}) == 4
+    assert value("kvm_processes", {"user": "nobody", "tty": "pts/1", "state": "zombie"}) == 1
+    assert value("kvm_processes", {"user": "other", "tty": "other", "state": "traced"}) == 0
+    for state in STATES:
+        assert any(
+            s.labels["state"] == state
+            for m in registry.collect()
+            if m.name == "kvm_processes"
+            for s in m.samples
+        )
+    assert value("kvm_load15") == 2.5
+    assert value("kvm_swap_size_bytes", {"device": "/var/swap file"}) == 1048572 * 1024
+    assert value("kvm_swap_used_bytes", {"device": "/dev/sda2"}) == 1024 * 1024
+    assert (value("kvm_cpus"), value("kvm_processes_limit")) == (2, 32768)
+    assert value("kvm_threads_limit") == 63704
+    assert value("kvm_up") == 1
+    assert value("kvm_polls_total") == 1
+    assert value("kvm_poll_success", {"collector": "procs"}) == 1
+    assert value("kvm_poll_errors_total", {"collector": "swap"}) == 0
+    assert value("kvm_last_successful_poll_timestamp_seconds") > 1.7e9
+    info = {"version": "0.1.0", "source": "procfs"}
+    assert any(
+        s.labels.items() >= info.items()
+        for m in registry.collect()
+        if m.name == "kvm_exporter_build_info"
+        for s in m.samples
+    )
+
+
+def test_labels_setting_changes_label_set() -> None:
+    _, registry = polled(labels=("state",))
+    assert registry.get_sample_value("kvm_processes", {"state": "sleeping"}) == 5
+    assert registry.get_sample_value("kvm_processes", {"state": "uninterruptible"}) == 1
+
+
+def test_failed_part_is_dropped_not_served_stale_then_recovers(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    poller, registry = polled(root)
+    stat = (root / "stat").read_bytes()
+    (root / "stat").unlink()  # procs need btime and limits count CPUs from it
+    poller.poll()
+    value = registry.get_sample_value
+    assert value("kvm_up") == 0
+    assert value("kvm_processes", {"user": "root", "tty": "none", "state": "sleeping"}) is None
+    assert value("kvm_poll_success", {"collector": "procs"}) == 0
+    assert value("kvm_poll_errors_total", {"collector": "procs"}) == 1
+    assert value("kvm_poll_errors_total", {"collector": "limits"}) == 1
+    assert value("kvm_load1") == 0.52  # the parts that worked are still served
+    first_success = value("kvm_last_successful_poll_timestamp_seconds")
+    (root / "stat").write_bytes(stat)
+    poller.poll()
+    assert value("kvm_up") == 1
+    assert value("kvm_processes", {"user": "root", "tty": "none", "state": "sleeping"}) == 3
+    assert value("kvm_poll_errors_total", {"collector": "procs"}) == 1
+    assert value("kvm_polls_total") == 3
+    assert value("kvm_last_successful_poll_timestamp_seconds") >= first_success
+
+
+def call(app: Any, path: str, **headers: str) -> tuple[str, dict[str, str], bytes]:
+    environ: dict[str, Any] = {"PATH_INFO": path, **headers}
+    setup_testing_defaults(environ)
+    got: dict[str, Any] = {}
+
+    def start_response(status: str, response_headers: list[tuple[str, str]], *_: Any) -> None:
+        got["status"], got["headers"] = status, dict(response_headers)
+
+    body: Iterable[bytes] = app(environ, start_response)
+    return got["status"], got["headers"], b"".join(body)
+
+
+def test_wsgi_routes_negotiation_and_gzip() -> None:
+    poller, registry = polled()
+    app = make_app(registry, "/metrics", poller.snapshot)
+    status, headers, body = call(app, "/metrics")
+    assert status.startswith("200") and headers["Content-Type"].startswith("text/plain")
+    assert b'kvm_processes{state="zombie",tty="pts/1",user="nobody"} 1.0' in body
+    status, headers, body = call(
+        app, "/metrics", HTTP_ACCEPT="application/openmetrics-text; version=1.0.0"
+    )
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    status, headers, body = call(app, "/metrics", HTTP_ACCEPT_ENCODING="gzip")
+    assert headers["Content-Encoding"] == "gzip"
+    assert b"kvm_load1 0.52" in gzip.decompress(body)
+    status, headers, body = call(app, "/")
+    assert status.startswith("200") and b'<a href="/metrics">' in body
+    assert call(app, "/-/healthy")[0].startswith("200")
+    assert call(app, "/-/ready")[0].startswith("200")
+    status, _, body = call(app, "/nope")
+    assert status.startswith("404")
+
+
+def test_ready_reports_failing_parts(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    poller, registry = polled(root)
+    (root / "swaps").unlink()
+    poller.poll()
+    status, _, body = call(make_app(registry, "/metrics", poller.snapshot), "/-/ready")
+    assert status.startswith("503") and body == b"Not ready: swap\n"
+
+
+def test_collect_on_scrape_polls_each_time() -> None:
+    poller, registry = polled(interval=0)
+    registry.get_sample_value("kvm_up")
+    registry.get_sample_value("kvm_up")
+    assert poller.snapshot().polls >= 3
