@@ -288,8 +288,30 @@ def test_crash_dump_reads_the_core(open_libkvm: Opener) -> None:
     live.close()
     dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(DB01))
     assert (dump.procs(), dump.loadavg(), dump.swap()) == expected
-    with pytest.raises(SourceError, match="not in a crash dump"):
+    assert dump.limits() == HostLimits(cpus=16, max_procs=32724, max_threads=1000000)
+
+
+def test_crash_dump_limits_come_from_kernel_symbols(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    # A live scenario with other sysctls is open too: the dump must not answer from it.
+    open_libkvm(WEB01)
+    core = write(tmp_path, SMALL.replace("sysctl kern.maxthread 20000\n", ""), "vmcore.0")
+    dump = open_libkvm(None, core=str(core))
+    with pytest.raises(SourceError) as caught:
         dump.limits()
+    assert str(caught.value) == "kvm_nlist2: the kernel has no symbol _maxthread"
+
+
+def test_kvm_read2_on_a_live_handle_is_a_short_read(kd: tuple[Any, Any]) -> None:
+    lib, handle = kd
+    entries = ffi.new("struct kvm_nlist[2]")
+    name = ffi.new("char[]", b"_maxproc")
+    entries[0].n_name = name
+    assert lib.kvm_nlist2(handle, entries) == 0
+    assert entries[0].n_value != 0
+    assert lib.kvm_read2(handle, entries[0].n_value, ffi.new("int *"), 4) == 0
+    assert ffi.string(lib.kvm_geterr(handle)) == b"short read"
 
 
 def test_close_is_once_and_later_calls_fail(open_libkvm: Opener) -> None:

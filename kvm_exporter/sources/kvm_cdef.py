@@ -170,12 +170,19 @@ struct kvm_swap {
     unsigned int ksw_reserved1;
     unsigned int ksw_reserved2;
 };
+struct kvm_nlist {
+    const char *n_name;
+    unsigned char n_type;
+    uint64_t n_value;
+};
 kvm_t *kvm_openfiles(const char *, const char *, const char *, int, char *);
 int kvm_close(kvm_t *);
 char *kvm_geterr(kvm_t *);
 void *kvm_getprocs(kvm_t *, int, int, int *);
 int kvm_getloadavg(kvm_t *, double [], int);
 int kvm_getswapinfo(kvm_t *, struct kvm_swap *, int, int);
+int kvm_nlist2(kvm_t *, struct kvm_nlist *);
+ssize_t kvm_read2(kvm_t *, uint64_t, void *, size_t);
 char *devname_r(uint64_t, uint16_t, char *, int);
 int sysctlbyname(const char *, void *, size_t *, const void *, size_t);
 """

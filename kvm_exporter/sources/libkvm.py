@@ -137,16 +137,17 @@ class LibkvmSource:
         ]
 
     def limits(self) -> HostLimits:
-        """Kernel limits of the running system (sysctls; not available from a crash dump)."""
+        """Kernel limits: sysctls of a live system, kernel variables of a crash dump."""
         if self.crash_dump:
-            raise SourceError("host limits are sysctls of the running kernel, not in a crash dump")
-        return HostLimits(
-            cpus=self._sysctl_int("hw.ncpu"),
-            max_procs=self._sysctl_int("kern.maxproc"),
-            # System-wide thread limit (FreeBSD 13+); kern.threads.max_threads_per_proc
-            # is per process and would overstate the host's capacity.
-            max_threads=self._sysctl_int("kern.maxthread"),
-        )
+            # sysctlbyname would describe the running host, not the dead kernel.
+            cpus, procs, threads = self._kernel_ints(("_mp_ncpus", "_maxproc", "_maxthread"))
+        else:
+            cpus, procs, threads = (
+                self._sysctl_int(name) for name in ("hw.ncpu", "kern.maxproc", "kern.maxthread")
+            )
+        # kern.maxthread (FreeBSD 13+) is the system-wide thread limit;
+        # kern.threads.max_threads_per_proc is per process and would overstate it.
+        return HostLimits(cpus=cpus, max_procs=procs, max_threads=threads)
 
     def close(self) -> None:
         """Release the handle; later calls raise :class:`SourceError`."""
@@ -176,6 +177,29 @@ class LibkvmSource:
         if self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0) != 0:
             raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
         return int(value[0])
+
+    def _kernel_ints(self, symbols: tuple[str, ...]) -> list[int]:
+        """The ``int`` kernel variables ``symbols`` of a crash dump (kvm_nlist2, kvm_read2)."""
+        names = [ffi.new("char[]", symbol.encode()) for symbol in symbols]
+        entries = ffi.new("struct kvm_nlist[]", len(symbols) + 1)  # NULL-name terminated
+        for i, name in enumerate(names):
+            entries[i].n_name = name
+        value = ffi.new("int *")
+        values = []
+        with self._lock:
+            kd = self._handle()
+            self._clear_error(kd)
+            not_found = self._lib.kvm_nlist2(kd, entries)
+            if not_found < 0:
+                raise self._failure("kvm_nlist2", kd)
+            if not_found:
+                missing = [s for i, s in enumerate(symbols) if entries[i].n_type == 0]  # N_UNDF
+                raise SourceError(f"kvm_nlist2: the kernel has no symbol {', '.join(missing)}")
+            for i, symbol in enumerate(symbols):
+                if self._lib.kvm_read2(kd, entries[i].n_value, value, ffi.sizeof("int")) != 4:
+                    raise self._failure(f"kvm_read2 of {symbol}", kd)
+                values.append(int(value[0]))
+        return values
 
     def _proc(self, kp: Any, ttys: dict[int, str]) -> Proc:
         return Proc(

@@ -1,7 +1,8 @@
 /*
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
  * kvm_openfiles(3), kvm_getprocs(3), kvm_getloadavg(3), kvm_getswapinfo(3),
- * kvm_geterr(3), kvm_close(3), devname_r(3) and sysctlbyname(3), with the
+ * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3) and
+ * sysctlbyname(3), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
  *
  * Build: cc -O2 -Wall -Werror -shared -fPIC -o libfakekvm.so fakekvm.c
@@ -11,6 +12,10 @@
  * file itself as the scenario. The kernel argument is not read.
  * sysctlbyname() and devname_r() answer from the scenario of the newest handle
  * still open, or with none open from FAKE_KVM_SCENARIO, read afresh.
+ * A crash dump's kernel variables are its scenario's sysctls: kvm_nlist2()
+ * knows _mp_ncpus (hw.ncpu), _maxproc (kern.maxproc) and _maxthread
+ * (kern.maxthread), and kvm_read2() reads them as ints; on a live handle
+ * kvm_read2() is the useless /dev/null read of real libkvm ("short read").
  *
  * Scenario format: one directive per line, '#' starts a comment line.
  *
@@ -49,6 +54,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/types.h>
 
 /* ---- FreeBSD LP64 ABI, transcribed for this fake ---- */
 
@@ -261,6 +267,7 @@ struct __kvm {
 	struct kinfo_proc *procbase;
 	int nprocbase;
 	int calls[NCALLS];
+	int live;
 };
 typedef struct __kvm kvm_t;
 
@@ -444,6 +451,7 @@ kvm_t *kvm_openfiles(const char *kernel, const char *core, const char *swapfile,
 	const char *path = core;
 	const char *message;
 	kvm_t *kd;
+	int live = core == NULL || strcmp(core, "/dev/null") == 0;
 
 	(void)kernel;
 	(void)swapfile;
@@ -451,7 +459,7 @@ kvm_t *kvm_openfiles(const char *kernel, const char *core, const char *swapfile,
 		snprintf(errout, ERRBUF_SIZE, "kvm_openfiles: bad flags arg");
 		return NULL;
 	}
-	if (core == NULL || strcmp(core, "/dev/null") == 0) {
+	if (live) {
 		path = getenv("FAKE_KVM_SCENARIO");
 		if (path == NULL) {
 			snprintf(errout, ERRBUF_SIZE, "fakekvm: FAKE_KVM_SCENARIO is not set");
@@ -473,6 +481,7 @@ kvm_t *kvm_openfiles(const char *kernel, const char *core, const char *swapfile,
 		free(kd);
 		return NULL;
 	}
+	kd->live = live;
 	if (nopen < MAXOPEN)
 		open_handles[nopen++] = kd;
 	return kd;
@@ -641,6 +650,63 @@ int kvm_getswapinfo(kvm_t *kd, struct kvm_swap *swap_ary, int swap_max, int flag
 	}
 	swap_ary[filled] = total;
 	return filled;
+}
+
+struct kvm_nlist {
+	const char *n_name;
+	unsigned char n_type;
+	uint64_t n_value;
+};
+
+#define KVA_BASE 0xffffffff81000000ULL /* where the fake "links" its variables */
+static const char *const kernel_vars[][2] = {
+	{"_mp_ncpus", "hw.ncpu"},
+	{"_maxproc", "kern.maxproc"},
+	{"_maxthread", "kern.maxthread"},
+};
+#define NKERNEL_VARS (int)(sizeof(kernel_vars) / sizeof(kernel_vars[0]))
+
+/* The scenario's sysctl slot behind a kernel variable name, or -1. */
+static int kernel_var(const struct scenario *sc, const char *symbol)
+{
+	for (int v = 0; v < NKERNEL_VARS; v++) {
+		if (strcmp(symbol, kernel_vars[v][0]) != 0)
+			continue;
+		for (int i = 0; i < sc->nsysctls; i++)
+			if (strcmp(sc->sysctls[i].name, kernel_vars[v][1]) == 0)
+				return i;
+	}
+	return -1;
+}
+
+int kvm_nlist2(kvm_t *kd, struct kvm_nlist *nl)
+{
+	int missing = 0;
+
+	for (; nl->n_name != NULL && nl->n_name[0] != '\0'; nl++) {
+		int slot = kernel_var(&kd->sc, nl->n_name);
+		nl->n_type = slot < 0 ? 0 : 0x07; /* N_UNDF, or N_DATA | N_EXT */
+		nl->n_value = slot < 0 ? 0 : KVA_BASE + (uint64_t)slot * sizeof(int);
+		missing += slot < 0;
+	}
+	return missing;
+}
+
+ssize_t kvm_read2(kvm_t *kd, uint64_t kva, void *buf, size_t len)
+{
+	uint64_t slot = (kva - KVA_BASE) / sizeof(int);
+
+	if (kd->live) {
+		set_err(kd, "short read");
+		return 0;
+	}
+	if (kva < KVA_BASE || (kva - KVA_BASE) % sizeof(int) != 0 ||
+	    slot >= (uint64_t)kd->sc.nsysctls || len != sizeof(int)) {
+		snprintf(kd->errbuf, sizeof(kd->errbuf), "invalid address (0x%jx)", (uintmax_t)kva);
+		return -1;
+	}
+	memcpy(buf, &kd->sc.sysctls[slot].value, sizeof(int));
+	return (ssize_t)len;
 }
 
 char *devname_r(fb_dev_t dev, uint16_t type, char *buf, int len)
