@@ -1,0 +1,406 @@
+"""A real Prometheus scrapes a fleet of three real exporters; every dashboard query answers.
+
+One exporter reads this machine's live /proc; two read FreeBSD scenarios through the fake
+libkvm (tests/fakelib.py), the same cffi code path as on FreeBSD. Debian's ``prometheus``
+scrapes them every second on loopback with the shipped alert rules loaded, and each PromQL
+expression of each dashboard panel, with its template variables filled in, is evaluated
+through the HTTP API for each instance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fakelib import build_fake_libkvm
+from prom_support import (
+    REPO,
+    RULES_FILE,
+    PanelQuery,
+    alert_rules,
+    binary,
+    dashboard_queries,
+    load_dashboard,
+)
+
+SCENARIOS = REPO / "tests" / "fakekvm" / "scenarios"
+QUERIES = dashboard_queries(load_dashboard())
+HOSTS = ("live", "web01", "db01")
+"""live: this machine's /proc; web01, db01: FreeBSD scenarios through the fake libkvm."""
+
+SWAP_PANELS = {"Swap used and size per device", "Swap used"}
+"""The only panels that may be empty for an instance: a host without swap has no swap series
+(metric contract). They must have data for every host that has swap, the FreeBSD scenarios
+always do, and this machine does if /proc/swaps lists a device."""
+
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+"""Grafana's built-in variables, filled as Grafana would for a short time range. The
+exporters are scraped every second, so one minute always holds the two samples rate needs."""
+
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class Host:
+    name: str
+    source: str
+    has_swap: bool
+    instance: str
+    """The instance label Prometheus gives the target: 127.0.0.1:PORT."""
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Fleet:
+    prometheus: str
+    """Base URL of the Prometheus server."""
+    hosts: dict[str, Host]
+    log: Path
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        body = get_json(url)
+        assert body["status"] == "success", body
+        assert body["data"]["resultType"] == "vector", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not listening yet, or an answer without the fields yet
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; log:\n{tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def start_listening(
+    name: str,
+    command: Callable[[int], list[str]],
+    ready: Callable[[str], bool],
+    env: dict[str, str],
+    log: Path,
+    started: list[subprocess.Popen[bytes]],
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server on a free loopback port; retry on another port if it was taken."""
+    for _attempt in range(5):
+        port = free_port()
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                command(port), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+            )
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if ready(base):
+                    return process, port
+            except OSError:
+                pass
+            time.sleep(0.2)
+        stop(process)
+        if "address already in use" not in log.read_text(errors="replace").lower():
+            break
+    pytest.fail(f"{name} did not start; log:\n{tail(log)}")
+
+
+def exporter_command() -> list[str]:
+    script = Path(sys.executable).with_name("kvm_exporter")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvm_exporter"]
+
+
+def serves_metrics(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        return bool(response.status == 200 and b"kvm_up" in response.read())
+
+
+def prometheus_ready(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as response:
+        return bool(response.status == 200)
+
+
+def live_has_swap() -> bool:
+    lines = Path("/proc/swaps").read_text().splitlines()
+    return len(lines) > 1  # a header, then one line per active device
+
+
+def scenario_has_swap(path: Path) -> bool:
+    return any(line.split()[:1] == ["swap"] for line in path.read_text().splitlines())
+
+
+def start_exporter(
+    name: str, tmp: Path, started: list[subprocess.Popen[bytes]], library: Path | None
+) -> Host:
+    config: dict[str, Any] = {"interval": "1s"}
+    env = dict(os.environ)
+    env.pop("FAKE_KVM_SCENARIO", None)
+    if library is None:
+        source, has_swap = "procfs", live_has_swap()
+    else:
+        scenario = SCENARIOS / f"{name}.scenario"
+        source, has_swap = "libkvm", scenario_has_swap(scenario)
+        config.update(source="libkvm", libkvm={"library": str(library)})
+        env["FAKE_KVM_SCENARIO"] = str(scenario)
+    config_file = tmp / f"{name}.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    log = tmp / f"{name}.log"
+
+    def command(port: int) -> list[str]:
+        return [
+            *exporter_command(),
+            "--config.file",
+            str(config_file),
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+        ]
+
+    process, port = start_listening(name, command, serves_metrics, env, log, started)
+    return Host(name, source, has_swap, f"127.0.0.1:{port}", process, log)
+
+
+def prometheus_config(hosts: dict[str, Host]) -> dict[str, Any]:
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            {
+                "job_name": "kvm",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "static_configs": [{"targets": [h.instance for h in hosts.values()]}],
+            }
+        ],
+    }
+
+
+def scraped_twice(fleet: Fleet) -> bool:
+    targets = get_json(f"{fleet.prometheus}/api/v1/targets?state=active")["data"]
+    kvm = [t for t in targets["activeTargets"] if t["labels"]["job"] == "kvm"]
+    if len(kvm) != len(fleet.hosts) or any(t["health"] != "up" for t in kvm):
+        return False
+    counts = fleet.query('count_over_time(kvm_up{job="kvm"}[10m])')
+    scraped = {s["metric"]["instance"] for s in counts if float(s["value"][1]) >= 2}
+    return scraped == {h.instance for h in fleet.hosts.values()}
+
+
+def rules_evaluated(fleet: Fleet) -> bool:
+    groups = get_json(f"{fleet.prometheus}/api/v1/rules")["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        library = build_fake_libkvm(tmp)
+        hosts = {
+            name: start_exporter(name, tmp, started, None if name == "live" else library)
+            for name in HOSTS
+        }
+        config = tmp / "prometheus.yml"
+        config.write_text(yaml.safe_dump(prometheus_config(hosts)))
+        log = tmp / "prometheus.log"
+
+        def command(port: int) -> list[str]:
+            return [
+                binary("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
+
+        _, port = start_listening(
+            "prometheus", command, prometheus_ready, dict(os.environ), log, started
+        )
+        fleet = Fleet(f"http://127.0.0.1:{port}", hosts, log)
+        wait_for("two scrapes of every target", lambda: scraped_twice(fleet), 60, log)
+        wait_for("the first evaluation of the rules", lambda: rules_evaluated(fleet), 30, log)
+        yield fleet
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+
+def fill_variables(expr: str, instance: str) -> str:
+    """The query Grafana sends with $instance set to one instance."""
+    # Grafana regex-escapes a value used with =~ and PromQL strings need the backslash doubled.
+    filled = expr.replace("$instance", re.escape(instance).replace("\\", "\\\\"))
+    for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+        filled = filled.replace(name, GRAFANA_VARIABLES[name])
+    assert "$" not in filled, f"a template variable the test does not fill: {filled}"
+    return filled
+
+
+def test_every_exporter_and_prometheus_are_running(fleet: Fleet) -> None:
+    for host in fleet.hosts.values():
+        assert host.process.poll() is None, f"{host.name} exited:\n{tail(host.log)}"
+    targets = get_json(f"{fleet.prometheus}/api/v1/targets?state=active")["data"]
+    kvm = {t["labels"]["instance"]: t for t in targets["activeTargets"]}
+    assert set(kvm) == {host.instance for host in fleet.hosts.values()}
+    for target in kvm.values():
+        assert target["health"] == "up" and target["lastError"] == "", target
+
+
+def test_every_host_polls_its_source(fleet: Fleet) -> None:
+    """The live host reads /proc, the scenario hosts go through libkvm, and all polls work."""
+    for host in fleet.hosts.values():
+        selector = f"{{instance={json.dumps(host.instance)}}}"
+        info = fleet.query(f"kvm_exporter_build_info{selector}")
+        assert [s["metric"]["source"] for s in info] == [host.source], host.name
+        up = fleet.query(f"kvm_up{selector}")
+        assert [s["value"][1] for s in up] == ["1"], f"{host.name}:\n{tail(host.log)}"
+
+
+def test_scenario_hosts_have_swap() -> None:
+    """So the swap panels are proven with data at least on the FreeBSD hosts."""
+    for name in HOSTS[1:]:
+        assert scenario_has_swap(SCENARIOS / f"{name}.scenario"), name
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What a fake-libkvm scenario file says about its host."""
+
+    sysctls: dict[str, int]
+    loadavg: tuple[float, float, float]
+    swap_pages: dict[str, tuple[int, int]]
+    """Device name -> (used, total) pages."""
+    processes: int
+    threads: int
+
+
+def read_scenario(path: Path) -> Scenario:
+    sysctls: dict[str, int] = {}
+    loadavg = (math.nan, math.nan, math.nan)
+    swap: dict[str, tuple[int, int]] = {}
+    processes = threads = 0
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "sysctl":
+            sysctls[words[1]] = int(words[2])
+        elif words[0] == "loadavg":
+            loadavg = (float(words[1]), float(words[2]), float(words[3]))
+        elif words[0] == "swap":
+            swap[words[1]] = (int(words[2]), int(words[3]))
+        elif words[0] == "proc":
+            keys = dict(word.split("=", 1) for word in words[1:])
+            processes += 1
+            threads += int(keys.get("threads", "1"))
+    return Scenario(sysctls, loadavg, swap, processes, threads)
+
+
+@pytest.mark.parametrize("host_name", HOSTS[1:])
+def test_scenario_values_reach_prometheus(fleet: Fleet, host_name: str) -> None:
+    """The numbers behind the panels are the scenario's, end to end through Prometheus."""
+    host = fleet.hosts[host_name]
+    scenario = read_scenario(SCENARIOS / f"{host_name}.scenario")
+    page = scenario.sysctls["hw.pagesize"]
+
+    def value(expr: str) -> float:
+        result = fleet.query(f"sum({expr}{{instance={json.dumps(host.instance)}}})")
+        assert len(result) == 1, expr
+        return float(result[0]["value"][1])
+
+    assert value("kvm_processes") == scenario.processes
+    assert value("kvm_threads") == scenario.threads
+    assert value("kvm_cpus") == scenario.sysctls["hw.ncpu"]
+    assert value("kvm_processes_limit") == scenario.sysctls["kern.maxproc"]
+    load1, load5, load15 = scenario.loadavg
+    assert value("kvm_load1") == pytest.approx(load1, abs=0.01)
+    assert value("kvm_load5") == pytest.approx(load5, abs=0.01)
+    assert value("kvm_load15") == pytest.approx(load15, abs=0.01)
+    for metric, index in (("kvm_swap_used_bytes", 0), ("kvm_swap_size_bytes", 1)):
+        result = fleet.query(f"{metric}{{instance={json.dumps(host.instance)}}}")
+        per_device = {s["metric"]["device"]: float(s["value"][1]) for s in result}
+        # Device names as swapinfo(8) prints them (and Linux's /proc/swaps): /dev/ada0p3.
+        expected = {
+            f"/dev/{name}": pages[index] * page for name, pages in scenario.swap_pages.items()
+        }
+        assert per_device == expected, metric
+
+
+def test_swap_panels_are_the_listed_ones() -> None:
+    swap = {q.panel_title for q in QUERIES if "kvm_swap_" in q.expr}
+    assert swap == SWAP_PANELS
+
+
+@pytest.mark.parametrize("host_name", HOSTS)
+@pytest.mark.parametrize("query", QUERIES, ids=lambda q: q.name)
+def test_dashboard_query_answers_for_each_instance(
+    fleet: Fleet, query: PanelQuery, host_name: str
+) -> None:
+    host = fleet.hosts[host_name]
+    expr = fill_variables(query.expr, host.instance)
+    result = fleet.query(expr)
+    if query.panel_title in SWAP_PANELS and not host.has_swap:
+        # The contract: no swap series at all for a host without swap.
+        assert result == [], f"{expr} on a host without swap"
+        return
+    assert result, f"no data for {host.name} ({host.instance}) from {expr}"
+    for series in result:
+        assert series["metric"].get("instance", host.instance) == host.instance, series
+        value = float(series["value"][1])
+        assert math.isfinite(value), f"{expr} gave {value} for {series['metric']}"
+
+
+def test_rules_are_loaded_and_healthy(fleet: Fleet) -> None:
+    groups = get_json(f"{fleet.prometheus}/api/v1/rules")["data"]["groups"]
+    assert [group["name"] for group in groups] == ["kvm_exporter"]
+    assert groups[0]["file"] == str(RULES_FILE)
+    rules = groups[0]["rules"]
+    assert [rule["name"] for rule in rules] == [rule["alert"] for rule in alert_rules()]
+    for rule in rules:
+        assert rule["type"] == "alerting"
+        assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
