@@ -116,7 +116,6 @@ def serve_forever(args: argparse.Namespace) -> int:
             "running as root, which kvm_exporter never needs: run it as an unprivileged user "
             "(rc.conf kvm_exporter_user, systemd User=)"
         )
-    service = Service(args.config_file, overrides_of(args))
     signals: list[int] = []
     wake = threading.Event()
 
@@ -124,8 +123,10 @@ def serve_forever(args: argparse.Namespace) -> int:
         signals.append(signum)
         wake.set()
 
+    # Handlers go in first: a signal during start-up is acted on once it is up.
     for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(handled, on_signal)
+    service = Service(args.config_file, overrides_of(args))
     while True:
         wake.wait(1.0)
         wake.clear()
