@@ -1,0 +1,118 @@
+"""The real exporter process on the libkvm source, loading the fake libkvm (tests/fakekvm)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from conftest import samples
+from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
+from test_exposition import promtool_check, run, stable
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "freebsd-web01.prom"
+WEB01 = SCENARIOS / "web01.scenario"
+
+
+def libkvm_config(library: pathlib.Path, interval: str = "1h") -> str:
+    return f"source: libkvm\ninterval: {interval}\nlibkvm:\n  library: {library}\n"
+
+
+def test_serves_web01_as_the_golden_exposition(
+    exporter: Any,
+    fake_libkvm: pathlib.Path,  # noqa: F811
+) -> None:
+    e = exporter(libkvm_config(fake_libkvm), env={"FAKE_KVM_SCENARIO": str(WEB01)})
+    text = e.get()
+    promtool_check(text)
+    assert stable(text) == GOLDEN.read_text()
+
+
+def test_a_failed_getprocs_sets_up_to_0_and_the_next_poll_recovers(
+    exporter: Any,
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    tmp_path: pathlib.Path,
+) -> None:
+    scenario = tmp_path / "flaky.scenario"
+    scenario.write_text(
+        WEB01.read_text() + "fail getprocs 2 kvm_getprocs: Cannot allocate memory\n"
+    )
+    # interval 0: the start-up poll is call 1, then every scrape polls once.
+    e = exporter(libkvm_config(fake_libkvm, "0"), env={"FAKE_KVM_SCENARIO": str(scenario)})
+    failed = e.metrics()
+    assert failed[("kvm_up", frozenset())] == 0
+    assert failed[("kvm_poll_success", frozenset({("collector", "procs")}))] == 0
+    assert failed[("kvm_poll_errors_total", frozenset({("collector", "procs")}))] == 1
+    assert failed[("kvm_poll_success", frozenset({("collector", "swap")}))] == 1
+    assert not any(name == "kvm_processes" for name, _ in failed)
+    recovered = e.metrics()
+    assert recovered[("kvm_up", frozenset())] == 1
+    www_running = frozenset({("user", "www-data"), ("tty", "none"), ("state", "running")})
+    assert recovered[("kvm_processes", www_running)] == 2
+    assert "kvm_getprocs failed: kvm_getprocs: Cannot allocate memory" in e.stderr()
+
+
+def test_crash_dump_one_shot_prints_the_dump_and_exits_0(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+) -> None:
+    # No FAKE_KVM_SCENARIO: the core file is the only way the fake can know the data.
+    result = run(
+        f"--libkvm.library={fake_libkvm}",
+        "--libkvm.kernel=/boot/kernel/kernel",
+        f"--libkvm.core={WEB01}",
+        env={k: v for k, v in os.environ.items() if k != "FAKE_KVM_SCENARIO"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert stable(result.stdout) == GOLDEN.read_text()
+
+
+def test_an_unreadable_crash_dump_exits_1_with_the_library_text(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    tmp_path: pathlib.Path,
+) -> None:
+    core = tmp_path / "vmcore.1"
+    core.write_text(WEB01.read_text() + "fail open * vmcore.1: invalid magic\n")
+    result = run(f"--libkvm.library={fake_libkvm}", "--libkvm.kernel=k", f"--libkvm.core={core}")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"kvm_openfiles cannot open crash dump '{core}'" in result.stderr
+    assert "vmcore.1: invalid magic" in result.stderr
+
+
+def test_a_missing_library_exits_1_naming_it(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "kvm.yml"
+    config.write_text(libkvm_config(tmp_path / "libkvm.so.7"))
+    result = run("--once", f"--config.file={config}")
+    assert result.returncode == 1
+    assert f"cannot load libkvm from '{tmp_path / 'libkvm.so.7'}'" in result.stderr
+    assert "cannot open shared object file" in result.stderr
+
+
+def test_samples_of_db01_match_its_scenario(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    tmp_path: pathlib.Path,
+) -> None:
+    config = tmp_path / "kvm.yml"
+    config.write_text(libkvm_config(fake_libkvm))
+    db01 = SCENARIOS / "db01.scenario"
+    env = {**os.environ, "FAKE_KVM_SCENARIO": str(db01)}
+    result = run("--once", f"--config.file={config}", env=env)
+    assert result.returncode == 0, result.stderr
+    got = samples(result.stdout)
+    postgres = {k: v for k, v in got.items() if k[0] == "kvm_processes" and ("user", "770") in k[1]}
+    by_state = {dict(labels)["state"]: value for (_, labels), value in postgres.items()}
+    assert by_state == {
+        "sleeping": 3,
+        "uninterruptible": 1,
+        "running": 3,
+        "lock": 1,
+        "zombie": 1,
+        "new": 1,
+        "stopped": 1,
+    }
+    for device, used in (("/dev/nvd0p3", 131072), ("/dev/nvd1p3", 129500)):
+        labels = frozenset({("device", device)})
+        assert got[("kvm_swap_used_bytes", labels)] == used * 4096
+        assert got[("kvm_swap_size_bytes", labels)] == 4194304 * 4096
+    assert got[("kvm_cpus", frozenset())] == 16
+    assert got[("kvm_load1", frozenset())] == 3.15
