@@ -103,6 +103,14 @@ def test_kvm_swap_layout() -> None:
     }
 
 
+def test_kvm_nlist_layout_on_this_host() -> None:
+    # lib/libkvm/kvm.h: { const char *n_name; unsigned char n_type; kvaddr_t n_value; }
+    pointer = ffi.sizeof("void *")
+    fields = ("n_name", "n_type", "n_value")
+    assert [ffi.offsetof("struct kvm_nlist", f) for f in fields] == [0, pointer, 2 * pointer]
+    assert _field_size("struct kvm_nlist", "n_value") == 8
+
+
 def test_bytes_at_the_facts_offsets_read_back_through_every_layout() -> None:
     for index, (abi, size) in enumerate(ABIS):
         raw = bytearray(size)

@@ -174,6 +174,8 @@ def test_a_pid_that_is_gone_gives_no_rows_not_an_error(open_libkvm: Opener) -> N
 def test_a_predicate_without_its_argument_is_refused(open_libkvm: Opener) -> None:
     with pytest.raises(SourceError, match="libkvm.predicate 'uid' .* set libkvm.argument"):
         open_libkvm(WEB01, predicate="uid")
+    with pytest.raises(SourceError, match="libkvm.argument 4294967296 does not fit"):
+        open_libkvm(WEB01, predicate="tty", argument=2**32)
 
 
 @pytest.mark.parametrize("config", [{"threads": True}, {"predicate": "all"}])

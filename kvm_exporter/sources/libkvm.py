@@ -50,9 +50,12 @@ class LibkvmSource:
             raise SourceError(
                 f"libkvm.predicate {config.predicate!r} selects by a number: set libkvm.argument"
             )
+        if not -(2**31) <= (config.argument or 0) < 2**31:
+            raise SourceError(f"libkvm.argument {config.argument} does not fit kvm_getprocs' int")
         base_op = KERN_PROC_OPS[config.predicate]
         self._op = base_op | (KERN_PROC_INC_THREAD if config.threads else 0)
         self._arg = config.argument or 0
+        self._by_pid = base_op == KERN_PROC_OPS["pid"]
         # KERN_PROC_ALL returns one row per thread even without the modifier.
         self._per_thread = config.threads or base_op == KERN_PROC_OPS["all"]
         self._lock = threading.Lock()
@@ -85,7 +88,7 @@ class LibkvmSource:
             self._clear_error(kd)
             base = self._lib.kvm_getprocs(kd, self._op, self._arg, count)
             if base == ffi.NULL:
-                if ffi.errno == errno.ESRCH and self._op & ~KERN_PROC_INC_THREAD == 1:
+                if ffi.errno == errno.ESRCH and self._by_pid:
                     return []  # KERN_PROC_PID of a process that has gone, as ps treats it
                 raise self._failure("kvm_getprocs", kd)
             if count[0] == 0:
