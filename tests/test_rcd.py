@@ -1,0 +1,380 @@
+"""rc.d/kvm_exporter driven through the rc.subr harness and daemon(8) stand-in of tests/rcsubr.
+
+The script under test is the shipped file with two paths rewritten (/etc/rc.subr and
+/usr/sbin/daemon); everything else, the real exporter included, runs as on FreeBSD: as root,
+with kvm_exporter_user=nobody, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
+
+SCRIPT = REPO / "rc.d" / "kvm_exporter"
+HARNESS = REPO / "tests" / "rcsubr"
+NOBODY = 65534
+NOGROUP = "nogroup"
+BAD_CONFIG = "labels: [user, bogus]\n"
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with nobody's ids, as the daemon(8) stand-in drops to them."""
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[NOBODY],
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def exporter_for_nobody(bin_dir: Path) -> Path:
+    """A kvm_exporter executable that nobody can run, as the port installs one.
+
+    The installed console script when nobody can run it (a venv made from Debian's python);
+    else a launcher of the same shape on Debian's python, reading this interpreter's
+    site-packages (pyenv under /root is closed to other users)."""
+    console = Path(sys.executable).parent / "kvm_exporter"
+    try:
+        if as_nobody(str(console), "--version").returncode == 0:
+            return console
+    except OSError:
+        pass
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    probe = as_nobody(SYSTEM_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])")
+    assert probe.stdout.strip() == version, (
+        f"nobody cannot run {sys.executable}, and {SYSTEM_PYTHON} is not Python {version}: "
+        f"{probe.stdout}{probe.stderr}"
+    )
+    import site
+
+    launcher = bin_dir / "kvm_exporter"
+    launcher.write_text(
+        f"#!{SYSTEM_PYTHON}\n"
+        "import site\nimport sys\n\n"
+        f"for path in {site.getsitepackages()!r}:\n"
+        "    site.addsitedir(path)\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from kvm_exporter.cli import main\n\n"
+        "sys.exit(main())\n"
+    )
+    launcher.chmod(0o755)
+    check = as_nobody(str(launcher), "--version")
+    assert check.returncode == 0, f"nobody cannot run {launcher}: {check.stderr}"
+    return launcher
+
+
+class Service:
+    """The rc.d script installed in a temporary root, with its rc.conf and syslog."""
+
+    def __init__(self, root: Path, command: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = root / "kvm_exporter.yml"
+        self.run_dir = root / "run"
+        self.pidfile = self.run_dir / "kvm_exporter.pid"
+        self.child_pidfile = self.run_dir / "kvm_exporter.child.pid"
+        self.syslog = root / "syslog"
+        self.rc_conf = root / "rc.conf"
+        self.script = root / "kvm_exporter"
+        text = SCRIPT.read_text()
+        for real, stand_in in (
+            ("/etc/rc.subr", HARNESS / "rc.subr"),
+            ("/usr/sbin/daemon", HARNESS / "daemon"),
+        ):
+            assert text.count(real) == 1, f"{real} should appear once in {SCRIPT}"
+            text = text.replace(real, str(stand_in))
+        self.script.write_text(text)
+        self.script.chmod(0o755)
+        self.settings = {
+            "kvm_exporter_enable": "YES",
+            "kvm_exporter_user": "nobody",
+            "kvm_exporter_group": NOGROUP,
+            "kvm_exporter_config": str(self.config),
+            "kvm_exporter_listen_address": f"127.0.0.1:{self.port}",
+            "kvm_exporter_pidfile": str(self.pidfile),
+            "kvm_exporter_command": str(command),
+            "kvm_exporter_args": "--log.level=debug",
+        }
+        self.write_rc_conf()
+
+    def write_rc_conf(self, **changes: str) -> None:
+        self.settings.update(changes)
+        lines = [f'{key}="{value}"' for key, value in self.settings.items()]
+        self.rc_conf.write_text("\n".join(lines) + "\n")
+
+    def write_config(self, text: str) -> None:
+        self.config.write_text(text)
+        self.config.chmod(0o644)
+
+    def rc(self, command: str) -> subprocess.CompletedProcess[str]:
+        """``service kvm_exporter COMMAND``: service(8) runs the script in a clean env."""
+        env = {
+            "HOME": "/",
+            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin",
+            "RCSUBR_RC_CONF": str(self.rc_conf),
+            "RCSUBR_SYSLOG": str(self.syslog),
+        }
+        return subprocess.run(
+            [str(self.script), command], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    def pid(self, pidfile: Path) -> int:
+        return int(pidfile.read_text().split()[0])
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    def serving(self) -> bool:
+        try:
+            return "kvm_processes" in self.metrics_text()
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.syslog.read_text() if self.syslog.exists() else ""
+
+    def kill_leftovers(self) -> None:
+        for pidfile in (self.pidfile, self.child_pidfile):
+            try:
+                pid = self.pid(pidfile)
+                if str(self.root) in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+
+
+def ids(pid: int) -> dict[str, list[int]]:
+    """The Uid:, Gid: and Groups: lines of /proc/PID/status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {
+        key: [int(v) for v in rest.split()]
+        for key, rest in re.findall(r"^(Uid|Gid|Groups):[ \t]*(.*)$", status, re.M)
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (
+        Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    )
+
+
+def processes_labels(text: str) -> set[str]:
+    """Label names of the kvm_processes series."""
+    return {
+        name
+        for (metric, labels) in samples(text)
+        if metric == "kvm_processes"
+        for name, _ in labels
+    }
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    assert os.geteuid() == 0, "the rc.d tests run the script as root, as rc(8) does"
+    # Not tmp_path: pytest's base directory is closed to nobody, who reads the config.
+    root = Path(tempfile.mkdtemp(prefix="kvm-rcd-"))
+    root.chmod(0o755)
+    (root / "bin").mkdir(mode=0o755)
+    svc = Service(root, exporter_for_nobody(root / "bin"))
+    svc.write_config("interval: 500ms\n")
+    yield svc
+    if svc.pidfile.exists():
+        svc.rc("onestop")
+    svc.kill_leftovers()
+    shutil.rmtree(root)
+
+
+def start(svc: Service, command: str = "start") -> tuple[int, int]:
+    """Start, wait until /metrics answers; the supervisor's and the exporter's pids."""
+    result = svc.rc(command)
+    assert result.returncode == 0, result
+    assert "Starting kvm_exporter." in result.stdout
+    wait_until(svc.serving, timeout=20, what=f"/metrics on {svc.url}\n{svc.log()}")
+    return svc.pid(svc.pidfile), svc.pid(svc.child_pidfile)
+
+
+@pytest.mark.parametrize("path", [SCRIPT, HARNESS / "rc.subr"], ids=["rc.d", "rc.subr"])
+def test_shellcheck_clean(path: Path) -> None:
+    result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_script_follows_the_ports_convention() -> None:
+    text = SCRIPT.read_text()
+    for line in ("# PROVIDE: kvm_exporter", "# REQUIRE: LOGIN", "# KEYWORD: shutdown"):
+        assert re.search(f"^{re.escape(line)}$", text, re.M), line
+    assert re.search(r"^\. /etc/rc\.subr$", text, re.M)
+    assert re.search(r"^name=kvm_exporter$", text, re.M)
+    assert re.search(r"^rcvar=kvm_exporter_enable$", text, re.M)
+    assert re.search(r'^load_rc_config "\$\{name\}"$', text, re.M)
+    assert re.search(r'^run_rc_command "\$1"$', text, re.M)
+    assert subprocess.run(["sh", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_start_status_reload_stop(service: Service) -> None:
+    svc = service
+    assert svc.rc("status").stdout == "kvm_exporter is not running.\n"
+    supervisor, child = start(svc)
+
+    status = svc.rc("status")
+    assert (status.returncode, status.stdout) == (
+        0,
+        f"kvm_exporter is running as pid {supervisor}.\n",
+    )
+    # daemon(8) keeps root to supervise; the exporter runs as the configured user.
+    assert ids(supervisor)["Uid"] == [0, 0, 0, 0]
+    assert ids(child)["Uid"] == [NOBODY] * 4
+    assert ids(child)["Gid"] == [NOBODY] * 4
+    assert ids(child)["Groups"] == [NOBODY]
+    assert Path(f"/proc/{child}/status").read_text().count(f"PPid:\t{supervisor}\n") == 1
+    cmdline = Path(f"/proc/{child}/cmdline").read_text().split("\0")
+    assert f"--config.file={svc.config}" in cmdline
+    assert f"--web.listen-address=127.0.0.1:{svc.port}" in cmdline
+    assert "--log.level=debug" in cmdline
+    run_dir = svc.run_dir.stat()
+    assert (run_dir.st_uid, run_dir.st_mode & 0o777) == (0, 0o755)
+    assert svc.pidfile.stat().st_uid == 0
+
+    assert processes_labels(svc.metrics_text()) == {"user", "tty", "state"}
+    assert re.search(r"^daemon\.notice kvm_exporter: .*listening", svc.log(), re.M), svc.log()
+
+    svc.write_config("interval: 500ms\nlabels: [state]\n")
+    reload = svc.rc("reload")
+    assert reload.returncode == 0, reload
+    assert "Reloading kvm_exporter configuration." in reload.stdout
+    wait_until(lambda: processes_labels(svc.metrics_text()) == {"state"}, what="reloaded labels")
+    assert svc.pid(svc.child_pidfile) == child, "reload must not restart the exporter"
+
+    # A bad config is refused before the signal; the running one keeps serving.
+    svc.write_config(BAD_CONFIG)
+    refused = svc.rc("reload")
+    assert refused.returncode != 0
+    assert "bogus" in refused.stderr and "configuration check failed" in refused.stderr
+    assert processes_labels(svc.metrics_text()) == {"state"}
+
+    again = svc.rc("start")
+    assert again.returncode == 1
+    assert f"kvm_exporter already running? (pid={supervisor})." in again.stderr
+
+    stop = svc.rc("stop")
+    assert stop.returncode == 0, stop
+    assert stop.stdout.startswith("Stopping kvm_exporter.\n")
+    assert not alive(supervisor) and not alive(child)
+    assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
+    assert not svc.serving()
+    assert "received SIGTERM" in svc.log()
+    gone = svc.rc("status")
+    assert (gone.returncode, gone.stdout) == (1, "kvm_exporter is not running.\n")
+    not_running = svc.rc("stop")
+    assert not_running.returncode == 1
+    assert f"kvm_exporter not running? (check {svc.pidfile})." in not_running.stderr
+
+
+def test_checkconfig(service: Service) -> None:
+    svc = service
+    good = svc.rc("checkconfig")
+    assert (good.returncode, good.stdout) == (0, f"{svc.config}: configuration is valid\n")
+
+    svc.write_config(BAD_CONFIG)
+    bad = svc.rc("checkconfig")
+    assert bad.returncode == 1
+    assert f"{svc.config}: labels: got ['user', 'bogus']" in bad.stderr
+    refused = svc.rc("start")
+    assert refused.returncode == 1
+    assert "failed precmd routine for kvm_exporter" in refused.stderr
+    assert not svc.pidfile.exists()
+
+    svc.config.unlink()
+    missing = svc.rc("checkconfig")
+    assert missing.returncode == 0, missing
+    assert f"{svc.config} does not exist: built-in defaults apply." in missing.stdout
+    assert "built-in defaults: configuration is valid" in missing.stdout
+
+
+def test_runs_on_defaults_without_a_config_file(service: Service) -> None:
+    svc = service
+    svc.config.unlink()
+    _, child = start(svc)
+    cmdline = Path(f"/proc/{child}/cmdline").read_text().split("\0")
+    assert not [arg for arg in cmdline if arg.startswith("--config.file")]
+    assert processes_labels(svc.metrics_text()) == {"user", "tty", "state"}
+    assert svc.rc("stop").returncode == 0
+
+
+def test_daemon_restarts_a_dead_exporter(service: Service) -> None:
+    svc = service
+    supervisor, child = start(svc)
+    os.kill(child, signal.SIGKILL)
+    # -R 5: a new exporter about five seconds later, under the same supervisor.
+    wait_until(
+        lambda: svc.child_pidfile.exists() and svc.pid(svc.child_pidfile) != child,
+        timeout=15,
+        what="a restarted exporter",
+    )
+    wait_until(svc.serving, timeout=20, what="/metrics after the restart")
+    restarted = svc.pid(svc.child_pidfile)
+    assert ids(restarted)["Uid"] == [NOBODY] * 4
+    assert svc.pid(svc.pidfile) == supervisor
+    assert svc.rc("stop").returncode == 0
+    assert not alive(restarted)
+
+
+def test_disabled_service_needs_onestart(service: Service) -> None:
+    svc = service
+    svc.write_rc_conf(kvm_exporter_enable="NO")
+    refused = svc.rc("start")
+    # rc.subr returns 0 here: a disabled service is not an error at boot.
+    assert refused.returncode == 0
+    assert refused.stdout == (
+        "Cannot 'start' kvm_exporter. Set kvm_exporter_enable to YES in /etc/rc.conf "
+        "or use 'onestart' instead of 'start'.\n"
+    )
+    assert not svc.pidfile.exists() and not svc.serving()
+
+    supervisor, _ = start(svc, "onestart")
+    assert svc.rc("status").stdout == f"kvm_exporter is running as pid {supervisor}.\n"
+    assert "Cannot 'reload'" in svc.rc("reload").stdout
+    assert svc.rc("onereload").returncode == 0
+    assert svc.rc("onestop").returncode == 0
+    assert not alive(supervisor)
+
+
+@pytest.mark.parametrize("user", ["root", "0"])
+def test_refuses_to_run_as_root(service: Service, user: str) -> None:
+    svc = service
+    svc.write_rc_conf(kvm_exporter_user=user)
+    result = svc.rc("start")
+    assert result.returncode == 1
+    assert "refusing to run kvm_exporter as root" in result.stderr
+    assert "set kvm_exporter_user to an unprivileged user" in result.stderr
+    assert not svc.pidfile.exists() and not svc.serving()
+
+
+def test_refuses_an_unknown_user(service: Service) -> None:
+    svc = service
+    svc.write_rc_conf(kvm_exporter_user="no-such-kvm-user")
+    result = svc.rc("start")
+    assert result.returncode == 1
+    assert "user 'no-such-kvm-user' does not exist" in result.stderr
+    assert not svc.pidfile.exists()
