@@ -8,6 +8,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class Config:
     libkvm: LibkvmConfig = field(default_factory=LibkvmConfig)
 
 
+MAX_DURATION = 365 * 86400.0
+"""The longest interval accepted."""
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -86,7 +89,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration such as 15s, 500ms, 1m or a number of seconds")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = float(value) if abs(value) <= MAX_DURATION else math.inf  # no OverflowError
     else:
         match = _DURATION.match(str(value).strip())
         if not match:
@@ -94,6 +97,9 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds < 0:
         raise ValueError("a duration of 0 or more")
+    # inf or a huge wait overflows threading's timeout and kills the poller; NaN busy-loops it.
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"a duration of at most {MAX_DURATION:.0f}s (one year)")
     return seconds
 
 
@@ -205,6 +211,10 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{where}: {position}invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise ConfigError(f"{where}: invalid YAML: {err}") from None
     return _build(Config, {} if data is None else data, where)
 
 
