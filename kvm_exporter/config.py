@@ -24,8 +24,8 @@ LABELS = ("user", "tty", "state")
 SOURCES = ("auto", "procfs", "libkvm")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
-"""kvm_getprocs(3) ops by name; ``proc`` is one row per process, ``all`` includes kernel
-processes the same way; the rest take ``libkvm.argument``."""
+"""kvm_getprocs(3) selections by name: ``proc`` is every process (kernel ones included),
+``all`` is KERN_PROC_ALL (one row per thread); the rest select by ``libkvm.argument``."""
 
 
 class ConfigError(Exception):
