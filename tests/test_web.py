@@ -1,0 +1,446 @@
+"""The HTTP(S) server on real loopback sockets with real certificates made by the tests."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import tlsutil
+
+from kvm_exporter.web import Limits, Server, WebError, parse_listen_address, serve
+from kvm_exporter.webconfig import WebSettings, load_web_config
+
+PASSWORD = "correct horse"
+HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+
+
+def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Frame-Options", "allow")])
+    return [f"{environ['wsgi.url_scheme']} {environ['PATH_INFO']}".encode()]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tlsutil.write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.shutdown()
+
+
+def start(
+    servers: list[Server], settings: WebSettings | None = None, app: Any = hello, **limits: Any
+) -> Server:
+    server = serve(app, "127.0.0.1:0", settings, Limits(**limits))
+    servers.append(server)
+    return server
+
+
+def settings(pki: Path, text: str) -> WebSettings:
+    path = pki / f"web-{time.monotonic_ns()}.yml"
+    path.write_text(text)
+    return load_web_config(str(path))
+
+
+def tls_settings(pki: Path, extra: str = "") -> WebSettings:
+    return settings(
+        pki, f"tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n{extra}"
+    )
+
+
+def client_context(pki: Path, ca: str = "ca.pem", cert: str | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki / ca))
+    if cert:
+        context.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}-key.pem"))
+    return context
+
+
+def get(
+    server: Server,
+    path: str = "/metrics",
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    host, port = server.address
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=5, context=context)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+# --- plain HTTP, addresses -------------------------------------------------------------------
+
+
+def test_plain_http_serves_the_app(servers: list[Server], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kvm_exporter.web")
+    server = start(servers)
+    assert server.address[0] == "127.0.0.1" and server.address[1] > 0
+    status, headers, body = get(server, "/metrics?x=1")
+    assert (status, body) == (200, b"http /metrics")
+    assert headers["Content-Type"] == "text/plain"
+    deadline = time.monotonic() + 2  # the worker logs after the client has its response
+    while "GET /metrics" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert '127.0.0.1 "GET /metrics?x=1 HTTP/1.1" 200' in caplog.text
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def test_taken_port_is_a_one_line_error(servers: list[Server]) -> None:
+    port = start(servers).address[1]
+    with pytest.raises(WebError) as caught:
+        serve(hello, f"127.0.0.1:{port}", None)
+    assert str(caught.value) == f"cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("9429", "expected host:port such as :9429, 127.0.0.1:9429 or [::1]:9429"),
+        ("127.0.0.1:", "expected host:port"),
+        ("127.0.0.1:65536", "expected host:port"),
+        ("127.0.0.1:http", "expected host:port"),
+        ("::1:9429", "expected host:port"),
+        ("[::1:9429", "expected host:port"),
+        ("no-such-host.invalid:0", "name or service not known"),
+        ("192.0.2.1:0", "cannot assign requested address"),
+    ],
+)
+def test_bad_address_is_a_one_line_error(address: str, reason: str) -> None:
+    with pytest.raises(WebError) as caught:
+        serve(hello, address, None)
+    assert str(caught.value).startswith(f"cannot listen on {address}: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (":9429", ("", 9429)),
+        ("0.0.0.0:9429", ("0.0.0.0", 9429)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:9429", ("::1", 9429)),
+        ("localhost:9429", ("localhost", 9429)),
+    ],
+)
+def test_listen_address_forms(address: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(address) == expected
+
+
+def test_localhost_and_ipv6_loopback(servers: list[Server]) -> None:
+    for address, host in (("localhost:0", "127.0.0.1"), ("[::1]:0", "::1")):
+        server = serve(hello, address, None)
+        servers.append(server)
+        assert server.address[0] == host
+        assert get(server)[0] == 200
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def test_tls_good_client(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki))
+    status, _, body = get(server, "/x", client_context(pki))
+    assert (status, body) == (200, b"https /x")
+
+
+def test_tls_client_with_wrong_ca_fails_the_handshake(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        get(server, context=client_context(pki, ca="other-ca.pem"))
+
+
+def test_plain_http_to_tls_server_gets_nothing(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki))
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        get(server)
+
+
+MTLS = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"
+
+
+def test_client_cert_required_and_missing(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki, MTLS))
+    # In TLS 1.3 the server's refusal reaches the client after its side of the handshake.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get(server, context=client_context(pki))
+
+
+def test_client_cert_required_and_given(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki, MTLS))
+    assert get(server, context=client_context(pki, cert="client"))[0] == 200
+
+
+def test_client_cert_from_another_ca_is_refused(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki, MTLS))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get(server, context=client_context(pki, cert="other-client"))
+
+
+def test_client_cert_optional(pki: Path, servers: list[Server]) -> None:
+    extra = "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.pem\n"
+    server = start(servers, tls_settings(pki, extra))
+    assert get(server, context=client_context(pki))[0] == 200
+    assert get(server, context=client_context(pki, cert="client"))[0] == 200
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get(server, context=client_context(pki, cert="other-client"))
+
+
+def test_tls_min_version_is_enforced(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki, "  min_version: TLS13\n"))
+    old = client_context(pki)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError, match="VERSION|version"):
+        get(server, context=old)
+    assert get(server, context=client_context(pki))[0] == 200
+
+
+def test_tls_max_version_and_cipher_suites(pki: Path, servers: list[Server]) -> None:
+    extra = "  max_version: TLS12\n  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384]\n"
+    server = start(servers, tls_settings(pki, extra))
+    context = client_context(pki)
+    raw = socket.create_connection(server.address, timeout=5)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() == "TLSv1.2"
+        assert tls.cipher() == ("ECDHE-ECDSA-AES256-GCM-SHA384", "TLSv1.2", 256)
+
+
+# --- basic auth and headers --------------------------------------------------------------------
+
+
+def auth_settings(pki: Path, extra: str = "") -> WebSettings:
+    hashes = f"  alice: {HASH}\n  bob: '{HASH.replace('$2b$', '$2y$')}'\n"
+    return settings(pki, f"basic_auth_users:\n{hashes}{extra}")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic("alice", "wrong"),
+        basic("mallory", PASSWORD),
+        basic("alice", PASSWORD + "x" * 80),
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "Basic !!!"},
+        {"Authorization": "Basic " + base64.b64encode(b"alice").decode()},
+    ],
+)
+def test_basic_auth_refuses(pki: Path, servers: list[Server], headers: dict[str, str]) -> None:
+    server = start(servers, auth_settings(pki))
+    status, response_headers, body = get(server, headers=headers)
+    assert (status, body) == (401, b"Unauthorized\n")
+    assert response_headers["WWW-Authenticate"] == 'Basic realm="kvm_exporter"'
+
+
+def test_basic_auth_admits_and_remembers(
+    pki: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, real_checkpw = [], bcrypt.checkpw
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real_checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    server = start(servers, auth_settings(pki))
+    for user in ("alice", "bob", "alice", "bob"):
+        status, _, body = get(server, headers=basic(user, PASSWORD))
+        assert (status, body) == (200, b"http /metrics")
+    assert len(calls) == 2
+    assert get(server, headers=basic("alice", "wrong"))[0] == 401
+    assert get(server, headers=basic("alice", "wrong"))[0] == 401
+    assert len(calls) == 4
+
+
+def test_configured_headers_on_every_response(pki: Path, servers: list[Server]) -> None:
+    extra = (
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+        "    X-Content-Type-Options: nosniff\n"
+    )
+    server = start(servers, auth_settings(pki, extra))
+    for credentials, status in ((basic("alice", PASSWORD), 200), ({}, 401)):
+        response = get(server, headers=credentials)
+        assert response[0] == status
+        assert response[1]["X-Frame-Options"] == "deny"
+        assert response[1]["X-Content-Type-Options"] == "nosniff"
+
+
+# --- robustness --------------------------------------------------------------------------------
+
+
+def timed_scrapes(server: Server, context: ssl.SSLContext, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        began = time.perf_counter()
+        status, _, body = get(server, context=context)
+        times.append(time.perf_counter() - began)
+        assert (status, body) == (200, b"https /metrics")
+    return times
+
+
+def test_idle_connections_do_not_delay_tls_scrapes(pki: Path, servers: list[Server]) -> None:
+    server = start(servers, tls_settings(pki))
+    context = client_context(pki)
+    baseline = timed_scrapes(server, context, 20)
+    idle = [socket.create_connection(server.address, timeout=5) for _ in range(20)]
+    # Half of them also start a handshake they never finish: a partial ClientHello.
+    for sock in idle[10:]:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01")
+    try:
+        loaded = timed_scrapes(server, context, 20)
+        print(
+            f"\nTLS scrape seconds, baseline max {max(baseline):.4f} median "
+            f"{sorted(baseline)[10]:.4f}; with 20 idle connections max {max(loaded):.4f} "
+            f"median {sorted(loaded)[10]:.4f}"
+        )
+        assert max(loaded) < max(baseline) * 5 + 0.5
+        assert not any(closed_by_server(sock, 0.01) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_thread_count_is_bounded(servers: list[Server]) -> None:
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    before = threading.active_count()
+    server = start(servers, app=slow, workers=2)
+    assert threading.active_count() == before + 3
+    results: list[int] = []
+    clients = [threading.Thread(target=lambda: results.append(get(server)[0])) for _ in range(8)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    assert results == [200] * 8
+    assert most[0] == 2
+
+
+def test_silent_connection_is_closed_after_request_timeout(servers: list[Server]) -> None:
+    server = start(servers, request_timeout=0.3)
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        assert closed_by_server(sock, 2.0)
+
+
+def test_waiting_connections_are_capped_oldest_first(servers: list[Server]) -> None:
+    server = start(servers, waiting=3)
+    socks = [socket.create_connection(server.address) for _ in range(5)]
+    try:
+        time.sleep(0.3)
+        assert [closed_by_server(sock, 0.2) for sock in socks] == [True, True, False, False, False]
+        assert get(server)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_slow_reader_is_cut_at_the_deadline(servers: list[Server]) -> None:
+    def large(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b"x" * 65536] * 1000
+
+    server = start(servers, app=large, deadline=0.5)
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        time.sleep(1.0)  # read nothing: the worker blocks on full socket buffers
+        sock.settimeout(2.0)
+        began = time.perf_counter()
+        received = 0
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+        assert 0 < received < 65536 * 1000
+        assert time.perf_counter() - began < 2
+
+
+def test_failing_app_gives_500_and_logs(
+    servers: list[Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raise RuntimeError("boom")
+
+    server = start(servers, app=broken)
+    assert get(server)[0] == 500
+    assert any(
+        r.name == "kvm_exporter.web"
+        and r.levelno == logging.ERROR
+        and r.exc_info is not None
+        and str(r.exc_info[1]) == "boom"
+        for r in caplog.records
+    )
+    assert get(server)[0] == 500  # the worker survived
+
+
+def test_shutdown_is_quick_and_closes_everything(pki: Path) -> None:
+    started = threading.Event()
+
+    def stuck(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        yield b"partial"
+        started.set()
+        time.sleep(5)  # the worker is busy until shutdown cuts its connection
+
+    server = serve(stuck, "127.0.0.1:0", tls_settings(pki))
+    idle = socket.create_connection(server.address)
+    busy = client_context(pki).wrap_socket(
+        socket.create_connection(server.address), server_hostname="localhost"
+    )
+    busy.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert started.wait(5)
+    began = time.perf_counter()
+    server.shutdown()
+    took = time.perf_counter() - began
+    assert took < 1.5
+    assert closed_by_server(idle, 1.0)
+    busy.settimeout(1.0)
+    response = b"".join(iter(lambda: busy.recv(65536), b""))
+    assert response.startswith(b"HTTP/1.0 200 OK") and response.endswith(b"\r\n\r\npartial")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(server.address, timeout=1)
+    idle.close()
+    busy.close()
+    server.shutdown()  # a second call is harmless
