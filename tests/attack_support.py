@@ -1,0 +1,231 @@
+"""Helpers of the attack and fault tests: exporters run as any user, with any stderr, and
+checks that an exposition is valid for both Prometheus parsers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import bcrypt
+import cffi
+import prometheus_client
+import yaml
+from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
+from prom_support import binary
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvm_exporter.states import LINUX_STATES
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+NOBODY = 65534
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def import_path() -> str:
+    """PYTHONPATH that lets any user import the package and its dependencies with Debian's
+    python (the test venv's interpreter may sit where only root can read it)."""
+    dirs = [str(REPO)]
+    for module in (prometheus_client, yaml, cffi, bcrypt):
+        site = str(Path(module.__file__ or "").resolve().parent.parent)
+        if site not in dirs:
+            dirs.append(site)
+    return os.pathsep.join(dirs)
+
+
+@contextmanager
+def world_dir() -> Iterator[Path]:
+    """A temporary directory every user can read (pytest's tmp_path is root's only)."""
+    path = Path(tempfile.mkdtemp(prefix="kvm-attack-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Daemon:
+    """``kvm_exporter`` as a real process on a loopback port, optionally as another user and
+    with stderr sent anywhere (a file, ``/dev/full``)."""
+
+    def __init__(
+        self,
+        config: Path | None,
+        *args: str,
+        user: int | None = None,
+        stderr: str | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = sys.executable if user is None else SYSTEM_PYTHON
+        cmd = [python, "-m", "kvm_exporter", f"--web.listen-address=127.0.0.1:{self.port}"]
+        if config is not None:
+            cmd.append(f"--config.file={config}")
+        self.log_path = Path(stderr) if stderr else None
+        if self.log_path is None:
+            self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        else:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        environ = {**os.environ, "PYTHONPATH": import_path(), **(env or {})}
+        owner: dict[str, Any] = {}
+        if user is not None:
+            owner = {"user": user, "group": user, "extra_groups": []}
+        self.proc = subprocess.Popen(
+            [*cmd, *args], stdin=subprocess.DEVNULL, stderr=self._log, env=environ, cwd="/", **owner
+        )
+        if wait:
+            wait_until(self._answers, timeout=30, what=f"exporter on {self.url}")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exporter exited {self.proc.returncode}: {self.stderr()}")
+        return bool(self.get("/-/healthy"))
+
+    def get(self, path: str = "/metrics", accept: str | None = None) -> str:
+        headers = {"Accept": accept} if accept else {}
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(response.read().decode("utf-8"))
+
+    def metrics(self) -> Samples:
+        return samples(self.get())
+
+    def stderr(self) -> str:
+        self._log.flush()
+        if self.log_path is not None and self.log_path.is_file():
+            return self.log_path.read_text(errors="replace")
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+@contextmanager
+def running(config: Path | None, *args: str, **kw: Any) -> Iterator[Daemon]:
+    daemon = Daemon(config, *args, **kw)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def write_config(directory: Path, text: str, name: str = "kvm_exporter.yml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def check_exposition(text: str) -> Samples:
+    """The exposition passes ``promtool check metrics`` and prometheus_client's parser;
+    returns its samples."""
+    result = subprocess.run(
+        [binary("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    families = list(text_string_to_metric_families(text))
+    assert {f.name for f in families} >= {"kvm_processes", "kvm_up"}
+    return samples(text)
+
+
+def check_openmetrics(text: str) -> None:
+    """The OpenMetrics form parses with prometheus_client's strict OpenMetrics parser."""
+    names = {f.name for f in openmetrics_families(text)}
+    assert {"kvm_processes", "kvm_up"} <= names
+
+
+def series(metrics: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: value for (n, labels), value in metrics.items() if n == name}
+
+
+def value(metrics: Samples, name: str, **labels: str) -> float:
+    return metrics[(name, frozenset(labels.items()))]
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "level=error" in line or "Traceback" in line]
+
+
+def poll_until(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """:func:`wait_until` for checks written as assertions: a failed assertion or a metric not
+    there yet (KeyError) means "not yet"; the timeout message carries the last one."""
+    last: list[str] = []
+
+    def attempt() -> Any:
+        try:
+            return check()
+        except (AssertionError, KeyError) as err:
+            last[:] = [f"{type(err).__name__}: {err}"]
+            return None
+
+    try:
+        return wait_until(attempt, timeout=timeout, what=what)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; last: {last}") from None
+
+
+def frozen_proc(dest: Path, pids: set[int]) -> Counter[str]:
+    """Copy what the procfs source reads from /proc into ``dest`` for ``pids`` (those still
+    there); returns the copied processes' states (the exporter's words) plus ``_procs`` and
+    ``_threads`` totals."""
+    (dest / "sys" / "kernel").mkdir(parents=True)
+    for name in ("loadavg", "stat", "swaps", "sys/kernel/pid_max", "sys/kernel/threads-max"):
+        (dest / name).write_bytes(Path("/proc", name).read_bytes())
+    totals: Counter[str] = Counter()
+    for pid in map(str, pids):
+        try:
+            stat = Path("/proc", pid, "stat").read_bytes()
+            status = Path("/proc", pid, "status").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if not stat or not status:
+            continue
+        (dest / pid).mkdir()
+        (dest / pid / "stat").write_bytes(stat)
+        (dest / pid / "status").write_bytes(status)
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        totals[LINUX_STATES.get(fields[0].decode(), "unknown")] += 1
+        totals["_procs"] += 1
+        totals["_threads"] += int(fields[17])
+    return totals
+
+
+def scrape_until(daemon: Daemon, good: Any, what: str, timeout: float = 30.0) -> Samples:
+    """Scrape ``daemon`` until ``good(metrics)`` holds; returns those metrics."""
+
+    def attempt() -> Samples | None:
+        metrics = daemon.metrics()
+        return metrics if good(metrics) else None
+
+    result: Samples = poll_until(attempt, timeout=timeout, what=what)
+    return result
