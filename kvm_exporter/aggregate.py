@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import heapq
 import pwd
-from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from itertools import compress
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from .records import Proc
 from .states import STATES
@@ -17,6 +20,13 @@ MIN_SERIES = len(STATES) + 1
 """The smallest cap that leaves room for every state plus one group of its own."""
 
 Key = tuple[str, ...]
+
+_FIELD = {
+    "user": Proc._fields.index("uid"),
+    "tty": Proc._fields.index("tty"),
+    "state": Proc._fields.index("state"),
+}
+_THREADS = itemgetter(Proc._fields.index("threads"))
 
 
 class Counts(NamedTuple):
@@ -58,23 +68,29 @@ def aggregate(
     never has more than ``max_series`` groups when ``max_series >= MIN_SERIES``.
     """
     name = user_name or user_names()
-    key_of: Callable[[Proc], Key]
-    if labels == ("user", "tty", "state"):
-        key_of = lambda p: (name(p.uid), p.tty, p.state)  # noqa: E731 - the common case, inlined
-    else:
-        getters: dict[str, Callable[[Proc], str]] = {
-            "user": lambda p: name(p.uid),
-            "tty": lambda p: p.tty,
-            "state": lambda p: p.state,
-        }
-        parts = [getters[label] for label in labels]
-        key_of = lambda p: tuple(get(p) for get in parts)  # noqa: E731
+    # Count per raw field tuple (uid, not its name) in C-level itemgetter calls, then name
+    # the few groups: a host has thousands of processes but a handful of (uid, tty, state).
+    rows = procs if isinstance(procs, Sequence) else list(procs)  # walked twice below
+    fields = [_FIELD[label] for label in labels]
+    # itemgetter of one field gives the bare value, of several a tuple; none needs a stand-in.
+    raw_key: Callable[[Proc], object] = itemgetter(*fields) if fields else lambda p: ()
+    raw_processes = Counter(map(raw_key, rows))
+    # Threads: each process's own thread plus the extra ones of the (few) multi-threaded.
+    raw_threads = dict(raw_processes)
+    multi = list(compress(rows, map((1).__lt__, map(_THREADS, rows))))
+    for raw, n in zip(map(raw_key, multi), map(_THREADS, multi), strict=True):
+        raw_threads[raw] += n - 1
+    named = [i for i, label in enumerate(labels) if label == "user"]
     processes: dict[Key, int] = {}
     threads: dict[Key, int] = {}
-    for p in procs:
-        key = key_of(p)
-        processes[key] = processes.get(key, 0) + 1
-        threads[key] = threads.get(key, 0) + p.threads
+    for raw, count in raw_processes.items():
+        values: list[Any] = [raw] if len(fields) == 1 else list(raw)  # type: ignore[call-overload]
+        for i in named:
+            values[i] = name(values[i])
+        key = tuple(values)
+        # Two uids can share a name: their groups add up.
+        processes[key] = processes.get(key, 0) + count
+        threads[key] = threads.get(key, 0) + raw_threads[raw]
 
     state_at = labels.index("state") if "state" in labels else None
     missing = set(STATES) - {key[state_at] for key in processes} if state_at is not None else ()
@@ -100,8 +116,13 @@ def _other_key(width: int, state_at: int | None, state: str) -> Key:
 
 def _fold(counts: dict[Key, int], keep: set[Key], state_at: int | None) -> dict[Key, int]:
     out: dict[Key, int] = {}
+    others: dict[str, Key] = {}  # the other key per state, built once each
     for key, count in counts.items():
         if key not in keep:
-            key = _other_key(len(key), state_at, key[state_at] if state_at is not None else "")
+            state = key[state_at] if state_at is not None else ""
+            other = others.get(state)
+            if other is None:
+                other = others[state] = _other_key(len(key), state_at, state)
+            key = other
         out[key] = out.get(key, 0) + count
     return out
