@@ -277,6 +277,15 @@ def test_start_status_reload_stop(service: Service) -> None:
     assert again.returncode == 1
     assert f"kvm_exporter already running? (pid={supervisor})." in again.stderr
 
+    svc.write_config("interval: 500ms\nlabels: [user, state]\n")
+    restart = svc.rc("restart")
+    assert restart.returncode == 0, restart
+    assert "Stopping kvm_exporter." in restart.stdout and "Starting" in restart.stdout
+    assert not alive(supervisor) and not alive(child)
+    wait_until(svc.serving, timeout=20, what="/metrics after restart")
+    assert processes_labels(svc.metrics_text()) == {"user", "state"}
+    supervisor, child = svc.pid(svc.pidfile), svc.pid(svc.child_pidfile)
+
     stop = svc.rc("stop")
     assert stop.returncode == 0, stop
     assert stop.stdout.startswith("Stopping kvm_exporter.\n")
