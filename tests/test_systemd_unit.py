@@ -104,6 +104,8 @@ def test_sandboxing_keys() -> None:
         "CapabilityBoundingSet": "",
         "AmbientCapabilities": "",
         "Restart": "on-failure",
+        "Type": "exec",
+        "SyslogIdentifier": "kvm_exporter",
         "ExecReload": "/bin/kill -HUP $MAINPID",
     }.items():
         assert value(key) == setting, key
