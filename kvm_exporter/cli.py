@@ -142,7 +142,8 @@ def serve_forever(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup(getattr(args, "log.level") or "info")
+    level = getattr(args, "log.level") or "info"
+    setup(level if level in LOG_LEVELS else "info")  # a bad flag is a ConfigError below
     from .web import WebError
 
     try:

@@ -239,6 +239,12 @@ def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     for dotted, value in overrides.items():
         if value is None:
             continue
+        check = _CHECKS.get(dotted)  # a flag gets the same checks as the file's key
+        if check is not None:
+            try:
+                value = check(value)
+            except ValueError as err:
+                raise ConfigError(f"flag {dotted}: got {value!r}, expected {err}") from None
         section, _, key = dotted.rpartition(".")
         if section:
             sections.setdefault(section, {})[key] = value

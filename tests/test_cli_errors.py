@@ -1,0 +1,182 @@
+"""Bad configurations on the command line: ``--config.check`` and a plain start both exit
+non-zero with exactly one clear line on stderr that names the file (or flag) and the key,
+and never a traceback.
+
+Every case runs three real processes at once: ``--config.check`` as root, a plain start as
+root (which may add its one "running as root" warning first) and a plain start as nobody
+(exactly one line)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from attack_support import NOBODY, import_path, world_dir
+from conftest import SYSTEM_PYTHON, free_port
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    content: str | bytes | None
+    """The config file's content; None: no file at all (the path does not exist)."""
+    says: tuple[str, ...]
+    """What the one line must hold besides the file's path ("{path}" is replaced)."""
+    flags: tuple[str, ...] = ()
+    check_fails: bool = True
+    """False: a valid config that only a start can find wrong (the source will not open)."""
+    mode: int = 0o644
+    as_root: bool = True
+    """False: root could read the file anyway (mode 000)."""
+
+
+CASES = [
+    # unknown keys
+    Case("unknown-key", "colour: blue\n", ("{path}: colour: unknown key",)),
+    Case("unknown-nested-key", "web:\n  port: 9429\n", ("{path}: web.port: unknown key",)),
+    Case("typo-key", "max_serie: 100\n", ("{path}: max_serie: unknown key", "max_series")),
+    # wrong types
+    Case("type-max-series", "max_series: '100'\n", ("{path}: max_series: ", "an integer")),
+    Case("type-interval", "interval: [15]\n", ("{path}: interval: ", "duration")),
+    Case("type-labels", "labels: user\n", ("{path}: labels: ", "a list")),
+    Case("type-section", "web: 9429\n", ("{path}: web: expected a mapping",)),
+    Case("type-root", "procfs:\n  root: 5\n", ("{path}: procfs.root: ", "a string")),
+    Case("type-bool", "libkvm:\n  threads: 'yes'\n", ("{path}: libkvm.threads: ", "true or false")),
+    Case("type-top", "- source\n- procfs\n", ("{path}: top level: expected a mapping",)),
+    # wrong values
+    Case("value-source", "source: linux\n", ("{path}: source: ", "one of auto, procfs")),
+    Case("value-cap", "max_series: 5\n", ("{path}: max_series: ", "or more")),
+    Case("value-level", "log:\n  level: verbose\n", ("{path}: log.level: ", "one of debug")),
+    Case("value-path", "web:\n  telemetry_path: metrics\n", ("{path}: web.telemetry_path: ",)),
+    Case("value-interval", "interval: -1s\n", ("{path}: interval: ",)),
+    Case("value-interval-inf", "interval: .inf\n", ("{path}: interval: ", "at most")),
+    Case("value-predicate", "libkvm:\n  predicate: every\n", ("{path}: libkvm.predicate: ",)),
+    Case("value-labels", "labels: [user, pid]\n", ("{path}: labels: ", "drawn from")),
+    # the file itself
+    Case("invalid-yaml", "interval: [15s\n", ("{path}: line ", "invalid YAML")),
+    Case("invalid-yaml-tab", "web:\n\t- x\n", ("{path}: line ", "invalid YAML")),
+    Case("deep-yaml", "a: " + "[" * 3000, ("{path}: ", "invalid YAML")),
+    Case("not-utf8", b"source: \xff\xfe\n", ("{path}: cannot read config file", "utf-8")),
+    Case("missing-file", None, ("{path}: cannot read config file: No such file",)),
+    Case("directory", "", ("{path}: cannot read config file: Is a directory",)),
+    Case(
+        "unreadable",
+        "interval: 15s\n",
+        ("{path}: cannot read config file: Permission denied",),
+        mode=0o000,
+        as_root=False,
+    ),
+    Case(
+        "web-config-missing",
+        "web:\n  config_file: /nonexistent/web.yml\n",
+        ("/nonexistent/web.yml: cannot read web config file",),
+    ),
+    # valid files whose source will not open: only a start finds out
+    Case(
+        "libkvm-missing",
+        "source: libkvm\nlibkvm:\n  library: /nonexistent/libkvm.so.7\n",
+        ("/nonexistent/libkvm.so.7",),
+        check_fails=False,
+    ),
+    Case(
+        "procfs-not-procfs",
+        "procfs:\n  root: /etc\n",
+        ("/etc does not look like procfs",),
+        check_fails=False,
+    ),
+    # flags get the same checks as the file's keys
+    Case(
+        "flag-log-level", "", ("log.level", "bogus", "one of debug"), flags=("--log.level=bogus",)
+    ),
+    Case(
+        "flag-telemetry-path",
+        "",
+        ("web.telemetry_path", "metrics", "starting with /"),
+        flags=("--web.telemetry-path=metrics",),
+    ),
+]
+
+
+def run(args: list[str], user: int | None) -> subprocess.Popen[str]:
+    owner = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, "-m", "kvm_exporter", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": import_path()},
+        cwd="/",
+        **owner,  # type: ignore[arg-type]
+    )
+
+
+def finish(proc: subprocess.Popen[str], what: str) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"{what}: still running after 60s; stderr: {err}") from None
+    return proc.returncode, err
+
+
+def the_line(stderr: str, what: str, root_warning: bool) -> str:
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr, f"{what}: {stderr}"
+    if root_warning:  # started as root: the warning may come first, once
+        warned = [line for line in lines if "level=warn" in line and "running as root" in line]
+        assert len(warned) <= 1, f"{what}: {stderr}"
+        lines = [line for line in lines if line not in warned]
+    assert len(lines) == 1, f"{what}: expected one line, got {lines}"
+    assert "level=error" in lines[0], f"{what}: {lines[0]}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_config_is_one_clear_line(case: Case) -> None:
+    with world_dir() as tmp:
+        path = tmp / "kvm_exporter.yml"
+        if case.id == "directory":
+            path.mkdir()
+        elif isinstance(case.content, bytes):
+            path.write_bytes(case.content)
+        elif case.content is not None:
+            path.write_text(case.content)
+        if path.is_file():
+            path.chmod(case.mode)
+        config = [f"--config.file={path}", *case.flags]
+        if case.id.startswith("flag-"):
+            config = list(case.flags)
+        start = [f"--web.listen-address=127.0.0.1:{free_port()}", *config]
+        runs = {"start as nobody": run(start, NOBODY)}
+        if case.as_root:
+            runs["check"] = run(["--config.check", *config], None)
+            runs["start as root"] = run(start, None)
+        results = {what: finish(proc, what) for what, proc in runs.items()}
+        for what, (code, stderr) in results.items():
+            if what == "check" and not case.check_fails:
+                assert code == 0, f"{what}: {stderr}"
+                continue
+            assert code != 0, f"{what}: exited 0; stderr: {stderr}"
+            line = the_line(stderr, what, root_warning=what == "start as root")
+            for part in case.says:
+                assert part.format(path=path) in line, f"{what}: {part!r} not in {line}"
+
+
+def test_good_config_checks_clean() -> None:
+    """The counter-case: a valid file passes --config.check with exit 0 and no stderr."""
+    with world_dir() as tmp:
+        path = tmp / "good.yml"
+        path.write_text("interval: 500ms\nmax_series: 14\nlabels: [state]\nlog: {level: warn}\n")
+        code, err = finish(run(["--config.check", f"--config.file={path}"], NOBODY), "check")
+        assert (code, err) == (0, "")
+
+
+def test_shipped_config_checks_clean() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "config" / "kvm_exporter.yml"
+    code, err = finish(run(["--config.check", f"--config.file={shipped}"], None), "check")
+    assert (code, err) == (0, "")
