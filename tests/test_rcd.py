@@ -194,15 +194,19 @@ def service() -> Iterator[Service]:
     assert os.geteuid() == 0, "the rc.d tests run the script as root, as rc(8) does"
     # Not tmp_path: pytest's base directory is closed to nobody, who reads the config.
     root = Path(tempfile.mkdtemp(prefix="kvm-rcd-"))
-    root.chmod(0o755)
-    (root / "bin").mkdir(mode=0o755)
-    svc = Service(root, exporter_for_nobody(root / "bin"))
-    svc.write_config("interval: 500ms\n")
-    yield svc
-    if svc.pidfile.exists():
-        svc.rc("onestop")
-    svc.kill_leftovers()
-    shutil.rmtree(root)
+    try:
+        root.chmod(0o755)
+        (root / "bin").mkdir(mode=0o755)
+        svc = Service(root, exporter_for_nobody(root / "bin"))
+        svc.write_config("interval: 500ms\n")
+        yield svc
+        try:
+            if svc.pidfile.exists():
+                svc.rc("onestop")
+        finally:
+            svc.kill_leftovers()
+    finally:
+        shutil.rmtree(root)
 
 
 def start(svc: Service, command: str = "start") -> tuple[int, int]:

@@ -177,13 +177,15 @@ class Unit:
 def unit() -> Iterator[Unit]:
     # Not tmp_path: pytest's base directory is closed to nobody, who reads the config.
     root = Path(tempfile.mkdtemp(prefix="kvm-unit-"))
-    root.chmod(0o755)
-    u = Unit(root)
-    yield u
-    if u.proc is not None and u.proc.poll() is None:
-        u.proc.kill()
-        u.proc.wait()
-    shutil.rmtree(root)
+    try:
+        root.chmod(0o755)
+        u = Unit(root)
+        yield u
+        if u.proc is not None and u.proc.poll() is None:
+            u.proc.kill()
+            u.proc.wait()
+    finally:
+        shutil.rmtree(root)
 
 
 def test_exec_start_uses_the_config_and_reload_rereads_it(unit: Unit) -> None:
