@@ -8,10 +8,10 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
 # gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
-# systemd: systemd-analyze for the unit; util-linux: setpriv for the daemon(8) stand-in.
+# systemd: systemd-analyze for the unit.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     prometheus shellcheck python3 python3-venv python3-dev gcc libc6-dev openssl procps \
-    systemd util-linux ca-certificates >/dev/null
+    systemd ca-certificates >/dev/null
 
 # Debian's python (not one under /root) so that tests can run the exporter as nobody.
 VENV="${KVM_EXPORTER_TEST_VENV:-/opt/kvm_exporter-test-venv}"
