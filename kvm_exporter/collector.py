@@ -23,8 +23,33 @@ class ReloadStatus(NamedTuple):
     """Wall-clock time of the last successful config load (start-up counts)."""
 
 
+def label_value(value: str) -> str:
+    """``value`` as UTF-8 an exposition can carry. Names from the system (passwd, /dev, swap
+    files) are bytes; Python decodes those that are not UTF-8 to lone surrogates, which would
+    make every scrape fail. They become U+FFFD."""
+    if value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def _utf8_keys(counts: dict[Key, int]) -> dict[Key, int]:
+    """``counts`` with every label value made UTF-8; keys that become equal are merged."""
+    if all(v.isascii() for key in counts for v in key):
+        return counts
+    out: dict[Key, int] = {}
+    for key, count in counts.items():
+        key = tuple(label_value(v) for v in key)
+        out[key] = out.get(key, 0) + count
+    return out
+
+
 def _counts(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, int]) -> Metric:
     family = GaugeMetricFamily(name, doc + AS_OF, labels=labels)
+    counts = _utf8_keys(counts)
     for key in sorted(counts):  # a stable order, whatever order the source listed processes
         family.add_metric(key, counts[key])
     return family
@@ -73,9 +98,11 @@ class KvmCollector(Collector):
             used = GaugeMetricFamily(
                 "kvm_swap_used_bytes", "Swap in use on a device." + AS_OF, labels=["device"]
             )
-            for dev in snap.swap:
-                size.add_metric([dev.device], dev.size_bytes)
-                used.add_metric([dev.device], dev.used_bytes)
+            sizes = _utf8_keys({(dev.device,): dev.size_bytes for dev in snap.swap})
+            useds = _utf8_keys({(dev.device,): dev.used_bytes for dev in snap.swap})
+            for key, size_bytes in sizes.items():
+                size.add_metric(key, size_bytes)
+                used.add_metric(key, useds[key])
             yield size
             yield used
         if snap.limits is not None:

@@ -76,6 +76,7 @@ class Daemon:
         if config is not None:
             cmd.append(f"--config.file={config}")
         self.log_path = Path(stderr) if stderr else None
+        self._final = ""
         if self.log_path is None:
             self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         else:
@@ -88,7 +89,11 @@ class Daemon:
             [*cmd, *args], stdin=subprocess.DEVNULL, stderr=self._log, env=environ, cwd="/", **owner
         )
         if wait:
-            wait_until(self._answers, timeout=30, what=f"exporter on {self.url}")
+            try:
+                wait_until(self._answers, timeout=30, what=f"exporter on {self.url}")
+            except BaseException:
+                self.stop()
+                raise
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
@@ -105,9 +110,11 @@ class Daemon:
         return samples(self.get())
 
     def stderr(self) -> str:
+        if self._log.closed:
+            return self._final
         self._log.flush()
-        if self.log_path is not None and self.log_path.is_file():
-            return self.log_path.read_text(errors="replace")
+        if self.log_path is not None:  # a file, or a device such as /dev/full
+            return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
         self._log.seek(0)
         return self._log.read().decode(errors="replace")
 
@@ -122,7 +129,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._final = self.stderr()
+            self._log.close()
         return code
 
 

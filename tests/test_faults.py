@@ -426,3 +426,34 @@ def test_runs_as_nobody_with_full_counts(fault_procs: list[subprocess.Popen[byte
             assert daemon.stderr().strip() == "" or all(
                 "level=info" in line for line in daemon.stderr().splitlines()
             ), daemon.stderr()
+
+
+def test_sighup_storm_while_scraping() -> None:
+    """Bursts of 100 SIGHUPs, first on a bad config then on a good one, with scrapes between:
+    the exporter keeps serving, counts the failed reloads, loads the good one, stops cleanly."""
+    with world_dir() as tmp:
+        config = write_config(tmp, "interval: 0\nlabels: [state]\n")
+        with running(config) as daemon:
+            config.write_text("interval: [\n")
+            for _ in range(100):
+                daemon.signal(signal.SIGHUP)
+            scrape_until(
+                daemon,
+                lambda m: value(m, "kvm_config_reload_failures_total") >= 1,
+                what="the failed reloads",
+            )
+            config.write_text("interval: 0\nlabels: [user]\n")
+            for _ in range(100):
+                daemon.signal(signal.SIGHUP)
+                assert value(daemon.metrics(), "kvm_up") == 1
+            metrics = scrape_until(
+                daemon,
+                lambda m: (
+                    value(m, "kvm_config_last_reload_successful") == 1
+                    and any("user" in dict(k) for k in series(m, "kvm_processes"))
+                ),
+                what="the good reload",
+            )
+            assert value(metrics, "kvm_up") == 1
+            assert not any("Traceback" in line for line in daemon.stderr().splitlines())
+            assert daemon.stop() == 0

@@ -38,8 +38,12 @@ from attack_support import (
     write_config,
 )
 from conftest import SYSTEM_PYTHON, samples
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kvm_exporter.aggregate import OTHER, aggregate
+from kvm_exporter.collector import KvmCollector, ReloadStatus
+from kvm_exporter.poller import Snapshot
+from kvm_exporter.records import HostLimits, LoadAvg, Proc, SwapDevice
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.states import STATES
 
@@ -348,3 +352,68 @@ def test_churn_while_scanning() -> None:
                 assert error_lines(daemon.stderr()) == []
     finally:
         stop_all(churners)
+
+
+SWAPS = {
+    "/swap\\040with\\040spaces": "/swap with spaces",
+    '/tmp/q"uote\\134back\\012line': '/tmp/q"uote\\back\nline',
+    "/tab\\011here": "/tab\there",
+    '/x{a="b",c=}': '/x{a="b",c=}',
+    "/dev/sda2": "/dev/sda2",
+}
+"""/proc/swaps names as the kernel writes them (space, tab, newline and backslash escaped as
+octal; nothing else) -> the device label they must give."""
+
+
+def test_hostile_swap_device_names_are_escaped() -> None:
+    """Swap device names are the one label value read from a file name: quotes, braces,
+    backslashes and newlines must come out escaped and read back exactly."""
+    with world_dir() as tmp:
+        root = tmp / "proc"
+        frozen_proc(root, {1, os.getpid()})
+        lines = ["Filename\tType\tSize\tUsed\tPriority"]
+        lines += [f"{raw}\tfile\t{4 * i + 4}\t{i}\t-2" for i, raw in enumerate(SWAPS)]
+        (root / "swaps").write_text("\n".join(lines) + "\n")
+        config = write_config(tmp, f"interval: 0\nprocfs: {{root: {root}}}\n")
+        with running(config) as daemon:
+            metrics = check_exposition(daemon.get())
+            check_openmetrics(daemon.get(accept=OPENMETRICS))
+            size = {dict(k)["device"]: v for k, v in series(metrics, "kvm_swap_size_bytes").items()}
+            assert size == {name: (4 * i + 4) * 1024 for i, name in enumerate(SWAPS.values())}
+            assert value(metrics, "kvm_up") == 1
+
+
+def test_names_that_are_not_utf8_do_not_break_the_exposition() -> None:
+    """User names (passwd, NSS), terminal names (/dev) and swap file names are bytes; Python
+    decodes bytes that are not UTF-8 to lone surrogates, which no exposition can carry. They
+    come out as U+FFFD, and names that become equal are merged, not served twice."""
+    latin1 = {1: os.fsdecode(b"caf\xe9"), 2: os.fsdecode(b"caf\xe8"), 3: "ok"}
+    tty = os.fsdecode(b"tty\xff")
+    procs = [
+        Proc(10 + i, 1, uid, uid, tty if i % 2 else "none", "sleeping", "x", 2, 0, 0, 0.0, 0.0)
+        for i, uid in enumerate([1, 1, 2, 2, 3, 3])
+    ]
+    counts = aggregate(procs, ("user", "tty", "state"), 1000, latin1.__getitem__)
+    swap = (SwapDevice(os.fsdecode(b"/swap\xff"), 4096, 0), SwapDevice("/swap2", 8192, 0))
+    parts = dict.fromkeys(("procs", "loadavg", "swap", "limits"), True)
+    snap = Snapshot(
+        counts, LoadAvg(0, 0, 0), swap, HostLimits(1, 1, 1), parts, dict.fromkeys(parts, 0.0),
+        time.time(), time.time(), 1,
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(
+        KvmCollector(lambda: snap, lambda: "procfs", lambda: ReloadStatus(True, 0, 0))
+    )
+    metrics = check_exposition(generate_latest(registry).decode("utf-8"))
+    procs_served = series(metrics, "kvm_processes")
+    assert sum(procs_served.values()) == len(procs)
+    assert sum(series(metrics, "kvm_threads").values()) == 2 * len(procs)
+    sleeping = {(dict(k)["user"], dict(k)["tty"]): v for k, v in procs_served.items() if v}
+    assert sleeping == {
+        ("caf\ufffd", "none"): 2,
+        ("caf\ufffd", "tty\ufffd"): 2,
+        ("ok", "none"): 1,
+        ("ok", "tty\ufffd"): 1,
+    }
+    devices = {dict(k)["device"] for k in series(metrics, "kvm_swap_size_bytes")}
+    assert devices == {"/swap\ufffd", "/swap2"}
