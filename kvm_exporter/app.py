@@ -9,10 +9,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import __version__
+from .exposition import StartResponse, WSGIApp, cached_metrics_app
 from .poller import Snapshot
-
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 HEALTH_PATH = "/-/healthy"
 READY_PATH = "/-/ready"
@@ -40,16 +38,25 @@ def landing_page(telemetry_path: str) -> str:
 
 
 def make_app(
-    registry: CollectorRegistry, telemetry_path: str, snapshot: Callable[[], Snapshot]
+    registry: CollectorRegistry,
+    telemetry_path: str,
+    snapshot: Callable[[], Snapshot],
+    cache_key: Callable[[], object] | None = None,
 ) -> WSGIApp:
-    """Route ``telemetry_path`` to the registry (text or OpenMetrics, gzip if asked)."""
-    metrics = make_wsgi_app(registry)
+    """Route ``telemetry_path`` to the registry (text or OpenMetrics, gzip if asked).
+
+    With ``cache_key``, the exposition is rendered once per value it returns (see
+    :func:`~kvm_exporter.exposition.cached_metrics_app`) instead of on every scrape.
+    """
+    metrics: WSGIApp = (
+        make_wsgi_app(registry) if cache_key is None else cached_metrics_app(registry, cache_key)
+    )
     page = landing_page(telemetry_path)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path == telemetry_path:
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
+            return metrics(environ, start_response)
         if path == "/":
             return _text(start_response, "200 OK", page, "text/html")
         if path == HEALTH_PATH:

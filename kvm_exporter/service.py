@@ -64,7 +64,7 @@ class Service:
             self.poller = Poller(source, settings_of(self.config))
             self.poller.poll()  # the first scrape already has data
             registry = build_registry(self.poller, lambda: self._reload)
-            app = make_app(registry, web.telemetry_path, self.poller.snapshot)
+            app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             self.server: Server = serve(app, web.listen_address, web_settings)
         except BaseException:
             source.close()
@@ -72,6 +72,12 @@ class Service:
         self.poller.start()
         host, port = self.server.address[:2]
         log.info("listening on %s:%s, source %s", host, port, source.name)
+
+    def _cache_key(self) -> object:
+        """Changes with every poll and reload; None (no cache) when polling on each scrape."""
+        if self.poller.settings.interval == 0:
+            return None
+        return (self.poller.snapshot(), self._reload)
 
     def reload(self) -> bool:
         """Re-read the config file; on any error keep the running config and say why."""

@@ -139,3 +139,18 @@ def test_collect_on_scrape_polls_each_time() -> None:
     registry.get_sample_value("kvm_up")
     registry.get_sample_value("kvm_up")
     assert poller.snapshot().polls >= 3
+
+
+def test_cached_exposition_changes_with_each_poll(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    poller, registry = polled(root)
+    app = make_app(registry, "/metrics", poller.snapshot, poller.snapshot)
+    first = call(app, "/metrics")[2]
+    assert call(app, "/metrics")[2] == first and b"kvm_load1 0.52" in first
+    (root / "loadavg").write_text("7.5 1.25 2.50 3/187 4242\n")
+    assert call(app, "/metrics")[2] == first  # no poll yet: the same body
+    poller.poll()
+    assert b"kvm_load1 7.5" in call(app, "/metrics")[2]
+    _, headers, body = call(app, "/metrics", HTTP_ACCEPT_ENCODING="gzip")
+    assert headers["Content-Encoding"] == "gzip" and b"kvm_load1 7.5" in gzip.decompress(body)
