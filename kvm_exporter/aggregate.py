@@ -39,7 +39,7 @@ class Counts(NamedTuple):
 
 
 def user_names() -> Callable[[int], str]:
-    """A uid-to-name lookup for one poll: names from the password database, else the uid."""
+    """A caching uid-to-name lookup: names from the password database, else the uid."""
     cache: dict[int, str] = {}
 
     def name(uid: int) -> str:

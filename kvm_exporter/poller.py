@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
-from .aggregate import Counts, aggregate
+from .aggregate import Counts, aggregate, user_names
 from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
 
 log = logging.getLogger(__name__)
+
+NAMES_TTL = 300.0
+"""Seconds a uid's user name is reused before the password database is asked again."""
 
 COLLECTORS = ("procs", "loadavg", "swap", "limits")
 """The parts of a poll, each timed and reported on its own."""
@@ -69,6 +72,7 @@ class Poller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._names, self._names_since = user_names(), time.monotonic()
 
     def snapshot(self) -> Snapshot:
         """The latest snapshot; with ``interval`` 0, a fresh poll."""
@@ -101,10 +105,12 @@ class Poller:
                 success[part] = value is not None
                 return value
 
-            source = self.source
+            if time.monotonic() - self._names_since > NAMES_TTL:
+                self._names, self._names_since = user_names(), time.monotonic()
+            source, names = self.source, self._names
             counts = timed(
                 "procs",
-                lambda: aggregate(source.procs(), settings.labels, settings.max_series),
+                lambda: aggregate(source.procs(), settings.labels, settings.max_series, names),
             )
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
