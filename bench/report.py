@@ -47,27 +47,22 @@ def phase2_table(out: pathlib.Path) -> list[str]:
         "default 15 s interval, wrk closed loop with 1 and 16 connections.",
         "",
         "| N | floor -s ms | floor ms | poll ms | procs() ms | poll ÷ floor -s "
-        "| variant | c=1 p50 / p99 ms | c=16 p50 / p99 ms | c=16 req/s | RSS MiB (peak) |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| c=1 p50 / p99 ms | c=16 p50 / p99 ms | c=16 req/s | RSS MiB (peak) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for floor in sorted(out.glob("N*-floor.txt"), key=lambda p: int(p.name[1:].split("-")[0])):
         tag = floor.name.split("-")[0]
         status, stat = floor_cpu(floor)
         poll = json.loads((out / f"{tag}-poll.json").read_text())
-        for variant in ("stock", "cached"):
-            lat = json.loads((out / f"{tag}-{variant}.latency.json").read_text())
-            rss = dict(line.split() for line in (out / f"{tag}-{variant}.rss").open())
-            head = (
-                f"| {tag[1:]} | {status:.1f} | {stat:.1f} | {poll['poll_cpu_ms']:.1f} "
-                f"| {poll['procs_cpu_ms']:.1f} | {poll['poll_cpu_ms'] / status:.2f} "
-                if variant == "stock"
-                else "| | | | | | "
-            )
-            lines.append(
-                head + f"| {variant} | {lat['1']['p50_ms']} / {lat['1']['p99_ms']} "
-                f"| {lat['16']['p50_ms']} / {lat['16']['p99_ms']} | {lat['16']['rps']:.0f} "
-                f"| {rss.get('VmRSS:', '?')} ({rss.get('VmHWM:', '?')}) |"
-            )
+        lat = json.loads((out / f"{tag}-kvm.latency.json").read_text())
+        rss = dict(line.split() for line in (out / f"{tag}-kvm.rss").open())
+        lines.append(
+            f"| {tag[1:]} | {status:.1f} | {stat:.1f} | {poll['poll_cpu_ms']:.1f} "
+            f"| {poll['procs_cpu_ms']:.1f} | {poll['poll_cpu_ms'] / status:.2f} "
+            f"| {lat['1']['p50_ms']} / {lat['1']['p99_ms']} "
+            f"| {lat['16']['p50_ms']} / {lat['16']['p99_ms']} | {lat['16']['rps']:.0f} "
+            f"| {rss.get('VmRSS:', '?')} ({rss.get('VmHWM:', '?')}) |"
+        )
     return lines
 
 

@@ -8,8 +8,7 @@
 #   kvm = kvm_exporter on its defaults (background poll every 15 s).
 # Phase 2, per N, with the same idle processes (idlekids.c): floor.c -s and floor.c in-process,
 #   bench/poll_cpu.py (CPU per poll in-process, the floor's method), then kvm_exporter on its
-#   defaults, stock and with kvm_exporter/exposition.py's cache (bench/cached_launch.py), each
-#   scraped by wrk with 1 and 16 connections (bench/scrape_latency.py); RSS after.
+#   defaults scraped by wrk with 1 and 16 connections (bench/scrape_latency.py); RSS after.
 # Phase 3: bench/freebsd_aggregate.py (fake libkvm, 10,000 and 100,000 records).
 #
 # Usage: bench/run.sh [--ns "0 1000 10000"] [--out DIR]
@@ -79,8 +78,7 @@ for n in $NS; do
   fi
   { "$FLOOR" 20 -s; "$FLOOR" 20; } > "$OUT/$tag-floor.txt"
   "$PY" "$HERE/poll_cpu.py" > "$OUT/$tag-poll.json"
-  exporter stock 19180 "$KVM"
-  exporter cached 19181 "$PY" "$HERE/cached_launch.py"
+  exporter kvm 19180 "$KVM"
   stop "$IDLE_PID"; IDLE_PID=""
 done
 
