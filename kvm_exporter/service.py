@@ -71,7 +71,8 @@ class Service:
             raise
         self.poller.start()
         host, port = self.server.address[:2]
-        log.info("listening on %s:%s, source %s", host, port, source.name)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("listening on %s, source %s", where, source.name)
 
     def _cache_key(self) -> object:
         """Changes with every poll and reload; None (no cache) when polling on each scrape."""
