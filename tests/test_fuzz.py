@@ -156,18 +156,39 @@ def test_procfs_source_reads_any_comm(
 @example(data=b"1 (x) S\n")
 @example(data=b"1 (x) S a b c d e f g h i j k l m n o p q r s t u v w\n")
 @example(data=b"")
-def test_procfs_source_garbage_stat_fails_cleanly(tmp_path_factory: Any, data: bytes) -> None:
+def test_procfs_source_garbage_stat_is_a_source_error(tmp_path_factory: Any, data: bytes) -> None:
     """A stat file no kernel writes gives a Proc, is skipped (empty: a pid being reaped), or
-    raises SourceError, ValueError or IndexError, which the poller turns into a failed part
-    (tests/test_faults.py); never another exception."""
+    raises SourceError naming the procfs root; never another exception."""
     root = tmp_path_factory.mktemp("proc")
     fake_procfs(root, {4242: data})
     source = ProcfsSource(str(root))
     try:
         procs = source.procs()
-    except (SourceError, ValueError, IndexError):
+    except SourceError as err:
+        assert str(root) in str(err) and "\n" not in str(err)
         return
     assert len(procs) <= 1
+
+
+@FUZZ
+@given(lines=st.lists(st.binary(max_size=80), max_size=4))
+@example(lines=[b"/swap\\040x\tfile\t4\t1\t-2"])
+@example(lines=[b"/swap\\777\tfile\t4\t1\t-2"])
+@example(lines=[b"/swap\tfile\tfour\t1\t-2"])
+@example(lines=[b"/swap"])
+def test_procfs_source_garbage_swaps_is_a_source_error(
+    tmp_path_factory: Any, lines: list[bytes]
+) -> None:
+    root = tmp_path_factory.mktemp("proc")
+    fake_procfs(root, {})
+    (root / "swaps").write_bytes(b"Filename\tType\tSize\tUsed\tPriority\n" + b"\n".join(lines))
+    try:
+        devices = ProcfsSource(str(root)).swap()
+    except SourceError as err:
+        assert f"{root}/swaps" in str(err)
+        return
+    for device in devices:
+        device.device.encode("utf-8")  # a label value: valid UTF-8, no lone surrogates
 
 
 # ---------------------------------------------------------------- config files

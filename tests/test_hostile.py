@@ -360,9 +360,11 @@ SWAPS = {
     "/tab\\011here": "/tab\there",
     '/x{a="b",c=}': '/x{a="b",c=}',
     "/dev/sda2": "/dev/sda2",
+    "/swap-caf\u00e9": "/swap-caf\u00e9",
+    "/swap-\udcff": "/swap-\ufffd",
 }
 """/proc/swaps names as the kernel writes them (space, tab, newline and backslash escaped as
-octal; nothing else) -> the device label they must give."""
+octal; other bytes raw, UTF-8 or not) -> the device label they must give."""
 
 
 def test_hostile_swap_device_names_are_escaped() -> None:
@@ -373,7 +375,7 @@ def test_hostile_swap_device_names_are_escaped() -> None:
         frozen_proc(root, {1, os.getpid()})
         lines = ["Filename\tType\tSize\tUsed\tPriority"]
         lines += [f"{raw}\tfile\t{4 * i + 4}\t{i}\t-2" for i, raw in enumerate(SWAPS)]
-        (root / "swaps").write_text("\n".join(lines) + "\n")
+        (root / "swaps").write_bytes(os.fsencode("\n".join(lines) + "\n"))  # é as UTF-8
         config = write_config(tmp, f"interval: 0\nprocfs: {{root: {root}}}\n")
         with running(config) as daemon:
             metrics = check_exposition(daemon.get())

@@ -9,6 +9,7 @@ while ``ps`` shows the process's own uid, which ``status`` reports for every pro
 from __future__ import annotations
 
 import os
+import re
 import stat as statmod
 
 from ..records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
@@ -17,6 +18,7 @@ from ..states import LINUX_STATES
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _VANISHED = (FileNotFoundError, ProcessLookupError)
+_OCTAL = re.compile(rb"\\([0-3][0-7]{2})")
 _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in the first 300
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
@@ -121,6 +123,8 @@ class ProcfsSource:
             return self._scan(dir_fd, boot)
         except OSError as err:
             raise SourceError(f"cannot list {self.root}: {err.strerror}") from None
+        except (ValueError, IndexError) as err:  # content no kernel writes
+            raise SourceError(f"{self.root}: unexpected PID/stat or PID/status: {err}") from None
         finally:
             os.close(dir_fd)
 
@@ -181,13 +185,22 @@ class ProcfsSource:
         return LoadAvg(one, five, fifteen)
 
     def swap(self) -> list[SwapDevice]:
-        lines = _read_text(f"{self.root}/swaps").splitlines()[1:]  # first line is a header
+        path = f"{self.root}/swaps"
+        try:
+            lines = _read(path).splitlines()[1:]  # first line is a header
+        except OSError as err:
+            raise SourceError(f"cannot read {path}: {err.strerror}") from None
         devices = []
-        for line in lines:
-            fields = line.split()
-            # Whitespace in a swap file's name is escaped as octal (\040) by the kernel.
-            name = fields[0].encode().decode("unicode_escape")
-            devices.append(SwapDevice(name, int(fields[2]) * 1024, int(fields[3]) * 1024))
+        try:
+            for line in lines:
+                fields = line.split()
+                # The kernel escapes space, tab, newline and backslash in a name as octal
+                # (\040); other bytes are the file name's own, UTF-8 or not.
+                name = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[0])
+                size, used = int(fields[2]) * 1024, int(fields[3]) * 1024
+                devices.append(SwapDevice(name.decode("utf-8", "replace"), size, used))
+        except (ValueError, IndexError):
+            raise SourceError(f"{path}: unexpected line {line!r}") from None
         return devices
 
     def limits(self) -> HostLimits:
