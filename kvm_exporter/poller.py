@@ -6,6 +6,7 @@ except when ``interval`` is 0, where each scrape runs one poll (serialised by a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -57,6 +58,13 @@ class Snapshot:
     def up(self) -> bool:
         return bool(self.success) and all(self.success.values())
 
+    def expired(self) -> Snapshot:
+        """This snapshot once too old to pass for current: every part failed, no data."""
+        failed = MappingProxyType(dict.fromkeys(self.success, False))
+        return dataclasses.replace(
+            self, counts=None, load=None, swap=None, limits=None, success=failed
+        )
+
 
 EMPTY = Snapshot(None, None, None, None, {}, {}, 0.0, None, 0, {})
 
@@ -75,10 +83,18 @@ class Poller:
         self._names, self._names_since = user_names(), time.monotonic()
 
     def snapshot(self) -> Snapshot:
-        """The latest snapshot; with ``interval`` 0, a fresh poll."""
-        if self.settings.interval == 0:
+        """The latest snapshot; with ``interval`` 0, a fresh poll.
+
+        A poll that hangs (a stuck read) must not leave the last data looking fresh: past
+        two intervals and a second without a finished poll, the snapshot is served expired.
+        """
+        interval = self.settings.interval
+        if interval == 0:
             return self.poll()
-        return self._snapshot
+        snap = self._snapshot
+        if time.time() - snap.polled_at > 2 * interval + 1.0:
+            return snap.expired()
+        return snap
 
     def poll(self) -> Snapshot:
         """Poll every part once, publish and return the snapshot."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
+from conftest import wait_until
 from prometheus_client import CollectorRegistry
 
 from kvm_exporter.app import make_app
@@ -154,3 +156,24 @@ def test_cached_exposition_changes_with_each_poll(tmp_path: Path) -> None:
     assert b"kvm_load1 7.5" in call(app, "/metrics")[2]
     _, headers, body = call(app, "/metrics", HTTP_ACCEPT_ENCODING="gzip")
     assert headers["Content-Encoding"] == "gzip" and b"kvm_load1 7.5" in gzip.decompress(body)
+
+
+def test_hung_poll_expires_the_snapshot_instead_of_serving_it_as_fresh(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    poller, registry = polled(root, interval=0.2)
+    (root / "loadavg").unlink()
+    os.mkfifo(root / "loadavg")  # opening it blocks until a writer comes: a stuck read
+    poller.start()
+    try:
+        value = registry.get_sample_value
+        wait_until(lambda: value("kvm_up") == 0, timeout=10, what="the snapshot to expire")
+        assert value("kvm_processes", {"user": "root", "tty": "none", "state": "sleeping"}) is None
+        assert value("kvm_load1") is None
+        assert value("kvm_poll_success", {"collector": "procs"}) == 0
+        assert value("kvm_last_successful_poll_timestamp_seconds") > 1.7e9
+    finally:
+        with open(root / "loadavg", "w") as writer:  # let the stuck poll finish
+            writer.write("0.1 0.2 0.3 1/1 1\n")
+        poller.stop()
+    assert value("kvm_load1") == 0.1  # the poll that was stuck completed
