@@ -101,3 +101,11 @@ def test_parse_stat_comm_with_newline_and_parens() -> None:
     comm, fields = parse_stat(b"7 (a\n(b) c)) S 1 7 7 0 -1\n")
     assert comm == "a\n(b) c)"
     assert fields[:3] == [b"S", b"1", b"7"]
+
+
+def test_bad_limit_file_is_a_source_error(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    (root / "sys" / "kernel" / "pid_max").write_text("lots\n")
+    with pytest.raises(SourceError, match=r"pid_max: expected an integer, got 'lots\\n'"):
+        ProcfsSource(str(root)).limits()

@@ -39,6 +39,14 @@ def _read_text(path: str) -> str:
         raise SourceError(f"cannot read {path}: {err.strerror}") from None
 
 
+def _read_int(path: str) -> int:
+    text = _read_text(path)
+    try:
+        return int(text)
+    except ValueError:
+        raise SourceError(f"{path}: expected an integer, got {text[:40]!r}") from None
+
+
 def tty_name(tty_nr: int, dev_names: dict[int, str]) -> str:
     """Name a ``tty_nr`` of ``/proc/PID/stat`` the way ``ps`` does (``pts/3``, ``tty1``)."""
     if tty_nr == 0:
@@ -209,8 +217,8 @@ class ProcfsSource:
             for line in _read_text(f"{self.root}/stat").splitlines()
             if line.startswith("cpu") and line[3:4].isdigit()
         )
-        pid_max = int(_read_text(f"{self.root}/sys/kernel/pid_max"))
-        threads_max = int(_read_text(f"{self.root}/sys/kernel/threads-max"))
+        pid_max = _read_int(f"{self.root}/sys/kernel/pid_max")
+        threads_max = _read_int(f"{self.root}/sys/kernel/threads-max")
         return HostLimits(cpus=cpus, max_procs=pid_max, max_threads=threads_max)
 
     def close(self) -> None:
