@@ -5,8 +5,7 @@ from __future__ import annotations
 import heapq
 import pwd
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from itertools import compress
+from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -26,7 +25,7 @@ _FIELD = {
     "tty": Proc._fields.index("tty"),
     "state": Proc._fields.index("state"),
 }
-_THREADS = itemgetter(Proc._fields.index("threads"))
+_THREADS = Proc._fields.index("threads")
 
 
 class Counts(NamedTuple):
@@ -68,29 +67,24 @@ def aggregate(
     never has more than ``max_series`` groups when ``max_series >= MIN_SERIES``.
     """
     name = user_name or user_names()
-    # Count per raw field tuple (uid, not its name) in C-level itemgetter calls, then name
-    # the few groups: a host has thousands of processes but a handful of (uid, tty, state).
-    rows = procs if isinstance(procs, Sequence) else list(procs)  # walked twice below
+    # One C-level pass (itemgetter, Counter) counts processes per (threads, *raw label values),
+    # uids not yet names; Python then loops once per distinct tuple: a host has thousands of
+    # processes but few (threads, uid, tty, state), as most processes have one thread.
     fields = [_FIELD[label] for label in labels]
-    # itemgetter of one field gives the bare value, of several a tuple; none needs a stand-in.
-    raw_key: Callable[[Proc], object] = itemgetter(*fields) if fields else lambda p: ()
-    raw_processes = Counter(map(raw_key, rows))
-    # Threads: each process's own thread plus the extra ones of the (few) multi-threaded.
-    raw_threads = dict(raw_processes)
-    multi = list(compress(rows, map((1).__lt__, map(_THREADS, rows))))
-    for raw, n in zip(map(raw_key, multi), map(_THREADS, multi), strict=True):
-        raw_threads[raw] += n - 1
+    # Without labels, itemgetter(_THREADS) would give a bare int: a stand-in gives the tuple.
+    count_key: Callable[[Proc], tuple[Any, ...]] = (
+        itemgetter(_THREADS, *fields) if fields else lambda p: (p[_THREADS],)
+    )
     named = [i for i, label in enumerate(labels) if label == "user"]
     processes: dict[Key, int] = {}
     threads: dict[Key, int] = {}
-    for raw, count in raw_processes.items():
-        values: list[Any] = [raw] if len(fields) == 1 else list(raw)  # type: ignore[call-overload]
+    for (n, *values), count in Counter(map(count_key, procs)).items():
         for i in named:
             values[i] = name(values[i])
         key = tuple(values)
         # Two uids can share a name: their groups add up.
         processes[key] = processes.get(key, 0) + count
-        threads[key] = threads.get(key, 0) + raw_threads[raw]
+        threads[key] = threads.get(key, 0) + count * max(n, 1)  # a process is one thread at least
 
     state_at = labels.index("state") if "state" in labels else None
     missing = set(STATES) - {key[state_at] for key in processes} if state_at is not None else ()
