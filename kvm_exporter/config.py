@@ -202,10 +202,10 @@ def _build(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
     return cls(**values)
 
 
-def parse_config(text: str, where: str = "<config>") -> Config:
-    """Build a :class:`Config` from YAML text; ``where`` names the file in errors."""
+def parse_yaml(text: str, where: str) -> Any:
+    """The data of YAML ``text``; malformed YAML is a ConfigError naming ``where``."""
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -215,6 +215,22 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
     except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
         raise ConfigError(f"{where}: invalid YAML: {err}") from None
+
+
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """The data of the YAML file at ``path``; any problem is a one-line ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"{path}: cannot read {what}: {reason}") from None
+    return parse_yaml(text, path)
+
+
+def parse_config(text: str, where: str = "<config>") -> Config:
+    """Build a :class:`Config` from YAML text; ``where`` names the file in errors."""
+    data = parse_yaml(text, where)
     return _build(Config, {} if data is None else data, where)
 
 
@@ -222,13 +238,8 @@ def load_config(path: str | None) -> Config:
     """Read the config file at ``path``; ``None`` gives the built-in defaults."""
     if path is None:
         return Config()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError(f"{path}: cannot read config file: {reason}") from None
-    return parse_config(text, path)
+    data = read_yaml(path)
+    return _build(Config, {} if data is None else data, path)
 
 
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:

@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import yaml
-
-from kvm_exporter.config import ConfigError
+from .config import ConfigError, read_yaml
 
 log = logging.getLogger("kvm_exporter.web")
 
@@ -297,25 +295,10 @@ def _users(data: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(users)
 
 
-def _yaml(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read web config file: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: cannot read web config file: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or err
-        raise ConfigError(f"{path}: {position}invalid YAML: {problem}") from None
-
-
 def load_web_config(path: str) -> WebSettings:
     """Read the web config file at ``path``; relative file names in it are relative to it."""
     keys = ("tls_server_config", "http_server_config", "basic_auth_users")
-    top = _Section(_yaml(path), path, "", keys)
+    top = _Section(read_yaml(path, "web config file"), path, "", keys)
     base = os.path.dirname(os.path.abspath(path))
     return WebSettings(
         tls=_tls(top.data.get("tls_server_config"), path, base),
