@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -116,28 +115,21 @@ def serve_forever(args: argparse.Namespace) -> int:
             "running as root, which kvm_exporter never needs: run it as an unprivileged user "
             "(rc.conf kvm_exporter_user, systemd User=)"
         )
-    signals: list[int] = []
-    wake = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        signals.append(signum)
-        wake.set()
-
-    # Handlers go in first: a signal during start-up is acted on once it is up.
-    for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(handled, on_signal)
+    watched = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    # Blocked before any thread starts, so every thread inherits the mask and the signals
+    # wait for sigwaitinfo below. A Python signal handler would run at an arbitrary point of
+    # the main thread, where taking any lock (an Event, the logging lock) can deadlock; a
+    # signal during start-up is acted on once the exporter is up.
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     service = Service(args.config_file, overrides_of(args))
     while True:
-        wake.wait(1.0)
-        wake.clear()
-        while signals:
-            signum = signals.pop(0)
-            if signum == signal.SIGHUP:
-                service.reload()
-                continue
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            service.stop()
-            return 0
+        signum = signal.sigwaitinfo(watched).si_signo
+        if signum == signal.SIGHUP:
+            service.reload()
+            continue
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        service.stop()
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
