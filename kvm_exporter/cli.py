@@ -81,7 +81,7 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
 def check(args: argparse.Namespace) -> int:
     from .webconfig import load_web_config
 
-    config = with_overrides(load_config(args.config_file), overrides_of(args))
+    config = load_config(args.config_file, overrides_of(args))
     if config.web.config_file:
         load_web_config(config.web.config_file)
     print(f"{args.config_file or 'built-in defaults'}: configuration is valid")
@@ -92,7 +92,7 @@ def once(args: argparse.Namespace) -> int:
     """Poll once and print the exposition; non-zero if any part of the poll failed."""
     from .service import build_registry, settings_of
 
-    config = with_overrides(load_config(args.config_file), overrides_of(args))
+    config = load_config(args.config_file, overrides_of(args))
     if config.libkvm.core:  # a crash dump can only be read through libkvm
         config = with_overrides(config, {"source": "libkvm"})
     set_level(config.log.level)

@@ -234,12 +234,14 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     return _build(Config, {} if data is None else data, where)
 
 
-def load_config(path: str | None) -> Config:
-    """Read the config file at ``path``; ``None`` gives the built-in defaults."""
-    if path is None:
-        return Config()
-    data = read_yaml(path)
-    return _build(Config, {} if data is None else data, path)
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read the config file at ``path`` (``None``: the built-in defaults), then apply the
+    command line's ``overrides`` (see :func:`with_overrides`)."""
+    config = Config()
+    if path is not None:
+        data = read_yaml(path)
+        config = _build(Config, {} if data is None else data, path)
+    return with_overrides(config, overrides or {})
 
 
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from .app import make_app
 from .collector import KvmCollector, ReloadStatus
-from .config import Config, ConfigError, load_config, with_overrides
+from .config import Config, ConfigError, load_config
 from .logs import set_level
 from .poller import Poller, Settings
 from .records import Source, SourceError
@@ -31,8 +32,10 @@ def source_key(config: Config) -> tuple[Any, ...]:
     return (config.source, config.procfs, config.libkvm)
 
 
-def build_registry(poller: Poller, reload_status: Any = None) -> CollectorRegistry:
-    """A private registry holding only this exporter's collector."""
+def build_registry(
+    poller: Poller, reload_status: Callable[[], ReloadStatus] | None = None
+) -> CollectorRegistry:
+    """A private registry holding only this exporter's collector (no reloads: ``--once``)."""
     registry = CollectorRegistry()
     registry.register(
         KvmCollector(
@@ -54,7 +57,7 @@ class Service:
     def __init__(self, config_path: str | None, overrides: dict[str, Any]) -> None:
         self.config_path = config_path
         self.overrides = overrides
-        self.config = with_overrides(load_config(config_path), overrides)
+        self.config = load_config(config_path, overrides)
         set_level(self.config.log.level)
         web = self.config.web
         web_settings = load_web_config(web.config_file) if web.config_file else None
@@ -83,7 +86,7 @@ class Service:
     def reload(self) -> bool:
         """Re-read the config file; on any error keep the running config and say why."""
         try:
-            config = with_overrides(load_config(self.config_path), self.overrides)
+            config = load_config(self.config_path, self.overrides)
             source: Source | None = None
             if source_key(config) != source_key(self.config):
                 source = open_source(config)
