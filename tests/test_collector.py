@@ -175,5 +175,8 @@ def test_hung_poll_expires_the_snapshot_instead_of_serving_it_as_fresh(tmp_path:
     finally:
         with open(root / "loadavg", "w") as writer:  # let the stuck poll finish
             writer.write("0.1 0.2 0.3 1/1 1\n")
+        # A plain file again before the next poll (0.2 s away), which would block once more.
+        (root / "loadavg").unlink()
+        (root / "loadavg").write_text("0.1 0.2 0.3 1/1 1\n")
         poller.stop()
     assert value("kvm_load1") == 0.1  # the poll that was stuck completed
