@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
+import os
 import time
 
 LEVELS = {
@@ -24,10 +25,20 @@ class LogfmtFormatter(logging.Formatter):
         return f'ts={ts}.{int(record.msecs):03d}Z level={level} logger={record.name} msg="{msg}"'
 
 
+class StderrHandler(logging.Handler):
+    """One ``write(2)`` per line on file descriptor 2, unbuffered: on a full disk or a closed
+    stderr that line is lost and nothing else (a buffered stream keeps the failed bytes and
+    fails again when the interpreter flushes it at exit, turning exit status 0 into 120)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, (self.format(record) + "\n").encode("utf-8", "replace"))
+
+
 def setup(level: str) -> None:
     """Send the package's log lines to stderr at ``level``."""
     logging.raiseExceptions = False  # a full disk or closed stderr must not kill the exporter
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger("kvm_exporter")
     root.handlers[:] = [handler]
