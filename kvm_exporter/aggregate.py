@@ -1,15 +1,13 @@
-"""Process counts per label group: records in, counts out, no Prometheus here."""
+"""Process counts per label group: a census in, counts out, no Prometheus here."""
 
 from __future__ import annotations
 
 import heapq
 import pwd
-from collections import Counter
-from collections.abc import Callable, Iterable
-from operator import itemgetter
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
 
-from .records import Proc
+from .records import Census
 from .states import STATES
 
 OTHER = "other"
@@ -20,12 +18,9 @@ MIN_SERIES = len(STATES) + 1
 
 Key = tuple[str, ...]
 
-_FIELD = {
-    "user": Proc._fields.index("uid"),
-    "tty": Proc._fields.index("tty"),
-    "state": Proc._fields.index("state"),
-}
-_THREADS = Proc._fields.index("threads")
+_FIELD = {"user": 0, "tty": 1, "state": 2}
+"""Where each label's raw value sits in a :data:`~kvm_exporter.records.Kind`."""
+_THREADS: Final = 3
 
 
 class Counts(NamedTuple):
@@ -55,36 +50,32 @@ def user_names() -> Callable[[int], str]:
 
 
 def aggregate(
-    procs: Iterable[Proc],
+    census: Census,
     labels: tuple[str, ...],
     max_series: int,
     user_name: Callable[[int], str] | None = None,
 ) -> Counts:
-    """Count processes and threads per ``labels`` group.
+    """Count processes and threads per ``labels`` group of a census.
 
     Every state of the vocabulary gets a series (zero if no process is in it), and past
     ``max_series`` series the smallest groups fold into ``other``, one per state; the result
     never has more than ``max_series`` groups when ``max_series >= MIN_SERIES``.
     """
     name = user_name or user_names()
-    # One C-level pass (itemgetter, Counter) counts processes per (threads, *raw label values),
-    # uids not yet names; Python then loops once per distinct tuple: a host has thousands of
-    # processes but few (threads, uid, tty, state), as most processes have one thread.
+    # A host has thousands of processes but few kinds (most processes have one thread), so
+    # this loop runs once per kind, and uids become names once per kind.
     fields = [_FIELD[label] for label in labels]
-    # Without labels, itemgetter(_THREADS) would give a bare int: a stand-in gives the tuple.
-    count_key: Callable[[Proc], tuple[Any, ...]] = (
-        itemgetter(_THREADS, *fields) if fields else lambda p: (p[_THREADS],)
-    )
     named = [i for i, label in enumerate(labels) if label == "user"]
     processes: dict[Key, int] = {}
     threads: dict[Key, int] = {}
-    for (n, *values), count in Counter(map(count_key, procs)).items():
+    for kind, count in census.items():
+        values: list[Any] = [kind[f] for f in fields]
         for i in named:
             values[i] = name(values[i])
         key = tuple(values)
         # Two uids can share a name: their groups add up.
         processes[key] = processes.get(key, 0) + count
-        threads[key] = threads.get(key, 0) + count * max(n, 1)  # a process is one thread at least
+        threads[key] = threads.get(key, 0) + count * max(kind[_THREADS], 1)  # one at least
 
     state_at = labels.index("state") if "state" in labels else None
     missing = set(STATES) - {key[state_at] for key in processes} if state_at is not None else ()

@@ -126,7 +126,7 @@ class Poller:
             source, names = self.source, self._names
             counts = timed(
                 "procs",
-                lambda: aggregate(source.procs(), settings.labels, settings.max_series, names),
+                lambda: aggregate(source.census(), settings.labels, settings.max_series, names),
             )
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))

@@ -7,6 +7,9 @@ this boundary.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+from operator import itemgetter
 from typing import NamedTuple, Protocol
 
 NO_TTY = "none"
@@ -32,6 +35,20 @@ class Proc(NamedTuple):
     cpu_seconds: float
     start_time: float
     """Start time, seconds since the Unix epoch."""
+
+
+Kind = tuple[int, str, str, int]
+"""What the metrics see of a process: (effective uid, tty, state, threads)."""
+
+Census = dict[Kind, int]
+"""How many processes there are of each :data:`Kind`."""
+
+_KIND = itemgetter(*(Proc._fields.index(f) for f in ("uid", "tty", "state", "threads")))
+
+
+def census_of(procs: Iterable[Proc]) -> Census:
+    """Count ``procs`` per kind, in one pass at C speed (itemgetter, Counter)."""
+    return Counter(map(_KIND, procs))
 
 
 class LoadAvg(NamedTuple):
@@ -63,7 +80,13 @@ class Source(Protocol):
 
     name: str
 
-    def procs(self) -> list[Proc]: ...
+    def procs(self) -> list[Proc]:
+        """Every process, each with all its fields."""
+        ...
+
+    def census(self) -> Census:
+        """Processes counted per kind: what a poll needs, which may cost less to read."""
+        ...
 
     def loadavg(self) -> LoadAvg: ...
 

@@ -220,6 +220,8 @@ def frozen_proc(dest: Path, pids: set[int]) -> Counter[str]:
         if not stat or not status:
             continue
         (dest / pid).mkdir()
+        owner = os.stat(Path("/proc", pid))
+        os.chown(dest / pid, owner.st_uid, owner.st_gid)  # the census takes the uid from it
         (dest / pid / "stat").write_bytes(stat)
         (dest / pid / "status").write_bytes(status)
         fields = stat[stat.rindex(b")") + 2 :].split()

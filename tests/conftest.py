@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,27 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
 """Debian's python, for child processes that run as another user: a venv's interpreter may
 live where only root can read it (pyenv under /root)."""
+
+
+PROC_FIXTURE = REPO / "tests" / "fixtures" / "proc"
+"""A frozen procfs tree: a handful of processes with hostile names, every state, threads."""
+
+
+def own_like_status(root: Path) -> Path:
+    """Give each ``root/PID`` directory the owner the kernel gives ``/proc/PID``: the effective
+    uid of its ``status`` (a copy made by root belongs to root). Returns ``root``."""
+    for pid_dir in root.iterdir():
+        status = pid_dir / "status"
+        if pid_dir.name.isdigit() and status.is_file():
+            uid_line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
+            os.chown(pid_dir, int(uid_line.split()[2]), -1)
+    return root
+
+
+def copy_proc_fixture(dest: Path) -> Path:
+    """A writable copy of :data:`PROC_FIXTURE` at ``dest``, owned like the real thing."""
+    shutil.copytree(PROC_FIXTURE, dest)
+    return own_like_status(dest)
 
 
 def free_port() -> int:

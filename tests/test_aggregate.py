@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvm_exporter.aggregate import MIN_SERIES, OTHER, aggregate, user_names
-from kvm_exporter.records import Proc
+from kvm_exporter.records import Proc, census_of
 from kvm_exporter.states import STATES
 
 LABELS = ("user", "tty", "state")
@@ -19,7 +19,7 @@ def names(uid: int) -> str:
 
 def test_counts_per_group_and_threads() -> None:
     procs = [proc(1), proc(2, threads=3), proc(3, 65534, "pts/1", "zombie"), proc(4, 7)]
-    c = aggregate(procs, LABELS, 1000, names)
+    c = aggregate(census_of(procs), LABELS, 1000, names)
     assert c.processes[("root", "none", "sleeping")] == 2
     assert c.threads[("root", "none", "sleeping")] == 4
     assert c.processes[("nobody", "pts/1", "zombie")] == 1
@@ -28,7 +28,7 @@ def test_counts_per_group_and_threads() -> None:
 
 
 def test_every_state_present_with_zeros() -> None:
-    c = aggregate([proc(1)], LABELS, 1000, names)
+    c = aggregate(census_of([proc(1)]), LABELS, 1000, names)
     states = {key[2] for key in c.processes}
     assert states == set(STATES)
     assert c.processes[(OTHER, OTHER, "zombie")] == 0
@@ -38,13 +38,13 @@ def test_every_state_present_with_zeros() -> None:
 
 def test_label_subsets() -> None:
     procs = [proc(1, tty="pts/1"), proc(2, 65534, tty="pts/1"), proc(3, state="zombie")]
-    c = aggregate(procs, ("tty",), 1000, names)
+    c = aggregate(census_of(procs), ("tty",), 1000, names)
     assert c.processes == {("pts/1",): 2, ("none",): 1}
-    c = aggregate(procs, ("state", "user"), 1000, names)
+    c = aggregate(census_of(procs), ("state", "user"), 1000, names)
     assert c.processes[("sleeping", "root")] == 1
     assert c.processes[("zombie", "root")] == 1
     assert c.processes[("stopped", OTHER)] == 0
-    c = aggregate(procs, (), 1000, names)
+    c = aggregate(census_of(procs), (), 1000, names)
     assert c.processes == {(): 3}
 
 
@@ -53,7 +53,7 @@ def test_cap_folds_smallest_groups_and_conserves_totals() -> None:
     procs = [proc(i, uid=1000 + i) for i in range(200)]
     procs += [proc(1000 + i, uid=0, threads=2) for i in range(50)]
     cap = 30
-    c = aggregate(procs, LABELS, cap, names)
+    c = aggregate(census_of(procs), LABELS, cap, names)
     assert len(c.processes) <= cap
     assert c.processes[("root", "none", "sleeping")] == 50  # the biggest group survives
     assert sum(c.processes.values()) == 250
@@ -64,7 +64,7 @@ def test_cap_folds_smallest_groups_and_conserves_totals() -> None:
 
 def test_cap_without_state_label() -> None:
     procs = [proc(i, uid=1000 + i) for i in range(100)]
-    c = aggregate(procs, ("user",), MIN_SERIES, names)
+    c = aggregate(census_of(procs), ("user",), MIN_SERIES, names)
     assert len(c.processes) == MIN_SERIES
     assert sum(c.processes.values()) == 100
     assert c.processes[(OTHER,)] == 100 - (MIN_SERIES - 1)
@@ -74,7 +74,7 @@ def test_cap_counts_zero_filled_states() -> None:
     # Exactly MIN_SERIES real groups in one state: with the other states' zeros that is
     # too many, so some fold.
     procs = [proc(i, uid=1000 + i) for i in range(MIN_SERIES)]
-    c = aggregate(procs, LABELS, MIN_SERIES, names)
+    c = aggregate(census_of(procs), LABELS, MIN_SERIES, names)
     assert len(c.processes) <= MIN_SERIES
     assert {key[2] for key in c.processes} == set(STATES)
 

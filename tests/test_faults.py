@@ -140,10 +140,8 @@ def small_proc(dest: Path) -> int:
     ("fault", "part"),
     [
         ("loadavg-removed", "loadavg"),
-        ("btime-removed", "procs"),
         ("stat-garbage", "procs"),
         ("stat-truncated", "procs"),
-        ("status-garbage", "procs"),
         ("swaps-garbage", "swap"),
         ("pid-max-garbage", "limits"),
     ],
@@ -165,10 +163,8 @@ def test_procfs_breaks_and_is_repaired(fault: str, part: str) -> None:
             assert sum(series(good, "kvm_processes").values()) == count
             broken = {
                 "loadavg-removed": ("loadavg", None),
-                "btime-removed": ("stat", b"cpu  1 2 3 4\ncpu0 1 2 3 4\n"),
                 "stat-garbage": (f"{pid}/stat", b"garbage\n"),
                 "stat-truncated": (f"{pid}/stat", b"%d (x) S 1\n" % pid),
-                "status-garbage": (f"{pid}/status", b"Name:\tx\n"),
                 "swaps-garbage": ("swaps", b"Filename\tType\tSize\n/dev/x partition\n"),
                 "pid-max-garbage": ("sys/kernel/pid_max", b"many\n"),
             }[fault]

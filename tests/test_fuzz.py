@@ -14,6 +14,7 @@ exception, and every valid config parses to the values it states.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,7 @@ def fake_procfs(root: Path, stats: dict[int, bytes], uid: int = 1234) -> None:
     (root / "sys" / "kernel" / "threads-max").write_text("63000\n")
     for pid, stat in stats.items():
         (root / str(pid)).mkdir()
+        os.chown(root / str(pid), uid, uid)
         (root / str(pid) / "stat").write_bytes(stat)
         (root / str(pid) / "status").write_text(
             f"Name:\tx\nState:\tS (sleeping)\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"

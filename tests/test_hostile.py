@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kvm_exporter.aggregate import OTHER, aggregate
 from kvm_exporter.collector import KvmCollector, ReloadStatus
 from kvm_exporter.poller import Snapshot
-from kvm_exporter.records import HostLimits, LoadAvg, Proc, SwapDevice
+from kvm_exporter.records import HostLimits, LoadAvg, Proc, SwapDevice, census_of
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.states import STATES
 
@@ -264,7 +264,7 @@ def test_cardinality_cap_holds_for_every_cap(crowd: dict[str, int]) -> None:
     procs = ProcfsSource().procs()
     for cap in (14, 15, 20, 37, 50, 100, 400):
         for labels in (("user", "tty", "state"), ("user",), ("tty",), ("user", "tty")):
-            counts = aggregate(procs, labels, cap)
+            counts = aggregate(census_of(procs), labels, cap)
             assert len(counts.processes) <= cap, (cap, labels)
             assert sum(counts.processes.values()) == len(procs)
             assert sum(counts.threads.values()) == sum(p.threads for p in procs)
@@ -395,7 +395,7 @@ def test_names_that_are_not_utf8_do_not_break_the_exposition() -> None:
         Proc(10 + i, 1, uid, uid, tty if i % 2 else "none", "sleeping", "x", 2, 0, 0, 0.0, 0.0)
         for i, uid in enumerate([1, 1, 2, 2, 3, 3])
     ]
-    counts = aggregate(procs, ("user", "tty", "state"), 1000, latin1.__getitem__)
+    counts = aggregate(census_of(procs), ("user", "tty", "state"), 1000, latin1.__getitem__)
     swap = (SwapDevice(os.fsdecode(b"/swap\xff"), 4096, 0), SwapDevice("/swap2", 8192, 0))
     parts = dict.fromkeys(("procs", "loadavg", "swap", "limits"), True)
     snap = Snapshot(

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import copy_proc_fixture, wait_until
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
 from kvm_exporter.aggregate import MIN_SERIES, OTHER, aggregate, user_names
 from kvm_exporter.exposition import cached_metrics_app
-from kvm_exporter.records import NO_TTY, Proc
+from kvm_exporter.records import NO_TTY, Proc, census_of
+from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource, parse_stat
 from kvm_exporter.states import STATES, linux_state
 
@@ -29,6 +30,7 @@ STAT_TAIL = (
 def fake_proc(root: Path, pid: int, comm: str, uid: int, ruid: int, tail: str = STAT_TAIL) -> None:
     d = root / str(pid)
     d.mkdir()
+    os.chown(d, uid, -1)
     (d / "stat").write_bytes(f"{pid} ({comm}) {tail}\n".encode())
     (d / "status").write_text(
         f"Name:\tx\nState:\tS (sleeping)\nUid:\t{ruid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\n"
@@ -186,7 +188,7 @@ def test_aggregate_matches_naive_counts(labels: tuple[str, ...]) -> None:
     def name(uid: int) -> str:
         return names.get(uid, str(uid))
 
-    counts = aggregate(iter(procs), labels, 10_000, name)  # any iterable, walked once
+    counts = aggregate(census_of(iter(procs)), labels, 10_000, name)  # any iterable, walked once
     processes, threads = naive_aggregate(procs, labels, name)
     state_at = labels.index("state") if "state" in labels else None
     for state in STATES:
@@ -201,7 +203,7 @@ def test_aggregate_matches_naive_counts(labels: tuple[str, ...]) -> None:
 def test_aggregate_fold_keeps_totals() -> None:
     procs = random_procs(5000, seed=9)
     labels = ("user", "tty", "state")
-    counts = aggregate(procs, labels, MIN_SERIES, user_names())
+    counts = aggregate(census_of(procs), labels, MIN_SERIES, user_names())
     assert len(counts.processes) <= MIN_SERIES
     assert counts.folded > 0
     assert sum(counts.processes.values()) == len(procs)
@@ -260,3 +262,31 @@ def test_cached_exposition_renders_once_per_key() -> None:
     gauge.labels("a").set(3)
     key[0] = None
     assert b"3.0" in call(app)[2], "no key: rendered on every request"
+
+
+def test_census_compiled_python_and_full_records_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the fixture tree (hostile names, every state, threads): the C census, the Python
+    census and the census of the full records are the same counts."""
+    source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
+    assert procfs._lib is not None, "the README's test command builds kvm_exporter/_procscan"
+    expected = census_of(source.procs())
+    assert sum(expected.values()) == 10
+    assert source.census() == expected
+    monkeypatch.setattr(procfs, "_lib", None)
+    assert source.census() == expected
+
+
+def test_live_census_compiled_and_python_agree(
+    sleepers: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = ProcfsSource()
+    compiled = source.census()
+    monkeypatch.setattr(procfs, "_lib", None)
+    python = source.census()
+    mine = (0, NO_TTY, "sleeping", 1)
+    assert compiled[mine] >= len(sleepers) and python[mine] >= len(sleepers)
+    # Processes come and go between the two scans, a few at most on this test machine.
+    assert abs(sum(compiled.values()) - sum(python.values())) <= 5
+    assert sum(abs(compiled.get(k, 0) - python.get(k, 0)) for k in compiled | python) <= 10

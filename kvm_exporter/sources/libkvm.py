@@ -14,7 +14,16 @@ from collections import Counter
 from typing import Any
 
 from ..config import LibkvmConfig
-from ..records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from ..records import (
+    NO_TTY,
+    Census,
+    HostLimits,
+    LoadAvg,
+    Proc,
+    SourceError,
+    SwapDevice,
+    census_of,
+)
 from ..states import freebsd_state
 from . import kvm_cdef
 from .kvm_cdef import ffi
@@ -99,6 +108,10 @@ class LibkvmSource:
             ttys: dict[int, str] = {}
             procs = [self._proc(records[i], ttys) for i in range(count[0])]
         return _fold_threads(procs) if self._per_thread else procs
+
+    def census(self) -> Census:
+        """The census of :meth:`procs`: kinfo_proc has every field in one array anyway."""
+        return census_of(self.procs())
 
     def loadavg(self) -> LoadAvg:
         samples = ffi.new("double[3]")

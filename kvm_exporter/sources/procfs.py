@@ -1,9 +1,11 @@
 """The Linux source: processes, load and swap from ``/proc``.
 
-Each process costs two reads: ``/proc/PID/stat`` (state, tty, threads, memory, times) and
-``/proc/PID/status`` (real and effective uid). The uid cannot come from ``stat()`` of a
-file inside ``/proc/PID``: for a non-dumpable (setuid) process those files belong to root,
-while ``ps`` shows the process's own uid, which ``status`` reports for every process.
+A poll takes the census: per process one read of ``/proc/PID/stat`` (state, tty, threads) and
+one ``stat()`` of the directory ``/proc/PID``, whose owner is the effective uid, the one ``ps``
+shows (since Linux 4.11 also for a non-dumpable process; the *files* inside the directory then
+belong to root). It runs in C when the optional ``_procscan`` extension was built at install,
+else in Python. ``procs()`` gives full records and reads ``/proc/PID/status`` too, the only
+place with the real uid, which about doubles the kernel's work per process.
 """
 
 from __future__ import annotations
@@ -11,9 +13,22 @@ from __future__ import annotations
 import os
 import re
 import stat as statmod
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-from ..records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from ..records import NO_TTY, Census, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
 from ..states import LINUX_STATES
+
+try:
+    from ._procscan import ffi as _ffi  # type: ignore[import-not-found, unused-ignore]
+    from ._procscan import lib as _lib  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # built only where pip found a C compiler and Python's headers
+    _ffi = _lib = None
+
+T = TypeVar("T")
+RawKind = tuple[tuple[int, int, bytes, int], int]
+"""((uid, tty_nr, state letter, threads), count), as both census scans give them."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -21,6 +36,7 @@ _VANISHED = (FileNotFoundError, ProcessLookupError)
 _OCTAL = re.compile(rb"\\([0-3][0-7]{2})")
 _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in the first 300
 _STAT_FIELDS = 22  # split no further than rss, the last field read
+_CENSUS_FIELDS = 18  # split no further than num_threads
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
 
 
@@ -95,6 +111,35 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
+def _read_at(dir_fd: int, path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        return os.read(fd, _READ_SIZE)
+    finally:
+        os.close(fd)
+
+
+def _census_py(dir_fd: int) -> list[RawKind]:
+    """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
+    kinds: list[tuple[int, bytes, bytes, bytes]] = []
+    append, read_at, stat = kinds.append, _read_at, os.stat  # locals: the loop runs per pid
+    for pid in os.listdir(dir_fd):
+        if not pid.isdigit():
+            continue
+        try:
+            data = read_at(dir_fd, pid + "/stat")
+            uid = stat(pid, dir_fd=dir_fd).st_uid
+        except _VANISHED:
+            continue  # exited between listdir and read
+        if not data:
+            continue  # a pid being reaped can read as empty
+        f = data[data.rindex(b")") + 2 :].split(None, _CENSUS_FIELDS)
+        append((uid, f[4], f[0], f[17]))
+    return [
+        ((uid, int(tty), letter, int(n)), c) for (uid, tty, letter, n), c in Counter(kinds).items()
+    ]
+
+
 class ProcfsSource:
     """Reads a procfs mounted at ``root`` (``/proc``; a copy of one in tests)."""
 
@@ -107,6 +152,7 @@ class ProcfsSource:
         self._dev_names: dict[int, str] | None = None
         self._ttys: dict[bytes, str] = {}
         """tty name per raw ``tty_nr`` field of ``stat``: a few distinct values on any host."""
+        self._rows: Any = _ffi.new("struct kvm_census_row[]", 256) if _ffi is not None else None
 
     def _boot_time(self) -> int:
         for line in _read_text(f"{self.root}/stat").splitlines():
@@ -123,12 +169,23 @@ class ProcfsSource:
 
     def procs(self) -> list[Proc]:
         boot = self._boot_time()
+        return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot))
+
+    def census(self) -> Census:
+        scan = self._census_c if _lib is not None else _census_py
+        census = self._in_proc_dir(lambda dir_fd: self._kinds(scan(dir_fd)))
+        if not census:  # even hidepid=invisible shows the reader its own process
+            raise SourceError(f"{self.root} has no process directory (PID/stat)")
+        return census
+
+    def _in_proc_dir(self, scan: Callable[[int], T]) -> T:
+        """Run ``scan`` on an open ``root``, its errors turned into :class:`SourceError`."""
         try:
             dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as err:
             raise SourceError(f"cannot open {self.root}: {err.strerror}") from None
         try:
-            return self._scan(dir_fd, boot)
+            return scan(dir_fd)
         except OSError as err:
             raise SourceError(f"cannot list {self.root}: {err.strerror}") from None
         except (ValueError, IndexError) as err:  # content no kernel writes
@@ -136,37 +193,45 @@ class ProcfsSource:
         finally:
             os.close(dir_fd)
 
+    def _kinds(self, raw: Iterable[RawKind]) -> Census:
+        census: Census = {}
+        for (uid, tty_nr, letter, threads), count in raw:
+            kind = (uid, self._tty(tty_nr), _STATE_OF.get(letter, "unknown"), threads)
+            census[kind] = census.get(kind, 0) + count  # two raw values can share a name
+        return census
+
+    def _census_c(self, dir_fd: int) -> list[RawKind]:
+        assert _ffi is not None and _lib is not None
+        while True:
+            found = _lib.kvm_census(dir_fd, self._rows, len(self._rows))
+            if found == -1:
+                raise OSError(_ffi.errno, os.strerror(_ffi.errno))
+            if found == -2:
+                raise ValueError("a PID/stat without its fields")
+            if found <= len(self._rows):
+                return [
+                    ((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]
+                ]
+            self._rows = _ffi.new("struct kvm_census_row[]", 2 * found)  # many kinds: grow
+
     def _scan(self, dir_fd: int, boot: int) -> list[Proc]:
-        # The hot loop of the exporter (about 10,000 iterations a poll on a busy host): names
-        # bound to locals, paths relative to an open /proc, tty names cached by raw tty_nr.
-        open_, read, close = os.open, os.read, os.close
-        ttys = self._ttys
         out: list[Proc] = []
-        append = out.append
         for pid in os.listdir(dir_fd):
             if not pid.isdigit():
                 continue
             try:
-                fd = open_(pid + "/stat", os.O_RDONLY, dir_fd=dir_fd)
-                try:
-                    stat = read(fd, _READ_SIZE)
-                finally:
-                    close(fd)
-                fd = open_(pid + "/status", os.O_RDONLY, dir_fd=dir_fd)
-                try:
-                    status = read(fd, _READ_SIZE)
-                finally:
-                    close(fd)
+                stat = _read_at(dir_fd, pid + "/stat")
+                status = _read_at(dir_fd, pid + "/status")
             except _VANISHED:
                 continue  # exited between listdir and read
             if not stat or not status:
                 continue  # a pid being reaped can read as empty
             comm, f = parse_stat(stat, _STAT_FIELDS)
             ruid, uid = _status_uids(status)
-            tty = ttys.get(f[4])
+            tty = self._ttys.get(f[4])
             if tty is None:
-                tty = ttys[f[4]] = self._tty(int(f[4]))
-            append(
+                tty = self._ttys[f[4]] = self._tty(int(f[4]))
+            out.append(
                 Proc(
                     int(pid),
                     int(f[1]),
