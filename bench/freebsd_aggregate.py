@@ -4,11 +4,16 @@ The records come from the fake libkvm of the tests (``tests/fakelib.py``, the sa
 path as on FreeBSD), fed a generated scenario: uids, ttys and states spread the way a busy
 multi-user host has them. The fake holds at most 32,768 processes (``MAXPROCS`` in
 ``fakekvm.c``), so a larger size is read in chunks of 25,000 from as many scenarios (distinct
-pids) and concatenated. Prints one JSON object per size: the median CPU of
-``LibkvmSource.procs()`` (kvm_getprocs plus the copy into records) and of ``aggregate()``
-over them, in milliseconds: with no name cache (each call asks the password database for its
-45 uids, 42 of them without an entry) and with a warm one, as the poller calls it (it keeps
-uid-to-name lookups for ``NAMES_TTL``, 5 minutes).
+pids) and concatenated (censuses summed). Prints one JSON object per size, median CPU in
+milliseconds of:
+
+- ``getprocs_cpu_ms``: the bare ``kvm_getprocs`` calls (the fake's own share of every read);
+- ``procs_cpu_ms``: ``LibkvmSource.procs()`` (kvm_getprocs plus the copy into records);
+- ``census_cpu_ms``: ``LibkvmSource.census()``, from the library call to the census;
+- ``aggregate_cpu_ms``: what a poll does, ``census()`` then ``aggregate()``, with no name
+  cache (each call asks the password database for its 45 uids, 42 of them without an entry);
+- ``aggregate_warm_names_cpu_ms``: the same with a warm name cache, as the poller calls it
+  (it keeps uid-to-name lookups for ``NAMES_TTL``, 5 minutes).
 """
 
 from __future__ import annotations
@@ -22,19 +27,36 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from kvm_exporter.aggregate import Counts, aggregate, user_names
 from kvm_exporter.config import LibkvmConfig
-from kvm_exporter.records import Proc, census_of
+from kvm_exporter.records import Census, Kind, Proc
+from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.sources.libkvm import LibkvmSource
 
 
-def records_to_counts(procs: list[Proc], names: Any = None) -> Counts:
-    """What a poll does with the records: their census, then the label groups."""
-    return aggregate(census_of(procs), ("user", "tty", "state"), 1000, names)
+def census_all(sources: list[LibkvmSource]) -> Census:
+    """The census of every source, summed: one host's processes split over several fakes."""
+    total: Counter[Kind] = Counter()
+    for source in sources:
+        total.update(source.census())
+    return total
+
+
+def poll(sources: list[LibkvmSource], names: Any = None) -> Counts:
+    """What a poll does: the census, then the label groups."""
+    return aggregate(census_all(sources), ("user", "tty", "state"), 1000, names)
+
+
+def getprocs_only(sources: list[LibkvmSource]) -> None:
+    count = ffi.new("int *")
+    for source in sources:
+        with source._lock:
+            source._lib.kvm_getprocs(source._kd, source._op, source._arg, count)
 
 
 TESTS = pathlib.Path(__file__).resolve().parent.parent / "tests"
@@ -90,17 +112,18 @@ def main() -> None:
                 os.environ["FAKE_KVM_SCENARIO"] = str(path)
                 sources.append(LibkvmSource(LibkvmConfig(library=str(library))))
             try:
-                procs = read_all(sources)
                 names = user_names()
-                records_to_counts(procs, names)  # warms the name cache
+                poll(sources, names)  # warms the name cache
                 result = {
-                    "records": len(procs),
+                    "records": sum(census_all(sources).values()),
                     "scenarios": len(sources),
-                    "groups": len(records_to_counts(procs).processes),
+                    "groups": len(poll(sources).processes),
+                    "getprocs_cpu_ms": median_ms(partial(getprocs_only, sources), args.repeat),
                     "procs_cpu_ms": median_ms(partial(read_all, sources), args.repeat),
-                    "aggregate_cpu_ms": median_ms(partial(records_to_counts, procs), args.repeat),
+                    "census_cpu_ms": median_ms(partial(census_all, sources), args.repeat),
+                    "aggregate_cpu_ms": median_ms(partial(poll, sources), args.repeat),
                     "aggregate_warm_names_cpu_ms": median_ms(
-                        partial(records_to_counts, procs, names), args.repeat
+                        partial(poll, sources, names), args.repeat
                     ),
                 }
             finally:

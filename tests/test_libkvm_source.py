@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -10,11 +11,23 @@ from typing import Any
 
 import pytest
 from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvm_exporter.config import LibkvmConfig
-from kvm_exporter.records import NO_TTY, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
-from kvm_exporter.sources.kvm_cdef import ffi
+from kvm_exporter.records import (
+    NO_TTY,
+    HostLimits,
+    LoadAvg,
+    Proc,
+    SourceError,
+    SwapDevice,
+    census_of,
+)
+from kvm_exporter.sources import libkvm
+from kvm_exporter.sources.kvm_cdef import KINFO_PROC_TYPES, ffi
 from kvm_exporter.sources.libkvm import LibkvmSource
+from kvm_exporter.states import MAXSLP, freebsd_state
 
 WEB01 = SCENARIOS / "web01.scenario"
 DB01 = SCENARIOS / "db01.scenario"
@@ -199,17 +212,21 @@ def test_records_are_copied_out_before_the_next_call(open_libkvm: Opener) -> Non
     assert first[1].comm == "init" and first[1].state == "idle"
 
 
+@pytest.mark.parametrize("read", ["procs", "census"])
 def test_getprocs_failure_carries_the_library_text_and_the_next_call_recovers(
-    open_libkvm: Opener, tmp_path: pathlib.Path
+    open_libkvm: Opener, tmp_path: pathlib.Path, read: str
 ) -> None:
     scenario = write(tmp_path, SMALL + "fail getprocs 2 kvm_getprocs: Cannot allocate memory\n")
     source = open_libkvm(scenario)
-    good = source.procs()
+    call = getattr(source, read)
+    good = call()
     with pytest.raises(SourceError) as caught:
-        source.procs()
+        call()
     assert str(caught.value) == "kvm_getprocs failed: kvm_getprocs: Cannot allocate memory"
-    assert source.procs() == good
-    assert [p.pid for p in good] == [1, 2]
+    assert call() == good
+    procs = source.procs()
+    assert [p.pid for p in procs] == [1, 2]
+    assert good == (procs if read == "procs" else census_of(procs))
 
 
 def test_open_failure_carries_errbuf(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
@@ -380,3 +397,181 @@ def test_fake_swapinfo_puts_the_grand_total_at_the_returned_index(kd: tuple[Any,
     assert ffi.string(one[0].ksw_devname) == b"ada0p3"
     assert (one[1].ksw_used, one[1].ksw_total) == (30, 300)
     assert lib.kvm_getswapinfo(handle, one, 0, 0) == -1
+
+
+# census(): the kinfo_proc array read without a record per process must say what
+# census_of(procs()) says, in every mode.
+
+PREDICATES = [
+    {},
+    {"predicate": "pid", "argument": 1201},
+    {"predicate": "pgrp", "argument": 1230},
+    {"predicate": "session", "argument": 1201},
+    {"predicate": "tty", "argument": 0x95},
+    {"predicate": "uid", "argument": 1001},
+    {"predicate": "ruid", "argument": 1001},
+    {"predicate": "pid", "argument": 99999},  # gone: no processes, not an error
+    {"threads": True},  # thread rows: one process per pid with its visible threads
+    {"predicate": "all"},
+    {"predicate": "uid", "argument": 1001, "threads": True},
+]
+
+
+@pytest.mark.parametrize("scenario", [WEB01, DB01], ids=["web01", "db01"])
+@pytest.mark.parametrize("config", PREDICATES, ids=repr)
+def test_census_is_the_census_of_the_records(
+    open_libkvm: Opener, scenario: pathlib.Path, config: dict[str, Any]
+) -> None:
+    source = open_libkvm(scenario, **config)
+    census = source.census()
+    assert census == census_of(source.procs())
+    assert census == census_of(source.procs())  # and again: no state kept between calls
+    if config.get("argument") == 99999:
+        assert census == {}
+
+
+def test_census_of_web01(open_libkvm: Opener) -> None:
+    census = open_libkvm(WEB01).census()
+    assert sum(census.values()) == 30
+    assert census[(1001, "pts/0", "stopped", 1)] == 1
+    assert (
+        census[(0, NO_TTY, "idle", 1)]
+        == Counter((p.uid, p.tty, p.state, p.threads) for p in open_libkvm(WEB01).procs())[
+            (0, NO_TTY, "idle", 1)
+        ]
+    )
+
+
+def test_census_is_copied_out_before_the_next_call(open_libkvm: Opener) -> None:
+    # The fake poisons and frees the previous array on every call.
+    source = open_libkvm(WEB01)
+    first = source.census()
+    snapshot = dict(first)
+    for _ in range(3):
+        assert source.procs() and source.census() == first
+    assert first == snapshot
+
+
+def test_census_of_a_crash_dump(open_libkvm: Opener) -> None:
+    live = open_libkvm(DB01)
+    expected = live.census()
+    live.close()
+    dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(DB01))
+    assert dump.census() == expected == census_of(dump.procs())
+
+
+def test_census_refuses_an_unknown_structsize(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    source = open_libkvm(write(tmp_path, SMALL + "structsize 999\n"))
+    with pytest.raises(SourceError, match="is 999 bytes"):
+        source.census()
+
+
+def test_census_of_no_processes_and_of_a_closed_source(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    lines = SMALL.splitlines(keepends=True)
+    source = open_libkvm(write(tmp_path, "".join(x for x in lines if not x.startswith("proc"))))
+    assert source.census() == {}
+    source.close()
+    with pytest.raises(SourceError, match="closed"):
+        source.census()
+
+
+def test_census_names_terminals_like_procs(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
+    # 0x1234 and NODEV both have no name: two rows, one kind, their counts add up.
+    scenario = SMALL + "tty 0x95 pts/0\nproc pid=3 tdev=0x95\nproc pid=4 tdev=0x1234\n"
+    source = open_libkvm(write(tmp_path, scenario))
+    census = source.census()
+    assert census == census_of(source.procs())
+    assert census[(0, NO_TTY, "unknown", 1)] == 1
+    assert census[(0, "pts/0", "unknown", 1)] == 1
+
+
+def random_scenario(rng: random.Random, n: int) -> str:
+    """Processes of many uids, terminals, states, flags and sleep times."""
+    ttys = {0x90 + i: f"pts/{i}" for i in range(6)} | {0x20: "ttyv0"}
+    devices = ["none", *map(hex, ttys), "0x1234", str(2**64 - 2)]
+    uids = [0, 1, 33, 65534, 770, 1001, 2**31, 2**32 - 1, *range(2000, 2030)]
+    lines = SMALL.split("\nproc ")[0].splitlines()
+    lines += [f"tty {dev:#x} {name}" for dev, name in ttys.items()]
+    for pid in range(1, n + 1):
+        stat = rng.choice(["SSLEEP"] * 6 + ["SRUN", "SSTOP", "SZOMB", "SWAIT", "SLOCK", "SIDL"])
+        if rng.random() < 0.05:
+            stat = str(rng.choice([0, 8, 9, 127, 128, 255]))  # values ps does not know
+        tdflags = rng.choice([0, 8, 0x808, 0x10008, 0x4, -8, -9, 2**62 + 8, rng.getrandbits(63)])
+        slptime = rng.choice([0, 1, MAXSLP - 1, MAXSLP, MAXSLP + 1, 256, 2**32 - 1])
+        if rng.random() < 0.5:
+            slptime = rng.randrange(2**32)
+        threads = rng.choice([1, 1, 1, 2, 4, 100, 0, -1, 2**31 - 1, -(2**31)])
+        lines.append(
+            f"proc pid={pid} uid={rng.choice(uids)} tdev={rng.choice(devices)} stat={stat}"
+            f" tdflags={tdflags} slptime={slptime} threads={threads}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 3000))
+def test_census_of_a_random_host(
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+    seed: int,
+    n: int,
+) -> None:
+    path = write(tmp_path, random_scenario(random.Random(seed), n))
+    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(path))
+    source = LibkvmSource(LibkvmConfig(library=str(fake_libkvm)))
+    try:
+        census = source.census()
+        assert census == census_of(source.procs())
+        assert sum(census.values()) == n
+    finally:
+        source.close()
+
+
+RECORD_TYPES = sorted({t for types in KINFO_PROC_TYPES.values() for t in types.values()})
+
+
+@pytest.mark.parametrize("record_type", RECORD_TYPES)
+def test_census_rows_of_every_layout(record_type: str) -> None:
+    """The rows of any kinfo_proc layout (32-bit ones too) hold what cffi reads."""
+    rng = random.Random(record_type)
+    n = 500
+    records = ffi.new(f"{record_type}[]", n)
+    tdflags_bits = ffi.sizeof(ffi.typeof(records[0]).fields[-1][1].type) * 8
+    expected = []
+    for kp in records:
+        kp.ki_structsize = ffi.sizeof(record_type)
+        kp.ki_pid = rng.randrange(2**31)  # not read: noise around what is
+        kp.ki_uid = rng.choice([0, 1001, 2**32 - 1, rng.randrange(2**32)])
+        kp.ki_tdev = rng.choice([2**64 - 1, 0x95, rng.randrange(2**64)])
+        kp.ki_stat = rng.choice([3, 3, 3, 1, 2, 4, 5, 6, 7, 0, 8, 255])
+        kp.ki_tdflags = rng.choice([0, 8, -8, rng.randrange(-(2 ** (tdflags_bits - 1)), 0)])
+        kp.ki_slptime = rng.choice([0, MAXSLP - 1, MAXSLP, 255, 256, rng.randrange(2**32)])
+        kp.ki_numthreads = rng.choice([1, 4, -1, 2**31 - 1, -(2**31)])
+        kp.ki_comm = b"x" * 19
+        state = freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime)
+        expected.append((kp.ki_tdev, kp.ki_uid, kp.ki_numthreads, state))
+    layout = libkvm._census_layout(record_type)
+    assert layout.structsize == ffi.sizeof(record_type)
+    rows = libkvm._census_rows(memoryview(ffi.buffer(records)), n, layout)
+    got = [
+        (tdev, uid, threads, libkvm._STATE_WORDS[state])
+        for tdev, uid, threads, state in libkvm._ROW.iter_unpack(rows)
+    ]
+    assert got == expected
+    assert {row[3] for row in expected} >= {"idle", "sleeping", "uninterruptible", "unknown"}
+
+
+def test_state_tables_agree_with_freebsd_state() -> None:
+    for stat in range(256):
+        for tdflags in (0, 8, 0x7F7, -1, 2**40):
+            for slptime in (0, MAXSLP - 1, MAXSLP, 2**32 - 1):
+                code = libkvm._STAT_CODE[stat] | libkvm._SINTR[tdflags & 0xFF] | (slptime >= MAXSLP)
+                word = libkvm._STATE_WORDS[libkvm._WORD_OF[code]]
+                assert word == freebsd_state(stat, tdflags, slptime)

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import sys
 import threading
 from collections import Counter
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal, NamedTuple
 
 from ..config import LibkvmConfig
 from ..records import (
     NO_TTY,
     Census,
     HostLimits,
+    Kind,
     LoadAvg,
     Proc,
     SourceError,
     SwapDevice,
     census_of,
 )
-from ..states import freebsd_state
+from ..states import MAXSLP, TDF_SINTR, freebsd_state
 from . import kvm_cdef
 from .kvm_cdef import ffi
 
@@ -91,27 +95,57 @@ class LibkvmSource:
 
     def procs(self) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
-        count = ffi.new("int *", -1)
         with self._lock:
-            kd = self._handle()
-            self._clear_error(kd)
-            base = self._lib.kvm_getprocs(kd, self._op, self._arg, count)
-            if base == ffi.NULL:
-                if ffi.errno == errno.ESRCH and self._by_pid:
-                    return []  # KERN_PROC_PID of a process that has gone, as ps treats it
-                raise self._failure("kvm_getprocs", kd)
-            if count[0] == 0:
+            base, count = self._getprocs()
+            if count == 0:
                 return []
             records = ffi.cast(_record_type(ffi.cast("int *", base)[0]) + " *", base)
             # The array belongs to libkvm and the next call frees it: copy out now.
             # tty names are cached per poll, because a pts device number can be reused.
             ttys: dict[int, str] = {}
-            procs = [self._proc(records[i], ttys) for i in range(count[0])]
+            procs = [self._proc(records[i], ttys) for i in range(count)]
         return _fold_threads(procs) if self._per_thread else procs
 
     def census(self) -> Census:
-        """The census of :meth:`procs`: kinfo_proc has every field in one array anyway."""
-        return census_of(self.procs())
+        """The census of :meth:`procs`, read without a Python object per process.
+
+        The six fields a kind needs are gathered from the kinfo_proc array into rows of
+        their own at C speed (strided memoryview copies), equal rows are counted as bytes,
+        and only each distinct row becomes a :data:`~kvm_exporter.records.Kind`.
+        """
+        if self._per_thread:
+            # Thread rows fold into one process per pid with its visible threads.
+            return census_of(self.procs())
+        with self._lock:
+            base, count = self._getprocs()
+            if count == 0:
+                return {}
+            layout = _census_layout(_record_type(ffi.cast("int *", base)[0]))
+            # The array belongs to libkvm and the next call frees it: the rows are a copy.
+            with memoryview(ffi.buffer(base, count * layout.structsize)) as array:
+                rows = _census_rows(array, count, layout)
+            counts = Counter(_ROWS.iter_unpack(rows))
+            distinct = list(_ROW.iter_unpack(b"".join(map(itemgetter(0), counts))))
+            # A tty name once per device, not per process; devname_r writes self._devname,
+            # so this stays under the lock.
+            ttys: dict[int, str] = {}
+            for tdev in set(map(itemgetter(0), distinct)):
+                ttys[tdev] = self._tty(tdev, ttys)
+        kinds: list[Kind] = list(
+            zip(
+                map(itemgetter(1), distinct),
+                map(ttys.__getitem__, map(itemgetter(0), distinct)),
+                map(_STATE_WORDS.__getitem__, map(itemgetter(3), distinct)),
+                map(itemgetter(2), distinct),
+                strict=True,
+            )
+        )
+        census = dict(zip(kinds, counts.values(), strict=True))
+        if len(census) < len(kinds):  # two devices with one name, or both without one
+            census = {}
+            for kind, n in zip(kinds, counts.values(), strict=True):
+                census[kind] = census.get(kind, 0) + n
+        return census
 
     def loadavg(self) -> LoadAvg:
         samples = ffi.new("double[3]")
@@ -176,6 +210,21 @@ class LibkvmSource:
         if self._kd is None:
             raise SourceError("the libkvm source is closed")
         return self._kd
+
+    def _getprocs(self) -> tuple[Any, int]:
+        """kvm_getprocs (the caller holds the lock): the array and its record count.
+
+        The array is libkvm's until its next call; a pid that has gone is no records.
+        """
+        kd = self._handle()
+        self._clear_error(kd)
+        count = ffi.new("int *", -1)
+        base = self._lib.kvm_getprocs(kd, self._op, self._arg, count)
+        if base == ffi.NULL:
+            if ffi.errno == errno.ESRCH and self._by_pid:
+                return base, 0  # KERN_PROC_PID of a process that has gone, as ps treats it
+            raise self._failure("kvm_getprocs", kd)
+        return base, int(count[0])
 
     def _clear_error(self, kd: Any) -> None:
         # libkvm never clears its errbuf, so empty it before a call: a failure's text is
@@ -258,6 +307,116 @@ def _record_type(structsize: int) -> str:
             " refusing to read records of an unknown layout"
         )
     return record_type
+
+
+class _CensusLayout(NamedTuple):
+    """Where a record type keeps what :meth:`LibkvmSource.census` reads: byte offsets."""
+
+    structsize: int
+    tdev: int
+    uid: int
+    numthreads: int
+    stat: int
+    tdflags_low: int
+    """The byte of ki_tdflags that holds TDF_SINTR (0x8): its least significant byte."""
+    slptime: int
+
+
+_ROW = struct.Struct("=QIiB7x")
+"""A census row: ki_tdev, ki_uid, ki_numthreads and the state (an index of
+:data:`_STATE_WORDS`); padded to 24 bytes so that every field is aligned in it."""
+_ROWS = struct.Struct(f"{_ROW.size}s")
+_CENSUS_LAYOUTS: dict[str, _CensusLayout] = {}
+_IntFormat = Literal["B", "i", "I", "Q"]
+
+
+def _state_tables() -> tuple[bytes, bytes, bytes, tuple[str, ...]]:
+    """Translation tables that give each record its state word at C speed.
+
+    ``freebsd_state`` reads ki_stat, the TDF_SINTR bit of ki_tdflags (0x8, in its low
+    byte) and whether ki_slptime reaches MAXSLP, nothing else. Per record the census
+    computes ``stat_code[ki_stat] | sintr[low byte of ki_tdflags] | slept`` (slept: 1 if
+    ki_slptime >= MAXSLP), where ``stat_code`` gives every ki_stat value that behaves alike
+    one code (a multiple of 4); ``word_of[that]`` is then the state's index in ``words``.
+    The tables come from ``freebsd_state`` itself, so they cannot disagree with it.
+    """
+    if not 0 < TDF_SINTR < 0x100:
+        raise AssertionError("the census reads TDF_SINTR from the low byte of ki_tdflags")
+    flags = [(tdflags, slptime) for tdflags in (0, TDF_SINTR) for slptime in (0, MAXSLP)]
+    behaviours = [tuple(freebsd_state(stat, *f) for f in flags) for stat in range(256)]
+    distinct = list(dict.fromkeys(behaviours))
+    words = tuple(sorted({word for behaviour in distinct for word in behaviour}))
+    stat_code = bytes(4 * distinct.index(behaviour) for behaviour in behaviours)
+    sintr = bytes(2 if byte & TDF_SINTR else 0 for byte in range(256))
+    word_of = bytearray(256)
+    for code, behaviour in enumerate(distinct):
+        for i, word in enumerate(behaviour):  # i: 2 * sintr + slept, as in flags
+            word_of[4 * code + i] = words.index(word)
+    return stat_code, sintr, bytes(word_of), words
+
+
+_STAT_CODE, _SINTR, _WORD_OF, _STATE_WORDS = _state_tables()
+
+
+def _census_layout(record_type: str) -> _CensusLayout:
+    """The census offsets of ``record_type``, from its cffi declaration (once per type)."""
+    layout = _CENSUS_LAYOUTS.get(record_type)
+    if layout is None:
+        fields = dict(ffi.typeof(record_type).fields)
+
+        def offset(name: str, ctype: str) -> int:
+            field = fields[name]
+            if field.type.cname != ctype:  # what _census_rows copies it as
+                raise SourceError(f"{record_type}.{name} is {field.type.cname}, not {ctype}")
+            return int(field.offset)
+
+        tdflags = fields["ki_tdflags"]
+        low = 0 if sys.byteorder == "little" else ffi.sizeof(tdflags.type) - 1
+        layout = _CensusLayout(
+            structsize=ffi.sizeof(record_type),
+            tdev=offset("ki_tdev", "uint64_t"),
+            uid=offset("ki_uid", "uint32_t"),
+            numthreads=offset("ki_numthreads", "int32_t"),
+            stat=offset("ki_stat", "uint8_t"),
+            tdflags_low=int(tdflags.offset) + low,
+            slptime=offset("ki_slptime", "uint32_t"),
+        )
+        _CENSUS_LAYOUTS[record_type] = layout
+    return layout
+
+
+def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> bytearray:
+    """One :data:`_ROW` per record of ``records`` (``count`` records of ``layout``).
+
+    Each field is one strided copy between memoryviews, and the state comes from
+    translation tables and one OR of the columns as integers: no Python object per record.
+    """
+    size = layout.structsize
+    rows = bytearray(count * _ROW.size)
+    out = memoryview(rows)
+
+    def column(offset: int, fmt: _IntFormat) -> memoryview:
+        width = struct.calcsize(fmt)
+        return records[offset : offset + (count - 1) * size + width].cast(fmt)[:: size // width]
+
+    def put(position: int, fmt: _IntFormat, values: Any) -> None:
+        width = struct.calcsize(fmt)
+        out.cast(fmt)[position // width :: _ROW.size // width] = values
+
+    def bits(column: bytes) -> int:
+        return int.from_bytes(column, "little")
+
+    put(0, "Q", column(layout.tdev, "Q"))
+    put(8, "I", column(layout.uid, "I"))
+    put(12, "i", column(layout.numthreads, "i"))
+    slept = bytes(map(MAXSLP.__le__, column(layout.slptime, "I").tolist()))
+    states = (
+        bits(column(layout.stat, "B").tobytes().translate(_STAT_CODE))
+        | bits(column(layout.tdflags_low, "B").tobytes().translate(_SINTR))
+        | bits(slept)
+    )
+    put(16, "B", states.to_bytes(count, "little").translate(_WORD_OF))
+    return rows
 
 
 def _fold_threads(rows: list[Proc]) -> list[Proc]:
