@@ -1,46 +1,41 @@
 """CPU per poll of kvm_exporter's procfs source, in-process, the way floor.c times itself.
 
 One untimed warm-up poll, then ``--polls`` timed ones; prints one JSON object with the
-median process CPU (user+system) of a whole poll (procs, aggregation, load, swap, limits)
-and of ``procs()`` alone, in milliseconds.
+median process CPU (user+system), in milliseconds, of a whole poll (the census, aggregation,
+load, swap, limits) with the C census when ``_procscan`` is built, of the same poll with the
+census in Python, and of ``procs()`` alone (full records, ``status`` read too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+
+from cputime import median_ms
 
 from kvm_exporter.poller import Poller, Settings
-from kvm_exporter.sources.procfs import ProcfsSource
+from kvm_exporter.sources import procfs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--polls", type=int, default=20)
     args = parser.parse_args()
-    source = ProcfsSource()
+    source = procfs.ProcfsSource()
     poller = Poller(source, Settings())
-    poller.poll()
-    polls, scans = [], []
-    for _ in range(args.polls):
-        start = time.process_time()
-        snap = poller.poll()
-        polls.append(time.process_time() - start)
-        start = time.process_time()
-        procs = source.procs()
-        scans.append(time.process_time() - start)
-    assert snap.up, snap.success
-    print(
-        json.dumps(
-            {
-                "pids": len(procs),
-                "poll_cpu_ms": round(statistics.median(polls) * 1000, 3),
-                "procs_cpu_ms": round(statistics.median(scans) * 1000, 3),
-            }
-        )
-    )
+    assert poller.poll().up, "a poll failed"
+    compiled = procfs._lib
+    result = {
+        "pids": len(source.procs()),
+        "compiled": compiled is not None,
+        "poll_cpu_ms": median_ms(poller.poll, args.polls),  # the poll above warmed it up
+    }
+    procfs._lib = None  # the pure-Python census, as without a C compiler at install
+    poller.poll()  # warm-up
+    result["poll_python_cpu_ms"] = median_ms(poller.poll, args.polls)
+    procfs._lib = compiled
+    result["procs_cpu_ms"] = median_ms(source.procs, args.polls)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

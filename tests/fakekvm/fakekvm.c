@@ -215,7 +215,7 @@ _Static_assert(offsetof(struct kvm_swap, ksw_flags) == 40, "ksw_flags offset");
 enum call { CALL_OPEN, CALL_GETPROCS, CALL_SWAPINFO, CALL_LOADAVG, NCALLS };
 static const char *const call_names[NCALLS] = {"open", "getprocs", "swapinfo", "loadavg"};
 
-#define MAXPROCS 32768
+#define MAXPROCS 131072
 #define MAXSWAP 16
 #define MAXTTY 64
 #define MAXSYSCTL 32
