@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 NAMES_TTL = 300.0
 """Seconds a uid's user name is reused before the password database is asked again."""
 
+FIRST_POLL_WAIT = 5.0
+"""Until this many seconds after :meth:`Poller.start`, a scrape waits for the first poll."""
+
 COLLECTORS = ("procs", "loadavg", "swap", "limits")
 """The parts of a poll, each timed and reported on its own."""
 
@@ -79,6 +82,9 @@ class Poller:
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._polled = threading.Event()
+        self._first_poll_due = 0.0
+        """Monotonic time until which a snapshot waits for the first poll to finish."""
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
 
@@ -87,10 +93,13 @@ class Poller:
 
         A poll that hangs (a stuck read) must not leave the last data looking fresh: past
         two intervals and a second without a finished poll, the snapshot is served expired.
+        Just after :meth:`start`, it waits for the first poll (:data:`FIRST_POLL_WAIT`).
         """
         interval = self.settings.interval
         if interval == 0:
             return self.poll()
+        if not self._polled.is_set():
+            self._polled.wait(self._first_poll_due - time.monotonic())
         snap = self._snapshot
         if time.time() - snap.polled_at > 2 * interval + 1.0:
             return snap.expired()
@@ -145,10 +154,12 @@ class Poller:
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
             )
+            self._polled.set()
             return self._snapshot
 
     def start(self) -> None:
-        """Poll on a background thread from now on."""
+        """Poll now, then every interval, on a background thread."""
+        self._first_poll_due = time.monotonic() + FIRST_POLL_WAIT
         self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
         self._thread.start()
 
@@ -160,6 +171,7 @@ class Poller:
         return old
 
     def _run(self) -> None:
+        self.poll()
         next_due = time.monotonic() + self.settings.interval
         while True:
             interval = self.settings.interval
@@ -182,4 +194,4 @@ class Poller:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=1)  # a hung poll must not hold up the exit

@@ -65,13 +65,15 @@ class Service:
         source = open_source(self.config)
         try:
             self.poller = Poller(source, settings_of(self.config))
-            self.poller.poll()  # the first scrape already has data
             registry = build_registry(self.poller, lambda: self._reload)
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             self.server: Server = serve(app, web.listen_address, web_settings)
         except BaseException:
             source.close()
             raise
+        # Listening first: a taken port fails at once. The first poll runs on the poller's
+        # thread, so a source that hangs holds up neither start-up nor SIGTERM; scrapes wait
+        # up to FIRST_POLL_WAIT for it.
         self.poller.start()
         host, port = self.server.address[:2]
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

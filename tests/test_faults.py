@@ -34,6 +34,7 @@ from attack_support import (
 from conftest import SYSTEM_PYTHON
 from fakelib import build_fake_libkvm
 
+from kvm_exporter.poller import FIRST_POLL_WAIT
 from kvm_exporter.sources.procfs import ProcfsSource
 
 SCENARIO = """\
@@ -457,3 +458,26 @@ def test_sighup_storm_while_scraping() -> None:
             assert value(metrics, "kvm_up") == 1
             assert not any("Traceback" in line for line in daemon.stderr().splitlines())
             assert daemon.stop() == 0
+
+
+def test_source_hung_at_start_up_serves_without_data_and_stops() -> None:
+    """The first poll hangs (swaps is a FIFO nobody writes): the exporter listens anyway,
+    a scrape waits FIRST_POLL_WAIT for the poll and then gets kvm_up 0 and no data, and
+    SIGTERM still exits 0 within 2 s."""
+    with world_dir() as tmp:
+        root = tmp / "proc"
+        small_proc(root)
+        (root / "swaps").unlink()
+        os.mkfifo(root / "swaps", 0o644)
+        config = write_config(tmp, f"interval: 1\nprocfs: {{root: {root}}}\n")
+        with running(config) as daemon:
+            started = time.monotonic()
+            metrics = daemon.metrics()
+            assert time.monotonic() - started >= FIRST_POLL_WAIT - 0.5  # it waited for the poll
+            assert value(metrics, "kvm_up") == 0
+            assert series(metrics, "kvm_processes") == {}
+            assert value(metrics, "kvm_polls_total") == 0
+            daemon.signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert daemon.proc.wait(timeout=10) == 0
+            assert time.monotonic() - started < 2.0

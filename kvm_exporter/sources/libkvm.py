@@ -8,6 +8,7 @@ image and core file.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import sys
@@ -50,6 +51,9 @@ NODEV = 2**64 - 1  # (dev_t)-1 in the 64-bit ki_tdev
 S_IFCHR = 0o020000
 DEVNAME_SIZE = 256  # SPECNAMELEN + 1
 MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
+CLOSE_WAIT = 1.0  # seconds close() waits for a call in progress
+
+log = logging.getLogger(__name__)
 
 
 class LibkvmSource:
@@ -201,10 +205,17 @@ class LibkvmSource:
 
     def close(self) -> None:
         """Release the handle; later calls raise :class:`SourceError`."""
-        with self._lock:
+        if not self._lock.acquire(timeout=CLOSE_WAIT):
+            # A libkvm call that hangs holds the lock: leave the handle to the process's exit
+            # rather than hang a shutdown or a reload behind it.
+            log.warning("libkvm busy for %.0f s: not closing its handle", CLOSE_WAIT)
+            return
+        try:
             kd, self._kd = self._kd, None
             if kd is not None:
                 self._lib.kvm_close(kd)
+        finally:
+            self._lock.release()
 
     def _handle(self) -> Any:
         if self._kd is None:
