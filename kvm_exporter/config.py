@@ -2,7 +2,8 @@
 
 Every key, its type and its default lives in the dataclasses below; ``config/kvm_exporter.yml``
 documents the same keys for operators. Unknown keys are errors, so a typo never silently
-falls back to a default.
+falls back to a default. :func:`build` turns any YAML mapping into a frozen dataclass this way;
+the web config (``webconfig.py``) is read with it too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import math
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -103,7 +104,7 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], Any]:
+def one_of(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if value not in choices:
             raise ValueError("one of " + ", ".join(choices))
@@ -112,13 +113,17 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     return check
 
 
-def _labels(value: Any) -> tuple[str, ...]:
-    expected = "a list drawn from " + ", ".join(LABELS) + " without repeats"
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(expected)
-    if len(set(value)) != len(value) or not set(value) <= set(LABELS):
-        raise ValueError(expected)
-    return tuple(value)
+def list_of(choices: tuple[str, ...], repeats: bool = False) -> Callable[[Any], tuple[str, ...]]:
+    expected = "a list drawn from " + ", ".join(choices) + ("" if repeats else " without repeats")
+
+    def parse(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(expected)
+        if not set(value) <= set(choices) or not repeats and len(set(value)) != len(value):
+            raise ValueError(expected)
+        return tuple(value)
+
+    return parse
 
 
 def _series_cap(value: Any) -> Any:
@@ -133,17 +138,16 @@ def _path(value: Any) -> Any:
     return value
 
 
-# Keys whose YAML form differs from the stored type: the parser replaces the type check.
-_PARSERS: dict[str, Callable[[Any], Any]] = {"interval": parse_duration, "labels": _labels}
+Rules = Mapping[str, Callable[[Any], Any]]
+"""Functions by dotted YAML key (``log.level``) for :func:`build`."""
 
-# Checks of value after the type check. Parsers and checks return the value to store or
-# raise ValueError whose text says what was expected.
-_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "source": _one_of(SOURCES),
+_PARSERS: Rules = {"interval": parse_duration, "labels": list_of(LABELS)}
+_CHECKS: Rules = {
+    "source": one_of(SOURCES),
     "max_series": _series_cap,
-    "log.level": _one_of(LOG_LEVELS),
+    "log.level": one_of(LOG_LEVELS),
     "web.telemetry_path": _path,
-    "libkvm.predicate": _one_of(PREDICATES),
+    "libkvm.predicate": one_of(PREDICATES),
 }
 
 T = TypeVar("T")
@@ -174,31 +178,73 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _build(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
+def _shown(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # a hex integer of more than sys.get_int_max_str_digits() digits
+        return "an integer too long to show"
+
+
+class Invalid(ValueError):
+    """What a parser or check raises when "got VALUE, expected TEXT" does not fit: the message
+    follows the key as it is; ``at`` names an entry below the key (a user name)."""
+
+    def __init__(self, message: str, at: str = "") -> None:
+        super().__init__(message)
+        self.at = at
+
+
+def build(
+    cls: type[T], data: Any, where: str, parsers: Rules, checks: Rules, prefix: str = ""
+) -> T:
+    """The frozen dataclass ``cls`` from the YAML mapping ``data``; any problem is a ConfigError
+    naming ``where``, the dotted key and what was expected.
+
+    Null is an empty mapping. A field's YAML key is its name or its ``metadata["key"]``; unknown
+    keys are errors, a field without a default must be given. A field typed with a dataclass is
+    a section built alike (typed ``X | None``, null or ``{}`` store None). ``parsers[key]`` turns
+    the YAML value into the stored one instead of the type check; ``checks[key]`` runs after the
+    type check (on a section, after building it). Both return the value to store or raise
+    ValueError saying what was expected (or :class:`Invalid`).
+    """
+    if data is None:
+        data = {}  # an empty file or section
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in data:
-        if key not in names:
-            allowed = ", ".join(sorted(names))
-            raise ConfigError(f"{where}: {prefix}{key}: unknown key (expected one of {allowed})")
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in data:
+        if name not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: {prefix}{name}: unknown key (expected one of {allowed})")
     values: dict[str, Any] = {}
-    for name, value in data.items():
-        key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, where, key + ".")  # type: ignore[arg-type]
+    for name, f in fields.items():
+        key, hint = prefix + name, hints[f.name]
+        if name in data:
+            value = data[name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            value = None  # checked as null, reported as missing
+        else:
             continue
-        parse = _PARSERS.get(key)
-        if parse is None and not _matches(value, hint):
-            raise ConfigError(f"{where}: {key}: got {value!r}, expected {_type_name(hint)}")
-        check = parse or _CHECKS.get(key)
-        if check is not None:
-            try:
+        options = get_args(hint) if _is_union(hint) else (hint,)
+        section: Any = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        parse = parsers.get(key)
+        try:
+            if section is not None and value in (None, {}) and type(None) in options:
+                value = None
+            elif section is not None:
+                value = build(section, value, where, parsers, checks, key + ".")
+            elif parse is None and not _matches(value, hint):
+                raise ValueError(_type_name(hint))
+            check = parse or checks.get(key)
+            if check is not None:
                 value = check(value)
-            except ValueError as err:
-                raise ConfigError(f"{where}: {key}: got {value!r}, expected {err}") from None
-        values[name] = value
+        except Invalid as err:
+            raise ConfigError(f"{where}: {key}{'.' if err.at else ''}{err.at}: {err}") from None
+        except ValueError as err:
+            got = f"got {_shown(data[name])}" if name in data else "missing"
+            raise ConfigError(f"{where}: {key}: {got}, expected {err}") from None
+        values[f.name] = value
     return cls(**values)
 
 
@@ -230,8 +276,7 @@ def read_yaml(path: str, what: str = "config file") -> Any:
 
 def parse_config(text: str, where: str = "<config>") -> Config:
     """Build a :class:`Config` from YAML text; ``where`` names the file in errors."""
-    data = parse_yaml(text, where)
-    return _build(Config, {} if data is None else data, where)
+    return build(Config, parse_yaml(text, where), where, _PARSERS, _CHECKS)
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -239,8 +284,7 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
     command line's ``overrides`` (see :func:`with_overrides`)."""
     config = Config()
     if path is not None:
-        data = read_yaml(path)
-        config = _build(Config, {} if data is None else data, path)
+        config = build(Config, read_yaml(path), path, _PARSERS, _CHECKS)
     return with_overrides(config, overrides or {})
 
 

@@ -13,9 +13,9 @@ import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, Invalid, Rules, build, list_of, one_of, read_yaml
 
 log = logging.getLogger("kvm_exporter.web")
 
@@ -99,128 +99,87 @@ class HTTPSettings:
 
 @dataclass(frozen=True)
 class WebSettings:
-    tls: TLSSettings | None = None
-    http: HTTPSettings = field(default_factory=HTTPSettings)
+    tls: TLSSettings | None = field(default=None, metadata={"key": "tls_server_config"})
+    """None (also for an empty tls_server_config): plain HTTP."""
+    http: HTTPSettings = field(default_factory=HTTPSettings, metadata={"key": "http_server_config"})
     basic_auth_users: tuple[tuple[str, str], ...] = ()
     """(user, bcrypt hash) pairs; empty means no authentication."""
 
 
-T = TypeVar("T")
+def _mapping(value: Any) -> dict[Any, Any]:
+    if not isinstance(value, dict | None):
+        raise Invalid("expected a mapping")  # without the value: it may hold a secret
+    return value or {}
 
 
-class _Section:
-    """One mapping of the file, read key by key; errors name the file and the dotted key."""
-
-    def __init__(self, data: Any, where: str, name: str, keys: tuple[str, ...]) -> None:
-        self.where, self.prefix = where, name + "." if name else ""
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise self.error(name or "top level", data, "a mapping")
-        for key in data:
-            if key not in keys:
-                raise ConfigError(
-                    f"{where}: {self.prefix}{key}: unknown key (expected one of {', '.join(keys)})"
-                )
-        self.data: dict[str, Any] = data
-
-    def error(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {key}: got {value!r}, expected {expected}")
-
-    def missing(self, key: str, expected: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {self.prefix}{key}: missing, expected {expected}")
-
-    def get(self, key: str, default: T, check: Callable[[Any], bool], expected: str) -> T:
-        """The value at ``key`` or ``default``; ``check`` says whether a value is good."""
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if not check(value):
-            raise self.error(self.prefix + key, value, expected)
-        return value  # type: ignore[no-any-return]
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        return self.get(key, default, lambda v: v in choices, "one of " + ", ".join(choices))
-
-    def choices(self, key: str, choices: tuple[str, ...]) -> tuple[str, ...]:
-        def check(value: Any) -> bool:
-            return isinstance(value, list) and all(v in choices for v in value)
-
-        return tuple(self.get(key, [], check, "a list drawn from " + ", ".join(choices)))
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return self.get(key, default, lambda v: isinstance(v, bool), "true or false")
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """The headers mapping as (name, value) pairs in HEADERS' order; an empty value is none."""
+    headers = _mapping(value)
+    for name, text in headers.items():
+        if name not in HEADERS:
+            raise Invalid(f"unknown key (expected one of {', '.join(HEADERS)})", at=str(name))
+        allowed = HEADERS[name]
+        if (
+            not isinstance(text, str)
+            or "\r" in text
+            or "\n" in text
+            or (allowed and text and text.lower() not in allowed)
+        ):
+            expected = "one of " + ", ".join(allowed) if allowed else "a single-line string"
+            raise Invalid(f"got {text!r}, expected {expected}", at=name)
+    return tuple((name, headers[name]) for name in HEADERS if headers.get(name))
 
 
-def _file(section: _Section, key: str, base: str) -> str | None:
-    """The path at ``key`` resolved against ``base``, checked to be a readable file."""
-    value: str | None = section.get(
-        key, None, lambda v: isinstance(v, str) and v != "", "a file name"
-    )
-    if value is None:
+def _users(value: Any) -> tuple[tuple[str, str], ...]:
+    """basic_auth_users: a mapping of user names to bcrypt hashes."""
+    users = _mapping(value)
+    for user, hashed in users.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            raise Invalid(f"got user name {user!r}, expected a non-empty string without ':'")
+        # The value is a secret: the message never repeats it.
+        if not isinstance(hashed, str) or not _BCRYPT.match(hashed):
+            raise Invalid(
+                "expected a bcrypt hash such as $2y$10$... "
+                "(make one with: htpasswd -nBC 10 \"\" | tr -d ':\\n')",
+                at=user,
+            )
+    return tuple(users.items())
+
+
+def _tls(tls: TLSSettings | None) -> TLSSettings | None:
+    """The checks between keys of tls_server_config."""
+    if tls is None:
         return None
-    path = os.path.join(base, value)
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"{section.where}: {section.prefix}{key}: cannot read {path}: {err.strerror}"
-        ) from None
-    return path
-
-
-def _required_file(section: _Section, key: str, base: str) -> str:
-    path = _file(section, key, base)
-    if path is None:
-        raise section.missing(key, "a file name")
-    return path
-
-
-def _tls(data: Any, where: str, base: str) -> TLSSettings | None:
-    keys = tuple(TLSSettings.__dataclass_fields__)
-    section = _Section(data, where, "tls_server_config", keys)
-    if not section.data:
-        return None
-    cert_file = _required_file(section, "cert_file", base)
-    key_file = _required_file(section, "key_file", base)
-    client_auth_type = section.choice("client_auth_type", "NoClientCert", CLIENT_AUTH_TYPES)
-    client_ca_file = _file(section, "client_ca_file", base)
-    verifying = _VERIFY_MODES[client_auth_type] != ssl.CERT_NONE
-    if verifying and client_ca_file is None:
-        raise section.missing(
-            "client_ca_file", f"the CA file that {client_auth_type} checks client certificates with"
+    verifying = _VERIFY_MODES[tls.client_auth_type] != ssl.CERT_NONE
+    if verifying and tls.client_ca_file is None:
+        raise Invalid(
+            f"missing, expected the CA file that {tls.client_auth_type} checks client "
+            "certificates with",
+            at="client_ca_file",
         )
-    if client_ca_file is not None and not verifying:
-        raise section.error(
-            "tls_server_config.client_auth_type",
-            client_auth_type,
-            "RequireAndVerifyClientCert or VerifyClientCertIfGiven when client_ca_file is set",
+    if tls.client_ca_file is not None and not verifying:
+        raise Invalid(
+            f"got {tls.client_auth_type!r}, expected RequireAndVerifyClientCert or "
+            "VerifyClientCertIfGiven when client_ca_file is set",
+            at="client_auth_type",
         )
-    versions = tuple(TLS_VERSIONS)
-    tls = TLSSettings(
-        cert_file=cert_file,
-        key_file=key_file,
-        client_auth_type=client_auth_type,
-        client_ca_file=client_ca_file,
-        min_version=section.choice("min_version", "TLS12", versions),
-        max_version=section.choice("max_version", "TLS13", versions),
-        cipher_suites=section.choices("cipher_suites", tuple(CIPHER_SUITES)),
-        curve_preferences=section.choices("curve_preferences", CURVES),
-        prefer_server_cipher_suites=section.boolean("prefer_server_cipher_suites", True),
-    )
     if TLS_VERSIONS[tls.min_version] > TLS_VERSIONS[tls.max_version]:
-        raise section.error(
-            "tls_server_config.max_version", tls.max_version, f"{tls.min_version} or later"
-        )
-    ssl_context(tls, where)
-    if tls.curve_preferences:
-        log.warning(
-            "%s: tls_server_config.curve_preferences is not applied: Python's ssl module "
-            "cannot set a curve list, OpenSSL's default order is used",
-            where,
+        raise Invalid(
+            f"got {tls.max_version!r}, expected {tls.min_version} or later", at="max_version"
         )
     return tls
+
+
+_PARSERS: Rules = {
+    "tls_server_config.client_auth_type": one_of(CLIENT_AUTH_TYPES),
+    "tls_server_config.min_version": one_of(tuple(TLS_VERSIONS)),
+    "tls_server_config.max_version": one_of(tuple(TLS_VERSIONS)),
+    "tls_server_config.cipher_suites": list_of(tuple(CIPHER_SUITES), repeats=True),
+    "tls_server_config.curve_preferences": list_of(CURVES, repeats=True),
+    "http_server_config.headers": _headers,
+    "basic_auth_users": _users,
+}
+_CHECKS: Rules = {"tls_server_config": _tls}
 
 
 def ssl_context(tls: TLSSettings, where: str = "<web config>") -> ssl.SSLContext:
@@ -253,55 +212,29 @@ def ssl_context(tls: TLSSettings, where: str = "<web config>") -> ssl.SSLContext
     return context
 
 
-def _http(data: Any, where: str) -> HTTPSettings:
-    section = _Section(data, where, "http_server_config", ("http2", "headers"))
-    headers = _Section(
-        section.data.get("headers"), where, "http_server_config.headers", tuple(HEADERS)
-    )
-    pairs = []
-    for name, allowed in HEADERS.items():
-        expected = "one of " + ", ".join(allowed) if allowed else "a single-line string"
-
-        def check(value: Any, allowed: tuple[str, ...] | None = allowed) -> bool:
-            if not isinstance(value, str) or "\r" in value or "\n" in value:
-                return False
-            return allowed is None or value == "" or value.lower() in allowed
-
-        value = headers.get(name, "", check, expected)
-        if value:
-            pairs.append((name, value))
-    return HTTPSettings(http2=section.boolean("http2", True), headers=tuple(pairs))
-
-
-def _users(data: Any, where: str) -> tuple[tuple[str, str], ...]:
-    if data is None:
-        return ()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: basic_auth_users: got {data!r}, expected a mapping")
-    users = []
-    for user, hashed in data.items():
-        if not isinstance(user, str) or not user or ":" in user:
-            raise ConfigError(
-                f"{where}: basic_auth_users: got user name {user!r}, "
-                "expected a non-empty string without ':'"
-            )
-        # The value is a secret: the message never repeats it.
-        if not isinstance(hashed, str) or not _BCRYPT.match(hashed):
-            raise ConfigError(
-                f"{where}: basic_auth_users.{user}: expected a bcrypt hash such as "
-                "$2y$10$... (make one with: htpasswd -nBC 10 \"\" | tr -d ':\\n')"
-            )
-        users.append((user, hashed))
-    return tuple(users)
-
-
 def load_web_config(path: str) -> WebSettings:
     """Read the web config file at ``path``; relative file names in it are relative to it."""
-    keys = ("tls_server_config", "http_server_config", "basic_auth_users")
-    top = _Section(read_yaml(path, "web config file"), path, "", keys)
     base = os.path.dirname(os.path.abspath(path))
-    return WebSettings(
-        tls=_tls(top.data.get("tls_server_config"), path, base),
-        http=_http(top.data.get("http_server_config"), path),
-        basic_auth_users=_users(top.data.get("basic_auth_users"), path),
-    )
+
+    def readable(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError("a file name")
+        file = os.path.join(base, value)
+        try:
+            with open(file, "rb"):
+                return file
+        except OSError as err:
+            raise Invalid(f"cannot read {file}: {err.strerror}") from None
+
+    files = ("cert_file", "key_file", "client_ca_file")
+    parsers = {**_PARSERS, **{f"tls_server_config.{name}": readable for name in files}}
+    settings = build(WebSettings, read_yaml(path, "web config file"), path, parsers, _CHECKS)
+    if settings.tls is not None:
+        ssl_context(settings.tls, path)
+        if settings.tls.curve_preferences:
+            log.warning(
+                "%s: tls_server_config.curve_preferences is not applied: Python's ssl module "
+                "cannot set a curve list, OpenSSL's default order is used",
+                path,
+            )
+    return settings

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvm_exporter.config import Config, ConfigError, load_config, parse_config, with_overrides
+from kvm_exporter.config import (
+    Config,
+    ConfigError,
+    Invalid,
+    build,
+    load_config,
+    parse_config,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,6 +82,7 @@ def test_flags_win_over_the_file() -> None:
         ("[1, 2]", "cfg.yml: top level: expected a mapping"),
         ("libkvm: {threads: 'yes'}", "cfg.yml: libkvm.threads: got 'yes', expected true or false"),
         ("libkvm: {argument: 1.5}", "cfg.yml: libkvm.argument: got 1.5, expected an integer"),
+        ("interval: -0x" + "f" * 5000, "cfg.yml: interval: got an integer too long to show"),
         ("interval: [", "cfg.yml: line 1, column 12: invalid YAML"),
         ("a: b\n  c: d", "cfg.yml: line 2, column 4: invalid YAML"),
     ],
@@ -81,6 +92,38 @@ def test_bad_configs_name_file_key_and_expectation(text: str, message: str) -> N
         parse_config(text, "cfg.yml")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_an_empty_section_takes_its_defaults() -> None:
+    assert parse_config("web:\nlog:\nprocfs:\nlibkvm:\n") == Config()
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int = field(default=0, metadata={"key": "y-coordinate"})
+    tags: tuple[str, ...] = ()
+
+
+def test_build_required_keys_yaml_names_and_entry_errors() -> None:
+    def tags(value: Any) -> tuple[str, ...]:
+        for tag in value:
+            if not tag.isalpha():
+                raise Invalid("expected letters only", at=tag)
+        return tuple(value)
+
+    def point(data: Any) -> Point:
+        return build(Point, data, "p.yml", {"tags": tags}, {})
+
+    assert point({"x": 1, "y-coordinate": 2, "tags": ["a"]}) == Point(1, 2, ("a",))
+    for data, message in [
+        ({}, "p.yml: x: missing, expected an integer"),
+        ({"x": 1, "y": 2}, "p.yml: y: unknown key (expected one of tags, x, y-coordinate)"),
+        ({"x": 1, "tags": ["a", "b2"]}, "p.yml: tags.b2: expected letters only"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            point(data)
+        assert str(err.value) == message
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
