@@ -178,7 +178,7 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     try:
         return repr(value)
     except ValueError:  # a hex integer of more than sys.get_int_max_str_digits() digits
@@ -242,7 +242,7 @@ def build(
         except Invalid as err:
             raise ConfigError(f"{where}: {key}{'.' if err.at else ''}{err.at}: {err}") from None
         except ValueError as err:
-            got = f"got {_shown(data[name])}" if name in data else "missing"
+            got = f"got {shown(data[name])}" if name in data else "missing"
             raise ConfigError(f"{where}: {key}: {got}, expected {err}") from None
         values[f.name] = value
     return cls(**values)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, Invalid, Rules, build, list_of, one_of, read_yaml
+from .config import ConfigError, Invalid, Rules, build, list_of, one_of, read_yaml, shown
 
 log = logging.getLogger("kvm_exporter.web")
 
@@ -117,7 +117,10 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
     headers = _mapping(value)
     for name, text in headers.items():
         if name not in HEADERS:
-            raise Invalid(f"unknown key (expected one of {', '.join(HEADERS)})", at=str(name))
+            raise Invalid(
+                f"unknown key (expected one of {', '.join(HEADERS)})",
+                at=name if isinstance(name, str) else shown(name),
+            )
         allowed = HEADERS[name]
         if (
             not isinstance(text, str)
@@ -126,7 +129,7 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
             or (allowed and text and text.lower() not in allowed)
         ):
             expected = "one of " + ", ".join(allowed) if allowed else "a single-line string"
-            raise Invalid(f"got {text!r}, expected {expected}", at=name)
+            raise Invalid(f"got {shown(text)}, expected {expected}", at=name)
     return tuple((name, headers[name]) for name in HEADERS if headers.get(name))
 
 
@@ -135,7 +138,7 @@ def _users(value: Any) -> tuple[tuple[str, str], ...]:
     users = _mapping(value)
     for user, hashed in users.items():
         if not isinstance(user, str) or not user or ":" in user:
-            raise Invalid(f"got user name {user!r}, expected a non-empty string without ':'")
+            raise Invalid(f"got user name {shown(user)}, expected a non-empty string without ':'")
         # The value is a secret: the message never repeats it.
         if not isinstance(hashed, str) or not _BCRYPT.match(hashed):
             raise Invalid(
