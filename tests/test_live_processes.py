@@ -141,6 +141,11 @@ def test_exporter_counts_match_ps_and_drop_on_exit(
     nobody_procs: list[subprocess.Popen[bytes]], exporter: Any
 ) -> None:
     mine = ours(nobody_procs)
+    # The setresuid process is not dumpable: the files in its /proc/PID belong to root, and
+    # only the directory, which the poll's census reads, keeps its effective uid.
+    seteuid = next(r[0] for r in mine if r[3] == 65533)
+    assert os.stat(f"/proc/{seteuid}/stat").st_uid == 0
+    assert os.stat(f"/proc/{seteuid}").st_uid == NOBODY
     e = exporter("interval: 0\n")
     metrics, rows = scrape_beside_ps(e)
     assert set(mine) <= set(rows)  # ours held still, as did every other nobody process
