@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from kvm_exporter.config import LibkvmConfig
 from kvm_exporter.records import (
     NO_TTY,
+    Census,
     HostLimits,
     LoadAvg,
     Proc,
@@ -575,3 +577,21 @@ def test_state_tables_agree_with_freebsd_state() -> None:
                 code = libkvm._STAT_CODE[stat] | libkvm._SINTR[tdflags & 0xFF] | (slptime >= MAXSLP)
                 word = libkvm._STATE_WORDS[libkvm._WORD_OF[code]]
                 assert word == freebsd_state(stat, tdflags, slptime)
+
+
+def test_close_gives_up_on_a_call_that_hangs(
+    open_libkvm: Opener, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kvm_getprocs stalls for 3 s holding the source's lock: close() returns after about
+    CLOSE_WAIT with a warning instead of hanging a shutdown behind it; the call finishes."""
+    source = open_libkvm(write(tmp_path, SMALL + "delay getprocs 3\n"))
+    census: list[Census] = []
+    caller = threading.Thread(target=lambda: census.append(source.census()))
+    caller.start()
+    time.sleep(0.5)  # well inside the 3 s call
+    started = time.monotonic()
+    source.close()
+    assert time.monotonic() - started < libkvm.CLOSE_WAIT + 1.0
+    assert "libkvm busy" in caplog.text
+    caller.join(timeout=10)
+    assert sum(census[0].values()) == 2  # the hung call still answered

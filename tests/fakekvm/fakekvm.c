@@ -37,6 +37,8 @@
  *                            open, getprocs, swapinfo, loadavg. Calls are counted per
  *                            handle, opens per process. A failing kvm_getloadavg sets
  *                            errno EINVAL and no text, as the live libkvm does.
+ *   delay CALL SECONDS       every call of CALL (getprocs, swapinfo, loadavg) first sleeps
+ *                            SECONDS (fraction allowed): a library call that hangs.
  *
  * Semantics copied from libkvm: the kvm_getprocs() array belongs to the
  * library and is freed by the next call and by kvm_close(); on failure it
@@ -55,6 +57,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/types.h>
+#include <time.h>
 
 /* ---- FreeBSD LP64 ABI, transcribed for this fake ---- */
 
@@ -258,6 +261,7 @@ struct scenario {
 	double loadavg[3];
 	int structsize;
 	struct failure fails[MAXFAIL];
+	double delay[NCALLS]; /* seconds each call of that kind sleeps first */
 	int nfails;
 };
 
@@ -364,6 +368,21 @@ static int parse_failure(struct failure *f, char *rest)
 	return 0;
 }
 
+static int parse_delay(struct scenario *sc, char *rest)
+{
+	char call[16];
+	double seconds;
+
+	if (sscanf(rest, "%15s %lf", call, &seconds) != 2 || seconds < 0)
+		return -1;
+	for (int c = 0; c < NCALLS; c++)
+		if (c != CALL_OPEN && !strcmp(call, call_names[c])) {
+			sc->delay[c] = seconds;
+			return 0;
+		}
+	return -1;
+}
+
 /* Reads a scenario; on error writes a message to err and returns -1. */
 static int load_scenario(struct scenario *sc, const char *path, char *err)
 {
@@ -408,6 +427,8 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 			bad = sscanf(rest, "%d", &sc->structsize) != 1;
 		} else if (!strcmp(kw, "fail") && sc->nfails < MAXFAIL) {
 			bad = parse_failure(&sc->fails[sc->nfails++], rest);
+		} else if (!strcmp(kw, "delay")) {
+			bad = parse_delay(sc, rest);
 		} else {
 			bad = 1;
 		}
@@ -427,6 +448,18 @@ static const char *failure(const struct scenario *sc, enum call c, int n)
 		if (sc->fails[i].call == c && (sc->fails[i].nth == 0 || sc->fails[i].nth == n))
 			return sc->fails[i].message;
 	return NULL;
+}
+
+/* Counts call c and sleeps its scenario delay; returns the injected failure, or NULL. */
+static const char *enter(kvm_t *kd, enum call c)
+{
+	struct timespec pause = { (time_t)kd->sc.delay[c],
+				  (long)((kd->sc.delay[c] - (double)(time_t)kd->sc.delay[c]) * 1e9) };
+
+	if (kd->sc.delay[c] > 0)
+		while (nanosleep(&pause, &pause) != 0 && errno == EINTR)
+			;
+	return failure(&kd->sc, c, ++kd->calls[c]);
 }
 
 /* Poisons the old array before freeing it, so a caller that kept a pointer sees garbage. */
@@ -569,7 +602,7 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 	int what = op & ~KERN_PROC_INC_THREAD;
 	/* KERN_PROC_ALL already means one row per thread. */
 	int per_thread = what == KERN_PROC_ALL || (op & KERN_PROC_INC_THREAD);
-	const char *message = failure(&kd->sc, CALL_GETPROCS, ++kd->calls[CALL_GETPROCS]);
+	const char *message = enter(kd, CALL_GETPROCS);
 	int n = 0;
 
 	free_procbase(kd);
@@ -613,7 +646,7 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 
 int kvm_getloadavg(kvm_t *kd, double loadavg[], int nelem)
 {
-	const char *message = failure(&kd->sc, CALL_LOADAVG, ++kd->calls[CALL_LOADAVG]);
+	const char *message = enter(kd, CALL_LOADAVG);
 
 	if (message != NULL) {
 		/* The live path is getloadavg(3): -1 and errno, errbuf untouched. */
@@ -629,7 +662,7 @@ int kvm_getloadavg(kvm_t *kd, double loadavg[], int nelem)
 
 int kvm_getswapinfo(kvm_t *kd, struct kvm_swap *swap_ary, int swap_max, int flags)
 {
-	const char *message = failure(&kd->sc, CALL_SWAPINFO, ++kd->calls[CALL_SWAPINFO]);
+	const char *message = enter(kd, CALL_SWAPINFO);
 	struct kvm_swap total;
 	int filled = 0;
 
