@@ -93,13 +93,14 @@ class Poller:
 
         A poll that hangs (a stuck read) must not leave the last data looking fresh: past
         two intervals and a second without a finished poll, the snapshot is served expired.
-        Just after :meth:`start`, it waits for the first poll (:data:`FIRST_POLL_WAIT`).
+        Just after :meth:`start`, it waits for the first poll (:data:`FIRST_POLL_WAIT`), so
+        that poll comes first in either mode.
         """
+        if not self._polled.is_set():
+            self._polled.wait(self._first_poll_due - time.monotonic())
         interval = self.settings.interval
         if interval == 0:
             return self.poll()
-        if not self._polled.is_set():
-            self._polled.wait(self._first_poll_due - time.monotonic())
         snap = self._snapshot
         if time.time() - snap.polled_at > 2 * interval + 1.0:
             return snap.expired()
