@@ -195,4 +195,4 @@ class Poller:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=1)  # a hung poll must not hold up the exit
+            self._thread.join(timeout=0.5)  # a hung poll must not hold up the exit

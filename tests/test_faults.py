@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,25 @@ def health(metrics: Samples, part: str) -> tuple[float, float, float]:
 DATA = {"procs": "kvm_processes", "loadavg": "kvm_load1", "swap": "kvm_swap_size_bytes"}
 
 
+@contextmanager
+def libkvm_daemon(fake_lib: Path, tmp: Path, directives: str, interval: str) -> Iterator[Daemon]:
+    """The exporter on the fake libkvm: SCENARIO plus ``directives`` (failures, delays)."""
+    scenario = tmp / "test.scenario"
+    scenario.write_text(SCENARIO + directives)
+    config = write_config(
+        tmp, f"source: libkvm\ninterval: {interval}\nlibkvm: {{library: {fake_lib}}}\n"
+    )
+    with running(config, env={"FAKE_KVM_SCENARIO": str(scenario)}) as daemon:
+        yield daemon
+
+
+def assert_sigterm_exits_promptly(daemon: Daemon) -> None:
+    daemon.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert daemon.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 2.0
+
+
 @pytest.mark.parametrize(
     ("call", "part"), [("getprocs", "procs"), ("loadavg", "loadavg"), ("swapinfo", "swap")]
 )
@@ -77,58 +97,47 @@ def test_libkvm_fails_once_and_recovers(fake_lib: Path, call: str, part: str) ->
     """Interval 0: every scrape is a poll, so poll 2 is the first scrape, deterministically.
     The failed part's data is absent (not the last good value), kvm_up 0, the error counted
     and logged with libkvm's text; the next poll is whole again."""
-    with world_dir() as tmp:
-        scenario = tmp / "fail.scenario"
-        faults = f"fail {call} 2 injected fault number two\nfail {call} 3 and three\n"
-        scenario.write_text(SCENARIO + faults)
-        config = write_config(
-            tmp, f"source: libkvm\ninterval: 0\nlibkvm: {{library: {fake_lib}}}\n"
+    faults = f"fail {call} 2 injected fault number two\nfail {call} 3 and three\n"
+    with world_dir() as tmp, libkvm_daemon(fake_lib, tmp, faults, "0") as daemon:
+        first = daemon.metrics()  # poll 2 (the start-up poll was 1)
+        assert health(first, part) == (0, 0, 1)
+        assert series(first, DATA[part]) == {}
+        assert all(series(first, name) for p, name in DATA.items() if p != part)
+        assert value(first, "kvm_polls_total") == 2
+        ready = urllib.request.Request(daemon.url + "/-/ready")
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(ready, timeout=30)
+        assert not_ready.value.code == 503  # /-/ready ran poll 3, failing too
+        second = daemon.metrics()  # poll 4
+        assert health(second, part) == (1, 1, 2)
+        assert all(series(second, name) for name in DATA.values())
+        assert value(second, "kvm_processes", user="root", tty="none", state="idle") == 1
+        assert value(second, "kvm_last_successful_poll_timestamp_seconds") > value(
+            first, "kvm_last_successful_poll_timestamp_seconds"
         )
-        with running(config, env={"FAKE_KVM_SCENARIO": str(scenario)}) as daemon:
-            first = daemon.metrics()  # poll 2 (the start-up poll was 1)
-            assert health(first, part) == (0, 0, 1)
-            assert series(first, DATA[part]) == {}
-            assert all(series(first, name) for p, name in DATA.items() if p != part)
-            assert value(first, "kvm_polls_total") == 2
-            ready = urllib.request.Request(daemon.url + "/-/ready")
-            with pytest.raises(urllib.error.HTTPError) as not_ready:
-                urllib.request.urlopen(ready, timeout=30)
-            assert not_ready.value.code == 503  # /-/ready ran poll 3, failing too
-            second = daemon.metrics()  # poll 4
-            assert health(second, part) == (1, 1, 2)
-            assert all(series(second, name) for name in DATA.values())
-            assert value(second, "kvm_processes", user="root", tty="none", state="idle") == 1
-            assert value(second, "kvm_last_successful_poll_timestamp_seconds") > value(
-                first, "kvm_last_successful_poll_timestamp_seconds"
-            )
-            log = error_lines(daemon.stderr())
-            assert len(log) == 2 and all(f"poll of {part} failed" in line for line in log), log
-            if part != "loadavg":  # a failing kvm_getloadavg sets no error text, as libkvm
-                assert "injected fault number two" in log[0] and "and three" in log[1]
+        log = error_lines(daemon.stderr())
+        assert len(log) == 2 and all(f"poll of {part} failed" in line for line in log), log
+        if part != "loadavg":  # a failing kvm_getloadavg sets no error text, as libkvm
+            assert "injected fault number two" in log[0] and "and three" in log[1]
 
 
 def test_libkvm_failing_on_the_poller_thread(fake_lib: Path) -> None:
     """Interval > 0: getprocs fails on polls 3 and 4; the poller thread goes on."""
-    with world_dir() as tmp:
-        scenario = tmp / "fail.scenario"
-        scenario.write_text(SCENARIO + "fail getprocs 3 third\nfail getprocs 4 fourth\n")
-        config = write_config(
-            tmp, f"source: libkvm\ninterval: 0.3\nlibkvm: {{library: {fake_lib}}}\n"
+    faults = "fail getprocs 3 third\nfail getprocs 4 fourth\n"
+    with world_dir() as tmp, libkvm_daemon(fake_lib, tmp, faults, "0.3") as daemon:
+        down = scrape_until(
+            daemon,
+            lambda m: value(m, "kvm_up") == 0,
+            what="the failed poll",
         )
-        with running(config, env={"FAKE_KVM_SCENARIO": str(scenario)}) as daemon:
-            down = scrape_until(
-                daemon,
-                lambda m: value(m, "kvm_up") == 0,
-                what="the failed poll",
-            )
-            assert series(down, "kvm_processes") == {} and series(down, "kvm_threads") == {}
-            up = scrape_until(
-                daemon,
-                lambda m: value(m, "kvm_polls_total") >= 5,
-                what="polls after the failure",
-            )
-            assert health(up, "procs") == (1, 1, 2)
-            assert sum(series(up, "kvm_processes").values()) == 3
+        assert series(down, "kvm_processes") == {} and series(down, "kvm_threads") == {}
+        up = scrape_until(
+            daemon,
+            lambda m: value(m, "kvm_polls_total") >= 5,
+            what="polls after the failure",
+        )
+        assert health(up, "procs") == (1, 1, 2)
+        assert sum(series(up, "kvm_processes").values()) == 3
 
 
 def small_proc(dest: Path) -> int:
@@ -477,7 +486,16 @@ def test_source_hung_at_start_up_serves_without_data_and_stops() -> None:
             assert value(metrics, "kvm_up") == 0
             assert series(metrics, "kvm_processes") == {}
             assert value(metrics, "kvm_polls_total") == 0
-            daemon.signal(signal.SIGTERM)
-            started = time.monotonic()
-            assert daemon.proc.wait(timeout=10) == 0
-            assert time.monotonic() - started < 2.0
+            assert_sigterm_exits_promptly(daemon)
+
+
+def test_libkvm_hung_at_start_up_serves_without_data_and_stops(fake_lib: Path) -> None:
+    """kvm_getprocs stalls for 30 s from the first call: the exporter serves kvm_up 0 and no
+    data after the first-poll wait, and SIGTERM still exits 0 at once, leaving the handle
+    that the stalled call holds to the process's exit."""
+    with world_dir() as tmp, libkvm_daemon(fake_lib, tmp, "delay getprocs 30\n", "1") as daemon:
+        metrics = daemon.metrics()
+        assert value(metrics, "kvm_up") == 0
+        assert series(metrics, "kvm_processes") == {}
+        assert_sigterm_exits_promptly(daemon)
+        assert "libkvm busy" in daemon.stderr()

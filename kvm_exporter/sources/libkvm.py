@@ -51,7 +51,7 @@ NODEV = 2**64 - 1  # (dev_t)-1 in the 64-bit ki_tdev
 S_IFCHR = 0o020000
 DEVNAME_SIZE = 256  # SPECNAMELEN + 1
 MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
-CLOSE_WAIT = 1.0  # seconds close() waits for a call in progress
+CLOSE_WAIT = 0.5  # seconds close() waits for a call in progress
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class LibkvmSource:
         if not self._lock.acquire(timeout=CLOSE_WAIT):
             # A libkvm call that hangs holds the lock: leave the handle to the process's exit
             # rather than hang a shutdown or a reload behind it.
-            log.warning("libkvm busy for %.0f s: not closing its handle", CLOSE_WAIT)
+            log.warning("libkvm busy for %.1f s: not closing its handle", CLOSE_WAIT)
             return
         try:
             kd, self._kd = self._kd, None
