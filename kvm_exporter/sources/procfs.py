@@ -40,10 +40,11 @@ _CENSUS_FIELDS = 18  # split no further than num_threads
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
 
 
-def _read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+def _read(path: str, dir_fd: int | None = None, size: int = 16384) -> bytes:
+    """One read of ``path`` (relative to ``dir_fd`` if given): procfs files come whole."""
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
-        return os.read(fd, 16384)
+        return os.read(fd, size)
     finally:
         os.close(fd)
 
@@ -111,23 +112,15 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
-def _read_at(dir_fd: int, path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
-    try:
-        return os.read(fd, _READ_SIZE)
-    finally:
-        os.close(fd)
-
-
 def _census_py(dir_fd: int) -> list[RawKind]:
     """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
     kinds: list[tuple[int, bytes, bytes, bytes]] = []
-    append, read_at, stat = kinds.append, _read_at, os.stat  # locals: the loop runs per pid
+    append, read, stat = kinds.append, _read, os.stat  # locals: the loop runs per pid
     for pid in os.listdir(dir_fd):
         if not pid.isdigit():
             continue
         try:
-            data = read_at(dir_fd, pid + "/stat")
+            data = read(pid + "/stat", dir_fd, _READ_SIZE)
             uid = stat(pid, dir_fd=dir_fd).st_uid
         except _VANISHED:
             continue  # exited between listdir and read
@@ -220,8 +213,8 @@ class ProcfsSource:
             if not pid.isdigit():
                 continue
             try:
-                stat = _read_at(dir_fd, pid + "/stat")
-                status = _read_at(dir_fd, pid + "/status")
+                stat = _read(pid + "/stat", dir_fd, _READ_SIZE)
+                status = _read(pid + "/status", dir_fd, _READ_SIZE)
             except _VANISHED:
                 continue  # exited between listdir and read
             if not stat or not status:
