@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port, listens
 from fakelib import build_fake_libkvm
 from prom_support import (
     REPO,
@@ -86,13 +86,6 @@ def get_json(url: str) -> Any:
         return json.load(response)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def tail(path: Path, lines: int = 30) -> str:
     if not path.exists():
         return "(no log)"
@@ -141,7 +134,7 @@ def start_listening(
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if ready(base):
+                if listens(process.pid, port) and ready(base):
                     return process, port
             except OSError:
                 pass
