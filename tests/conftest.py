@@ -76,6 +76,11 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
+def exited_or_listens(proc: subprocess.Popen[Any], port: int) -> bool:
+    """Whether ``proc`` has either exited or bound ``port`` (see :func:`listens`)."""
+    return proc.poll() is not None or listens(proc.pid, port)
+
+
 def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> Any:
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
