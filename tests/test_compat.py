@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import samples
+from conftest import samples, wait_until
 from fakelib import SCENARIOS, build_fake_libkvm, fake_libkvm  # noqa: F401 (fixture)
 from prom_support import binary
 from test_exposition import run
@@ -139,6 +140,22 @@ def test_without_compat_no_node_names_and_without_state_no_state_series(
     names = {name for name, _ in stateless if name.startswith("node_")}
     assert "node_processes_pids" in names
     assert not names & {"node_processes_state", "node_procs_running", "node_procs_blocked"}
+
+
+def test_sighup_turns_the_names_on_and_off(
+    exporter: Any,
+    fake_libkvm: Path,  # noqa: F811
+) -> None:
+    e = exporter(libkvm_config(fake_libkvm), env={"FAKE_KVM_SCENARIO": str(DB01)})
+    assert "node_processes_pids" not in e.get()
+    for config, served in (("compat: [node_exporter]\n", True), ("", False)):
+        e.config_path.write_text(libkvm_config(fake_libkvm, config))
+        e.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda served=served: ("node_processes_pids" in e.get()) == served,
+            what=f"node_* names served: {served}",
+        )
+    assert e.proc.poll() is None
 
 
 def test_an_unknown_compat_name_is_a_config_error(tmp_path: Path) -> None:
