@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import samples, wait_until
 from fakelib import SCENARIOS, build_fake_libkvm, fake_libkvm  # noqa: F401 (fixture)
-from prom_support import binary
+from prom_support import prometheus_command
 from test_exposition import run
 from test_prometheus_fleet import (
     exporter_command,
@@ -195,14 +195,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         )
         prom_log = tmp / "prometheus.log"
 
-        def server(port: int) -> list[str]:
-            return [
-                binary("prometheus"),
-                f"--config.file={prom_config}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ]
-
+        server = prometheus_command(prom_config, tmp / "tsdb")
         _, prom_port = start_listening(
             "prometheus", server, prometheus_ready, dict(os.environ), prom_log, started
         )
