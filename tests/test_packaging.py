@@ -122,6 +122,19 @@ def test_port_version_is_the_package_version() -> None:
     }
 
 
+def test_port_python_versions_are_the_package_ones() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    minimum = pyproject["project"]["requires-python"].removeprefix(">=")
+    assert PORT_VARS["USES"] == f"python:{minimum}+"
+
+
+def test_port_substitutes_every_file_it_names() -> None:
+    for name in PORT_VARS["SUB_FILES"].split():
+        text = (PORT / "files" / f"{name}.in").read_text()
+        assert set(re.findall(r"%%(\w+)%%", text)) <= {"PREFIX"}, name
+    assert "%%PREFIX%%/etc/kvm_exporter.yml" in (PORT / "files" / "pkg-message.in").read_text()
+
+
 def test_port_run_depends_are_the_package_dependencies() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     wanted = {}
