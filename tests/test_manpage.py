@@ -80,14 +80,33 @@ def test_every_flag_of_help_is_documented() -> None:
     assert {f for f in flags - {"help"} if f"Fl -{f}" not in synopsis} == set()
 
 
+RC_DEFAULT = re.compile(r'^: "?\$\{(kvm_exporter_\w+):?="?([^"}]*)"?\}"?$', re.M)
+"""``: ${name:=value}`` or ``: ${name="value"}`` (the Porter's Handbook's form)."""
+RC_DOCUMENTED = re.compile(r"^# (kvm_exporter_\w+) \(\w+\):", re.M)
+"""The rc.conf variables the script's header lists."""
+
+
+def rc_variables(script: str) -> dict[str, str | None]:
+    """Every rc.conf variable of ``script`` with its default (None: none assigned)."""
+    defaults = dict(RC_DEFAULT.findall(script))
+    return {name: defaults.get(name) for name in RC_DOCUMENTED.findall(script)} | defaults
+
+
+def test_rc_variables_are_read_in_either_default_style() -> None:
+    quoted = '# kvm_exporter_a (str): x\n: ${kvm_exporter_a="/usr/x"}\n: ${kvm_exporter_b=""}\n'
+    colon = '# kvm_exporter_c (bool): y\n: "${kvm_exporter_c:=NO}"\n# kvm_exporter_d (str): unset\n'
+    assert rc_variables(quoted) == {"kvm_exporter_a": "/usr/x", "kvm_exporter_b": ""}
+    assert rc_variables(colon) == {"kvm_exporter_c": "NO", "kvm_exporter_d": None}
+
+
 def test_every_rc_conf_variable_is_documented_with_its_default() -> None:
-    defaults = dict(re.findall(r'^: "\$\{(kvm_exporter_\w+):=([^}]*)\}"', RC_D.read_text(), re.M))
-    assert "kvm_exporter_enable" in defaults
+    variables = rc_variables(RC_D.read_text())
+    assert "kvm_exporter_enable" in variables
     documented = section("RC.CONF VARIABLES")
-    for name, default in defaults.items():
+    for name, default in variables.items():
         entry = re.search(rf"^\.It Va {name}\n(.*?)(?=^\.It |^\.El)", documented, re.M | re.S)
         assert entry, f"{name} is not in RC.CONF VARIABLES"
         if default:
             assert default in entry.group(1), f"{name}: default {default} not given"
-        else:
+        elif default == "":
             assert "Default: empty." in entry.group(1)
