@@ -24,6 +24,8 @@ DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
 SOURCES = ("auto", "procfs", "libkvm")
 LOG_LEVELS = ("debug", "info", "warn", "error")
+COMPAT = ("node_exporter",)
+"""Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
 """kvm_getprocs(3) selections by name: ``proc`` is every process (kernel ones included),
 ``all`` is KERN_PROC_ALL (one row per thread); the rest select by ``libkvm.argument``."""
@@ -73,6 +75,8 @@ class Config:
     labels: tuple[str, ...] = LABELS
     max_series: int = 1000
     """Most series per process metric; smaller groups fold into ``other`` past it."""
+    compat: tuple[str, ...] = ()
+    """Also serve these exporters' names for the same data (``node_exporter``)."""
     web: WebConfig = field(default_factory=WebConfig)
     log: LogConfig = field(default_factory=LogConfig)
     procfs: ProcfsConfig = field(default_factory=ProcfsConfig)
@@ -141,7 +145,11 @@ def _path(value: Any) -> Any:
 Rules = Mapping[str, Callable[[Any], Any]]
 """Functions by dotted YAML key (``log.level``) for :func:`build`."""
 
-_PARSERS: Rules = {"interval": parse_duration, "labels": list_of(LABELS)}
+_PARSERS: Rules = {
+    "interval": parse_duration,
+    "labels": list_of(LABELS),
+    "compat": list_of(COMPAT),
+}
 _CHECKS: Rules = {
     "source": one_of(SOURCES),
     "max_series": _series_cap,

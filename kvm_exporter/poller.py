@@ -39,6 +39,8 @@ class Settings:
     interval: float = 15.0
     labels: tuple[str, ...] = ("user", "tty", "state")
     max_series: int = 1000
+    compat: tuple[str, ...] = ()
+    """Names served besides kvm_*; read by the collectors, not by a poll."""
 
 
 @dataclass(frozen=True)

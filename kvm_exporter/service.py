@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from .app import make_app
 from .collector import KvmCollector, ReloadStatus
+from .compat import NodeCollector
 from .config import Config, ConfigError, load_config
 from .logs import set_level
 from .poller import Poller, Settings
@@ -24,7 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def settings_of(config: Config) -> Settings:
-    return Settings(interval=config.interval, labels=config.labels, max_series=config.max_series)
+    return Settings(
+        interval=config.interval,
+        labels=config.labels,
+        max_series=config.max_series,
+        compat=config.compat,
+    )
 
 
 def source_key(config: Config) -> tuple[Any, ...]:
@@ -44,6 +50,7 @@ def build_registry(
             reload_status or (lambda: ReloadStatus(True, 0, time.time())),
         )
     )
+    registry.register(NodeCollector(poller))  # serves nothing unless compat asks for it
     return registry
 
 

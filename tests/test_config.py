@@ -67,7 +67,10 @@ def test_flags_win_over_the_file() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("intervall: 5s", "cfg.yml: intervall: unknown key (expected one of interval, labels"),
+        (
+            "intervall: 5s",
+            "cfg.yml: intervall: unknown key (expected one of compat, interval, labels",
+        ),
         ("web: {port: 1}", "cfg.yml: web.port: unknown key (expected one of config_file"),
         ("interval: five", "cfg.yml: interval: got 'five', expected a duration"),
         ("interval: -1", "cfg.yml: interval: got -1, expected a duration of 0 or more"),

@@ -32,9 +32,9 @@ from prom_support import (
     RULES_FILE,
     PanelQuery,
     alert_rules,
-    binary,
     dashboard_queries,
     load_dashboard,
+    prometheus_command,
 )
 
 SCENARIOS = REPO / "tests" / "fakekvm" / "scenarios"
@@ -244,14 +244,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         config.write_text(yaml.safe_dump(prometheus_config(hosts)))
         log = tmp / "prometheus.log"
 
-        def command(port: int) -> list[str]:
-            return [
-                binary("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ]
-
+        command = prometheus_command(config, tmp / "tsdb")
         _, port = start_listening(
             "prometheus", command, prometheus_ready, dict(os.environ), log, started
         )
