@@ -115,12 +115,13 @@ class KvmCollector(Collector):
             yield _gauge("kvm_cpus", "CPUs of the host" + AS_OF, lim.cpus)
             yield _gauge(
                 "kvm_processes_limit",
-                "Most processes the kernel allows (Linux: tasks, as for threads)" + AS_OF,
+                "Most processes the kernel allows (Linux: the task limit, as for threads)" + AS_OF,
                 lim.max_procs,
             )
             yield _gauge(
                 "kvm_threads_limit",
-                "Most threads the kernel allows (Linux: tasks, each with a PID)" + AS_OF,
+                "Most threads the kernel allows (Linux: tasks, min(pid_max - 1, threads-max))"
+                + AS_OF,
                 lim.max_threads,
             )
 
