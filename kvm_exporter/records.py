@@ -66,9 +66,10 @@ class SwapDevice(NamedTuple):
 class HostLimits(NamedTuple):
     cpus: int
     max_procs: int
-    """Most processes the kernel allows (``kern.maxproc``; Linux ``pid_max``)."""
+    """Most processes the kernel allows (``kern.maxproc``; Linux: the task limit)."""
     max_threads: int
-    """Most threads the kernel allows (``kern.maxproc`` x threads; Linux ``threads-max``)."""
+    """Most threads the kernel allows (``kern.maxthread``; Linux: the task limit, the lower of
+    ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
 
 
 class SourceError(Exception):

@@ -277,7 +277,11 @@ class ProcfsSource:
         )
         pid_max = _read_int(f"{self.root}/sys/kernel/pid_max")
         threads_max = _read_int(f"{self.root}/sys/kernel/threads-max")
-        return HostLimits(cpus=cpus, max_procs=pid_max, max_threads=threads_max)
+        # Linux limits tasks, not processes: every process and every thread is a task, and
+        # fork/clone fail when the tasks reach threads-max or run out of PIDs (1 to
+        # pid_max - 1). A process is at least one task, so both limits are the task limit.
+        tasks = min(pid_max - 1, threads_max)
+        return HostLimits(cpus=cpus, max_procs=tasks, max_threads=tasks)
 
     def close(self) -> None:
         """Nothing to release: every read opens and closes its own file."""
