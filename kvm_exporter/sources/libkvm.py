@@ -58,6 +58,7 @@ S_IFCHR = 0o020000
 DEVNAME_SIZE = 256  # SPECNAMELEN + 1
 MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
 CLOSE_WAIT = 0.5  # seconds close() waits for a call in progress
+RECORD_BUFFER = 2048  # bytes: more than any struct kinfo_proc
 
 log = logging.getLogger(__name__)
 
@@ -206,39 +207,40 @@ class LibkvmSource:
         # kern.threads.max_threads_per_proc is per process and would overstate it.
         return HostLimits(cpus=cpus, max_procs=procs, max_threads=threads)
 
-    def own_usage(self) -> OwnUsage | None:
-        """The exporter's own process from its kinfo_proc (KERN_PROC_PID of getpid()).
+    def own_usage(self) -> OwnUsage:
+        """The exporter's own process, from its kinfo_proc (sysctl kern.proc.pid.<pid>).
 
-        None for a crash dump, which holds another system's processes. Open descriptors
-        come from kern.proc.nfds (None where the kernel lacks that node); the limit from
+        Read by sysctl, not through the libkvm handle: it is this running process even when
+        the handle is a crash dump, and it leaves the handle to the polls. Open descriptors
+        come from kern.proc.nfds (None where the kernel lacks that node), the limit from
         getrlimit(RLIMIT_NOFILE).
         """
-        if self.crash_dump:
-            return None
-        nfds, size = ffi.new("int *"), ffi.new("size_t *", ffi.sizeof("int"))
-        mib = ffi.new("int[4]", [CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0])
-        with self._lock:
-            kd = self._handle()
-            self._clear_error(kd)
-            count = ffi.new("int *", -1)
-            base = self._lib.kvm_getprocs(kd, KERN_PROC_OPS["pid"], os.getpid(), count)
-            if base == ffi.NULL or count[0] < 1:
-                raise self._failure("kvm_getprocs of the exporter's own process", kd)
-            kp = ffi.cast(self._record_type(base) + " *", base)[0]
-            ru = kp.ki_rusage
-            usage = OwnUsage(
-                cpu_seconds=ru.ru_utime.tv_sec
-                + ru.ru_stime.tv_sec
-                + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
-                resident_bytes=kp.ki_rssize * self._pagesize,
-                virtual_bytes=kp.ki_size,
-                start_time=kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6,
-                open_fds=None,
-                max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            )
-            if self._lib.sysctl(mib, 4, nfds, size, ffi.NULL, 0) == 0:
-                usage = usage._replace(open_fds=int(nfds[0]))
-        return usage
+        pid = os.getpid()
+        record = ffi.new("char[]", RECORD_BUFFER)
+        size = ffi.new("size_t *", RECORD_BUFFER)
+        if self._sysctl([CTL_KERN, KERN_PROC, KERN_PROC_OPS["pid"], pid], record, size) != 0:
+            raise SourceError(f"sysctl kern.proc.pid.{pid}: {os.strerror(ffi.errno)}")
+        structsize = int(ffi.cast("int *", record)[0])
+        if size[0] < structsize:
+            raise SourceError(f"sysctl kern.proc.pid.{pid}: {size[0]} bytes, not {structsize}")
+        kp = ffi.cast(_record_type(structsize) + " *", record)[0]
+        ru = kp.ki_rusage
+        nfds = ffi.new("int *")
+        nfds_size = ffi.new("size_t *", ffi.sizeof("int"))
+        known = self._sysctl([CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0], nfds, nfds_size) == 0
+        return OwnUsage(
+            cpu_seconds=ru.ru_utime.tv_sec
+            + ru.ru_stime.tv_sec
+            + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
+            resident_bytes=kp.ki_rssize * self._pagesize,
+            virtual_bytes=kp.ki_size,
+            start_time=kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6,
+            open_fds=int(nfds[0]) if known else None,
+            max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+
+    def _sysctl(self, mib: list[int], value: Any, size: Any) -> int:
+        return int(self._lib.sysctl(ffi.new("int[]", mib), len(mib), value, size, ffi.NULL, 0))
 
     def close(self) -> None:
         """Release the handle; later calls raise :class:`SourceError`."""

@@ -1,8 +1,8 @@
 /*
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
  * kvm_openfiles(3), kvm_getprocs(3), kvm_getloadavg(3), kvm_getswapinfo(3),
- * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3) and
- * sysctlbyname(3), with the
+ * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3),
+ * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
  *
  * Build: cc -O2 -Wall -Werror -shared -fPIC -o libfakekvm.so fakekvm.c
@@ -31,7 +31,8 @@
  *                              tdflags slptime threads(=1) rss (pages) size (bytes)
  *                              runtime (microseconds) start (seconds, fraction allowed)
  *                              comm (no spaces; at most 19 bytes)
- *   structsize N             ki_structsize written into every record (default 1088)
+ *   structsize N             ki_structsize written into every live record (default 1088)
+ *   symbol NAME VALUE        an int kernel variable of a crash dump (e.g. _dmmax)
  *   fail CALL N MESSAGE      call number N (1-based, or '*' for every call) of CALL fails
  *                            with MESSAGE as its kvm_geterr()/errbuf text. CALL is one of
  *                            open, getprocs, swapinfo, loadavg. Calls are counted per
@@ -585,9 +586,9 @@ static int has_node(int op)
  * terminal, NODEV without one; a crash dump's kvm_proclist() has "#if 0" around
  * t_cdev.si_udev and stores NODEV for every process.
  */
-static fb_dev_t record_tdev(const kvm_t *kd, const struct fake_proc *p)
+static fb_dev_t record_tdev(int live, const struct fake_proc *p)
 {
-	return kd->live ? p->tdev : NODEV;
+	return live ? p->tdev : NODEV;
 }
 
 static int selected(const kvm_t *kd, const struct fake_proc *p, int what, int arg)
@@ -604,7 +605,7 @@ static int selected(const kvm_t *kd, const struct fake_proc *p, int what, int ar
 		return p->sid == arg;
 	case KERN_PROC_TTY:
 		/* P_CONTROLT, then (dev_t)name[0]: the int argument sign-extends. */
-		return p->tdev != NODEV && record_tdev(kd, p) == (fb_dev_t)arg;
+		return p->tdev != NODEV && record_tdev(kd->live, p) == (fb_dev_t)arg;
 	case KERN_PROC_UID:
 		return p->uid == (fb_uid_t)arg;
 	case KERN_PROC_RUID:
@@ -674,8 +675,8 @@ static int read_self(const struct scenario *sc, struct fake_proc *p, struct fb_r
  * system, or what kvm_proclist() writes from a crash dump (tests/fakekvm/README.md has
  * the table). rows is 1 for a process row.
  */
-static void fill(const kvm_t *kd, struct kinfo_proc *kp, const struct fake_proc *p, int t,
-		 int rows)
+static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
+		 const struct fake_proc *p, int t, int rows)
 {
 	memset(kp, 0, sizeof(*kp));
 	kp->ki_pid = p->pid;
@@ -685,7 +686,7 @@ static void fill(const kvm_t *kd, struct kinfo_proc *kp, const struct fake_proc 
 	kp->ki_uid = p->uid;
 	kp->ki_ruid = p->ruid;
 	kp->ki_svuid = p->uid;
-	kp->ki_tdev = record_tdev(kd, p);
+	kp->ki_tdev = record_tdev(live, p);
 	kp->ki_tdev_freebsd11 = (uint32_t)kp->ki_tdev; /* truncated, as both do */
 	kp->ki_stat = (char)p->stat;
 	kp->ki_numthreads = p->threads;
@@ -694,8 +695,8 @@ static void fill(const kvm_t *kd, struct kinfo_proc *kp, const struct fake_proc 
 	kp->ki_tid = 100000 + p->pid * 16 + t;
 	kp->ki_oncpu = -1;
 	kp->ki_lastcpu = -1;
-	if (kd->live) {
-		kp->ki_structsize = kd->sc.structsize;
+	if (live) {
+		kp->ki_structsize = sc->structsize;
 		kp->ki_flag = p->tdev != NODEV ? P_CONTROLT : 0;
 		kp->ki_tdflags = p->tdflags;
 		kp->ki_slptime = p->slptime;
@@ -715,9 +716,9 @@ static void fill(const kvm_t *kd, struct kinfo_proc *kp, const struct fake_proc 
 		 */
 		kp->ki_flag = p->tdev != NODEV && p->stat != SZOMB ? P_CONTROLT : 0;
 		kp->ki_runtime = p->runtime;
-		snprintf(kp->ki_comm, MAXCOMLEN, "%s", p->comm);
+		memcpy(kp->ki_comm, p->comm, MAXCOMLEN - 1); /* 18 bytes and the NUL of memset */
 	}
-	snprintf(kp->ki_tdname, sizeof(kp->ki_tdname), "%s", p->comm);
+	memcpy(kp->ki_tdname, p->comm, sizeof(kp->ki_tdname) - 1);
 }
 
 void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
@@ -786,7 +787,7 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 		if (!selected(kd, p, what, arg))
 			continue;
 		for (int t = 0; t < rows; t++) {
-			fill(kd, &kd->procbase[n], p, t, rows);
+			fill(&kd->sc, kd->live, &kd->procbase[n], p, t, rows);
 			if (procs == &self)
 				kd->procbase[n].ki_rusage = self_ru;
 			n++;
@@ -932,20 +933,27 @@ char *devname_r(fb_dev_t dev, uint16_t type, char *buf, int len)
 	return buf;
 }
 
-int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+/* The scenario of the newest open handle, else FAKE_KVM_SCENARIO read afresh, else NULL. */
+static const struct scenario *current_scenario(void)
 {
 	static struct scenario env_scenario;
-	const struct scenario *sc = nopen > 0 ? &open_handles[nopen - 1]->sc : NULL;
+	char err[ERRBUF_SIZE];
+	const char *path = getenv("FAKE_KVM_SCENARIO");
+
+	if (nopen > 0)
+		return &open_handles[nopen - 1]->sc;
+	if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
+		return &env_scenario;
+	return NULL;
+}
+
+int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+{
+	const struct scenario *sc = current_scenario();
 
 	if (newp != NULL || newlen != 0) {
 		errno = EPERM;
 		return -1;
-	}
-	if (sc == NULL) {
-		char err[ERRBUF_SIZE];
-		const char *path = getenv("FAKE_KVM_SCENARIO");
-		if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
-			sc = &env_scenario;
 	}
 	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
 		if (strcmp(sc->sysctls[i].name, name) != 0)
@@ -964,40 +972,73 @@ int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp
 	return -1;
 }
 
-/*
- * sysctl(3) by MIB: only kern.proc.nfds (CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0), which
- * sysctl_kern_proc_nfds() answers for the calling process alone (its argument must be 0):
- * here the open descriptors of this Linux process, counted in /proc/self/fd.
- */
-int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, const void *newp,
-	   size_t newlen)
+/* Copies an int or a record out the way SYSCTL_OUT does: ENOMEM if it does not fit. */
+static int sysctl_out(void *oldp, size_t *oldlenp, const void *value, size_t len)
+{
+	if (oldp != NULL) {
+		if (*oldlenp < len) {
+			errno = ENOMEM;
+			return -1;
+		}
+		memcpy(oldp, value, len);
+	}
+	*oldlenp = len;
+	return 0;
+}
+
+/* The open descriptors of this Linux process, counted in /proc/self/fd. */
+static int open_fds(void)
 {
 	struct dirent *entry;
-	DIR *dir;
+	DIR *dir = opendir("/proc/self/fd");
 	int count = -1; /* the directory's own descriptor is listed too */
 
-	if (namelen < 3 || name[0] != CTL_KERN || name[1] != KERN_PROC ||
-	    name[2] != KERN_PROC_NFDS) {
-		errno = ENOENT;
-		return -1;
-	}
-	if (namelen != 4 || name[3] != 0 || newp != NULL || newlen != 0) {
-		errno = EINVAL;
-		return -1;
-	}
-	dir = opendir("/proc/self/fd");
 	if (dir == NULL)
 		return -1;
 	while ((entry = readdir(dir)) != NULL)
 		count += entry->d_name[0] != '.';
 	closedir(dir);
-	if (oldp != NULL) {
-		if (*oldlenp < sizeof(int)) {
-			errno = ENOMEM;
+	return count;
+}
+
+/*
+ * sysctl(3) by MIB, for the calling process only:
+ * - kern.proc.nfds (CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0): its open descriptors, which
+ *   sysctl_kern_proc_nfds() counts for curproc alone (an argument other than 0 is EINVAL);
+ * - kern.proc.pid.<getpid()>: its kinfo_proc as sysctl_kern_proc() fills it, read from
+ *   Linux's /proc/self (read_self); any other pid is not emulated (ESRCH).
+ */
+int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, const void *newp,
+	   size_t newlen)
+{
+	const struct scenario *sc = current_scenario();
+	struct kinfo_proc kp;
+	struct fake_proc self;
+	struct fb_rusage ru;
+	int count;
+
+	if (namelen < 3 || name[0] != CTL_KERN || name[1] != KERN_PROC ||
+	    (name[2] != KERN_PROC_NFDS && name[2] != KERN_PROC_PID)) {
+		errno = ENOENT;
+		return -1;
+	}
+	if (namelen != 4 || newp != NULL || newlen != 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	if (name[2] == KERN_PROC_NFDS) {
+		if (name[3] != 0) {
+			errno = EINVAL;
 			return -1;
 		}
-		memcpy(oldp, &count, sizeof(int));
+		count = open_fds();
+		return count < 0 ? -1 : sysctl_out(oldp, oldlenp, &count, sizeof(count));
 	}
-	*oldlenp = sizeof(int);
-	return 0;
+	if (sc == NULL || name[3] != getpid() || read_self(sc, &self, &ru) != 0) {
+		errno = ESRCH;
+		return -1;
+	}
+	fill(sc, 1, &kp, &self, 0, 1);
+	kp.ki_rusage = ru;
+	return sysctl_out(oldp, oldlenp, &kp, sizeof(kp));
 }
