@@ -217,8 +217,8 @@ def test_thread_rows_fold_into_one_record_per_process(
 
 def test_all_with_threads_sends_kern_proc_all(open_libkvm: Opener) -> None:
     # KERN_PROC_ALL | KERN_PROC_INC_THREAD has no sysctl node; KERN_PROC_ALL is thread rows.
-    assert libkvm._op_and_argument(LibkvmConfig(predicate="all", threads=True)) == (0, 0)
-    assert libkvm._op_and_argument(LibkvmConfig(predicate="uid", argument=5, threads=True)) == (
+    assert libkvm.op_and_argument(LibkvmConfig(predicate="all", threads=True)) == (0, 0)
+    assert libkvm.op_and_argument(LibkvmConfig(predicate="uid", argument=5, threads=True)) == (
         0x15,
         5,
     )

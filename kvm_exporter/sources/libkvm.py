@@ -70,7 +70,7 @@ class LibkvmSource:
 
     def __init__(self, config: LibkvmConfig) -> None:
         self._lib = kvm_cdef.load(config.library)
-        self._op, self._arg = _op_and_argument(config)
+        self._op, self._arg = op_and_argument(config)
         self._by_pid = config.predicate == "pid"
         # KERN_PROC_ALL returns one row per thread even without the modifier.
         self._per_thread = bool(self._op & KERN_PROC_INC_THREAD) or self._op == 0
@@ -389,13 +389,15 @@ def _record_type(structsize: int) -> str:
     return record_type
 
 
-def _op_and_argument(config: LibkvmConfig) -> tuple[int, int]:
+def op_and_argument(config: LibkvmConfig) -> tuple[int, int]:
     """The kvm_getprocs op and int argument for ``config``, as the kernel will read them.
 
     Only ops with a sysctl node are sent: ``sysctl_kern_proc`` has a thread variant of
     every predicate but ``all``, which already returns one row per thread, so ``all`` with
     ``threads`` sends plain KERN_PROC_ALL. The argument is a C int that the kernel casts:
     to uid_t for uid and ruid (all 2**32 uids), to dev_t for tty (sign-extended).
+    Raises :class:`SourceError` for what the kernel cannot be asked; loads no library, so a
+    configuration check can call it.
     """
     predicate, argument = config.predicate, config.argument
     if predicate in ("proc", "all"):
