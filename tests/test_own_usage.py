@@ -10,6 +10,7 @@ import resource
 from typing import Any
 
 import pytest
+from conftest import samples
 from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
 from test_exposition import run
 
@@ -137,4 +138,5 @@ def test_once_prints_no_process_metrics() -> None:
     # A textfile for node_exporter must not repeat its own process_* metrics.
     result = run("--once")
     assert result.returncode == 0, result.stderr
-    assert "process_" not in result.stdout
+    assert own_metrics(samples(result.stdout)) == {}
+    assert "# TYPE process_" not in result.stdout
