@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
+from .records import OwnUsage, Source, SourceError
 
 AS_OF = ", as of the last poll."
 """Ends the HELP text of every value read from the system (the snapshot may be a poll old)."""
+
+log = logging.getLogger(__name__)
 
 
 class ReloadStatus(NamedTuple):
@@ -185,3 +190,45 @@ class KvmCollector(Collector):
             "Unix time in seconds of the last successful configuration load.",
             status.last_success,
         )
+
+
+class OwnUsageCollector(Collector):
+    """The exporter's own ``process_*`` metrics, named as every Prometheus exporter names them.
+
+    A source with ``own_usage()`` answers them (libkvm: the exporter's own kinfo_proc, as
+    FreeBSD has no /proc); otherwise prometheus_client's ProcessCollector reads /proc/self.
+    """
+
+    def __init__(self, source: Callable[[], Source]) -> None:
+        self._source = source
+        self._proc = ProcessCollector(registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        own_usage: Callable[[], OwnUsage] | None = getattr(self._source(), "own_usage", None)
+        if own_usage is None:
+            yield from self._proc.collect()
+            return
+        try:
+            usage = own_usage()
+        except SourceError as err:
+            log.warning("process metrics left out: %s", err)
+            return
+        yield CounterMetricFamily(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            value=usage.cpu_seconds,
+        )
+        yield _gauge(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", usage.virtual_bytes
+        )
+        yield _gauge(
+            "process_resident_memory_bytes", "Resident memory size in bytes.", usage.resident_bytes
+        )
+        yield _gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            usage.start_time,
+        )
+        if usage.open_fds is not None:
+            yield _gauge("process_open_fds", "Number of open file descriptors.", usage.open_fds)
+        yield _gauge("process_max_fds", "Maximum number of open file descriptors.", usage.max_fds)

@@ -15,6 +15,9 @@ from typing import NamedTuple, Protocol
 NO_TTY = "none"
 """The ``tty`` of a process without a controlling terminal (ps shows ``?`` or ``-``)."""
 
+UNKNOWN_TTY = "unknown"
+"""The ``tty`` of a process whose terminal the source cannot name (from a FreeBSD crash dump)."""
+
 
 class Proc(NamedTuple):
     """One process, as of the moment it was read."""
@@ -33,8 +36,8 @@ class Proc(NamedTuple):
     rss_bytes: int
     vsize_bytes: int
     cpu_seconds: float
-    start_time: float
-    """Start time, seconds since the Unix epoch."""
+    start_time: float | None
+    """Start time, seconds since the Unix epoch; None where the source cannot know it."""
 
 
 Kind = tuple[int, str, str, int]
@@ -70,6 +73,19 @@ class HostLimits(NamedTuple):
     max_threads: int
     """Most threads the kernel allows (``kern.maxthread``; Linux: the task limit, the lower of
     ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
+
+
+class OwnUsage(NamedTuple):
+    """What the exporter's own process uses, for the ``process_*`` metrics."""
+
+    cpu_seconds: float
+    resident_bytes: int
+    virtual_bytes: int
+    start_time: float
+    """Seconds since the Unix epoch."""
+    open_fds: int | None
+    """None where the system cannot say."""
+    max_fds: int
 
 
 class SourceError(Exception):

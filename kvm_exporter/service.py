@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from .app import make_app
-from .collector import KvmCollector, ReloadStatus
+from .collector import KvmCollector, OwnUsageCollector, ReloadStatus
 from .compat import NodeCollector
 from .config import Config, ConfigError, load_config
 from .logs import set_level
@@ -73,6 +73,7 @@ class Service:
         try:
             self.poller = Poller(source, settings_of(self.config))
             registry = build_registry(self.poller, lambda: self._reload)
+            registry.register(OwnUsageCollector(lambda: self.poller.source))  # not in --once
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             self.server: Server = serve(app, web.listen_address, web_settings)
         except BaseException:

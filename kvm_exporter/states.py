@@ -59,6 +59,12 @@ def linux_state(letter: str) -> str:
     return LINUX_STATES.get(letter, "unknown")
 
 
+def freebsd_dump_state(ki_stat: int) -> str:
+    """Map ``ki_stat`` of a crash-dump record: libkvm fills neither ``ki_tdflags`` nor
+    ``ki_slptime`` there, so a sleep is ``sleeping``, without ps's uninterruptible/idle split."""
+    return "sleeping" if ki_stat == SSLEEP else _FREEBSD_STATES.get(ki_stat, "unknown")
+
+
 def freebsd_state(ki_stat: int, ki_tdflags: int, ki_slptime: int) -> str:
     """Map ``ki_stat`` to the shared vocabulary, splitting sleep the way ``ps`` does."""
     if ki_stat == SSLEEP:
