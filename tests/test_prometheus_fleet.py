@@ -328,6 +328,8 @@ def read_scenario(path: Path) -> Scenario:
             swap[words[1]] = (int(words[2]), int(words[3]))
         elif words[0] == "proc":
             keys = dict(word.split("=", 1) for word in words[1:])
+            if keys.get("stat") == "SIDL":
+                continue  # being created: neither the kernel nor libkvm lists it
             processes += 1
             threads += int(keys.get("threads", "1"))
     return Scenario(sysctls, loadavg, swap, processes, threads)
