@@ -54,10 +54,12 @@ def aggregate(
     labels: tuple[str, ...],
     max_series: int,
     user_name: Callable[[int], str] | None = None,
+    states: tuple[str, ...] = STATES,
 ) -> Counts:
     """Count processes and threads per ``labels`` group of a census.
 
-    Every state of the vocabulary gets a series (zero if no process is in it). Past
+    Every state of ``states`` (what the source can tell apart) gets a series, zero if no
+    process is in it. Past
     ``max_series`` series, detail goes in this order, so one user cannot hide the others:
     first the tty of the users with the most groups (their groups merge into ``tty="other"``),
     then, if even that is too many, whole users, smallest first, into ``user="other"`` (one
@@ -82,14 +84,14 @@ def aggregate(
         threads[key] = threads.get(key, 0) + count * max(kind[_THREADS], 1)  # one at least
 
     at = _Positions.of(labels)
-    missing = set(STATES) - {key[at.state] for key in processes} if at.state is not None else ()
+    missing = set(states) - {key[at.state] for key in processes} if at.state is not None else ()
     folded = 0
     if len(processes) + len(missing) > max_series:
         fold = _folding(processes, at, max_series - len(missing), max_series)
         into = {key: fold(key) for key in processes}
         folded = sum(1 for key, new in into.items() if new != key)
         processes, threads = _refold(processes, into), _refold(threads, into)
-    for state in STATES:
+    for state in states:
         if state in missing:
             key = _other_key(len(labels), at.state, state)
             processes[key] = threads[key] = 0

@@ -140,7 +140,9 @@ class Poller:
             source, names = self.source, self._names
             counts = timed(
                 "procs",
-                lambda: aggregate(source.census(), settings.labels, settings.max_series, names),
+                lambda: aggregate(
+                    source.census(), settings.labels, settings.max_series, names, source.states
+                ),
             )
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))

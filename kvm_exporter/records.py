@@ -96,6 +96,8 @@ class Source(Protocol):
     """What the poller needs from a platform. Implementations may raise :class:`SourceError`."""
 
     name: str
+    states: tuple[str, ...]
+    """The states this source can tell apart; each is reported, as 0 if no process has it."""
 
     def procs(self) -> list[Proc]:
         """Every process, each with all its fields."""

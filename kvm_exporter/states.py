@@ -54,6 +54,13 @@ _FREEBSD_STATES: dict[int, str] = {
 }
 
 
+DUMP_STATES: tuple[str, ...] = tuple(
+    state for state in STATES if state not in ("idle", "uninterruptible")
+)
+"""The states a crash dump can tell apart: without ``ki_tdflags`` and ``ki_slptime`` no sleep
+is known to be idle or uninterruptible, so those two are not reported (not even as 0)."""
+
+
 def linux_state(letter: str) -> str:
     """Map a ``/proc/PID/stat`` state letter to the shared vocabulary."""
     return LINUX_STATES.get(letter, "unknown")

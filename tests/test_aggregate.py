@@ -12,7 +12,7 @@ from conftest import PROC_FIXTURE, wait_until
 
 from kvm_exporter.aggregate import MIN_SERIES, OTHER, aggregate, user_names
 from kvm_exporter.records import Proc, census_of
-from kvm_exporter.states import STATES
+from kvm_exporter.states import DUMP_STATES, STATES
 
 LABELS = ("user", "tty", "state")
 
@@ -42,6 +42,12 @@ def test_every_state_present_with_zeros() -> None:
     assert c.processes[(OTHER, OTHER, "zombie")] == 0
     assert c.threads[(OTHER, OTHER, "zombie")] == 0
     assert len(c.processes) == len(STATES)
+
+
+def test_only_the_states_a_source_tells_apart_are_zero_filled() -> None:
+    c = aggregate(census_of([proc(1)]), LABELS, 1000, names, DUMP_STATES)
+    assert {key[2] for key in c.processes} == set(DUMP_STATES)
+    assert "uninterruptible" not in DUMP_STATES and "idle" not in DUMP_STATES
 
 
 def test_label_subsets() -> None:

@@ -32,7 +32,15 @@ from ..records import (
     SwapDevice,
     census_of,
 )
-from ..states import MAXSLP, SZOMB, TDF_SINTR, freebsd_dump_state, freebsd_state
+from ..states import (
+    DUMP_STATES,
+    MAXSLP,
+    STATES,
+    SZOMB,
+    TDF_SINTR,
+    freebsd_dump_state,
+    freebsd_state,
+)
 from . import kvm_cdef
 from .kvm_cdef import ffi
 
@@ -90,6 +98,7 @@ class LibkvmSource:
             raise SourceError(f"kvm_openfiles cannot open {where}: {reason}")
         self._kd: Any = kd
         self.crash_dump = config.core is not None
+        self.states = DUMP_STATES if self.crash_dump else STATES
         try:
             self._pagesize = self._sysctl_int("hw.pagesize")
         except SourceError:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..records import NO_TTY, Census, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
-from ..states import LINUX_STATES
+from ..states import LINUX_STATES, STATES
 
 try:
     from ._procscan import ffi as _ffi  # type: ignore[import-not-found, unused-ignore]
@@ -137,6 +137,7 @@ class ProcfsSource:
     """Reads a procfs mounted at ``root`` (``/proc``; a copy of one in tests)."""
 
     name = "procfs"
+    states = STATES
 
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
