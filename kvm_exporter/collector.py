@@ -147,7 +147,7 @@ class KvmCollector(Collector):
             "Failed polls of this part since the exporter started.",
             labels=["collector"],
         )
-        for part in COLLECTORS:
+        for part in (*COLLECTORS, *(p for p in snap.success if p not in COLLECTORS)):
             if part in snap.success:
                 success.add_metric([part], snap.success[part])
                 duration.add_metric([part], snap.duration[part])

@@ -19,12 +19,13 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .aggregate import MIN_SERIES
+from .groups import Rule, RuleError, parse_process_names
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
 SOURCES = ("auto", "procfs", "libkvm")
 LOG_LEVELS = ("debug", "info", "warn", "error")
-COMPAT = ("node_exporter",)
+COMPAT = ("node_exporter", "process_exporter")
 """Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
 """kvm_getprocs(3) selections by name: ``proc`` is every process (kernel ones included),
@@ -68,6 +69,17 @@ class LibkvmConfig:
 
 
 @dataclass(frozen=True)
+class GroupsConfig:
+    """Named process groups in process-exporter's config format (``groups.py``)."""
+
+    process_names: tuple[Rule, ...] = ()
+    config_file: str | None = None
+    """process-exporter's own config file, read for its ``process_names``."""
+    children: bool = True
+    """process-exporter's ``-children``: an unmatched new process joins its parent's group."""
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "auto"
     interval: float = 15.0
@@ -81,6 +93,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     procfs: ProcfsConfig = field(default_factory=ProcfsConfig)
     libkvm: LibkvmConfig = field(default_factory=LibkvmConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
 
 
 MAX_DURATION = 365 * 86400.0
@@ -145,8 +158,35 @@ def _path(value: Any) -> Any:
 Rules = Mapping[str, Callable[[Any], Any]]
 """Functions by dotted YAML key (``log.level``) for :func:`build`."""
 
+
+def _process_names(value: Any) -> tuple[Rule, ...]:
+    try:
+        return parse_process_names(value)
+    except RuleError as err:
+        raise Invalid(str(err), err.at) from None
+
+
+def _groups(groups: GroupsConfig) -> GroupsConfig:
+    """Read ``config_file`` (process-exporter's file; only its process_names key is read)."""
+    if groups.config_file is None:
+        return groups
+    if groups.process_names:
+        raise Invalid("give process_names or config_file, not both")
+    path = groups.config_file
+    data = read_yaml(path, "process-exporter config file")
+    names = data.get("process_names") if isinstance(data, dict) else None
+    if names is None:
+        raise ConfigError(f"{path}: process_names: missing, expected a list of rules")
+    try:
+        rules = parse_process_names(names)
+    except RuleError as err:
+        raise ConfigError(f"{path}: process_names{'.' if err.at else ''}{err.at}: {err}") from None
+    return dataclasses.replace(groups, process_names=rules)
+
+
 _PARSERS: Rules = {
     "interval": parse_duration,
+    "groups.process_names": _process_names,
     "labels": list_of(LABELS),
     "compat": list_of(COMPAT),
 }
@@ -156,6 +196,7 @@ _CHECKS: Rules = {
     "log.level": one_of(LOG_LEVELS),
     "web.telemetry_path": _path,
     "libkvm.predicate": one_of(PREDICATES),
+    "groups": _groups,
 }
 
 T = TypeVar("T")

@@ -16,7 +16,9 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
-from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
+from .grouping import GroupCounts, Grouper
+from .groups import Rule
+from .records import Census, HostLimits, LoadAvg, Proc, Source, SourceError, SwapDevice, census_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class Settings:
     max_series: int = 1000
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
+    groups: tuple[Rule, ...] = ()
+    """Named process groups (``grouping.py``); none: no groups, and no full process list."""
+    children: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Snapshot:
     """Wall-clock time of the last poll in which every part succeeded."""
     polls: int
     errors: Mapping[str, int] = field(default_factory=dict)
+    groups: GroupCounts | None = None
 
     @property
     def up(self) -> bool:
@@ -67,7 +73,7 @@ class Snapshot:
         """This snapshot once too old to pass for current: every part failed, no data."""
         failed = MappingProxyType(dict.fromkeys(self.success, False))
         return dataclasses.replace(
-            self, counts=None, load=None, swap=None, limits=None, success=failed
+            self, counts=None, load=None, swap=None, limits=None, success=failed, groups=None
         )
 
 
@@ -91,6 +97,8 @@ class Poller:
         between must wait too."""
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
+        self._grouper: Grouper | None = None
+        self._grouper_made: tuple[object, ...] = ()
 
     def snapshot(self) -> Snapshot:
         """The latest snapshot; with ``interval`` 0, a fresh poll.
@@ -109,6 +117,11 @@ class Poller:
         if time.time() - snap.polled_at > 2 * interval + 1.0:
             return snap.expired()
         return snap
+
+    def scraped(self) -> Snapshot:
+        """The snapshot this scrape's first collector got: with ``interval`` 0 the one it
+        polled (no second poll per scrape), else :meth:`snapshot`."""
+        return self._snapshot if self.settings.interval == 0 else self.snapshot()
 
     def poll(self) -> Snapshot:
         """Poll every part once, publish and return the snapshot."""
@@ -138,12 +151,29 @@ class Poller:
             if time.monotonic() - self._names_since > NAMES_TTL:
                 self._names, self._names_since = user_names(), time.monotonic()
             source, names = self.source, self._names
+            grouper = self._grouper_for(source, settings)
+            procs: list[Proc] | None = None
+
+            def census() -> Census:
+                nonlocal procs
+                if grouper is None:
+                    return source.census()
+                procs = source.procs()  # groups need each process: one read serves both
+                return census_of(procs)
+
             counts = timed(
                 "procs",
                 lambda: aggregate(
-                    source.census(), settings.labels, settings.max_series, names, source.states
+                    census(), settings.labels, settings.max_series, names, source.states
                 ),
             )
+            groups = None
+            if grouper is not None:
+                listed = procs
+                if listed is None:
+                    success["groups"] = False  # the process list failed: logged as procs
+                else:
+                    groups = timed("groups", lambda: grouper.update(listed))
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -160,9 +190,33 @@ class Poller:
                 last_success=now if up else previous.last_success,
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
+                groups=groups,
             )
             self._polled.set()
             return self._snapshot
+
+    def _grouper_for(self, source: Source, settings: Settings) -> Grouper | None:
+        """The grouper of these settings: kept across polls (it remembers each process's
+        group), made afresh when the rules, the cap or the source change."""
+        if not settings.groups:
+            self._grouper = None
+            return None
+        made = self._grouper_made
+        if self._grouper is None or made != (
+            source,
+            settings.groups,
+            settings.children,
+            settings.max_series,
+        ):
+            self._grouper = Grouper(
+                settings.groups,
+                settings.children,
+                settings.max_series,
+                source.argv,
+                lambda uid: self._names(uid),
+            )
+            self._grouper_made = (source, settings.groups, settings.children, settings.max_series)
+        return self._grouper
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""

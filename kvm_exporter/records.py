@@ -40,6 +40,19 @@ class Proc(NamedTuple):
     """Start time, seconds since the Unix epoch; None where the source cannot know it."""
 
 
+ARGV_BYTES = 4096
+"""Most bytes of a process's arguments a source reads (kvm_getargv's ``nchr``); the rest of
+a longer command line is cut, its last argument truncated."""
+
+
+def split_argv(data: bytes) -> tuple[str, ...]:
+    """Arguments from NUL-separated bytes (``/proc/PID/cmdline``): a trailing NUL ends the
+    last one; bytes that are not UTF-8 are kept as lone surrogates."""
+    if not data:
+        return ()
+    return tuple(a.decode("utf-8", "surrogateescape") for a in data.rstrip(b"\0").split(b"\0"))
+
+
 Kind = tuple[int, str, str, int]
 """What the metrics see of a process: (effective uid, tty, state, threads)."""
 
@@ -105,6 +118,11 @@ class Source(Protocol):
 
     def census(self) -> Census:
         """Processes counted per kind: what a poll needs, which may cost less to read."""
+        ...
+
+    def argv(self, pid: int) -> tuple[str, ...] | None:
+        """The arguments of the process ``pid`` now is, up to :data:`ARGV_BYTES`; None if they
+        cannot be read (gone, a zombie or kernel process on FreeBSD, not permitted)."""
         ...
 
     def loadavg(self) -> LoadAvg: ...

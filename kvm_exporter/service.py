@@ -14,6 +14,7 @@ from .app import make_app
 from .collector import KvmCollector, OwnUsageCollector, ReloadStatus
 from .compat import NodeCollector
 from .config import Config, ConfigError, load_config
+from .groupmetrics import GroupCollector
 from .logs import set_level
 from .poller import Poller, Settings
 from .records import Source, SourceError
@@ -30,6 +31,8 @@ def settings_of(config: Config) -> Settings:
         labels=config.labels,
         max_series=config.max_series,
         compat=config.compat,
+        groups=config.groups.process_names,
+        children=config.groups.children,
     )
 
 
@@ -51,6 +54,7 @@ def build_registry(
         )
     )
     registry.register(NodeCollector(poller))  # serves nothing unless compat asks for it
+    registry.register(GroupCollector(poller))  # serves nothing unless groups are configured
     return registry
 
 

@@ -69,7 +69,7 @@ def test_flags_win_over_the_file() -> None:
     [
         (
             "intervall: 5s",
-            "cfg.yml: intervall: unknown key (expected one of compat, interval, labels",
+            "cfg.yml: intervall: unknown key (expected one of compat, groups, interval, labels",
         ),
         ("web: {port: 1}", "cfg.yml: web.port: unknown key (expected one of config_file"),
         ("interval: five", "cfg.yml: interval: got 'five', expected a duration"),

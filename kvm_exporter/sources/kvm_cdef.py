@@ -192,6 +192,7 @@ kvm_t *kvm_openfiles(const char *, const char *, const char *, int, char *);
 int kvm_close(kvm_t *);
 char *kvm_geterr(kvm_t *);
 void *kvm_getprocs(kvm_t *, int, int, int *);
+char **kvm_getargv(kvm_t *, const void *, int);
 int kvm_getloadavg(kvm_t *, double [], int);
 int kvm_getswapinfo(kvm_t *, struct kvm_swap *, int, int);
 int kvm_nlist2(kvm_t *, struct kvm_nlist *);
@@ -200,7 +201,8 @@ char *devname_r(uint64_t, uint16_t, char *, int);
 int sysctlbyname(const char *, void *, size_t *, const void *, size_t);
 int sysctl(const int *, unsigned int, void *, size_t *, const void *, size_t);
 """
-# kvm_getprocs is declared void *: the record type is only known after reading ki_structsize.
+# kvm_getprocs is declared void *: the record type is only known after reading ki_structsize;
+# kvm_getargv takes a const void * for the same reason (it reads only ki_pid).
 
 ffi = cffi.FFI()
 ffi.cdef(_FUNCTIONS)

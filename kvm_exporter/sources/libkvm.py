@@ -20,6 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 from ..config import LibkvmConfig
 from ..records import (
+    ARGV_BYTES,
     NO_TTY,
     UNKNOWN_TTY,
     Census,
@@ -70,6 +71,9 @@ RECORD_BUFFER = 2048  # bytes: more than any struct kinfo_proc
 
 log = logging.getLogger(__name__)
 
+_ARGV_LOCK = threading.Lock()
+"""kvm_getargv keeps its buffer and vector in statics of the process, shared by all handles."""
+
 
 class LibkvmSource:
     """:class:`~kvm_exporter.records.Source` over one ``kvm_t`` handle."""
@@ -98,6 +102,7 @@ class LibkvmSource:
             raise SourceError(f"kvm_openfiles cannot open {where}: {reason}")
         self._kd: Any = kd
         self.crash_dump = config.core is not None
+        self._argv_record: Any = ffi.new(_record_type(kvm_cdef.native_kinfo_proc_size()) + " *")
         self.states = DUMP_STATES if self.crash_dump else STATES
         try:
             self._pagesize = self._sysctl_int("hw.pagesize")
@@ -163,6 +168,23 @@ class LibkvmSource:
             for kind, n in zip(kinds, counts.values(), strict=True):
                 census[kind] = census.get(kind, 0) + n
         return census
+
+    def argv(self, pid: int) -> tuple[str, ...] | None:
+        """kvm_getargv (sysctl kern.proc.args.PID): None for a process that has gone, a zombie,
+        a kernel process, one the exporter may not see, and every process of a crash dump
+        (a core holds no user memory to read arguments from)."""
+        if self.crash_dump:
+            return None
+        record = self._argv_record
+        record.ki_pid = pid  # the only field kvm_getargv reads
+        with self._lock, _ARGV_LOCK:
+            vector = self._lib.kvm_getargv(self._handle(), record, ARGV_BYTES)
+            if vector == ffi.NULL:
+                return None
+            args: list[bytes] = []
+            while vector[len(args)] != ffi.NULL:
+                args.append(ffi.string(vector[len(args)]))
+        return tuple(a.decode("utf-8", "surrogateescape") for a in args)
 
     def loadavg(self) -> LoadAvg:
         samples = ffi.new("double[3]")

@@ -17,7 +17,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from ..records import NO_TTY, Census, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
+from ..records import (
+    ARGV_BYTES,
+    NO_TTY,
+    Census,
+    HostLimits,
+    LoadAvg,
+    Proc,
+    SourceError,
+    SwapDevice,
+    split_argv,
+)
 from ..states import LINUX_STATES, STATES
 
 try:
@@ -242,6 +252,14 @@ class ProcfsSource:
                 )
             )
         return out
+
+    def argv(self, pid: int) -> tuple[str, ...] | None:
+        """``/proc/PID/cmdline``: empty for a kernel thread or a zombie, unreadable (None)
+        under ``hidepid`` or once the process has gone."""
+        try:
+            return split_argv(_read(f"{self.root}/{pid}/cmdline", size=ARGV_BYTES))
+        except OSError:
+            return None
 
     def loadavg(self) -> LoadAvg:
         text = _read_text(f"{self.root}/loadavg")

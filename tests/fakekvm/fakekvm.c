@@ -1,6 +1,6 @@
 /*
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
- * kvm_openfiles(3), kvm_getprocs(3), kvm_getloadavg(3), kvm_getswapinfo(3),
+ * kvm_openfiles(3), kvm_getprocs(3), kvm_getargv(3), kvm_getloadavg(3), kvm_getswapinfo(3),
  * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3),
  * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
@@ -31,6 +31,8 @@
  *                              tdflags slptime threads(=1) rss (pages) size (bytes)
  *                              runtime (microseconds) start (seconds, fraction allowed)
  *                              comm (no spaces; at most 19 bytes)
+ *                              argv (kvm_getargv's answer: arguments split by '|', %XX a
+ *                              byte, e.g. %20 a space; none: NULL, like a kernel process)
  *   structsize N             ki_structsize written into every live record (default 1088)
  *   symbol NAME VALUE        an int kernel variable of a crash dump (e.g. _dmmax)
  *   fail CALL N MESSAGE      call number N (1-based, or '*' for every call) of CALL fails
@@ -250,6 +252,8 @@ struct fake_proc {
 	uint64_t runtime;
 	double start;
 	char comm[20];
+	char *args; /* p_args: NUL-separated, NUL-terminated; NULL when the scenario gives none */
+	size_t argslen;
 };
 
 struct failure {
@@ -305,6 +309,32 @@ static int parse_stat(const char *s)
 	return (int)strtol(s, NULL, 0);
 }
 
+/* argv=A|B|C: '|' ends an argument, %XX is the byte XX (%7C a '|', %25 a '%', %20 a space). */
+static int parse_argv(struct fake_proc *p, const char *v)
+{
+	size_t n = strlen(v);
+	char *out = malloc(n + 1), *o = out;
+
+	if (out == NULL)
+		return -1;
+	for (const char *c = v; *c; c++) {
+		unsigned int byte;
+		if (*c == '|') {
+			*o++ = '\0';
+		} else if (*c == '%' && sscanf(c + 1, "%2x", &byte) == 1 && c[1] && c[2]) {
+			*o++ = (char)byte;
+			c += 2;
+		} else {
+			*o++ = *c;
+		}
+	}
+	*o++ = '\0';
+	free(p->args);
+	p->args = out;
+	p->argslen = (size_t)(o - out);
+	return 0;
+}
+
 static int parse_proc(struct fake_proc *p, char *rest)
 {
 	char *save = NULL;
@@ -351,7 +381,10 @@ static int parse_proc(struct fake_proc *p, char *rest)
 			p->start = strtod(v, NULL);
 		else if (!strcmp(k, "comm"))
 			snprintf(p->comm, sizeof(p->comm), "%s", v);
-		else
+		else if (!strcmp(k, "argv")) {
+			if (parse_argv(p, v) != 0)
+				return -1;
+		} else
 			return -1;
 	}
 	if (!have_pgid)
@@ -401,7 +434,7 @@ static int parse_delay(struct scenario *sc, char *rest)
 /* Reads a scenario; on error writes a message to err and returns -1. */
 static int load_scenario(struct scenario *sc, const char *path, char *err)
 {
-	char line[1024];
+	static char line[65536]; /* an argv= of a long command line */
 	int lineno = 0, bad = 0;
 	FILE *f = fopen(path, "r");
 
@@ -409,6 +442,8 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 		snprintf(err, ERRBUF_SIZE, "%s: %s", path, strerror(errno));
 		return -1;
 	}
+	for (int i = 0; i < sc->nprocs; i++)
+		free(sc->procs[i].args); /* a scenario read again (current_scenario) */
 	memset(sc, 0, sizeof(*sc));
 	sc->structsize = (int)sizeof(struct kinfo_proc);
 	while (!bad && fgets(line, sizeof(line), f)) {
@@ -554,6 +589,8 @@ int kvm_close(kvm_t *kd)
 		}
 	}
 	free_procbase(kd);
+	for (int i = 0; i < kd->sc.nprocs; i++)
+		free(kd->sc.procs[i].args);
 	free(kd);
 	return 0;
 }
@@ -795,6 +832,75 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 	}
 	*cnt = n;
 	return kd->procbase;
+}
+
+/*
+ * kvm_getargv(3) as lib/libkvm/kvm_proc.c kvm_argv() does it: one buffer and one vector
+ * for the whole process (not per handle), reused by every call and overwritten by the
+ * next; nchr 0 or above ARG_MAX means ARG_MAX; the buffer only grows, so nchr is the size
+ * of the first call's buffer and of none after a larger one; kern.proc.args.<pid> with a
+ * buffer too small copies what fits (the last byte becomes a NUL); NULL, without an error
+ * text, for a pid that is gone and for 0 bytes (a zombie, or no p_args: kernel processes);
+ * NULL with "cannot read user space from dead kernel" on a crash dump. Only ki_pid is read.
+ */
+#define FB_ARG_MAX (2 * 256 * 1024)
+char **kvm_getargv(kvm_t *kd, const struct kinfo_proc *kp, int nchr)
+{
+	static int buflen, argc;
+	static char *buf, **bufp;
+	const struct fake_proc *p = NULL;
+	size_t bufsz;
+	int i = 0;
+
+	if (!kd->live) {
+		set_err(kd, "cannot read user space from dead kernel");
+		return NULL;
+	}
+	if (nchr == 0 || nchr > FB_ARG_MAX)
+		nchr = FB_ARG_MAX;
+	if (buflen == 0) {
+		buf = malloc((size_t)nchr);
+		argc = 32;
+		bufp = malloc(sizeof(char *) * (size_t)argc);
+		if (buf == NULL || bufp == NULL)
+			return NULL;
+		buflen = nchr;
+	} else if (nchr > buflen) {
+		char *grown = realloc(buf, (size_t)nchr);
+		if (grown != NULL) {
+			buf = grown;
+			buflen = nchr;
+		}
+	}
+	for (int j = 0; j < kd->sc.nprocs && p == NULL; j++)
+		if (kd->sc.procs[j].pid == kp->ki_pid)
+			p = &kd->sc.procs[j];
+	if (p == NULL) {
+		errno = ESRCH; /* the sysctl fails: the process has gone */
+		return NULL;
+	}
+	/* sysctl_kern_proc_args: nothing for a process without p_args that is exiting or a
+	 * system process; a zombie has exited. */
+	if (p->args == NULL || p->stat == SZOMB)
+		return NULL;
+	bufsz = p->argslen < (size_t)buflen ? p->argslen : (size_t)buflen;
+	memcpy(buf, p->args, bufsz);
+	if (p->argslen > (size_t)buflen) {
+		buf[bufsz - 1] = '\0'; /* ENOMEM with a truncated copy, accepted */
+		errno = 0;
+	}
+	for (char *c = buf; c < buf + bufsz; c += strlen(c) + 1) {
+		bufp[i++] = c;
+		if (i >= argc) {
+			char **grown = realloc(bufp, sizeof(char *) * (size_t)(argc * 2));
+			if (grown == NULL)
+				return NULL;
+			bufp = grown;
+			argc *= 2;
+		}
+	}
+	bufp[i] = NULL;
+	return bufp;
 }
 
 int kvm_getloadavg(kvm_t *kd, double loadavg[], int nelem)

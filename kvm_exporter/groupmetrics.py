@@ -1,0 +1,152 @@
+"""Metric families of the named process groups, under kvm_group_* and, with
+``compat: [process_exporter]``, under process-exporter's ``namedprocess_namegroup_*`` names
+and labels, so its dashboards work unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .collector import AS_OF, label_value
+from .grouping import GroupCounts
+from .poller import Poller
+
+PROCESS_EXPORTER = "process_exporter"
+
+PE_STATES = ("Running", "Sleeping", "Waiting", "Zombie", "Other")
+"""process-exporter's ``state`` values (``proc/read.go`` GetStates: R, S, D, Z, the rest)."""
+_PE_STATE = {
+    "running": "Running",
+    "sleeping": "Sleeping",
+    "uninterruptible": "Waiting",
+    "zombie": "Zombie",
+}
+
+
+def _utf8(values: dict[str, int] | dict[str, float]) -> dict[str, float]:
+    """``values`` keyed by label values made UTF-8; names that become equal add up."""
+    merged: dict[str, float] = {}
+    for group, value in values.items():
+        key = label_value(group)
+        merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+def _per_group(
+    name: str, doc: str, label: str, values: dict[str, int] | dict[str, float]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc + AS_OF, labels=[label])
+    merged = _utf8(values)
+    for group in sorted(merged):
+        family.add_metric([group], merged[group])
+    return family
+
+
+def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
+    yield _per_group("kvm_group_processes", "Processes per named group", "group", groups.processes)
+    yield _per_group(
+        "kvm_group_threads", "Threads of the processes per named group", "group", groups.threads
+    )
+    states = GaugeMetricFamily(
+        "kvm_group_state_processes",
+        "Processes per named group and state (states with processes only)" + AS_OF,
+        labels=["group", "state"],
+    )
+    merged: dict[tuple[str, str], int] = {}
+    for (group, state), count in groups.states.items():
+        key = (label_value(group), state)
+        merged[key] = merged.get(key, 0) + count
+    for key in sorted(merged):
+        states.add_metric(key, merged[key])
+    yield states
+    yield _per_group(
+        "kvm_group_resident_memory_bytes",
+        "Resident memory of the processes per named group, summed",
+        "group",
+        groups.resident_bytes,
+    )
+    yield _per_group(
+        "kvm_group_virtual_memory_bytes",
+        "Virtual memory size of the processes per named group, summed",
+        "group",
+        groups.virtual_bytes,
+    )
+    yield _per_group(
+        "kvm_group_oldest_start_time_seconds",
+        "Unix time at which the oldest process of the group started",
+        "group",
+        groups.oldest_start,
+    )
+    yield GaugeMetricFamily(
+        "kvm_group_folded_groups",
+        "Named groups folded into 'other' to stay under max_series" + AS_OF,
+        value=groups.folded,
+    )
+    yield CounterMetricFamily(
+        "kvm_group_argv_unreadable",
+        "Processes since the exporter started whose arguments could not be read"
+        " (named by their comm instead).",
+        value=groups.unreadable,
+    )
+
+
+def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
+    """process-exporter's names for what both exporters measure alike. ``states`` counts
+    processes by their (first thread's) state, where process-exporter adds each thread of a
+    multi-threaded process too."""
+    yield _per_group(
+        "namedprocess_namegroup_num_procs",
+        "number of processes in this group",
+        "groupname",
+        groups.processes,
+    )
+    yield _per_group(
+        "namedprocess_namegroup_num_threads", "Number of threads", "groupname", groups.threads
+    )
+    yield _per_group(
+        "namedprocess_namegroup_oldest_start_time_seconds",
+        "start time in seconds since 1970/01/01 of oldest process in group",
+        "groupname",
+        groups.oldest_start,
+    )
+    memory = GaugeMetricFamily(
+        "namedprocess_namegroup_memory_bytes",
+        "number of bytes of memory in use" + AS_OF,
+        labels=["groupname", "memtype"],
+    )
+    for memtype, values in (("resident", groups.resident_bytes), ("virtual", groups.virtual_bytes)):
+        for group, value in sorted(_utf8(values).items()):
+            memory.add_metric([group, memtype], value)
+    yield memory
+    states = GaugeMetricFamily(
+        "namedprocess_namegroup_states",
+        "Number of processes in states Running, Sleeping, Waiting, Zombie, or Other" + AS_OF,
+        labels=["groupname", "state"],
+    )
+    by_state: dict[tuple[str, str], int] = {}
+    for group in groups.processes:
+        for pe_state in PE_STATES:
+            by_state[label_value(group), pe_state] = 0
+    for (group, state), count in groups.states.items():
+        key = (label_value(group), _PE_STATE.get(state, "Other"))
+        by_state[key] += count
+    for key in sorted(by_state):
+        states.add_metric(key, by_state[key])
+    yield states
+
+
+class GroupCollector(Collector):
+    """Serves the groups of the poller's snapshot; nothing when groups are off."""
+
+    def __init__(self, poller: Poller) -> None:
+        self._poller = poller
+
+    def collect(self) -> Iterator[Metric]:
+        groups = self._poller.scraped().groups
+        if groups is None:
+            return
+        yield from kvm_metrics(groups)
+        if PROCESS_EXPORTER in self._poller.settings.compat:
+            yield from process_exporter_metrics(groups)
