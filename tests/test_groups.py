@@ -1,0 +1,281 @@
+"""process-exporter's process_names semantics (groups.py) and the per-poll grouping
+(grouping.py), on records the tests make; the real process-exporter side by side is in
+tests/test_groups_process_exporter.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvm_exporter.config import ConfigError, parse_config
+from kvm_exporter.grouping import Grouper
+from kvm_exporter.groups import Argv, Rule, RuleError, go_base, name_of, parse_process_names
+from kvm_exporter.records import Proc
+
+
+def rules(*entries: dict[str, Any]) -> tuple[Rule, ...]:
+    return parse_process_names(list(entries))
+
+
+def named(
+    rs: tuple[Rule, ...], comm: str, argv: tuple[str, ...] | None, user: str = "alice"
+) -> str | None:
+    return name_of(rs, Argv(comm, user, lambda: argv))[0]
+
+
+def test_default_name_is_argv0_basename_and_comm_without_arguments() -> None:
+    rs = rules({"comm": ["postgres", "kworker/0:1"]})
+    assert named(rs, "postgres", ("/usr/lib/postgresql/15/bin/postgres", "-D", "/x")) == "postgres"
+    # A kernel thread has no arguments: ExeBase falls back to comm, as process-exporter's.
+    assert named(rs, "kworker/0:1", ()) == "kworker/0:1"
+    assert named(rs, "bash", ("bash",)) is None
+
+
+def test_exe_without_slash_matches_the_basename_with_slash_the_whole_argv0() -> None:
+    rs = rules({"exe": ["postgres", "/usr/local/bin/prometheus"], "name": "{{.ExeFull}}"})
+    assert named(rs, "x", ("/opt/pg/bin/postgres",)) == "/opt/pg/bin/postgres"
+    assert named(rs, "x", ("/usr/local/bin/prometheus", "--a")) == "/usr/local/bin/prometheus"
+    assert named(rs, "x", ("/usr/bin/prometheus",)) is None  # same basename, other path
+    assert named(rs, "postgres", ()) is None  # no argv[0], no exe match
+
+
+def test_cmdline_regexes_all_must_match_the_arguments_joined_by_spaces() -> None:
+    rs = rules(
+        {
+            "name": "{{.ExeBase}}:{{.Matches.Cfgfile}}:{{.Matches.Port}}",
+            "cmdline": [r"-config\.path\s+(?P<Cfgfile>\S+)", r"(?:--port=(?P<Port>\d+))?$"],
+        }
+    )
+    argv = ("/usr/bin/process-exporter", "-config.path", "/etc/pe.yml")
+    assert named(rs, "process-exporte", argv) == "process-exporter:/etc/pe.yml:"
+    assert named(rs, "process-exporte", ("/usr/bin/pe", "-config.path")) is None
+
+
+def test_a_match_key_no_regex_captured_prints_go_templates_no_value() -> None:
+    rs = rules({"name": "{{.Comm}}-{{.Matches.nothere}}", "comm": ["sshd"]})
+    assert named(rs, "sshd", ("sshd",)) == "sshd-<no value>"
+
+
+def test_all_selectors_of_a_rule_must_match_and_the_first_matching_rule_wins() -> None:
+    rs = rules(
+        {"name": "both", "comm": ["python3"], "cmdline": ["worker"]},
+        {"name": "{{.Username}}:{{.Comm}}", "comm": ["python3"]},
+        {"name": "never", "comm": ["python3"]},
+    )
+    assert named(rs, "python3", ("python3", "worker.py")) == "both"
+    assert named(rs, "python3", ("python3", "web.py"), user="bob") == "bob:python3"
+
+
+def test_template_trim_markers_and_spaces_inside_actions() -> None:
+    rs = rules({"name": "a {{- .Comm -}} b{{ .Username }}", "comm": ["x"]})
+    assert named(rs, "x", ("x",), user="u") == "axbu"
+
+
+def test_argv_is_read_only_for_a_rule_that_needs_it() -> None:
+    reads: list[int] = []
+
+    def argv() -> tuple[str, ...]:
+        reads.append(1)
+        return ("/bin/sh",)
+
+    comm_only = rules({"name": "{{.Comm}}", "comm": ["sh"]}, {"cmdline": ["."]})
+    assert name_of(comm_only, Argv("sh", "u", argv)) == ("sh", False)
+    assert reads == []
+    assert name_of(comm_only, Argv("ksh", "u", argv)) == ("sh", False)
+    assert reads == [1]
+
+
+def test_unreadable_arguments_match_as_none_and_are_reported() -> None:
+    rs = rules({"exe": ["nginx"]}, {"name": "{{.ExeBase}}", "comm": ["nginx"]})
+    assert name_of(rs, Argv("nginx", "u", lambda: None)) == ("nginx", True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "at", "message"),
+    [
+        ({"name": "{{.PID}}", "comm": ["a"]}, "0.name", "a group, and a series, of every process"),
+        ({"name": "{{.StartTime}}", "comm": ["a"]}, "0.name", "refused"),
+        ({"name": "{{.Cwd}}", "comm": ["a"]}, "0.name", "unsupported template action {{.Cwd}}"),
+        ({"name": "{{if .Comm}}x{{end}}", "comm": ["a"]}, "0.name", "unsupported"),
+        ({"name": "{{.Comm", "comm": ["a"]}, "0.name", "unclosed action"),
+        ({"name": "x"}, "0", "no selector"),
+        ({"comm": "a"}, "0.comm", "expected a list of strings"),
+        ({"cmdline": ["("]}, "0.cmdline.0", "bad regex '('"),
+        ({"comm": ["a"], "exes": ["a"]}, "0.exes", "unknown key"),
+    ],
+)
+def test_bad_rules_are_refused_naming_the_entry(entry: Any, at: str, message: str) -> None:
+    with pytest.raises(RuleError) as err:
+        parse_process_names([entry])
+    assert err.value.at == at
+    assert message in str(err.value)
+
+
+def test_go_filepath_base() -> None:
+    assert [go_base(p) for p in ("", "/", "//", "a/b/", "/usr/bin/x", "x")] == [
+        ".",
+        "/",
+        "/",
+        "b",
+        "x",
+        "x",
+    ]
+
+
+def test_config_takes_rules_inline_or_from_process_exporters_file(tmp_path: Any) -> None:
+    inline = parse_config("groups:\n  children: false\n  process_names:\n    - comm: [a]\n")
+    assert len(inline.groups.process_names) == 1 and inline.groups.children is False
+    pe = tmp_path / "pe.yml"
+    pe.write_text("process_names:\n  - name: '{{.Comm}}'\n    comm: [b]\n")
+    from_file = parse_config(f"groups:\n  config_file: {pe}\n")
+    assert from_file.groups.process_names == parse_process_names(
+        [{"name": "{{.Comm}}", "comm": ["b"]}]
+    )
+    assert parse_config("").groups.process_names == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "groups:\n  process_names:\n    - {name: '{{.PID}}', comm: [a]}\n",
+            "cfg.yml: groups.process_names.0.name: {{.PID}} would make a group",
+        ),
+        (
+            "groups:\n  process_names: [{comm: [a]}]\n  config_file: /x.yml\n",
+            "cfg.yml: groups: give process_names or config_file, not both",
+        ),
+        (
+            "groups:\n  config_file: /nonexistent/pe.yml\n",
+            "/nonexistent/pe.yml: cannot read process-exporter config file",
+        ),
+    ],
+)
+def test_bad_groups_config_is_one_line_naming_file_and_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "cfg.yml")
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_an_error_in_process_exporters_file_names_that_file(tmp_path: Any) -> None:
+    pe = tmp_path / "pe.yml"
+    pe.write_text("process_names:\n  - cmdline: ['(?P<x']\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"groups:\n  config_file: {pe}\n", "cfg.yml")
+    assert str(err.value).startswith(f"{pe}: process_names.0.cmdline.0: bad regex")
+
+
+def proc(pid: int, ppid: int, comm: str, start: float = 1.0, **kw: Any) -> Proc:
+    fields: dict[str, Any] = dict(
+        pid=pid,
+        ppid=ppid,
+        uid=1000,
+        ruid=1000,
+        tty="none",
+        state="sleeping",
+        comm=comm,
+        threads=1,
+        rss_bytes=4096,
+        vsize_bytes=8192,
+        cpu_seconds=0.0,
+        start_time=start,
+    )
+    fields.update(kw)
+    return Proc(**fields)
+
+
+class Argvs:
+    """A source's argv(): answers from a table and counts its reads."""
+
+    def __init__(self, table: dict[int, tuple[str, ...] | None]) -> None:
+        self.table = table
+        self.reads: list[int] = []
+
+    def __call__(self, pid: int) -> tuple[str, ...] | None:
+        self.reads.append(pid)
+        return self.table.get(pid)
+
+
+def grouper(rs: tuple[Rule, ...], argvs: Argvs, children: bool = True, cap: int = 100) -> Grouper:
+    return Grouper(rs, children, cap, argvs, str)
+
+
+def test_children_join_the_nearest_named_ancestor_unless_named_themselves() -> None:
+    rs = rules(
+        {"name": "web", "cmdline": ["^nginx: master"]},
+        {"name": "{{.Comm}}", "comm": ["perl"]},
+    )
+    argvs = Argvs({10: ("nginx: master",), 11: ("nginx: worker",), 13: ("perl",)})
+    procs = [
+        proc(1, 0, "init"),
+        proc(10, 1, "nginx"),
+        proc(11, 10, "nginx"),  # a worker: joins its parent
+        proc(12, 11, "sh"),  # grandchild via an unnamed new parent
+        proc(13, 12, "perl"),  # named itself: its own group
+        proc(14, 13, "cat"),  # child of the perl group
+        proc(20, 1, "cron"),  # parent init is unnamed: out
+    ]
+    got = grouper(rs, argvs).update(procs)
+    assert got.processes == {"web": 3, "perl": 2}
+    without = grouper(rs, Argvs(argvs.table), children=False).update(procs)
+    assert without.processes == {"web": 1, "perl": 1}
+
+
+def test_arguments_are_read_once_per_process_and_again_after_pid_reuse() -> None:
+    rs = rules({"name": "{{.ExeBase}}", "cmdline": ["."]})
+    argvs = Argvs({5: ("/usr/bin/app",), 6: None})
+    g = grouper(rs, argvs)
+    first = g.update([proc(5, 1, "app"), proc(6, 1, "gone")])
+    for _ in range(3):
+        again = g.update([proc(5, 1, "app"), proc(6, 1, "gone")])
+    assert argvs.reads == [5, 6]  # a steady state reads nothing more
+    assert first.processes == again.processes == {"app": 1}  # "." never matches an empty line
+    assert again.unreadable == 1
+    argvs.table[5] = ("/usr/bin/other",)
+    reused = g.update([proc(5, 1, "other", start=99.0)])  # same pid, a new process
+    assert argvs.reads == [5, 6, 5]
+    assert reused.processes == {"other": 1}
+
+
+def test_an_unreadable_process_is_counted_under_its_comm() -> None:
+    rs = rules({"name": "{{.ExeBase}}", "comm": ["zomb"]})
+    got = grouper(rs, Argvs({})).update([proc(7, 1, "zomb", state="zombie", threads=0)])
+    assert got.processes == {"zomb": 1}
+    assert got.threads == {"zomb": 1}  # a zombie has no threads; it counts as one, as kvm_threads
+    assert got.states == {("zomb", "zombie"): 1}
+    assert got.unreadable == 1
+
+
+def test_per_group_values() -> None:
+    rs = rules({"name": "{{.Comm}}", "comm": ["a", "b"]})
+    procs = [
+        proc(2, 1, "a", start=50.0, threads=3, rss_bytes=100, vsize_bytes=1000),
+        proc(3, 1, "a", start=40.0, state="running", rss_bytes=10, vsize_bytes=20),
+        proc(4, 1, "b", start=None),
+    ]
+    got = grouper(rs, Argvs({})).update(procs)
+    assert got.processes == {"a": 2, "b": 1}
+    assert got.threads == {"a": 4, "b": 1}
+    assert got.resident_bytes == {"a": 110, "b": 4096}
+    assert got.virtual_bytes == {"a": 1020, "b": 8192}
+    assert got.oldest_start == {"a": 40.0}  # b's start is unknown (a crash dump)
+    assert got.states == {("a", "sleeping"): 1, ("a", "running"): 1, ("b", "sleeping"): 1}
+
+
+def test_a_hostile_user_cannot_grow_groups_past_the_cap() -> None:
+    """Each process names its own group through a capture of its arguments."""
+    rs = rules({"name": "job-{{.Matches.id}}", "cmdline": [r"--id=(?P<id>\S+)"]})
+    cap = 20
+    table: dict[int, tuple[str, ...] | None] = {10: ("app", "--id=main")}
+    procs = [proc(10 + i, 1, "app") for i in range(5)]  # the real service, 5 processes
+    table.update({10 + i: ("app", "--id=main") for i in range(5)})
+    for i in range(1000):
+        table[100 + i] = ("evil", f"--id={i}")
+        procs.append(proc(100 + i, 1, "evil", state="running" if i % 2 else "sleeping"))
+    got = grouper(rs, Argvs(table), cap=cap).update(procs)
+    assert len(got.processes) <= cap and len(got.states) <= cap
+    assert got.processes["job-main"] == 5  # the biggest group keeps its name
+    assert sum(got.processes.values()) == 1005  # folding loses no process
+    assert got.folded == 1001 - (len(got.processes) - 1)

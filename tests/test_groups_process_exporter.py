@@ -1,0 +1,175 @@
+"""The real process-exporter (Debian's prometheus-process-exporter) and kvm_exporter read the
+same process-exporter config file on this host, with processes the test starts: the same
+groups, with the same process and thread counts and memory, under both exporters' names."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import exited_or_listens, free_port, samples, wait_until
+
+PROCESS_EXPORTER = "/usr/bin/prometheus-process-exporter"
+
+# Threads it starts, then a child (a sleep no rule names: -children puts it in its group).
+SCRIPT = """
+import subprocess, sys, threading, time
+threads = int(sys.argv[sys.argv.index("--threads") + 1])
+for _ in range(threads - 1):
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+child = subprocess.Popen(["sleep", "3600"])
+print("ready", flush=True)
+sys.stdin.read()
+child.kill()
+"""
+
+
+def config(token: str) -> str:
+    return f"""process_names:
+  - name: "{{{{.Comm}}}}"
+    comm: [s{token}]
+  - name: "py-{{{{.Matches.role}}}}-{{{{.Username}}}}"
+    cmdline: ['{token}\\.py --role=(?P<role>\\w+)']
+  - name: "{{{{.ExeBase}}}}"
+    exe: [{token}-nap]
+"""
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[str]:
+    """Processes of groups no other process on the host can fall into; yields the token."""
+    token = "k" + secrets.token_hex(4)
+    sleeper = tmp_path / f"s{token}"
+    sleeper.symlink_to("/bin/sleep")  # comm is the name exec'd: s<token>
+    script = tmp_path / f"{token}.py"
+    script.write_text(SCRIPT)
+    started: list[subprocess.Popen[Any]] = []
+
+    def start(*cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        started.append(subprocess.Popen(list(cmd), **kw))
+        return started[-1]
+
+    for _ in range(3):
+        start(str(sleeper), "3600")
+    # argv[0] is a name of our own (exe matches its basename); comm stays "sleep".
+    start("bash", "-c", f"exec -a /opt/{token}-nap sleep 3600")
+    for role, threads in (("web", 4), ("web", 2), ("db", 3)):
+        p = start(
+            sys.executable,
+            str(script),
+            f"--role={role}",
+            "--threads",
+            str(threads),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    yield token
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def process_exporter(tmp_path: Path) -> Iterator[Any]:
+    """Start the real process-exporter on a free loopback port (never its system service)."""
+    running: list[subprocess.Popen[Any]] = []
+
+    def start(config_path: Path) -> str:
+        for _attempt in range(5):
+            port = free_port()
+            log = open(tmp_path / f"pe-{port}.log", "wb")  # noqa: SIM115 - closed with it
+            p = subprocess.Popen(
+                [
+                    PROCESS_EXPORTER,
+                    f"-config.path={config_path}",
+                    f"-web.listen-address=127.0.0.1:{port}",
+                    "-threads=false",
+                    "-gather-smaps=false",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+            running.append(p)
+            wait_until(lambda p=p, port=port: exited_or_listens(p, port), what="process-exporter")
+            if p.poll() is None:
+                return f"http://127.0.0.1:{port}/metrics"
+        raise AssertionError("process-exporter found no free port in 5 attempts")
+
+    yield start
+    for p in running:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return samples(response.read().decode())
+
+
+def by_group(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> dict[str, float]:
+    out = {}
+    for (metric, key), value in metrics.items():
+        got = dict(key)
+        if metric == name and all(got.get(k) == v for k, v in labels.items()):
+            out[got["groupname" if "groupname" in got else "group"]] = value
+    return out
+
+
+def test_same_groups_counts_and_memory_as_the_real_process_exporter(
+    exporter: Any, process_exporter: Any, processes: str, tmp_path: Path
+) -> None:
+    token = processes
+    pe_config = tmp_path / "process-exporter.yml"
+    pe_config.write_text(config(token))
+    ours = exporter(
+        f"interval: 0\ncompat: [process_exporter]\ngroups:\n  config_file: {pe_config}\n"
+    )
+    theirs = process_exporter(pe_config)
+    pe = scrape(theirs)
+    kvm = ours.metrics()
+    user = (
+        os.environ.get("USER")
+        or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    )
+    expected_procs = {
+        f"s{token}"[:15]: 3,  # comm is cut to 15 bytes on Linux
+        f"{token}-nap": 1,
+        f"py-web-{user}": 4,  # two scripts and their sleep children
+        f"py-db-{user}": 2,
+    }
+    pe_procs = by_group(pe, "namedprocess_namegroup_num_procs")
+    assert pe_procs == expected_procs  # the fixture is what the test thinks it is
+    assert by_group(kvm, "kvm_group_processes") == pe_procs
+    assert by_group(kvm, "namedprocess_namegroup_num_procs") == pe_procs
+    pe_threads = by_group(pe, "namedprocess_namegroup_num_threads")
+    assert pe_threads[f"py-web-{user}"] == 4 + 2 + 2
+    assert by_group(kvm, "kvm_group_threads") == pe_threads
+    assert by_group(kvm, "namedprocess_namegroup_num_threads") == pe_threads
+    for memtype, ours_name in (
+        ("resident", "kvm_group_resident_memory_bytes"),
+        ("virtual", "kvm_group_virtual_memory_bytes"),
+    ):
+        pe_memory = by_group(pe, "namedprocess_namegroup_memory_bytes", memtype=memtype)
+        for name, value in (
+            (ours_name, by_group(kvm, ours_name)),
+            ("compat", by_group(kvm, "namedprocess_namegroup_memory_bytes", memtype=memtype)),
+        ):
+            assert value.keys() == pe_memory.keys(), name
+            for group, theirs_bytes in pe_memory.items():
+                assert value[group] == pytest.approx(theirs_bytes, rel=0.02), (name, group)
+    pe_oldest = by_group(pe, "namedprocess_namegroup_oldest_start_time_seconds")
+    kvm_oldest = by_group(kvm, "kvm_group_oldest_start_time_seconds")
+    assert kvm_oldest.keys() == pe_oldest.keys()
+    for group, started in pe_oldest.items():
+        assert kvm_oldest[group] == pytest.approx(started, abs=1.0)  # PE keeps whole seconds
