@@ -54,6 +54,9 @@ exporters are scraped every second, so one minute always holds the two samples r
 
 STARTUP_TIMEOUT = 60.0
 
+EVERY_COMM = [{"name": "{{.Comm}}", "cmdline": [".*"]}]
+"""A group per comm (process-exporter's catch-all example): the group panels have data."""
+
 
 @dataclass
 class Host:
@@ -173,7 +176,7 @@ def scenario_has_swap(path: Path) -> bool:
 def start_exporter(
     name: str, tmp: Path, started: list[subprocess.Popen[bytes]], library: Path | None
 ) -> Host:
-    config: dict[str, Any] = {"interval": "1s"}
+    config: dict[str, Any] = {"interval": "1s", "groups": {"process_names": EVERY_COMM}}
     env = dict(os.environ)
     env.pop("FAKE_KVM_SCENARIO", None)
     if name == "noswap":
