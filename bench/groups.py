@@ -1,0 +1,175 @@
+"""Named groups (issue 14) beside process-exporter, same config, same run.
+
+Starts N idle processes (``../shared/bench/idlekids.c``), then measures, with process-exporter's
+``pe-comm.yml`` (one group per comm, every process, kernel threads included) for both:
+
+- in-process, the way ``floor.c`` times itself (median CPU of ``--polls`` polls): a whole
+  ``Poller.poll()`` with groups at steady state (every process already named), the same with
+  10% of the processes new at each poll (their names forgotten before the poll, untimed: each
+  poll then reads those arguments again and names them, as for new processes), the first poll
+  (every process new), and a poll without groups; ``floor -s`` (stat + status per pid, what a
+  poll with groups reads) and ``floor`` (stat + stat(), the census) as the C floors;
+- as processes: process-exporter (``-threads=false -gather-smaps=false``, its leanest) and
+  kvm_exporter with ``interval: 0`` (a poll per scrape), each scraped ``--scrapes`` times;
+  CPU per scrape = utime+stime of the process over the scrapes; RSS after.
+
+Prints one JSON object. Usage: python bench/groups.py [--n 10000] [--polls 10] [--scrapes 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cputime import median_ms
+
+from kvm_exporter.config import load_config
+from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.sources.procfs import ProcfsSource
+
+SHARED = Path(__file__).resolve().parent.parent.parent.parent / "shared" / "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build(tmp: Path, name: str) -> str:
+    out = tmp / name
+    subprocess.run(["cc", "-O2", "-o", str(out), str(SHARED / f"{name}.c")], check=True)
+    return str(out)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape_cpu(cmd: list[str], port: int, scrapes: int) -> dict[str, float]:
+    """CPU per scrape (ms) and RSS (MiB) of the exporter ``cmd`` listening on ``port``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url, timeout=60).read()  # the first scrape: warm-up
+                break
+            except OSError:
+                time.sleep(0.1)
+        urllib.request.urlopen(url, timeout=60).read()
+        before = cpu_seconds(proc.pid)
+        for _ in range(scrapes):
+            urllib.request.urlopen(url, timeout=60).read()
+        per_scrape = (cpu_seconds(proc.pid) - before) / scrapes
+        return {"cpu_ms": round(per_scrape * 1000, 1), "rss_mib": rss_mib(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def floor(binary: str, *args: str) -> float:
+    out = subprocess.run([binary, "20", *args], capture_output=True, text=True, check=True)
+    values = dict(kv.split("=") for kv in out.stdout.split())
+    return float(values["cpu_med_ms"])
+
+
+def in_process(config: Path, polls: int) -> dict[str, float]:
+    settings = Settings(groups=load_config(str(config)).groups.process_names)
+    source = ProcfsSource()
+    first_poller = Poller(source, settings)
+    start = time.process_time()
+    first_poller.poll()
+    first = (time.process_time() - start) * 1000
+    steady = median_ms(first_poller.poll, polls)
+    churn = []
+    grouper = first_poller._grouper
+    assert grouper is not None
+    for _ in range(polls):
+        names = grouper._names
+        for key in random.sample(sorted(names, key=str), len(names) // 10):
+            del names[key]  # as if these processes were new: named afresh by the poll
+        start = time.process_time()
+        first_poller.poll()
+        churn.append(time.process_time() - start)
+    churn.sort()
+    census_only = Poller(source, Settings())
+    census_only.poll()
+    return {
+        "pids": len(source.procs()),
+        "groups": len(first_poller.snapshot().groups.processes),  # type: ignore[union-attr]
+        "first_poll_cpu_ms": round(first, 1),
+        "steady_poll_cpu_ms": steady,
+        "churn10_poll_cpu_ms": round(churn[len(churn) // 2] * 1000, 3),
+        "census_poll_cpu_ms": median_ms(census_only.poll, polls),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=10000)
+    parser.add_argument("--polls", type=int, default=10)
+    parser.add_argument("--scrapes", type=int, default=5)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kvm-groups-bench."))
+    pe_config = tmp / "pe-comm.yml"
+    shutil.copy(SHARED / "pe-comm.yml", pe_config)
+    kvm_config = tmp / "kvm.yml"
+    kvm_config.write_text(f"interval: 0\ngroups:\n  config_file: {pe_config}\n")
+    idle = build(tmp, "idlekids")
+    floor_bin = build(tmp, "floor")
+    uids = "0,65534" if os.getuid() == 0 else str(os.getuid())
+    kids = subprocess.Popen(
+        [idle, str(args.n), str(tmp / "pids"), "1800", uids], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert kids.stdout is not None and kids.stdout.readline().startswith("ready")
+        result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
+        result["floor_stat_status_cpu_ms"] = floor(floor_bin, "-s")
+        result["floor_stat_cpu_ms"] = floor(floor_bin)
+        result.update(in_process(kvm_config, args.polls))
+        port = free_port()
+        pe = [
+            "/usr/bin/prometheus-process-exporter",
+            f"-config.path={pe_config}",
+            f"-web.listen-address=127.0.0.1:{port}",
+            "-threads=false",
+            "-gather-smaps=false",
+        ]
+        result["process_exporter"] = scrape_cpu(pe, port, args.scrapes)
+        port = free_port()
+        kvm = [
+            str(Path(sys.executable).with_name("kvm_exporter")),
+            f"--config.file={kvm_config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+        result["kvm_exporter_scrape0"] = scrape_cpu(kvm, port, args.scrapes)
+        result["load1_after"] = os.getloadavg()[0]
+        print(json.dumps(result, indent=1))
+    finally:
+        kids.terminate()
+        kids.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

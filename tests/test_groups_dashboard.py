@@ -1,0 +1,135 @@
+"""process-exporter's own dashboard (ncabatoff/process-exporter dashboards/procmain.jsonnet,
+panels built by grproc.libsonnet's gntarget: ``sum by (groupname) (EXPR)``) on a real
+Prometheus scraping kvm_exporter on a fake FreeBSD host with ``compat: [process_exporter]``:
+the panels whose metrics both exporters serve have data; the others stay empty."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from fakelib import SCENARIOS, build_fake_libkvm, fixed_passwd
+from prom_support import prometheus_command
+from test_compat import query
+from test_prometheus_fleet import (
+    exporter_command,
+    prometheus_ready,
+    serves_metrics,
+    start_listening,
+    stop,
+    wait_for,
+)
+
+INSTRE = 'instance=~"$instance"'
+INSTGNRE = 'instance=~"$instance", groupname=~"$groupname"'
+GROUPED = "sum by (groupname) (%s)"
+SERVED = {
+    "Num procs": GROUPED % f"namedprocess_namegroup_num_procs{{{INSTGNRE}}}",
+    "Restarts": GROUPED
+    % f"changes(namedprocess_namegroup_oldest_start_time_seconds{{{INSTGNRE}}}[$interval])",
+    "Resident Memory": GROUPED
+    % f'namedprocess_namegroup_memory_bytes{{{INSTGNRE}, memtype="resident"}}',
+    "threads running": f'sum(namedprocess_namegroup_states{{{INSTRE}, state="Running"}})',
+    "threads blocked": f'sum(namedprocess_namegroup_states{{{INSTRE}, state="Waiting"}})',
+}
+NOT_SERVED = {
+    # The jsonnet's CPU panel names process-exporter's old cpu_user/cpu_system metrics, which
+    # its 0.7 releases no longer serve either.
+    "CPU": GROUPED
+    % f"rate(namedprocess_namegroup_cpu_user_seconds_total{{{INSTGNRE}}}[$interval])",
+    "I/O": GROUPED % f"rate(namedprocess_namegroup_read_bytes_total{{{INSTGNRE}}}[$interval])",
+    "Worst FD Ratio": GROUPED % f"namedprocess_namegroup_worst_fd_ratio{{{INSTGNRE}}}",
+    "exporter errs": f"sum(namedprocess_scrape_errors{{{INSTRE}}})",
+}
+CONFIG = """source: libkvm
+interval: 1s
+compat: [process_exporter]
+libkvm:
+  library: {library}
+groups:
+  process_names:
+    - name: "{{{{.Comm}}}}"
+      comm: [nginx, php-fpm, memcached, sshd, kernel]
+"""
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(Prometheus URL, exporter instance), scraped every second."""
+    tmp = tmp_path_factory.mktemp("pe-dashboard")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        config = tmp / "kvm.yml"
+        config.write_text(CONFIG.format(library=build_fake_libkvm(tmp)))
+        env = {**os.environ, "FAKE_KVM_SCENARIO": str(SCENARIOS / "web01.scenario")}
+        env.update(fixed_passwd())
+
+        def exporter(port: int) -> list[str]:
+            address = f"--web.listen-address=127.0.0.1:{port}"
+            return [*exporter_command(), f"--config.file={config}", address]
+
+        _, port = start_listening("exporter", exporter, serves_metrics, env, tmp / "e.log", started)
+        instance = f"127.0.0.1:{port}"
+        scrape = {"job_name": "process-exporter", "static_configs": [{"targets": [instance]}]}
+        prom_config = tmp / "prometheus.yml"
+        prom_config.write_text(
+            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]})
+        )
+        log = tmp / "prometheus.log"
+        server = prometheus_command(prom_config, tmp / "tsdb")
+        _, prom_port = start_listening(
+            "prometheus", server, prometheus_ready, dict(os.environ), log, started
+        )
+        url = f"http://127.0.0.1:{prom_port}"
+        wait_for("two scrapes", lambda: bool(query(url, "kvm_up[10s]", 2)), 60, log)
+        yield url, instance
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+
+def fill(expr: str, instance: str) -> str:
+    return (
+        expr.replace("$instance", instance.replace(".", "\\\\."))
+        .replace("$groupname", ".*")
+        .replace("$interval", "1m")
+    )
+
+
+@pytest.mark.parametrize(("panel", "expr"), SERVED.items())
+def test_process_exporter_dashboard_panel_has_data(
+    prometheus: tuple[str, str], panel: str, expr: str
+) -> None:
+    url, instance = prometheus
+    result = query(url, fill(expr, instance))
+    assert result, f"{panel}: {fill(expr, instance)} returned nothing"
+    assert all(float(s["value"][1]) >= 0 for s in result)
+
+
+def test_group_names_and_counts_reach_the_dashboard(prometheus: tuple[str, str]) -> None:
+    url, instance = prometheus
+    result = query(url, fill(SERVED["Num procs"], instance))
+    got = {s["metric"]["groupname"]: float(s["value"][1]) for s in result}
+    # web01's nginx and php-fpm masters with their workers; sshd: the daemon, a session's
+    # sshd, and (-children) the shells, vim, su and top under them; pid 0's children (ppid 0)
+    # join nothing, as process-exporter treats a parent pid below 1.
+    assert got == {"kernel": 1, "nginx": 5, "php-fpm": 5, "memcached": 1, "sshd": 8}
+
+
+@pytest.mark.parametrize(("panel", "expr"), NOT_SERVED.items())
+def test_panels_of_metrics_not_served_stay_empty(
+    prometheus: tuple[str, str], panel: str, expr: str
+) -> None:
+    url, instance = prometheus
+    assert query(url, fill(expr, instance)) == [], panel
+
+
+def test_template_variables_list_the_instance_and_groups(prometheus: tuple[str, str]) -> None:
+    url, instance = prometheus
+    series = query(
+        url, f'count by (groupname) (namedprocess_namegroup_num_procs{{instance="{instance}"}})'
+    )
+    assert {s["metric"]["groupname"] for s in series} >= {"nginx", "kernel"}
