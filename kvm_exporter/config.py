@@ -268,6 +268,8 @@ MAX_YAML_NODES = 10_000
 alias as a copy of its value: a few hundred bytes of nested aliases cannot expand to millions."""
 MAX_SCALAR_CHARS = 8192
 """The longest single value (a path, a header, a hash) accepted."""
+MAX_KEY_CHARS = 256
+"""The longest mapping key (a setting, a user or header name): errors show keys whole."""
 
 
 class _Refused(yaml.YAMLError):
@@ -311,6 +313,13 @@ class _BoundedLoader(yaml.SafeLoader):
                 f"a value of {len(node.value)} characters, expected at most {MAX_SCALAR_CHARS}",
                 node.start_mark,
             )
+        if isinstance(node, yaml.MappingNode):
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and len(key.value) > MAX_KEY_CHARS:
+                    raise _Refused(
+                        f"a key of {len(key.value)} characters, expected at most {MAX_KEY_CHARS}",
+                        key.start_mark,
+                    )
         self._add(1, node.start_mark)
         self._sizes[id(node)] = self._count - before
         return node

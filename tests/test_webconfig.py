@@ -215,18 +215,19 @@ BAD = [
         "web.yml: basic_auth_users: got user name 'a:b', expected a non-empty string without ':'",
     ),
     ("tls_server_config: [\n", "web.yml: line 2, column 1: invalid YAML: "),
-    # integers past Python's digit limit for str(): the message must still print
+    # integers past Python's digit limit for str(): the message must still print; keys that
+    # long are refused before that
     (
         "http_server_config:\n  headers:\n    X-Frame-Options: 0x" + "f" * 5000 + "\n",
         "web.yml: http_server_config.headers.X-Frame-Options: got an integer too long to show",
     ),
     (
         "http_server_config:\n  headers:\n    ? 0x" + "f" * 5000 + "\n    : x\n",
-        "web.yml: http_server_config.headers.an integer too long to show: unknown key",
+        "web.yml: line 3, column 7: a key of 5002 characters, expected at most 256",
     ),
     (
         "basic_auth_users:\n  ? 0x" + "f" * 5000 + f"\n  : {HASH}\n",  # YAML's long-key form
-        "web.yml: basic_auth_users: got user name an integer too long to show",
+        "web.yml: line 2, column 5: a key of 5002 characters, expected at most 256",
     ),
     (
         "rate_limit: {interval: 1s}\n",
