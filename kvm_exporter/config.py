@@ -20,7 +20,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .aggregate import MIN_SERIES
-from .files import Unreadable, read_file
+from .files import Refused, Unreadable, load_yaml, read_file
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
@@ -263,82 +263,16 @@ def build(
     return cls(**values)
 
 
-MAX_YAML_NODES = 10_000
-"""The most YAML values (scalars, lists, mappings) a file may hold, counting every use of an
-alias as a copy of its value: a few hundred bytes of nested aliases cannot expand to millions."""
-MAX_SCALAR_CHARS = 8192
-"""The longest single value (a path, a header, a hash) accepted."""
-MAX_KEY_CHARS = 256
-"""The longest mapping key (a setting, a user or header name): errors show keys whole."""
-
-
-class _Refused(yaml.YAMLError):
-    def __init__(self, problem: str, mark: Any) -> None:
-        super().__init__(problem)
-        self.problem, self.problem_mark = problem, mark
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader counting values as it composes them (see :data:`MAX_YAML_NODES`)."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._count = 0
-        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
-
-    def _add(self, count: int, mark: Any) -> None:
-        self._count += count
-        if self._count > MAX_YAML_NODES:
-            raise _Refused(
-                f"more than {MAX_YAML_NODES} values (each use of an alias counts its whole "
-                "value), expected a config file",
-                mark,
-            )
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            target = self.anchors.get(event.anchor)
-            if target is not None:  # else PyYAML's own "found undefined alias"
-                size = self._sizes.get(id(target))
-                if size is None:
-                    name = shown(event.anchor)
-                    raise _Refused(f"alias {name} refers to itself", event.start_mark)
-                self._add(size, event.start_mark)
-            return super().compose_node(parent, index)
-        before = self._count
-        node: Any = super().compose_node(parent, index)
-        if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_SCALAR_CHARS:
-            raise _Refused(
-                f"a value of {len(node.value)} characters, expected at most {MAX_SCALAR_CHARS}",
-                node.start_mark,
-            )
-        if isinstance(node, yaml.MappingNode):
-            for key, _ in node.value:
-                if isinstance(key, yaml.ScalarNode) and len(key.value) > MAX_KEY_CHARS:
-                    raise _Refused(
-                        f"a key of {len(key.value)} characters, expected at most {MAX_KEY_CHARS}",
-                        key.start_mark,
-                    )
-        self._add(1, node.start_mark)
-        self._sizes[id(node)] = self._count - before
-        return node
-
-
 def parse_yaml(text: str, where: str) -> Any:
     """The data of YAML ``text``; malformed or oversized YAML is a ConfigError naming ``where``."""
     try:
-        loader = _BoundedLoader(text)
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
+        return load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         problem = problem if len(problem) <= _SHOWN_CHARS else problem[:_SHOWN_CHARS] + "..."
-        invalid = "" if isinstance(err, _Refused) else "invalid YAML: "
+        invalid = "" if isinstance(err, Refused) else "invalid YAML: "
         raise ConfigError(f"{where}: {position}{invalid}{problem}") from None
     except RecursionError:
         raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None

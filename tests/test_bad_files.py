@@ -17,8 +17,8 @@ import pytest
 import tlsutil
 from conftest import free_port, wait_until
 
-from kvm_exporter.config import MAX_YAML_NODES, ConfigError, parse_config, parse_yaml
-from kvm_exporter.files import MAX_FILE_BYTES, Unreadable, read_file
+from kvm_exporter.config import ConfigError, parse_config, parse_yaml
+from kvm_exporter.files import MAX_FILE_BYTES, MAX_YAML_NODES, Unreadable, read_file
 
 
 def alias_bomb(levels: int = 9) -> str:
