@@ -2,13 +2,14 @@
 
 Starts the installed exporter on loopback behind a web config with one bcrypt (cost 10) user,
 scrapes it once with the right password (so it is remembered, as for any running Prometheus),
-then for each number of guessers: that many connections in a separate process send wrong
-passwords back to back (each one new), while this process makes 40 legitimate scrapes, 50 ms
-apart, each on a new connection. Prints per number of guessers the legitimate scrapes answered
-200, their p50/p99/max in ms, the guessers' answers by status, the exporter's CPU and RSS.
-A last row, ``cold``, restarts the exporter and starts guessing before the legitimate
-scraper's first request: how many of its 40 scrapes are answered when its password is not yet
-remembered.
+then for each number of guessers: that many connections from 127.0.0.1 in a separate process
+send wrong passwords back to back (each one new), while this process makes 40 legitimate
+scrapes from 127.0.0.2, 50 ms apart, each on a new connection. Prints per number of guessers
+the legitimate scrapes answered 200, their p50/p99/max in ms, the guessers' answers by status,
+the exporter's CPU and RSS.
+Two last rows, ``cold``, restart the exporter and start guessing before the legitimate
+scraper's first request (from 127.0.0.2, then from the guessers' own 127.0.0.1): how many of
+its 40 scrapes are answered when its password is not yet remembered.
 
     python bench/auth_guessing.py [--guessers 0 16 64 100] [--scrapes 40]
 """
@@ -33,6 +34,8 @@ from pathlib import Path
 import bcrypt
 
 PASSWORD = b"correct horse battery staple"
+LEGIT = "127.0.0.2"
+"""The legitimate scraper's address; the guessers connect from 127.0.0.1."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -86,8 +89,8 @@ class Exporter:
         self.proc.wait(10)
 
 
-def scrape(port: int, user: bytes, password: bytes) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def scrape(port: int, user: bytes, password: bytes, source: str = "127.0.0.1") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     try:
         conn.request("GET", "/metrics", headers={"Authorization": header(user, password)})
         response = conn.getresponse()
@@ -126,7 +129,7 @@ def guess(port: int, count: int, seconds: float) -> None:
     print(json.dumps(statuses))
 
 
-def phase(exporter: Exporter, guessers: int, scrapes: int) -> dict[str, object]:
+def phase(exporter: Exporter, guessers: int, scrapes: int, source: str) -> dict[str, object]:
     seconds = 1.0 + scrapes * 0.2 + 2.0
     spawn = [sys.executable, __file__, "--guess", str(exporter.port), str(guessers), str(seconds)]
     gproc = subprocess.Popen(spawn, stdout=subprocess.PIPE, text=True) if guessers else None
@@ -136,7 +139,7 @@ def phase(exporter: Exporter, guessers: int, scrapes: int) -> dict[str, object]:
     for _ in range(scrapes):
         began = time.perf_counter()
         try:
-            status = scrape(exporter.port, b"prometheus", PASSWORD)
+            status = scrape(exporter.port, b"prometheus", PASSWORD, source)
         except OSError as err:
             answers[type(err).__name__] += 1
         else:
@@ -150,6 +153,7 @@ def phase(exporter: Exporter, guessers: int, scrapes: int) -> dict[str, object]:
     ordered = sorted(times) or [float("nan")]
     return {
         "guessers": guessers,
+        "legit_from": source,
         "answered_200": answers["200"],
         "scrapes": scrapes,
         "legit_answers": dict(answers),
@@ -174,17 +178,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exporter = Exporter(Path(tmp))
         try:
-            assert scrape(exporter.port, b"prometheus", PASSWORD) == 200
+            assert scrape(exporter.port, b"prometheus", PASSWORD, LEGIT) == 200
             for guessers in args.guessers:
-                print(json.dumps(phase(exporter, guessers, args.scrapes)), flush=True)
+                print(json.dumps(phase(exporter, guessers, args.scrapes, LEGIT)), flush=True)
         finally:
             exporter.stop()
-        exporter = Exporter(Path(tmp))  # nothing remembered: the first check must win a turn
-        try:
-            cold = phase(exporter, max(args.guessers), args.scrapes)
-            print(json.dumps({"cold": True, **cold}), flush=True)
-        finally:
-            exporter.stop()
+        for source in (LEGIT, "127.0.0.1"):  # elsewhere, then the guessers' own address
+            exporter = Exporter(Path(tmp))  # nothing remembered: the first check needs a turn
+            try:
+                cold = phase(exporter, max(args.guessers), args.scrapes, source)
+                print(json.dumps({"cold": True, **cold}), flush=True)
+            finally:
+                exporter.stop()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 bcrypt is slow on purpose (about 65 ms of CPU at cost 10), so guessing must cost the guesser,
 not the scrapes: every check's answer, right or wrong, is remembered (a repeated guess costs no
-bcrypt), at most one bcrypt runs at a time with two more waiting briefly (the rest are told
-429 at once instead of holding a worker thread), and unknown users are checked against a decoy
-hash of the same cost, so the time of an answer does not tell whether a user exists.
+bcrypt), at most one bcrypt runs at a time with three more waiting briefly, one per client
+address (the rest are told 429 at once instead of holding a worker thread), and unknown
+users are checked against a decoy hash of the same cost, so the time of an answer does not
+tell whether a user exists.
 """
 
 from __future__ import annotations
@@ -55,18 +56,24 @@ class _Memory:
 
 
 class _Turns:
-    """At most ``running`` holders at once and ``waiting`` more waiting up to ``wait`` seconds
-    for a turn; anyone past them is refused at once."""
+    """Turns at bcrypt: ``running`` clients at once and ``waiting`` more waiting up to ``wait``
+    seconds, at most one place per client address; anyone else is refused at once. A guesser
+    with a hundred connections holds one place, so a scraper elsewhere still gets a turn."""
 
     def __init__(self, running: int, waiting: int, wait: float) -> None:
-        self._entry = threading.BoundedSemaphore(running + waiting)
         self._run = threading.BoundedSemaphore(running)
-        self._wait = wait
+        self._places, self._wait = running + waiting, wait
+        self._holders: set[str] = set()
+        self._lock = threading.Lock()
 
     @contextmanager
-    def turn(self) -> Iterator[bool]:
-        """Yields whether the caller got a turn."""
-        if not self._entry.acquire(blocking=False):
+    def turn(self, client: str) -> Iterator[bool]:
+        """Yields whether ``client`` (an address) got a turn."""
+        with self._lock:
+            placed = client not in self._holders and len(self._holders) < self._places
+            if placed:
+                self._holders.add(client)
+        if not placed:
             yield False
             return
         try:
@@ -78,7 +85,8 @@ class _Turns:
             finally:
                 self._run.release()
         finally:
-            self._entry.release()
+            with self._lock:
+                self._holders.discard(client)
 
 
 def _reply(
@@ -100,7 +108,7 @@ class BasicAuth:
         self,
         app: WSGIApplication,
         users: tuple[tuple[str, str], ...],
-        turns: tuple[int, int, float] = (1, 2, 0.5),
+        turns: tuple[int, int, float] = (1, 3, 1.0),
     ) -> None:
         """``turns``: bcrypt checks running at once, waiting for a turn, and the longest wait."""
         self._app = app
@@ -114,7 +122,7 @@ class BasicAuth:
         self._turns = _Turns(*turns)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        verdict = self._verdict(environ.get("HTTP_AUTHORIZATION", ""))
+        verdict = self._verdict(environ.get("HTTP_AUTHORIZATION", ""), environ["REMOTE_ADDR"])
         if verdict:
             return self._app(environ, start_response)
         if verdict is None:
@@ -122,7 +130,7 @@ class BasicAuth:
         challenge = ("WWW-Authenticate", f'Basic realm="{REALM}"')
         return _reply(start_response, "401 Unauthorized", [challenge])
 
-    def _verdict(self, header: str) -> bool | None:
+    def _verdict(self, header: str, client: str) -> bool | None:
         """Whether the credentials in ``header`` are right; None if no bcrypt turn was free."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
@@ -144,7 +152,7 @@ class BasicAuth:
         if key in self._refused:
             return False
         hashed = self._users.get(user)
-        with self._turns.turn() as mine:
+        with self._turns.turn(client) as mine:
             if not mine:
                 return None
             ok = bcrypt.checkpw(password, hashed or self._decoy) and hashed is not None

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,19 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         s.shutdown()
 
 
-def users(cost: int, password: bytes = PASSWORD) -> str:
+def users(cost: int, password: bytes = PASSWORD, names: tuple[str, ...] = ("alice",)) -> str:
     hashed = bcrypt.hashpw(password[:MAX_PASSWORD_BYTES], bcrypt.gensalt(cost)).decode()
-    return f"basic_auth_users:\n  alice: '{hashed}'\n"
+    return "basic_auth_users:\n" + "".join(f"  {name}: '{hashed}'\n" for name in names)
 
 
-def get(server: Server, user: bytes | None = None, password: bytes = b"") -> tuple[int, str]:
-    """(status, Retry-After header) of one GET with basic auth as ``user``, if given."""
+def get(
+    server: Server, user: bytes | None = None, password: bytes = b"", source: str = "127.0.0.1"
+) -> tuple[int, str]:
+    """(status, Retry-After header) of one GET from ``source`` with basic auth as ``user``."""
     headers = {}
     if user is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(user + b":" + password).decode()
-    conn = http.client.HTTPConnection(*server.address, timeout=10)
+    conn = http.client.HTTPConnection(*server.address, timeout=10, source_address=(source, 0))
     try:
         conn.request("GET", "/metrics", headers=headers)
         response = conn.getresponse()
@@ -134,33 +137,52 @@ def test_guesses_past_the_waiting_ones_are_told_to_retry(server: Callable[..., S
     assert all(retry == "1" for status, retry in answers if status == 429)
 
 
-def test_scrapes_are_answered_while_guessers_hammer(server: Callable[..., Server]) -> None:
-    s = server(users(10))
-    assert get(s, b"alice", PASSWORD)[0] == 200  # verified once, then remembered
+@contextmanager
+def guessing(s: Server, count: int) -> Iterator[Counter[int]]:
+    """``count`` clients on 127.0.0.1 sending new wrong passwords back to back; their answers
+    by status (0: connection failed) once the block ends."""
     stop = threading.Event()
-    guesses: Counter[int] = Counter()
+    answers: Counter[int] = Counter()
 
     def guess(n: int) -> None:
         i = 0
         while not stop.is_set():
             i += 1
             try:
-                guesses[get(s, b"alice", b"guess %d.%d" % (n, i))[0]] += 1
+                answers[get(s, b"alice", b"guess %d.%d" % (n, i))[0]] += 1
             except OSError:
-                guesses[0] += 1
+                answers[0] += 1
 
-    guessers = [threading.Thread(target=guess, args=(n,)) for n in range(24)]
+    guessers = [threading.Thread(target=guess, args=(n,)) for n in range(count)]
     for t in guessers:
         t.start()
     try:
         time.sleep(0.5)
-        answered = [get(s, b"alice", PASSWORD)[0] for _ in range(20)]
+        yield answers
     finally:
         stop.set()
         for t in guessers:
             t.join(30)
+
+
+def test_scrapes_are_answered_while_guessers_hammer(server: Callable[..., Server]) -> None:
+    s = server(users(10))
+    assert get(s, b"alice", PASSWORD)[0] == 200  # verified once, then remembered
+    with guessing(s, 24) as answers:
+        answered = [get(s, b"alice", PASSWORD)[0] for _ in range(20)]
     assert answered == [200] * 20
-    assert guesses[401] >= 1 and guesses[429] >= 1, guesses
+    assert answers[401] >= 1 and answers[429] >= 1, answers
+
+
+def test_a_scraper_elsewhere_gets_a_turn_while_one_address_guesses(
+    server: Callable[..., Server],
+) -> None:
+    names = ("alice", "bob", "carol")
+    s = server(users(10, names=names))
+    with guessing(s, 24) as answers:  # each user's first scrape: not yet remembered
+        firsts = [get(s, name.encode(), PASSWORD, source="127.0.0.2")[0] for name in names]
+    assert firsts == [200] * 3
+    assert answers[401] >= 1 and answers[429] >= 1, answers
 
 
 def test_rate_limit_answers_429_past_the_burst(server: Callable[..., Server]) -> None:
