@@ -15,7 +15,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -57,36 +57,58 @@ class _Memory:
 
 class _Turns:
     """Turns at bcrypt: ``running`` clients at once and ``waiting`` more waiting up to ``wait``
-    seconds, at most one place per client address; anyone else is refused at once. A guesser
-    with a hundred connections holds one place, so a scraper elsewhere still gets a turn."""
+    seconds in order, at most one place per client address; anyone else is refused at once. A
+    guesser with a hundred connections holds one place, so a scraper elsewhere gets a turn:
+    a finished turn is handed to the longest waiter, never to a newcomer."""
 
     def __init__(self, running: int, waiting: int, wait: float) -> None:
-        self._run = threading.BoundedSemaphore(running)
-        self._places, self._wait = running + waiting, wait
+        self._free, self._places, self._wait = running, running + waiting, wait
+        self._queue: deque[threading.Event] = deque()
         self._holders: set[str] = set()
         self._lock = threading.Lock()
 
     @contextmanager
     def turn(self, client: str) -> Iterator[bool]:
         """Yields whether ``client`` (an address) got a turn."""
+        called: threading.Event | None = None
         with self._lock:
             placed = client not in self._holders and len(self._holders) < self._places
             if placed:
                 self._holders.add(client)
+                if self._free:
+                    self._free -= 1
+                else:
+                    called = threading.Event()
+                    self._queue.append(called)
         if not placed:
             yield False
             return
         try:
-            if not self._run.acquire(timeout=self._wait):
+            if called is not None and not called.wait(self._wait) and not self._give_up(called):
                 yield False
                 return
             try:
                 yield True
             finally:
-                self._run.release()
+                self._pass_on()
         finally:
             with self._lock:
                 self._holders.discard(client)
+
+    def _give_up(self, called: threading.Event) -> bool:
+        """Leave the queue and return False, or True if the turn came as the wait ended."""
+        with self._lock:
+            if called.is_set():
+                return True
+            self._queue.remove(called)
+            return False
+
+    def _pass_on(self) -> None:
+        with self._lock:
+            if self._queue:
+                self._queue.popleft().set()
+            else:
+                self._free += 1
 
 
 def _reply(
