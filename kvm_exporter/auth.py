@@ -126,13 +126,7 @@ def _reply(
 class BasicAuth:
     """WSGI middleware admitting the users of ``basic_auth_users`` (see the module's notes)."""
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        users: tuple[tuple[str, str], ...],
-        turns: tuple[int, int, float] = (1, 3, 1.0),
-    ) -> None:
-        """``turns``: bcrypt checks running at once, waiting for a turn, and the longest wait."""
+    def __init__(self, app: WSGIApplication, users: tuple[tuple[str, str], ...]) -> None:
         self._app = app
         self._users = {user: hashed.encode() for user, hashed in users}
         costs = [hashed[:7] for _, hashed in users]
@@ -141,7 +135,7 @@ class BasicAuth:
         self._key = secrets.token_bytes(32)  # the memories hold keyed digests, not passwords
         self._admitted = _Memory(64)
         self._refused = _Memory(4096)
-        self._turns = _Turns(*turns)
+        self._turns = _Turns(running=1, waiting=3, wait=1.0)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         verdict = self._verdict(environ.get("HTTP_AUTHORIZATION", ""), environ["REMOTE_ADDR"])
