@@ -7,10 +7,12 @@ from __future__ import annotations
 import errno
 import pathlib
 import shutil
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from fakelib import fake_libkvm, fixed_passwd  # noqa: F401 (fixture)
 
 from kvm_exporter.config import LibkvmConfig
@@ -193,3 +195,30 @@ def test_exporter_groups_from_the_fakes_argv(
     assert per_group("kvm_group_oldest_start_time_seconds")["nginx"] == 1100.0
     assert got["kvm_group_argv_unreadable_total", frozenset()] == 2  # pid 0 and the zombie
     assert got["kvm_group_state_processes", frozenset({("group", "nginx"), ("state", "running")})]
+
+
+def test_sighup_takes_new_rules_and_a_bad_one_keeps_the_old(
+    exporter: Any,
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    tmp_path: pathlib.Path,
+) -> None:
+    scenario = tmp_path / "apps.scenario"
+    scenario.write_text(HOST + APPS)
+    base = f"source: libkvm\ninterval: 0\nlibkvm:\n  library: {fake_libkvm}\n"
+    e = exporter(base, env={"FAKE_KVM_SCENARIO": str(scenario)})
+    assert "kvm_group_processes" not in e.get()  # no rules, no group metrics
+
+    def groups() -> set[str]:
+        return {dict(k)["group"] for (n, k) in e.metrics() if n == "kvm_group_processes"}
+
+    for rules, expected in (
+        ("{name: '{{.Comm}}', comm: [nginx]}", {"nginx"}),
+        ("{name: 'web', comm: [nginx, php-fpm]}", {"web"}),
+    ):
+        e.config_path.write_text(base + f"groups:\n  process_names: [{rules}]\n")
+        e.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda expected=expected: groups() == expected, what=str(expected))
+    e.config_path.write_text(base + "groups:\n  process_names: [{name: '{{.PID}}', comm: [a]}]\n")
+    e.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "{{.PID}} would make a group" in e.stderr(), what="the reload error")
+    assert groups() == {"web"}
