@@ -158,7 +158,8 @@ class Poller:
                 nonlocal procs
                 if grouper is None:
                     return source.census()
-                procs = source.procs()  # groups need each process: one read serves both
+                procs = source.procs(real_uid=False)  # groups need each process: one read
+                # serves both; no real uid, which Linux would read from another file
                 return census_of(procs)
 
             counts = timed(

@@ -27,6 +27,7 @@ class Proc(NamedTuple):
     uid: int
     """Effective uid: the one ``ps -o uid`` shows."""
     ruid: int
+    """Real uid; -1 where not read (``Source.procs(real_uid=False)``)."""
     tty: str
     """Controlling terminal as ``ps`` names it (``pts/3``, ``ttyv0``), or :data:`NO_TTY`."""
     state: str
@@ -112,8 +113,9 @@ class Source(Protocol):
     states: tuple[str, ...]
     """The states this source can tell apart; each is reported, as 0 if no process has it."""
 
-    def procs(self) -> list[Proc]:
-        """Every process, each with all its fields."""
+    def procs(self, real_uid: bool = True) -> list[Proc]:
+        """Every process, each with all its fields; ``real_uid=False`` allows ``ruid`` -1
+        where the real uid costs another read (Linux's ``status``)."""
         ...
 
     def census(self) -> Census:

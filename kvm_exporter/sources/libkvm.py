@@ -110,7 +110,7 @@ class LibkvmSource:
             self.close()
             raise
 
-    def procs(self) -> list[Proc]:
+    def procs(self, real_uid: bool = True) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
         with self._lock:
             base, count = self._getprocs()

@@ -5,7 +5,8 @@ one ``stat()`` of the directory ``/proc/PID``, whose owner is the effective uid,
 shows (since Linux 4.11 also for a non-dumpable process; the *files* inside the directory then
 belong to root). It runs in C when the optional ``_procscan`` extension was built at install,
 else in Python. ``procs()`` gives full records and reads ``/proc/PID/status`` too, the only
-place with the real uid, which about doubles the kernel's work per process.
+place with the real uid, which about doubles the kernel's work per process (named groups ask
+for records without it).
 """
 
 from __future__ import annotations
@@ -171,9 +172,11 @@ class ProcfsSource:
             name = tty_name(tty_nr, self._dev_names)
         return name
 
-    def procs(self) -> list[Proc]:
+    def procs(self, real_uid: bool = True) -> list[Proc]:
+        """Every process; without ``real_uid``, ``status`` is not read (half the kernel's
+        work): the uid is the owner of ``/proc/PID``, as in the census, and ``ruid`` is -1."""
         boot = self._boot_time()
-        return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot))
+        return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot, real_uid))
 
     def census(self) -> Census:
         scan = self._census_c if _lib is not None else _census_py
@@ -218,20 +221,23 @@ class ProcfsSource:
                 ]
             self._rows = _ffi.new("struct kvm_census_row[]", 2 * found)  # many kinds: grow
 
-    def _scan(self, dir_fd: int, boot: int) -> list[Proc]:
+    def _scan(self, dir_fd: int, boot: int, real_uid: bool) -> list[Proc]:
         out: list[Proc] = []
         for pid in os.listdir(dir_fd):
             if not pid.isdigit():
                 continue
             try:
                 stat = _read(pid + "/stat", dir_fd, _READ_SIZE)
-                status = _read(pid + "/status", dir_fd, _READ_SIZE)
+                if real_uid:
+                    status = _read(pid + "/status", dir_fd, _READ_SIZE)
+                    ruid, uid = _status_uids(status) if status else (-1, -1)
+                else:
+                    ruid, uid = -1, os.stat(pid, dir_fd=dir_fd).st_uid
             except _VANISHED:
                 continue  # exited between listdir and read
-            if not stat or not status:
+            if not stat or uid < 0:
                 continue  # a pid being reaped can read as empty
             comm, f = parse_stat(stat, _STAT_FIELDS)
-            ruid, uid = _status_uids(status)
             tty = self._ttys.get(f[4])
             if tty is None:
                 tty = self._ttys[f[4]] = self._tty(int(f[4]))
