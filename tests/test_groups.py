@@ -4,9 +4,12 @@ tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
+import secrets
+import subprocess
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.grouping import Grouper
@@ -279,3 +282,24 @@ def test_a_hostile_user_cannot_grow_groups_past_the_cap() -> None:
     assert got.processes["job-main"] == 5  # the biggest group keeps its name
     assert sum(got.processes.values()) == 1005  # folding loses no process
     assert got.folded == 1001 - (len(got.processes) - 1)
+
+
+def test_live_processes_naming_their_own_groups_fold_under_the_cap(exporter: Any) -> None:
+    """30 real processes whose arguments each ask for a group of their own; the cap is 14."""
+    token = "h" + secrets.token_hex(4)
+    kids = [subprocess.Popen(["bash", "-c", f"exec -a {token}-{i} sleep 600"]) for i in range(30)]
+    try:
+        rules = f"[{{name: 'g-{{{{.Matches.n}}}}', cmdline: ['^{token}-(?P<n>\\d+) 600$']}}]"
+        e = exporter(f"interval: 0\nmax_series: 14\ngroups:\n  process_names: {rules}\n")
+
+        def groups() -> dict[str, float]:
+            got = e.metrics()
+            return {dict(k)["group"]: v for (n, k), v in got.items() if n == "kvm_group_processes"}
+
+        seen = wait_until(lambda: sum(groups().values()) == 30 and groups(), what="30 processes")
+        assert len(seen) <= 14 and seen["other"] >= 30 - 13
+        assert e.metrics()["kvm_group_folded_groups", frozenset()] == 30 - (len(seen) - 1)
+    finally:
+        for kid in kids:
+            kid.kill()
+            kid.wait()
