@@ -1,4 +1,4 @@
-"""Metric families of the named process groups, under kvm_group_* and, with
+"""Metric families of the named process groups, under kvm_namegroup_* and, with
 ``compat: [process_exporter]``, under process-exporter's ``namedprocess_namegroup_*`` names
 and labels, so its dashboards work unchanged."""
 
@@ -45,12 +45,14 @@ def _per_group(
 
 
 def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
-    yield _per_group("kvm_group_processes", "Processes per named group", "group", groups.processes)
     yield _per_group(
-        "kvm_group_threads", "Threads of the processes per named group", "group", groups.threads
+        "kvm_namegroup_processes", "Processes per named group", "group", groups.processes
+    )
+    yield _per_group(
+        "kvm_namegroup_threads", "Threads of the processes per named group", "group", groups.threads
     )
     states = GaugeMetricFamily(
-        "kvm_group_state_processes",
+        "kvm_namegroup_state_processes",
         "Processes per named group and state (states with processes only)" + AS_OF,
         labels=["group", "state"],
     )
@@ -62,30 +64,30 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
         states.add_metric(key, merged[key])
     yield states
     yield _per_group(
-        "kvm_group_resident_memory_bytes",
+        "kvm_namegroup_resident_memory_bytes",
         "Resident memory of the processes per named group, summed",
         "group",
         groups.resident_bytes,
     )
     yield _per_group(
-        "kvm_group_virtual_memory_bytes",
+        "kvm_namegroup_virtual_memory_bytes",
         "Virtual memory size of the processes per named group, summed",
         "group",
         groups.virtual_bytes,
     )
     yield _per_group(
-        "kvm_group_oldest_start_time_seconds",
+        "kvm_namegroup_oldest_start_time_seconds",
         "Unix time at which the oldest process of the group started",
         "group",
         groups.oldest_start,
     )
     yield GaugeMetricFamily(
-        "kvm_group_folded_groups",
+        "kvm_namegroup_folded_groups",
         "Named groups folded into 'other' to stay under max_series" + AS_OF,
         value=groups.folded,
     )
     yield CounterMetricFamily(
-        "kvm_group_argv_unreadable",
+        "kvm_namegroup_argv_unreadable",
         "Processes since the exporter started whose arguments could not be read"
         " (named by their comm instead).",
         value=groups.unreadable,

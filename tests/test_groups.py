@@ -294,11 +294,13 @@ def test_live_processes_naming_their_own_groups_fold_under_the_cap(exporter: Any
 
         def groups() -> dict[str, float]:
             got = e.metrics()
-            return {dict(k)["group"]: v for (n, k), v in got.items() if n == "kvm_group_processes"}
+            return {
+                dict(k)["group"]: v for (n, k), v in got.items() if n == "kvm_namegroup_processes"
+            }
 
         seen = wait_until(lambda: sum(groups().values()) == 30 and groups(), what="30 processes")
         assert len(seen) <= 14 and seen["other"] >= 30 - 13
-        assert e.metrics()["kvm_group_folded_groups", frozenset()] == 30 - (len(seen) - 1)
+        assert e.metrics()["kvm_namegroup_folded_groups", frozenset()] == 30 - (len(seen) - 1)
     finally:
         for kid in kids:
             kid.kill()

@@ -150,15 +150,15 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     }
     pe_procs = by_group(pe, "namedprocess_namegroup_num_procs")
     assert pe_procs == expected_procs  # the fixture is what the test thinks it is
-    assert by_group(kvm, "kvm_group_processes") == pe_procs
+    assert by_group(kvm, "kvm_namegroup_processes") == pe_procs
     assert by_group(kvm, "namedprocess_namegroup_num_procs") == pe_procs
     pe_threads = by_group(pe, "namedprocess_namegroup_num_threads")
     assert pe_threads[f"py-web-{user}"] == 4 + 2 + 2
-    assert by_group(kvm, "kvm_group_threads") == pe_threads
+    assert by_group(kvm, "kvm_namegroup_threads") == pe_threads
     assert by_group(kvm, "namedprocess_namegroup_num_threads") == pe_threads
     for memtype, ours_name in (
-        ("resident", "kvm_group_resident_memory_bytes"),
-        ("virtual", "kvm_group_virtual_memory_bytes"),
+        ("resident", "kvm_namegroup_resident_memory_bytes"),
+        ("virtual", "kvm_namegroup_virtual_memory_bytes"),
     ):
         pe_memory = by_group(pe, "namedprocess_namegroup_memory_bytes", memtype=memtype)
         for name, value in (
@@ -169,7 +169,7 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
             for group, theirs_bytes in pe_memory.items():
                 assert value[group] == pytest.approx(theirs_bytes, rel=0.02), (name, group)
     pe_oldest = by_group(pe, "namedprocess_namegroup_oldest_start_time_seconds")
-    kvm_oldest = by_group(kvm, "kvm_group_oldest_start_time_seconds")
+    kvm_oldest = by_group(kvm, "kvm_namegroup_oldest_start_time_seconds")
     assert kvm_oldest.keys() == pe_oldest.keys()
     for group, started in pe_oldest.items():
         assert kvm_oldest[group] == pytest.approx(started, abs=1.0)  # PE keeps whole seconds

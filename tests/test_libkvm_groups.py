@@ -181,7 +181,7 @@ def test_exporter_groups_from_the_fakes_argv(
     def per_group(name: str) -> dict[str, float]:
         return {dict(k)["group"]: v for (n, k), v in got.items() if n == name}
 
-    assert per_group("kvm_group_processes") == {
+    assert per_group("kvm_namegroup_processes") == {
         "nginx": 2,  # the worker joins its master (children)
         "php-www": 1,
         "php-api": 1,
@@ -190,11 +190,13 @@ def test_exporter_groups_from_the_fakes_argv(
         "cut-app": 1,  # its --tail=yes lies past the 4096 bytes read
         "kernel-root": 1,  # a kernel process has no argv: named by comm
     }
-    assert per_group("kvm_group_threads")["nginx"] == 3
-    assert per_group("kvm_group_resident_memory_bytes")["nginx"] == 300 * 4096
-    assert per_group("kvm_group_oldest_start_time_seconds")["nginx"] == 1100.0
-    assert got["kvm_group_argv_unreadable_total", frozenset()] == 2  # pid 0 and the zombie
-    assert got["kvm_group_state_processes", frozenset({("group", "nginx"), ("state", "running")})]
+    assert per_group("kvm_namegroup_threads")["nginx"] == 3
+    assert per_group("kvm_namegroup_resident_memory_bytes")["nginx"] == 300 * 4096
+    assert per_group("kvm_namegroup_oldest_start_time_seconds")["nginx"] == 1100.0
+    assert got["kvm_namegroup_argv_unreadable_total", frozenset()] == 2  # pid 0 and the zombie
+    assert got[
+        "kvm_namegroup_state_processes", frozenset({("group", "nginx"), ("state", "running")})
+    ]
 
 
 def test_sighup_takes_new_rules_and_a_bad_one_keeps_the_old(
@@ -206,10 +208,10 @@ def test_sighup_takes_new_rules_and_a_bad_one_keeps_the_old(
     scenario.write_text(HOST + APPS)
     base = f"source: libkvm\ninterval: 0\nlibkvm:\n  library: {fake_libkvm}\n"
     e = exporter(base, env={"FAKE_KVM_SCENARIO": str(scenario)})
-    assert "kvm_group_processes" not in e.get()  # no rules, no group metrics
+    assert "kvm_namegroup_processes" not in e.get()  # no rules, no group metrics
 
     def groups() -> set[str]:
-        return {dict(k)["group"] for (n, k) in e.metrics() if n == "kvm_group_processes"}
+        return {dict(k)["group"] for (n, k) in e.metrics() if n == "kvm_namegroup_processes"}
 
     for rules, expected in (
         ("{name: '{{.Comm}}', comm: [nginx]}", {"nginx"}),
