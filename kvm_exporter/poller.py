@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
+from .logs import crash
 from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,12 @@ class Poller:
         return old
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            crash("the poller thread")
+
+    def _loop(self) -> None:
         self.poll()
         next_due = time.monotonic() + self.settings.interval
         while True:

@@ -30,6 +30,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
 
 import bcrypt
 
+from kvm_exporter.config import listen_host_port
 from kvm_exporter.webconfig import WebSettings, ssl_context
 
 if TYPE_CHECKING:
@@ -62,22 +63,12 @@ class Limits:
     """Most seconds a worker spends on one request."""
 
 
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
 def parse_listen_address(address: str) -> tuple[str, int]:
     """(host, port) from ``:9429``, ``0.0.0.0:9429``, ``[::1]:9429`` or ``localhost:9429``."""
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = "["
-    if not sep or "[" in host or not _PORT.fullmatch(port) or int(port) > 65535:
-        raise WebError(
-            f"cannot listen on {address}: expected host:port such as :9429, "
-            "127.0.0.1:9429 or [::1]:9429"
-        )
-    return host, int(port)
+    try:
+        return listen_host_port(address)
+    except ValueError as err:
+        raise WebError(f"cannot listen on {address}: expected {err}") from None
 
 
 def _listen(address: str) -> socket.socket:
