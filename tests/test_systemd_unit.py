@@ -305,3 +305,15 @@ def test_a_crash_is_restarted_and_restarts_are_bounded() -> None:
     interval = float(unit_section["StartLimitIntervalSec"].rstrip("s"))
     # The limit can only trip if `burst` starts, RestartSec apart, fit in the interval.
     assert burst >= 2 and burst * float(value("RestartSec").rstrip("s")) < interval
+
+
+def test_readme_installs_the_exporter_where_the_unit_runs_it() -> None:
+    """The README's steps: a venv at the unit's path, from a Python the sandbox can see."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Linux (systemd)") : readme.index("## TLS and basic auth")]
+    venv = str(Path(INSTALLED_EXPORTER).parent.parent)
+    assert f"/usr/bin/python3 -m venv {venv} && {venv}/bin/pip install ." in section
+    config = "/etc/kvm_exporter/kvm_exporter.yml"
+    assert f"Environment=KVM_EXPORTER_CONFIG={config}" in UNIT.read_text()
+    assert f"install -D -m 0644 config/kvm_exporter.yml {config}" in section
+    assert not [word for _, line in SERVICE for word in line.split() if word.startswith("/root")]
