@@ -19,7 +19,7 @@ from .poller import Poller, Settings
 from .records import Source, SourceError
 from .sources import open_source
 from .version import revision
-from .web import Server, serve
+from .web import Server, listen_target, serve
 from .webconfig import WebSettings, load_web_config
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,13 @@ def build_registry(
 def prepare(
     config_path: str | None, flags: dict[str, Any]
 ) -> tuple[Config, WebSettings | None, Source]:
-    """Everything start-up checks before it listens: the config file and flags, the web
-    config with its TLS files, and the source, opened (the caller closes it). Both a start and
-    ``--config.check`` go through here. Raises ConfigError or SourceError."""
+    """Everything start-up checks before it listens: the config file and flags, the listen
+    addresses' hosts, the web config with its TLS files, and the source, opened (the caller
+    closes it). Both a start and ``--config.check`` go through here. Raises ConfigError,
+    WebError or SourceError."""
     config = load_config(config_path, flags)
+    for address in config.web.listen_address:
+        listen_target(address)
     web_file = config.web.config_file
     return config, load_web_config(web_file) if web_file else None, open_source(config)
 

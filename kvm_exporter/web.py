@@ -71,23 +71,34 @@ def parse_listen_address(address: str) -> tuple[str, int]:
         raise WebError(f"cannot listen on {address}: expected {err}") from None
 
 
-def _listen(address: str) -> socket.socket:
+def listen_target(address: str) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The family and socket address that listening on ``address`` binds, its host looked up
+    (no host: every interface, IPv6 and IPv4 where the system can). Raises WebError."""
     host, port = parse_listen_address(address)
+    if not host:
+        return (socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET), ("", port)
     try:
-        if not host:
-            if socket.has_dualstack_ipv6():
-                return socket.create_server(
-                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
-                )
-            return socket.create_server(("", port), backlog=128)
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(sockaddr[:2], family=family, backlog=128)
     except OSError as err:
-        reason = err.strerror if isinstance(err, socket.gaierror) else None
-        reason = reason or (os.strerror(err.errno) if err.errno else str(err))
-        raise WebError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}") from None
+        raise _cannot_listen(address, err) from None
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def _listen(address: str) -> socket.socket:
+    family, sockaddr = listen_target(address)
+    dualstack = family == socket.AF_INET6 and not sockaddr[0]
+    try:
+        return socket.create_server(sockaddr, family=family, dualstack_ipv6=dualstack, backlog=128)
+    except OSError as err:
+        raise _cannot_listen(address, err) from None
+
+
+def _cannot_listen(address: str, err: OSError) -> WebError:
+    reason = err.strerror if isinstance(err, socket.gaierror) else None
+    reason = reason or (os.strerror(err.errno) if err.errno else str(err))
+    return WebError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}")
 
 
 class _ServerHandler(ServerHandler):

@@ -150,6 +150,12 @@ CASES = [
         ("--collector.labels=user,pid",),
     ),
     Case(
+        "flag-listen-unknown-host",  # .invalid never resolves (RFC 6761)
+        "",
+        ("cannot listen on nosuchhost.invalid:9429: ",),
+        ("--web.listen-address=nosuchhost.invalid:9429",),
+    ),
+    Case(
         "flag-procfs",
         "",
         ("/nonexistent does not look like procfs",),
