@@ -56,6 +56,8 @@ CASES = [
     Case("value-interval-inf", "interval: .inf\n", ("{path}: interval: ", "at most")),
     Case("value-predicate", "libkvm:\n  predicate: every\n", ("{path}: libkvm.predicate: ",)),
     Case("value-labels", "labels: [user, pid]\n", ("{path}: labels: ", "drawn from")),
+    # a huge value is cut in the log line, which says so
+    Case("long-value", "source: " + "x" * 100_000 + "\n", ("{path}: source: got 'xxx", " cut]")),
     # the file itself
     Case("invalid-yaml", "interval: [15s\n", ("{path}: line ", "invalid YAML")),
     Case("invalid-yaml-tab", "web:\n\t- x\n", ("{path}: line ", "invalid YAML")),
@@ -197,6 +199,7 @@ def the_line(stderr: str, what: str, root_warning: bool) -> str:
         lines = [line for line in lines if line not in warned]
     assert len(lines) == 1, f"{what}: expected one line, got {lines}"
     assert "level=error" in lines[0], f"{what}: {lines[0]}"
+    assert len(lines[0]) < 4096, f"{what}: a line of {len(lines[0])} characters"
     return lines[0]
 
 
