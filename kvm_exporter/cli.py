@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -12,11 +11,10 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from .config import DEFAULT_PORT, FLAGS, LOG_FORMATS, LOG_LEVELS, ConfigError, load_config
-from .logs import configure, crash, setup
+from .config import DEFAULT_PORT, FLAGS, LOG_FORMATS, LOG_LEVELS, ConfigError
+from .logs import crash, setup
 from .poller import Poller
 from .records import SourceError
-from .sources import open_source
 from .version import version_text
 
 log = logging.getLogger("kvm_exporter")
@@ -116,13 +114,9 @@ def check(args: argparse.Namespace) -> int:
 
 def once(args: argparse.Namespace) -> int:
     """Poll once and print the exposition; non-zero if any part of the poll failed."""
-    from .service import build_registry, settings_of
+    from .service import build_registry, prepare, settings_of
 
-    config = load_config(args.config_file, flags_of(args))
-    if config.libkvm.core:  # a crash dump can only be read through libkvm
-        config = dataclasses.replace(config, source="libkvm")
-    configure(config.log.level, config.log.format)
-    source = open_source(config)
+    config, _, source = prepare(args.config_file, flags_of(args))
     try:
         poller = Poller(source, settings_of(config))
         poller.poll()

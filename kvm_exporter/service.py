@@ -52,11 +52,14 @@ def build_registry(
 def prepare(
     config_path: str | None, flags: dict[str, Any]
 ) -> tuple[Config, WebSettings | None, Source]:
-    """Everything start-up checks before it listens: the config file and flags, the listen
-    addresses' hosts, the web config with its TLS files, and the source, opened (the caller
-    closes it). Both a start and ``--config.check`` go through here. Raises ConfigError,
-    WebError or SourceError."""
+    """Everything a start checks before it listens: the config file and flags (whose log
+    settings it applies), the listen addresses' hosts, the web config with its TLS files, and
+    the source, opened (the caller closes it). A start, ``--once`` and ``--config.check`` all
+    go through here. Raises ConfigError, WebError or SourceError."""
     config = load_config(config_path, flags)
+    configure(config.log.level, config.log.format)
+    if config.libkvm.core:  # a crash dump can only be read through libkvm
+        config = dataclasses.replace(config, source="libkvm")
     for address in config.web.listen_address:
         listen_target(address)
     web_file = config.web.config_file
@@ -74,7 +77,6 @@ class Service:
         self.config_path = config_path
         self.flags = flags
         self.config, web_settings, source = prepare(config_path, flags)
-        configure(self.config.log.level, self.config.log.format)
         web = self.config.web
         self._reload = ReloadStatus(True, 0, time.time())
         self.servers: list[Server] = []
