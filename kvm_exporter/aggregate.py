@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import heapq
 import pwd
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from .records import Census
@@ -54,12 +54,18 @@ def aggregate(
     labels: tuple[str, ...],
     max_series: int,
     user_name: Callable[[int], str] | None = None,
+    states: tuple[str, ...] = STATES,
 ) -> Counts:
     """Count processes and threads per ``labels`` group of a census.
 
-    Every state of the vocabulary gets a series (zero if no process is in it), and past
-    ``max_series`` series the smallest groups fold into ``other``, one per state; the result
-    never has more than ``max_series`` groups when ``max_series >= MIN_SERIES``.
+    Every state of ``states`` (what the source can tell apart) gets a series, zero if no
+    process is in it. Past
+    ``max_series`` series, detail goes in this order, so one user cannot hide the others:
+    first the tty of the users with the most groups (their groups merge into ``tty="other"``),
+    then, if even that is too many, whole users, smallest first, into ``user="other"`` (one
+    group per state). The state is never folded: the state totals stay exact. Counts always
+    add up to the census, and the result never has more than ``max_series`` groups when
+    ``max_series >= MIN_SERIES``.
     """
     name = user_name or user_names()
     # A host has thousands of processes but few kinds (most processes have one thread), so
@@ -77,19 +83,107 @@ def aggregate(
         processes[key] = processes.get(key, 0) + count
         threads[key] = threads.get(key, 0) + count * max(kind[_THREADS], 1)  # one at least
 
-    state_at = labels.index("state") if "state" in labels else None
-    missing = set(STATES) - {key[state_at] for key in processes} if state_at is not None else ()
+    at = _Positions.of(labels)
+    missing = set(states) - {key[at.state] for key in processes} if at.state is not None else ()
     folded = 0
     if len(processes) + len(missing) > max_series:
-        room = max(max_series - len(STATES), 0) if state_at is not None else max_series - 1
-        keep = set(heapq.nlargest(room, processes, key=processes.__getitem__))
-        folded = len(processes) - len(keep)
-        processes, threads = _fold(processes, keep, state_at), _fold(threads, keep, state_at)
-    for state in STATES:
+        fold = _folding(processes, at, max_series - len(missing), max_series)
+        into = {key: fold(key) for key in processes}
+        folded = sum(1 for key, new in into.items() if new != key)
+        processes, threads = _refold(processes, into), _refold(threads, into)
+    for state in states:
         if state in missing:
-            key = _other_key(len(labels), state_at, state)
+            key = _other_key(len(labels), at.state, state)
             processes[key] = threads[key] = 0
     return Counts(labels, processes, threads, folded)
+
+
+class _Positions(NamedTuple):
+    """Where the user, tty and state values sit in a key (None: not a label)."""
+
+    user: int | None
+    tty: int | None
+    state: int | None
+
+    @classmethod
+    def of(cls, labels: tuple[str, ...]) -> _Positions:
+        where = {label: i for i, label in enumerate(labels)}
+        return cls(where.get("user"), where.get("tty"), where.get("state"))
+
+
+def _folding(
+    counts: dict[Key, int], at: _Positions, budget: int, max_series: int
+) -> Callable[[Key], Key]:
+    """The key each group of ``counts`` folds into so that at most ``budget`` groups stay
+    (``max_series`` once whole users fold, as their ``other`` rows take the zero rows' place)."""
+    tty_folded, groups = _fold_ttys(counts, at, budget)
+
+    def tty_fold(key: Key) -> Key:
+        return _without(key, at.tty) if at.user is not None and key[at.user] in tty_folded else key
+
+    owner: Callable[[Key], Any] = (lambda key: key) if at.user is None else itemgetter(at.user)
+    kept: set[Any] | None = None  # owners that keep their own groups; None: all of them
+    if groups > budget:
+        room = max_series - len(STATES) if at.state is not None else max_series - 1
+        kept = _biggest_owners(counts, owner, tty_fold, room)
+
+    def fold(key: Key) -> Key:
+        if kept is not None and owner(key) not in kept:
+            return _other_key(len(key), at.state, key[at.state] if at.state is not None else "")
+        return tty_fold(key)
+
+    return fold
+
+
+def _fold_ttys(counts: dict[Key, int], at: _Positions, budget: int) -> tuple[set[str], int]:
+    """Users whose tty to fold, those with the most groups first, until at most ``budget``
+    groups stay (or no user's fold helps); and how many groups stay."""
+    if at.user is None or at.tty is None:
+        return set(), len(counts)
+    keys_of: dict[str, list[Key]] = {}
+    for key in counts:
+        keys_of.setdefault(key[at.user], []).append(key)
+    folded: set[str] = set()
+    groups = len(counts)
+    for user in sorted(keys_of, key=lambda u: (-len(keys_of[u]), u)):
+        if groups <= budget:
+            break
+        # Users are disjoint, so a user's fold only merges that user's own groups.
+        coarse = len({_without(key, at.tty) for key in keys_of[user]})
+        if coarse < len(keys_of[user]):
+            folded.add(user)
+            groups -= len(keys_of[user]) - coarse
+    return folded, groups
+
+
+def _biggest_owners(
+    counts: dict[Key, int],
+    owner: Callable[[Key], Any],
+    tty_fold: Callable[[Key], Key],
+    room: int,
+) -> set[Any]:
+    """The owners (users; groups without a user label) with the most processes whose groups,
+    whole, fit in ``room``."""
+    totals: dict[Any, int] = {}
+    groups: dict[Any, set[Key]] = {}
+    for key, count in counts.items():
+        who = owner(key)
+        totals[who] = totals.get(who, 0) + count
+        groups.setdefault(who, set()).add(tty_fold(key))
+    kept: set[Any] = set()
+    for who in sorted(totals, key=lambda w: (-totals[w], w)):
+        room -= len(groups[who])
+        if room < 0:
+            break
+        kept.add(who)
+    return kept
+
+
+def _without(key: Key, at: int | None) -> Key:
+    """``key`` with the value at ``at`` folded into ``other``."""
+    if at is None:
+        return key
+    return (*key[:at], OTHER, *key[at + 1 :])
 
 
 def _other_key(width: int, state_at: int | None, state: str) -> Key:
@@ -99,15 +193,9 @@ def _other_key(width: int, state_at: int | None, state: str) -> Key:
     return tuple(key)
 
 
-def _fold(counts: dict[Key, int], keep: set[Key], state_at: int | None) -> dict[Key, int]:
+def _refold(counts: dict[Key, int], into: dict[Key, Key]) -> dict[Key, int]:
     out: dict[Key, int] = {}
-    others: dict[str, Key] = {}  # the other key per state, built once each
     for key, count in counts.items():
-        if key not in keep:
-            state = key[state_at] if state_at is not None else ""
-            other = others.get(state)
-            if other is None:
-                other = others[state] = _other_key(len(key), state_at, state)
-            key = other
+        key = into[key]
         out[key] = out.get(key, 0) + count
     return out

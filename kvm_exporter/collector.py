@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
+from .records import OwnUsage, Source, SourceError
 
-AS_OF = " As of the last poll."
+AS_OF = ", as of the last poll."
+"""Ends the HELP text of every value read from the system (the snapshot may be a poll old)."""
+
+log = logging.getLogger(__name__)
 
 
 class ReloadStatus(NamedTuple):
@@ -81,22 +87,26 @@ class KvmCollector(Collector):
     def _data(self, snap: Snapshot) -> Iterator[Metric]:
         if snap.counts is not None:
             c = snap.counts
-            yield _counts("kvm_processes", "Processes per label group.", c.labels, c.processes)
-            yield _counts("kvm_threads", "Threads per label group.", c.labels, c.threads)
+            yield _counts("kvm_processes", "Processes per label group", c.labels, c.processes)
+            yield _counts(
+                "kvm_threads", "Threads of the processes per label group", c.labels, c.threads
+            )
             yield _gauge(
                 "kvm_processes_folded_groups",
-                "Label groups folded into 'other' to stay under max_series." + AS_OF,
+                "Label groups folded into 'other' to stay under max_series" + AS_OF,
                 c.folded,
             )
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
-                yield _gauge(f"kvm_load{minutes}", f"{minutes}m load average.{AS_OF}", value)
+                yield _gauge(
+                    f"kvm_load{minutes}", f"Load average over {minutes} minutes{AS_OF}", value
+                )
         if snap.swap is not None:
             size = GaugeMetricFamily(
-                "kvm_swap_size_bytes", "Size of a swap device." + AS_OF, labels=["device"]
+                "kvm_swap_size_bytes", "Size of a swap device in bytes" + AS_OF, labels=["device"]
             )
             used = GaugeMetricFamily(
-                "kvm_swap_used_bytes", "Swap in use on a device." + AS_OF, labels=["device"]
+                "kvm_swap_used_bytes", "Bytes of swap in use on a device" + AS_OF, labels=["device"]
             )
             sizes = _utf8_keys({(dev.device,): dev.size_bytes for dev in snap.swap})
             useds = _utf8_keys({(dev.device,): dev.used_bytes for dev in snap.swap})
@@ -107,22 +117,35 @@ class KvmCollector(Collector):
             yield used
         if snap.limits is not None:
             lim = snap.limits
-            yield _gauge("kvm_cpus", "CPUs of the host." + AS_OF, lim.cpus)
-            yield _gauge("kvm_processes_limit", "Most processes the kernel allows.", lim.max_procs)
-            yield _gauge("kvm_threads_limit", "Most threads the kernel allows.", lim.max_threads)
+            yield _gauge("kvm_cpus", "CPUs of the host" + AS_OF, lim.cpus)
+            yield _gauge(
+                "kvm_processes_limit",
+                "Most processes the kernel allows (Linux: the task limit, as for threads)" + AS_OF,
+                lim.max_procs,
+            )
+            yield _gauge(
+                "kvm_threads_limit",
+                "Most threads the kernel allows (Linux: tasks, min(pid_max - 1, threads-max))"
+                + AS_OF,
+                lim.max_threads,
+            )
 
     def _health(self, snap: Snapshot) -> Iterator[Metric]:
-        yield _gauge("kvm_up", "1 if every part of the last poll succeeded.", snap.up)
+        yield _gauge("kvm_up", "1 if every part of the last poll succeeded, else 0.", snap.up)
         success = GaugeMetricFamily(
-            "kvm_poll_success", "1 if this part of the last poll succeeded.", labels=["collector"]
+            "kvm_poll_success",
+            "1 if this part of the last poll succeeded, else 0.",
+            labels=["collector"],
         )
         duration = GaugeMetricFamily(
             "kvm_poll_duration_seconds",
-            "Time this part of the last poll took.",
+            "Seconds this part of the last poll took.",
             labels=["collector"],
         )
         errors = CounterMetricFamily(
-            "kvm_poll_errors", "Failed polls of this part.", labels=["collector"]
+            "kvm_poll_errors",
+            "Failed polls of this part since the exporter started.",
+            labels=["collector"],
         )
         for part in COLLECTORS:
             if part in snap.success:
@@ -132,11 +155,13 @@ class KvmCollector(Collector):
         yield success
         yield duration
         yield errors
-        yield CounterMetricFamily("kvm_polls", "Polls run since start.", value=snap.polls)
+        yield CounterMetricFamily(
+            "kvm_polls", "Polls run since the exporter started.", value=snap.polls
+        )
         if snap.last_success is not None:
             yield _gauge(
                 "kvm_last_successful_poll_timestamp_seconds",
-                "Unix time of the last poll in which every part succeeded.",
+                "Unix time in seconds of the last poll in which every part succeeded.",
                 snap.last_success,
             )
 
@@ -151,16 +176,59 @@ class KvmCollector(Collector):
         status = self._reload_status()
         yield _gauge(
             "kvm_config_last_reload_successful",
-            "1 if the last configuration load succeeded.",
+            "1 if the last configuration load succeeded, else 0.",
             status.successful,
         )
         yield CounterMetricFamily(
             "kvm_config_reload_failures",
-            "Configuration reloads that failed and left the previous one in force.",
+            "Failed configuration reloads (each left the previous one in force)"
+            " since the exporter started.",
             value=status.failures,
         )
         yield _gauge(
             "kvm_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful configuration load.",
+            "Unix time in seconds of the last successful configuration load.",
             status.last_success,
         )
+
+
+class OwnUsageCollector(Collector):
+    """The exporter's own ``process_*`` metrics, named as every Prometheus exporter names them.
+
+    A source with ``own_usage()`` answers them (libkvm: the exporter's own kinfo_proc, as
+    FreeBSD has no /proc); otherwise prometheus_client's ProcessCollector reads /proc/self.
+    """
+
+    def __init__(self, source: Callable[[], Source]) -> None:
+        self._source = source
+        self._proc = ProcessCollector(registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        own_usage: Callable[[], OwnUsage] | None = getattr(self._source(), "own_usage", None)
+        if own_usage is None:
+            yield from self._proc.collect()
+            return
+        try:
+            usage = own_usage()
+        except SourceError as err:
+            log.warning("process metrics left out: %s", err)
+            return
+        yield CounterMetricFamily(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            value=usage.cpu_seconds,
+        )
+        yield _gauge(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", usage.virtual_bytes
+        )
+        yield _gauge(
+            "process_resident_memory_bytes", "Resident memory size in bytes.", usage.resident_bytes
+        )
+        yield _gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            usage.start_time,
+        )
+        if usage.open_fds is not None:
+            yield _gauge("process_open_fds", "Number of open file descriptors.", usage.open_fds)
+        yield _gauge("process_max_fds", "Maximum number of open file descriptors.", usage.max_fds)

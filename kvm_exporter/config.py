@@ -28,6 +28,8 @@ LOG_LEVELS = tuple(LEVELS)
 LOG_FORMATS = tuple(FORMATS)
 RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
 """The landing page and the health endpoints (app.py): no telemetry path may hide them."""
+COMPAT = ("node_exporter",)
+"""Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
 """kvm_getprocs(3) selections by name: ``proc`` is every process (kernel ones included),
 ``all`` is KERN_PROC_ALL (one row per thread); the rest select by ``libkvm.argument``."""
@@ -79,6 +81,8 @@ class Config:
     labels: tuple[str, ...] = LABELS
     max_series: int = 1000
     """Most series per process metric; smaller groups fold into ``other`` past it."""
+    compat: tuple[str, ...] = ()
+    """Also serve these exporters' names for the same data (``node_exporter``)."""
     web: WebConfig = field(default_factory=WebConfig)
     log: LogConfig = field(default_factory=LogConfig)
     procfs: ProcfsConfig = field(default_factory=ProcfsConfig)
@@ -213,6 +217,7 @@ _PARSERS: Rules = {
     "interval": parse_duration,
     "labels": list_of(LABELS),
     "web.listen_address": _listen_addresses,
+    "compat": list_of(COMPAT),
 }
 _CHECKS: Rules = {
     "source": one_of(SOURCES),

@@ -25,7 +25,7 @@ NAMES_TTL = 300.0
 """Seconds a uid's user name is reused before the password database is asked again."""
 
 FIRST_POLL_WAIT = 5.0
-"""Until this many seconds after :meth:`Poller.start`, a scrape waits for the first poll."""
+"""Until this many seconds after the poller is made, a scrape waits for its first poll."""
 
 COLLECTORS = ("procs", "loadavg", "swap", "limits")
 """The parts of a poll, each timed and reported on its own."""
@@ -40,6 +40,8 @@ class Settings:
     interval: float = 15.0
     labels: tuple[str, ...] = ("user", "tty", "state")
     max_series: int = 1000
+    compat: tuple[str, ...] = ()
+    """Names served besides kvm_*; read by the collectors, not by a poll."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,10 @@ class Poller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._polled = threading.Event()
-        self._first_poll_due = 0.0
-        """Monotonic time until which a snapshot waits for the first poll to finish."""
+        self._first_poll_due = time.monotonic() + FIRST_POLL_WAIT
+        """Monotonic time until which a snapshot waits for the first poll to finish. Set here,
+        not in :meth:`start`: the server listens before the poller starts, and a scrape in
+        between must wait too."""
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
 
@@ -137,7 +141,9 @@ class Poller:
             source, names = self.source, self._names
             counts = timed(
                 "procs",
-                lambda: aggregate(source.census(), settings.labels, settings.max_series, names),
+                lambda: aggregate(
+                    source.census(), settings.labels, settings.max_series, names, source.states
+                ),
             )
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
@@ -161,7 +167,6 @@ class Poller:
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""
-        self._first_poll_due = time.monotonic() + FIRST_POLL_WAIT
         self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
         self._thread.start()
 

@@ -15,6 +15,9 @@ from typing import NamedTuple, Protocol
 NO_TTY = "none"
 """The ``tty`` of a process without a controlling terminal (ps shows ``?`` or ``-``)."""
 
+UNKNOWN_TTY = "unknown"
+"""The ``tty`` of a process whose terminal the source cannot name (from a FreeBSD crash dump)."""
+
 
 class Proc(NamedTuple):
     """One process, as of the moment it was read."""
@@ -33,8 +36,8 @@ class Proc(NamedTuple):
     rss_bytes: int
     vsize_bytes: int
     cpu_seconds: float
-    start_time: float
-    """Start time, seconds since the Unix epoch."""
+    start_time: float | None
+    """Start time, seconds since the Unix epoch; None where the source cannot know it."""
 
 
 Kind = tuple[int, str, str, int]
@@ -66,9 +69,23 @@ class SwapDevice(NamedTuple):
 class HostLimits(NamedTuple):
     cpus: int
     max_procs: int
-    """Most processes the kernel allows (``kern.maxproc``; Linux ``pid_max``)."""
+    """Most processes the kernel allows (``kern.maxproc``; Linux: the task limit)."""
     max_threads: int
-    """Most threads the kernel allows (``kern.maxproc`` x threads; Linux ``threads-max``)."""
+    """Most threads the kernel allows (``kern.maxthread``; Linux: the task limit, the lower of
+    ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
+
+
+class OwnUsage(NamedTuple):
+    """What the exporter's own process uses, for the ``process_*`` metrics."""
+
+    cpu_seconds: float
+    resident_bytes: int
+    virtual_bytes: int
+    start_time: float
+    """Seconds since the Unix epoch."""
+    open_fds: int | None
+    """None where the system cannot say."""
+    max_fds: int
 
 
 class SourceError(Exception):
@@ -79,6 +96,8 @@ class Source(Protocol):
     """What the poller needs from a platform. Implementations may raise :class:`SourceError`."""
 
     name: str
+    states: tuple[str, ...]
+    """The states this source can tell apart; each is reported, as 0 if no process has it."""
 
     def procs(self) -> list[Proc]:
         """Every process, each with all its fields."""

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .app import make_app
-from .collector import KvmCollector, ReloadStatus
+from .collector import KvmCollector, OwnUsageCollector, ReloadStatus
+from .compat import NodeCollector
 from .config import Config, ConfigError, format_duration, load_config
 from .logs import configure
 from .poller import Poller, Settings
@@ -26,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def settings_of(config: Config) -> Settings:
-    return Settings(interval=config.interval, labels=config.labels, max_series=config.max_series)
+    return Settings(
+        interval=config.interval,
+        labels=config.labels,
+        max_series=config.max_series,
+        compat=config.compat,
+    )
 
 
 def source_key(config: Config) -> tuple[Any, ...]:
@@ -46,6 +52,7 @@ def build_registry(
             reload_status or (lambda: ReloadStatus(True, 0, time.time())),
         )
     )
+    registry.register(NodeCollector(poller))  # serves nothing unless compat asks for it
     return registry
 
 
@@ -83,6 +90,7 @@ class Service:
         try:
             self.poller = Poller(source, settings_of(self.config))
             registry = build_registry(self.poller, lambda: self._reload)
+            registry.register(OwnUsageCollector(lambda: self.poller.source))  # not in --once
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             for address in web.listen_address:  # one server per address, all with one app
                 self.servers.append(serve(app, address, web_settings))

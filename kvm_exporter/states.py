@@ -54,9 +54,22 @@ _FREEBSD_STATES: dict[int, str] = {
 }
 
 
+DUMP_STATES: tuple[str, ...] = tuple(
+    state for state in STATES if state not in ("idle", "uninterruptible")
+)
+"""The states a crash dump can tell apart: without ``ki_tdflags`` and ``ki_slptime`` no sleep
+is known to be idle or uninterruptible, so those two are not reported (not even as 0)."""
+
+
 def linux_state(letter: str) -> str:
     """Map a ``/proc/PID/stat`` state letter to the shared vocabulary."""
     return LINUX_STATES.get(letter, "unknown")
+
+
+def freebsd_dump_state(ki_stat: int) -> str:
+    """Map ``ki_stat`` of a crash-dump record: libkvm fills neither ``ki_tdflags`` nor
+    ``ki_slptime`` there, so a sleep is ``sleeping``, without ps's uninterruptible/idle split."""
+    return "sleeping" if ki_stat == SSLEEP else _FREEBSD_STATES.get(ki_stat, "unknown")
 
 
 def freebsd_state(ki_stat: int, ki_tdflags: int, ki_slptime: int) -> str:

@@ -20,7 +20,7 @@ import bcrypt
 import cffi
 import prometheus_client
 import yaml
-from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
+from conftest import REPO, SYSTEM_PYTHON, free_port, listens, samples, wait_until
 from prom_support import binary
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -98,7 +98,7 @@ class Daemon:
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"exporter exited {self.proc.returncode}: {self.stderr()}")
-        return bool(self.get("/-/healthy"))
+        return listens(self.proc.pid, self.port) and bool(self.get("/-/healthy"))
 
     def get(self, path: str = "/metrics", accept: str | None = None) -> str:
         headers = {"Accept": accept} if accept else {}

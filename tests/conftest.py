@@ -49,6 +49,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds a TCP socket listening on ``port``.
+
+    A port picked by :func:`free_port` is only free when picked: another suite on the same
+    machine may take it first. Checking the socket's owner keeps a test from ever talking to
+    someone else's server."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in rows.readlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{fd_dir}/{name}") in inodes:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def exited_or_listens(proc: subprocess.Popen[Any], port: int) -> bool:
+    """Whether ``proc`` has either exited or bound ``port`` (see :func:`listens`)."""
+    return proc.poll() is not None or listens(proc.pid, port)
+
+
 def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> Any:
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -77,24 +109,34 @@ class Exporter:
     """A real ``kvm_exporter`` process serving on a free loopback port."""
 
     def __init__(self, tmp: Path, config: str | None, args: list[str], env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "kvm_exporter", f"--web.listen-address=127.0.0.1:{self.port}"]
-        if config is not None:
-            self.config_path = tmp / f"kvm_exporter-{self.port}.yml"
-            self.config_path.write_text(config)
-            cmd.append(f"--config.file={self.config_path}")
-        self.stderr_path = tmp / f"stderr-{self.port}.log"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd + args, stderr=self._stderr, env={**os.environ, **env}, cwd="/"
-        )
-        wait_until(self._answers, what=f"exporter on {self.url}")
+        for _attempt in range(5):  # another suite may take the free port before we bind it
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            cmd = [sys.executable, "-m", "kvm_exporter"]
+            cmd.append(f"--web.listen-address=127.0.0.1:{self.port}")
+            if config is not None:
+                self.config_path = tmp / f"kvm_exporter-{self.port}.yml"
+                self.config_path.write_text(config)
+                cmd.append(f"--config.file={self.config_path}")
+            self.stderr_path = tmp / f"stderr-{self.port}.log"
+            self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+            self.proc = subprocess.Popen(
+                cmd + args, stderr=self._stderr, env={**os.environ, **env}, cwd="/"
+            )
+            try:
+                wait_until(self._answers, what=f"exporter on {self.url}")
+                return
+            except AssertionError:
+                if "in use" not in self.stderr():
+                    self.stop()
+                    raise
+                self.stop()
+        raise AssertionError("no free port after 5 attempts")
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"exporter exited {self.proc.returncode}: {self.stderr()}")
-        return bool(self.get("/-/healthy"))
+        return listens(self.proc.pid, self.port) and bool(self.get("/-/healthy"))
 
     def get(self, path: str = "/metrics", headers: dict[str, str] | None = None) -> str:
         request = urllib.request.Request(self.url + path, headers=headers or {})

@@ -5,6 +5,7 @@ Other test modules use it with ``from fakelib import fake_libkvm``.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 
@@ -12,6 +13,9 @@ import pytest
 
 FAKEKVM_DIR = pathlib.Path(__file__).resolve().parent / "fakekvm"
 SCENARIOS = FAKEKVM_DIR / "scenarios"
+FAKEPASSWD_DIR = pathlib.Path(__file__).resolve().parent / "fakepasswd"
+SCENARIO_USERS = {0: "root", 1: "daemon", 33: "www-data", 65534: "nobody"}
+"""The accounts the scenarios' exporters see; their other uids (770, 1001) have none."""
 CFLAGS = ["-O2", "-Wall", "-Werror", "-shared", "-fPIC"]
 
 
@@ -29,3 +33,11 @@ def build_fake_libkvm(out_dir: pathlib.Path) -> pathlib.Path:
 def fake_libkvm(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Path of the fake libkvm shared library, built once per test session."""
     return build_fake_libkvm(tmp_path_factory.mktemp("fakekvm"))
+
+
+def fixed_passwd(users: dict[int, str] = SCENARIO_USERS) -> dict[str, str]:
+    """Environment for an exporter process whose password database is ``users`` alone
+    (``fakepasswd/sitecustomize.py``), whatever accounts the host has."""
+    path = os.pathsep.join(filter(None, [str(FAKEPASSWD_DIR), os.environ.get("PYTHONPATH")]))
+    table = ",".join(f"{uid}:{name}" for uid, name in users.items())
+    return {"PYTHONPATH": path, "FAKE_PASSWD": table}

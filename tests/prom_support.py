@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,20 @@ def binary(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found: apt-get install prometheus (Debian's package)")
     return found
+
+
+def prometheus_command(config: Path, tsdb: Path) -> Callable[[int], list[str]]:
+    """The command line of Debian's Prometheus serving ``config`` on a loopback port."""
+
+    def command(port: int) -> list[str]:
+        return [
+            binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tsdb}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+
+    return command
 
 
 def load_yaml(path: Path) -> Any:

@@ -8,10 +8,16 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
 # gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
-# systemd: systemd-analyze for the unit.
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    prometheus shellcheck python3 python3-venv python3-dev gcc libc6-dev openssl procps \
-    systemd ca-certificates >/dev/null
+# systemd: systemd-analyze for the unit; mandoc: the manual page lint.
+PACKAGES="prometheus shellcheck mandoc python3 python3-venv python3-dev gcc libc6-dev openssl procps
+    systemd ca-certificates"
+# Waits for another apt-get holding the dpkg lock; a new machine may have no package lists yet.
+apt_install() {
+    # shellcheck disable=SC2086 # a list of words
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+        install -y -q --no-install-recommends $PACKAGES >/dev/null
+}
+apt_install || { $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && apt_install; }
 
 # Debian's python (not one under /root) so that tests can run the exporter as nobody.
 VENV="${KVM_EXPORTER_TEST_VENV:-/opt/kvm_exporter-test-venv}"

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from conftest import PROC_FIXTURE, wait_until
+
 from kvm_exporter.aggregate import MIN_SERIES, OTHER, aggregate, user_names
 from kvm_exporter.records import Proc, census_of
-from kvm_exporter.states import STATES
+from kvm_exporter.states import DUMP_STATES, STATES
 
 LABELS = ("user", "tty", "state")
 
@@ -34,6 +42,12 @@ def test_every_state_present_with_zeros() -> None:
     assert c.processes[(OTHER, OTHER, "zombie")] == 0
     assert c.threads[(OTHER, OTHER, "zombie")] == 0
     assert len(c.processes) == len(STATES)
+
+
+def test_only_the_states_a_source_tells_apart_are_zero_filled() -> None:
+    c = aggregate(census_of([proc(1)]), LABELS, 1000, names, DUMP_STATES)
+    assert {key[2] for key in c.processes} == set(DUMP_STATES)
+    assert "uninterruptible" not in DUMP_STATES and "idle" not in DUMP_STATES
 
 
 def test_label_subsets() -> None:
@@ -84,3 +98,124 @@ def test_user_names_from_password_database() -> None:
     assert name(0) == "root"
     assert name(65534) == "nobody"
     assert name(2**31 - 7) == str(2**31 - 7)
+
+
+HOSTILE = 4242
+"""A user who opened 1,500 pseudo-terminals, one process on each."""
+SMALL = {1001: 3, 1002: 2, 1003: 7, 1004: 1, 1005: 4}
+"""Small users: uid -> processes, each on its own tty, one of them running."""
+
+
+def hostile_host() -> list[Proc]:
+    procs = [proc(10_000 + i, HOSTILE, f"pts/{i}") for i in range(1500)]
+    pid = 20_000
+    for uid, count in SMALL.items():
+        for i in range(count):
+            pid += 1
+            procs.append(proc(pid, uid, f"pts/{2000 + pid}", "running" if i == 0 else "sleeping"))
+    return procs
+
+
+def per_user(counts: Mapping[tuple[str, ...], float]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for (user, _tty, _state), n in counts.items():
+        totals[user] = totals.get(user, 0) + n
+    return totals
+
+
+def test_a_user_with_many_ttys_loses_the_tty_detail_not_the_others_their_totals() -> None:
+    procs = hostile_host()
+    c = aggregate(census_of(procs), LABELS, 1000, names)
+    assert len(c.processes) <= 1000
+    assert c.processes[(str(HOSTILE), OTHER, "sleeping")] == 1500
+    totals = per_user(c.processes)
+    for uid, count in SMALL.items():
+        assert totals[str(uid)] == count, uid
+    # The small users keep even their ttys and states: only the hostile user was folded.
+    untouched = {k: n for k, n in c.processes.items() if k[0] != str(HOSTILE) and n}
+    assert untouched == {(str(p.uid), p.tty, p.state): 1 for p in procs if p.uid != HOSTILE}
+    assert c.folded == 1500
+    assert sum(c.processes.values()) == len(procs)
+    assert sum(c.threads.values()) == len(procs)
+
+
+def test_the_users_with_most_groups_lose_their_ttys_first() -> None:
+    # Two users with many ttys: folding the bigger one is enough, the other keeps its ttys.
+    procs = [proc(i, 500, f"pts/{i}") for i in range(60)]
+    procs += [proc(100 + i, 501, f"pts/{100 + i}") for i in range(20)]
+    procs += [proc(200, 502, "pts/200")]
+    c = aggregate(census_of(procs), LABELS, 40, names)
+    assert len(c.processes) <= 40
+    assert c.processes[("500", OTHER, "sleeping")] == 60
+    assert all(c.processes[("501", f"pts/{100 + i}", "sleeping")] == 1 for i in range(20))
+    assert c.processes[("502", "pts/200", "sleeping")] == 1
+    assert c.folded == 60
+
+
+def test_users_fold_only_when_their_totals_exceed_the_cap() -> None:
+    # 40 users in two states each (80 groups, no tty to fold): with room for 30 groups
+    # (43 - 13 states), the 15 biggest users stay whole, the rest fold per state.
+    procs: list[Proc] = []
+    for u in range(40):
+        procs += [proc(1000 * u + i, 5000 + u) for i in range(u + 2)]
+        procs.append(proc(1000 * u + 999, 5000 + u, state="running"))
+    c = aggregate(census_of(procs), LABELS, 43, names)
+    assert len(c.processes) <= 43
+    totals = per_user(c.processes)
+    kept = {str(5000 + u) for u in range(25, 40)}
+    assert {user for user in totals if user != OTHER} == kept
+    for u in range(25, 40):
+        assert totals[str(5000 + u)] == u + 3  # whole: both of its states
+    assert totals[OTHER] == sum(u + 3 for u in range(25))
+    assert c.processes[(OTHER, OTHER, "running")] == 25
+    assert sum(c.processes.values()) == len(procs)
+    assert c.folded == 50
+
+
+def test_user_and_tty_labels_without_state() -> None:
+    procs = hostile_host()
+    c = aggregate(census_of(procs), ("user", "tty"), 20, names)
+    assert len(c.processes) <= 20
+    assert c.processes[(str(HOSTILE), OTHER)] == 1500
+    for uid, count in SMALL.items():
+        assert sum(n for (user, _), n in c.processes.items() if user == str(uid)) == count
+    assert sum(c.processes.values()) == len(procs)
+
+
+def proc_root(root: Path, procs: list[Proc]) -> Path:
+    """A /proc tree with ``procs`` only (pseudo-terminals and states), owned like the kernel's."""
+    root.mkdir()
+    for name in ("loadavg", "stat", "swaps", "sys"):
+        copy = shutil.copytree if name == "sys" else shutil.copyfile
+        copy(PROC_FIXTURE / name, root / name)
+    letter = {"sleeping": "S", "running": "R"}
+    for p in procs:
+        n = int(p.tty.removeprefix("pts/"))
+        tty_nr = ((136 + n // 256) << 8) | (n % 256)  # Unix98 ptys span majors 136-143
+        (root / str(p.pid)).mkdir()
+        (root / str(p.pid) / "stat").write_text(
+            f"{p.pid} (sh) {letter[p.state]} 1 {p.pid} {p.pid} {tty_nr} -1 4194560 0 0 0 0"
+            " 0 0 0 0 20 0 1 0 100 1000 10\n"
+        )
+        os.chown(root / str(p.pid), p.uid, -1)
+    return root
+
+
+def test_a_real_exporter_keeps_every_small_users_total(exporter: Any, tmp_path: Path) -> None:
+    procs = hostile_host()
+    root = proc_root(tmp_path / "proc", procs)
+    e = exporter(f"procfs: {{root: {root}}}\nmax_series: 1000\n")
+    metrics = wait_until(lambda: (m := e.metrics()).get(("kvm_up", frozenset())) == 1 and m)
+    series = {
+        tuple(dict(labels)[k] for k in LABELS): value
+        for (name, labels), value in metrics.items()
+        if name == "kvm_processes"
+    }
+    assert len(series) <= 1000
+    name = user_names()
+    totals = per_user(series)
+    for uid, count in SMALL.items():
+        assert totals[name(uid)] == count, uid
+    assert series[(name(HOSTILE), OTHER, "sleeping")] == 1500
+    assert sum(series.values()) == len(procs)
+    assert metrics[("kvm_processes_folded_groups", frozenset())] == 1500

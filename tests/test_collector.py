@@ -49,8 +49,9 @@ def test_process_counts_and_host_metrics(fixture_root: Path) -> None:
     assert value("kvm_load15") == 2.5
     assert value("kvm_swap_size_bytes", {"device": "/var/swap file"}) == 1048572 * 1024
     assert value("kvm_swap_used_bytes", {"device": "/dev/sda2"}) == 1024 * 1024
-    assert (value("kvm_cpus"), value("kvm_processes_limit")) == (2, 32768)
-    assert value("kvm_threads_limit") == 63704
+    # Linux limits tasks: pid_max 32768 leaves PIDs 1 to 32767 (threads-max 63704 is higher).
+    assert (value("kvm_cpus"), value("kvm_processes_limit")) == (2, 32767)
+    assert value("kvm_threads_limit") == 32767
     assert value("kvm_up") == 1
     assert value("kvm_polls_total") == 1
     assert value("kvm_poll_success", {"collector": "procs"}) == 1
@@ -183,3 +184,41 @@ def test_hung_poll_expires_the_snapshot_instead_of_serving_it_as_fresh(tmp_path:
         (root / "loadavg").write_text("0.1 0.2 0.3 1/1 1\n")
         poller.stop()
     assert value("kvm_load1") == 0.1  # the poll that was stuck completed
+
+
+SYSTEM_DATA = {
+    "kvm_processes",
+    "kvm_threads",
+    "kvm_processes_folded_groups",
+    "kvm_load1",
+    "kvm_load5",
+    "kvm_load15",
+    "kvm_swap_size_bytes",
+    "kvm_swap_used_bytes",
+    "kvm_cpus",
+    "kvm_processes_limit",
+    "kvm_threads_limit",
+}
+"""The families read from the system: their HELP says the value is as of the last poll."""
+
+
+def test_help_texts_follow_one_style(fixture_root: Path) -> None:
+    """One sentence each; system data 'as of the last poll', counters 'since the exporter
+    started', 0/1 gauges 'else 0', units named for seconds and bytes."""
+    _, registry = polled(fixture_root)
+    helps = {m.name: m.documentation for m in registry.collect() if m.name.startswith("kvm_")}
+    assert set(helps) >= SYSTEM_DATA
+    for name, text in helps.items():
+        assert text[0].isupper() or text[0].isdigit(), name
+        assert text.endswith(".") and text.count(". ") == 0, f"{name}: {text!r}"
+        assert text.endswith(", as of the last poll.") == (name in SYSTEM_DATA), name
+        metric = next(m for m in registry.collect() if m.name == name)
+        assert text.endswith(" since the exporter started.") == (metric.type == "counter"), name
+        if text.startswith("1 if "):
+            assert text.endswith(", else 0."), name
+        if name.endswith("_timestamp_seconds"):
+            assert text.startswith("Unix time in seconds "), name
+        elif name.endswith("_seconds"):
+            assert "Seconds" in text, name
+        if name.endswith("_bytes"):
+            assert "bytes" in text.lower(), name

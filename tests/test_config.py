@@ -144,7 +144,10 @@ def test_listen_addresses_one_or_a_list() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("intervall: 5s", "cfg.yml: intervall: unknown key (expected one of interval, labels"),
+        (
+            "intervall: 5s",
+            "cfg.yml: intervall: unknown key (expected one of compat, interval, labels",
+        ),
         ("web: {port: 1}", "cfg.yml: web.port: unknown key (expected one of config_file"),
         ("interval: five", "cfg.yml: interval: got 'five', expected a duration"),
         ("interval: -1", "cfg.yml: interval: got -1, expected a duration of 0 or more"),

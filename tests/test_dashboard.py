@@ -4,10 +4,13 @@ metric contract for any label set and any OS."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
-from prom_support import DATASOURCE, dashboard_queries, load_dashboard, walk_panels
+import yaml
+from prom_support import DATASOURCE, binary, dashboard_queries, load_dashboard, walk_panels
 
 DASHBOARD = load_dashboard()
 PANELS = list(walk_panels(DASHBOARD["panels"]))
@@ -130,5 +133,99 @@ def test_processes_by_state_is_stacked_and_top_users_use_topk() -> None:
     states = by_title["Processes by state"]
     assert "by (instance, state)" in states["targets"][0]["expr"]
     assert states["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
-    assert by_title["Top users by processes"]["targets"][0]["expr"].startswith("topk(")
     assert "kvm_cpus" in by_title["Load per CPU"]["targets"][0]["expr"]
+
+
+def query(title: str, ref_id: str = "A") -> str:
+    """The panel's query as Grafana sends it with every instance selected."""
+    (expr,) = [q.expr for q in QUERIES if q.panel_title == title and q.ref_id == ref_id]
+    return expr.replace("$instance", ".*")
+
+
+def promtool_expects(
+    tmp_path: Path, expr: str, series: dict[str, float], expected: dict[str, float]
+) -> None:
+    """``expr`` over ``series`` (constant for five minutes) gives exactly ``expected``,
+    evaluated by promtool's PromQL engine (a ``promql_expr_test``)."""
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": f"{v}x5"} for k, v in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": k, "value": v} for k, v in expected.items()],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / f"expr{len(list(tmp_path.iterdir()))}.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        [binary("promtool"), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, f"{expr}\n{result.stdout}{result.stderr}"
+
+
+def census(instance: str, counts: dict[tuple[str, str], int], folded: int) -> dict[str, float]:
+    """kvm_processes of one exporter: ``counts`` per (user, tty) sleeping, ``folded`` in
+    ``other``, and the zero-filled ``other`` rows of the states nobody is in."""
+    series = {
+        f'kvm_processes{{instance="{instance}",user="{u}",tty="{t}",state="sleeping"}}': float(n)
+        for (u, t), n in counts.items()
+    }
+    other = f'kvm_processes{{instance="{instance}",user="other",tty="other",state="%s"}}'
+    series[other % "sleeping"] = float(folded)
+    for state in ("zombie", "stopped", "running"):
+        series[other % state] = 0.0
+    return series
+
+
+def test_top_panels_rank_per_instance_without_zero_rows(tmp_path: Path) -> None:
+    """A busy host does not push a quiet one out of the ranking; zero-filled rows are no bars,
+    a folded 'other' with processes in it is one."""
+    busy = {(f"u{i:02}", f"pts/{i}"): i + 1 for i in range(17)}
+    quiet = {("www", "none"): 5, ("root", "none"): 7, ("alice", "pts/0"): 2}
+    series = census("busy", busy, 0) | census("quiet", quiet, 3)
+
+    def expected(label: str, top: int) -> dict[str, float]:
+        at = 0 if label == "user" else 1
+        ranked = sorted(busy.items(), key=lambda item: -item[1])[:top]
+        out = {f'{{instance="busy",{label}="{key[at]}"}}': float(n) for key, n in ranked}
+        quiet_sums: dict[str, int] = {"other": 3}
+        for key, n in quiet.items():
+            quiet_sums[key[at]] = quiet_sums.get(key[at], 0) + n
+        out.update({f'{{instance="quiet",{label}="{k}"}}': float(n) for k, n in quiet_sums.items()})
+        return out
+
+    promtool_expects(tmp_path, query("Top users by processes"), series, expected("user", 10))
+    promtool_expects(tmp_path, query("Processes by tty"), series, expected("tty", 15))
+
+
+def test_swap_panels_show_zero_for_a_host_without_swap(tmp_path: Path) -> None:
+    """withswap: one device a quarter used; noswap: the swap poll works and finds no device:
+    0, not "No data"; failing: the swap poll fails, so nothing is known and nothing shown."""
+    series = {
+        'kvm_swap_used_bytes{instance="withswap",device="/dev/sda2"}': 250,
+        'kvm_swap_size_bytes{instance="withswap",device="/dev/sda2"}': 1000,
+        'kvm_poll_success{instance="withswap",collector="swap"}': 1,
+        'kvm_poll_success{instance="noswap",collector="swap"}': 1,
+        'kvm_poll_success{instance="failing",collector="swap"}': 0,
+    }
+    device = '{instance="withswap",device="/dev/sda2"}'
+    share = query("Swap used")
+    promtool_expects(
+        tmp_path, share, series, {'{instance="withswap"}': 0.25, '{instance="noswap"}': 0}
+    )
+    used, size = query("Swap used and size per device"), query("Swap used and size per device", "B")
+    promtool_expects(tmp_path, used, series, {device: 250, '{instance="noswap"}': 0})
+    promtool_expects(tmp_path, size, series, {device: 1000, '{instance="noswap"}': 0})

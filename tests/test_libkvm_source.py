@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kvm_exporter.config import LibkvmConfig
 from kvm_exporter.records import (
     NO_TTY,
+    UNKNOWN_TTY,
     Census,
     HostLimits,
     LoadAvg,
@@ -26,7 +27,7 @@ from kvm_exporter.records import (
     SwapDevice,
     census_of,
 )
-from kvm_exporter.sources import libkvm
+from kvm_exporter.sources import kvm_cdef, libkvm
 from kvm_exporter.sources.kvm_cdef import KINFO_PROC_TYPES, ffi
 from kvm_exporter.sources.libkvm import LibkvmSource
 from kvm_exporter.states import MAXSLP, freebsd_state
@@ -42,7 +43,7 @@ loadavg 1.5 1.25 1.0
 swap ada0p3 10 100
 swap ada1p3 20 200
 proc pid=1 uid=0 stat=SSLEEP tdflags=0x8 slptime=30 rss=10 size=4096 comm=init
-proc pid=2 ppid=1 uid=33 stat=SRUN threads=3 rss=5 size=8192 comm=worker
+proc pid=2 ppid=1 uid=33 stat=SRUN threads=3 rss=5 size=8192 runtime=1000001 comm=worker
 """
 
 Opener = Callable[..., LibkvmSource]
@@ -76,12 +77,15 @@ def write(tmp_path: pathlib.Path, text: str, name: str = "test.scenario") -> pat
 
 
 def scenario_procs(path: pathlib.Path) -> dict[int, dict[str, str]]:
-    """The ``proc`` lines of a scenario, parsed independently of the fake."""
+    """The ``proc`` lines of a scenario, parsed independently of the fake, but for SIDL
+    ones: a process still being created (PRS_NEW) is skipped by the kernel's
+    proc_iterate and by libkvm's kvm_proclist alike."""
     procs = {}
     for line in path.read_text().splitlines():
         if line.startswith("proc "):
             fields = dict(item.split("=", 1) for item in line.split()[1:])
-            procs[int(fields["pid"])] = fields
+            if fields.get("stat") != "SIDL":
+                procs[int(fields["pid"])] = fields
     return procs
 
 
@@ -189,17 +193,83 @@ def test_a_pid_that_is_gone_gives_no_rows_not_an_error(open_libkvm: Opener) -> N
 def test_a_predicate_without_its_argument_is_refused(open_libkvm: Opener) -> None:
     with pytest.raises(SourceError, match="libkvm.predicate 'uid' .* set libkvm.argument"):
         open_libkvm(WEB01, predicate="uid")
-    with pytest.raises(SourceError, match="libkvm.argument 4294967296 does not fit"):
+    with pytest.raises(SourceError, match="libkvm.argument 4294967296 is out of range"):
         open_libkvm(WEB01, predicate="tty", argument=2**32)
 
 
-@pytest.mark.parametrize("config", [{"threads": True}, {"predicate": "all"}])
+@pytest.mark.parametrize(
+    "config",
+    [{"threads": True}, {"predicate": "all"}, {"predicate": "all", "threads": True}],
+    ids=repr,
+)
 def test_thread_rows_fold_into_one_record_per_process(
     open_libkvm: Opener, config: dict[str, Any]
 ) -> None:
     per_process = open_libkvm(WEB01).procs()
-    assert open_libkvm(WEB01, **config).procs() == per_process
+    folded = open_libkvm(WEB01, **config).procs()
+    # A live thread row's ki_runtime is its thread's: the process's is the sum of its rows.
+    assert [p.cpu_seconds for p in folded] == pytest.approx([p.cpu_seconds for p in per_process])
+    assert [p._replace(cpu_seconds=0.0) for p in folded] == [
+        p._replace(cpu_seconds=0.0) for p in per_process
+    ]
     assert sum(p.threads for p in per_process) == 283 + 4 + 8 + 52 + 3 + 4 + 24
+
+
+def test_all_with_threads_sends_kern_proc_all(open_libkvm: Opener) -> None:
+    # KERN_PROC_ALL | KERN_PROC_INC_THREAD has no sysctl node; KERN_PROC_ALL is thread rows.
+    assert libkvm.op_and_argument(LibkvmConfig(predicate="all", threads=True)) == (0, 0)
+    assert libkvm.op_and_argument(LibkvmConfig(predicate="uid", argument=5, threads=True)) == (
+        0x15,
+        5,
+    )
+
+
+def test_crash_dump_thread_rows_keep_the_process_runtime(open_libkvm: Opener) -> None:
+    # kvm_proclist writes p_rux's runtime, the whole process's, into every thread row.
+    dump = open_libkvm(None, core=str(WEB01), threads=True)
+    live = open_libkvm(WEB01)
+    assert [p.cpu_seconds for p in dump.procs()] == [p.cpu_seconds for p in live.procs()]
+
+
+def test_arguments_are_cast_like_the_kernel_casts_them(
+    open_libkvm: Opener, tmp_path: pathlib.Path
+) -> None:
+    high = [
+        "proc pid=10 uid=2147483648",
+        "proc pid=11 uid=4294967295 ruid=4294967294",
+        "proc pid=12 tdev=0xffffffff80000001",
+        "proc pid=13 tdev=0x80000001",
+    ]
+    scenario = write(tmp_path, SMALL + "\n".join(high) + "\n")
+
+    def pids(predicate: str, argument: int) -> list[int]:
+        return [
+            p.pid for p in open_libkvm(scenario, predicate=predicate, argument=argument).procs()
+        ]
+
+    assert pids("uid", 2**31) == [10]
+    assert pids("uid", 2**32 - 1) == pids("uid", -1) == [11]
+    assert pids("ruid", 2**32 - 2) == [11]
+    # (dev_t)name[0]: the int sign-extends, so 2**64 - 2**31 + 1 is -2147483647 ...
+    assert pids("tty", 2**64 - 2**31 + 1) == pids("tty", -(2**31) + 1) == [12]
+    # ... and 0x80000001 cannot be selected at all.
+    with pytest.raises(SourceError, match="sign-extends"):
+        open_libkvm(scenario, predicate="tty", argument=0x80000001)
+    with pytest.raises(SourceError, match="a uid from 0 to 4294967295"):
+        open_libkvm(scenario, predicate="uid", argument=2**32)
+
+
+def test_the_record_type_must_have_ki_structsize_bytes(
+    open_libkvm: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = open_libkvm(WEB01)
+    monkeypatch.setitem(KINFO_PROC_TYPES[8], 1088, "struct kinfo_proc_i386")
+    with pytest.raises(SourceError, match="declared 768 bytes, the kernel's records 1088"):
+        source.procs()
+
+
+def test_the_native_layout_is_the_lp64_one_here() -> None:
+    assert kvm_cdef.native_kinfo_proc_size() == 1088 == ffi.sizeof("struct kinfo_proc_lp64")
 
 
 def test_records_are_copied_out_before_the_next_call(open_libkvm: Opener) -> None:
@@ -303,13 +373,66 @@ def test_terminals_without_a_name_are_no_tty(open_libkvm: Opener, tmp_path: path
     assert [p.tty for p in procs] == [NO_TTY, NO_TTY, "pts/0", NO_TTY]
 
 
-def test_crash_dump_reads_the_core(open_libkvm: Opener) -> None:
-    live = open_libkvm(DB01)
-    expected = (live.procs(), live.loadavg(), live.swap())
+def dump_view(proc: Proc, dump: bool) -> Proc:
+    """What a crash dump can show of ``proc`` (a live record): kvm_proclist fills no
+    ki_tdflags, ki_slptime or ki_start, reads no terminal device, and copies at most 18
+    bytes of the command name."""
+    if not dump:
+        return proc
+    sleeping = proc.state in ("idle", "uninterruptible", "sleeping")
+    return proc._replace(
+        tty=NO_TTY if proc.tty == NO_TTY and proc.state != "zombie" else UNKNOWN_TTY,
+        state="sleeping" if sleeping else proc.state,
+        comm=proc.comm[:18],
+        start_time=None,
+    )
+
+
+@pytest.mark.parametrize("scenario", [WEB01, DB01], ids=["web01", "db01"])
+def test_crash_dump_shows_only_what_libkvm_fills(open_libkvm: Opener, scenario: Any) -> None:
+    live = open_libkvm(scenario)
+    expected = ([dump_view(p, True) for p in live.procs()], live.loadavg())
     live.close()
+    dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(scenario))
+    assert (dump.procs(), dump.loadavg()) == expected
+    assert {p.state for p in dump.procs()} <= {
+        "sleeping",
+        "running",
+        "stopped",
+        "zombie",
+        "waiting",
+        "lock",
+    }
+    assert dump.census() == census_of(dump.procs())
+    # The poll zero-fills only the states a dump can tell apart.
+    assert set(live.states) - set(dump.states) == {"idle", "uninterruptible"}
+
+
+def test_crash_dump_limits_and_swap(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
     dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(DB01))
-    assert (dump.procs(), dump.loadavg(), dump.swap()) == expected
     assert dump.limits() == HostLimits(cpus=16, max_procs=32724, max_threads=1000000)
+    # libkvm's kvm_getswapinfo_kvm needs the symbol _dmmax, which current kernels lack.
+    with pytest.raises(SourceError) as caught:
+        dump.swap()
+    assert str(caught.value) == "kvm_getswapinfo failed: unable to find dmmax"
+    old_kernel = open_libkvm(None, core=str(write(tmp_path, SMALL + "symbol _dmmax 32\n")))
+    assert old_kernel.swap()[1] == SwapDevice("/dev/ada1p3", 200 * 4096, 20 * 4096)
+
+
+@pytest.mark.parametrize(
+    "config", [{"predicate": "uid", "argument": 4242}, {"predicate": "pid", "argument": 99999}]
+)
+def test_crash_dump_selection_of_nothing_is_no_processes(
+    open_libkvm: Opener, config: dict[str, Any]
+) -> None:
+    # libkvm frees a dead kernel's empty array and returns NULL without an error text.
+    dump = open_libkvm(None, core=str(WEB01), **config)
+    assert dump.procs() == [] and dump.census() == {}
+
+
+def test_crash_dump_refuses_a_tty_predicate(open_libkvm: Opener) -> None:
+    with pytest.raises(SourceError, match="'tty' cannot select from a crash dump"):
+        open_libkvm(None, core=str(WEB01), predicate="tty", argument=0x95)
 
 
 def test_crash_dump_limits_come_from_kernel_symbols(
@@ -363,18 +486,37 @@ def test_concurrent_polls_are_serialised(open_libkvm: Opener) -> None:
 
 
 @pytest.fixture
-def kd(
+def live_handle(
     fake_libkvm: pathlib.Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: pathlib.Path,
-) -> Iterator[tuple[Any, Any]]:
-    text = SMALL + "fail getprocs 2 kvm_getprocs: injected\n"
-    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(write(tmp_path, text)))
+) -> Iterator[Callable[[str], tuple[Any, Any]]]:
+    """Opens live handles of the fake on a scenario text; all are closed at teardown."""
     lib = ffi.dlopen(str(fake_libkvm))
-    handle = lib.kvm_openfiles(ffi.NULL, b"/dev/null", ffi.NULL, 0, ffi.new("char[2048]"))
-    assert handle != ffi.NULL
-    yield lib, handle
-    lib.kvm_close(handle)
+    handles: list[Any] = []
+
+    def open_(text: str) -> tuple[Any, Any]:
+        monkeypatch.setenv("FAKE_KVM_SCENARIO", str(write(tmp_path, text, f"{len(handles)}.s")))
+        handle = lib.kvm_openfiles(ffi.NULL, b"/dev/null", ffi.NULL, 0, ffi.new("char[2048]"))
+        assert handle != ffi.NULL
+        handles.append(handle)
+        return lib, handle
+
+    yield open_
+    for handle in handles:
+        lib.kvm_close(handle)
+
+
+@pytest.fixture
+def kd(live_handle: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """A live handle whose second kvm_getprocs fails."""
+    return live_handle(SMALL + "fail getprocs 2 kvm_getprocs: injected\n")
+
+
+@pytest.fixture
+def live(live_handle: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """A live handle on the scenario SMALL."""
+    return live_handle(SMALL)
 
 
 def test_fake_getprocs_failure_leaves_cnt_alone(kd: tuple[Any, Any]) -> None:
@@ -399,6 +541,86 @@ def test_fake_swapinfo_puts_the_grand_total_at_the_returned_index(kd: tuple[Any,
     assert ffi.string(one[0].ksw_devname) == b"ada0p3"
     assert (one[1].ksw_used, one[1].ksw_total) == (30, 300)
     assert lib.kvm_getswapinfo(handle, one, 0, 0) == -1
+
+
+def records_of(lib: Any, handle: Any, op: int, arg: int = 0) -> list[Any]:
+    count = ffi.new("int *", -1)
+    base = lib.kvm_getprocs(handle, op, arg, count)
+    assert base != ffi.NULL, ffi.string(lib.kvm_geterr(handle))
+    return list(ffi.cast("struct kinfo_proc_lp64 *", base)[0 : count[0]])
+
+
+@pytest.fixture
+def core(fake_libkvm: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[tuple[Any, Any]]:  # noqa: F811
+    """A crash-dump handle of the fake on the scenario SMALL plus a terminal and a zombie."""
+    text = SMALL + "tty 0x95 pts/0\nproc pid=3 uid=7 stat=SSLEEP tdflags=0x8 slptime=3 tdev=0x95"
+    text += " runtime=5000000 start=1700000000.5 comm=a_command_name_of_19\nproc pid=4 stat=SZOMB"
+    lib = ffi.dlopen(str(fake_libkvm))
+    path = write(tmp_path, text + " tdev=0x95\n", "vmcore.0")
+    handle = lib.kvm_openfiles(
+        b"/boot/kernel/kernel", str(path).encode(), ffi.NULL, 0, ffi.new("char[2048]")
+    )
+    assert handle != ffi.NULL
+    yield lib, handle
+    lib.kvm_close(handle)
+
+
+def test_fake_core_records_carry_only_what_kvm_proclist_fills(core: tuple[Any, Any]) -> None:
+    lib, handle = core
+    rows = {kp.ki_pid: kp for kp in records_of(lib, handle, 8)}
+    sleeper, zombie = rows[3], rows[4]
+    # Filled: ids, credentials, ki_stat from the thread, sizes, p_rux's runtime, p_flag.
+    assert (sleeper.ki_uid, sleeper.ki_stat, sleeper.ki_runtime) == (7, 3, 5000000)
+    assert sleeper.ki_flag & 0x2  # P_CONTROLT
+    # Left as kvm_proclist leaves them: memset to 0 (ki_structsize included), NODEV tty.
+    for kp in rows.values():
+        assert kp.ki_structsize == 0
+        assert kp.ki_tdev == 2**64 - 1 and kp.ki_tdev_freebsd11 == 2**32 - 1
+        assert (kp.ki_tdflags, kp.ki_slptime, kp.ki_start.tv_sec, kp.ki_start.tv_usec) == (0,) * 4
+        assert (kp.ki_rusage.ru_utime.tv_sec, kp.ki_rusage.ru_stime.tv_usec) == (0, 0)
+    assert zombie.ki_flag == 0  # p_flag is copied only for a process that is not a zombie
+    assert ffi.string(sleeper.ki_comm) == b"a_command_name_of_"  # strlcpy(.., MAXCOMLEN)
+    # Thread rows: each carries the process's runtime, not its thread's.
+    worker = [kp for kp in records_of(lib, handle, 0) if kp.ki_pid == 2]
+    assert len(worker) == 3 and {kp.ki_runtime for kp in worker} == {1000001}
+
+
+def test_fake_core_selects_no_terminal_and_answers_empty_without_error(
+    core: tuple[Any, Any],
+) -> None:
+    lib, handle = core
+    count = ffi.new("int *", -1)
+    # KERN_PROC_TTY compares the record's ki_tdev, NODEV in a dump: 0x95 selects nothing.
+    assert lib.kvm_getprocs(handle, 4, 0x95, count) == ffi.NULL
+    assert count[0] == 0 and ffi.string(lib.kvm_geterr(handle)) == b""
+    # ... and (dev_t)-1 selects every process with P_CONTROLT.
+    assert [kp.ki_pid for kp in records_of(lib, handle, 4, -1)] == [3, 4]
+
+
+def test_fake_live_refuses_every_op_without_a_sysctl_node(live: tuple[Any, Any]) -> None:
+    """sysctl_kern_proc's nodes (sys/kern/kern_proc.c): all, pid, pgrp, sid, tty, uid, ruid,
+    proc, gid, rgid, and _td variants of each but all. KERN_PROC_ALL | INC_THREAD is none."""
+    lib, handle = live
+    with_node = {0, 1, 2, 3, 4, 5, 6, 8, 10, 11}
+    with_node |= {op | 0x10 for op in with_node - {0}}
+    count = ffi.new("int *", -1)
+    for op in range(64):
+        base = lib.kvm_getprocs(handle, op, 1, count)
+        if op in with_node - {10, 11, 26, 27}:  # gid and rgid are not emulated
+            assert base != ffi.NULL, op
+        else:
+            assert base == ffi.NULL, op
+            text = ffi.string(lib.kvm_geterr(handle)).decode()
+            expected = "not emulated" if op in with_node else "No such file or directory"
+            assert expected in text, (op, text)
+
+
+def test_fake_live_thread_rows_split_the_runtime(live: tuple[Any, Any]) -> None:
+    lib, handle = live
+    rows = records_of(lib, handle, 8 | 0x10)
+    assert [kp.ki_pid for kp in rows] == [1, 2, 2, 2]
+    # ki_runtime of a thread row is the thread's (fill_kinfo_thread with preferthread).
+    assert sum(kp.ki_runtime for kp in rows[1:]) == records_of(lib, handle, 8)[1].ki_runtime
 
 
 # census(): the kinfo_proc array read without a record per process must say what
@@ -452,14 +674,6 @@ def test_census_is_copied_out_before_the_next_call(open_libkvm: Opener) -> None:
     for _ in range(3):
         assert source.procs() and source.census() == first
     assert first == snapshot
-
-
-def test_census_of_a_crash_dump(open_libkvm: Opener) -> None:
-    live = open_libkvm(DB01)
-    expected = live.census()
-    live.close()
-    dump = open_libkvm(None, kernel="/boot/kernel/kernel", core=str(DB01))
-    assert dump.census() == expected == census_of(dump.procs())
 
 
 def test_census_refuses_an_unknown_structsize(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
@@ -525,13 +739,14 @@ def test_census_of_a_random_host(
     seed: int,
     n: int,
 ) -> None:
-    path = write(tmp_path, random_scenario(random.Random(seed), n))
+    text = random_scenario(random.Random(seed), n)
+    path = write(tmp_path, text)
     monkeypatch.setenv("FAKE_KVM_SCENARIO", str(path))
     source = LibkvmSource(LibkvmConfig(library=str(fake_libkvm)))
     try:
         census = source.census()
         assert census == census_of(source.procs())
-        assert sum(census.values()) == n
+        assert sum(census.values()) == n - text.count("stat=SIDL ")  # PRS_NEW: not listed
     finally:
         source.close()
 

@@ -56,7 +56,16 @@ def test_load_swap_limits() -> None:
         ("/dev/sda2", 2097148 * 1024, 1024 * 1024),
         ("/var/swap file", 1048572 * 1024, 0),  # \040 in /proc/swaps is a space
     ]
-    assert source.limits() == (2, 32768, 63704)
+    # pid_max 32768, threads-max 63704: PIDs 1 to 32767 run out first, for threads as for
+    # processes, since every Linux thread is a task with a PID of its own.
+    assert source.limits() == (2, 32767, 32767)
+
+
+def test_threads_max_below_pid_max_is_the_task_limit(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(FIXTURE, root)
+    (root / "sys" / "kernel" / "threads-max").write_text("20000\n")
+    assert ProcfsSource(str(root)).limits() == (2, 20000, 20000)
 
 
 def test_not_procfs_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a fleet of three real exporters; every dashboard query answers.
 
-One exporter reads this machine's live /proc; two read FreeBSD scenarios through the fake
-libkvm (tests/fakelib.py), the same cffi code path as on FreeBSD. Debian's ``prometheus``
+One exporter reads this machine's live /proc, one a fixture /proc of a Linux host without swap;
+two read FreeBSD scenarios through the fake libkvm (tests/fakelib.py), the same cffi code path
+as on FreeBSD. Debian's ``prometheus``
 scrapes them every second on loopback with the shipped alert rules loaded, and each PromQL
 expression of each dashboard panel, with its template variables filled in, is evaluated
 through the HTTP API for each instance.
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,26 +26,27 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import copy_proc_fixture, free_port, listens
 from fakelib import build_fake_libkvm
 from prom_support import (
     REPO,
     RULES_FILE,
     PanelQuery,
     alert_rules,
-    binary,
     dashboard_queries,
     load_dashboard,
+    prometheus_command,
 )
 
 SCENARIOS = REPO / "tests" / "fakekvm" / "scenarios"
 QUERIES = dashboard_queries(load_dashboard())
-HOSTS = ("live", "web01", "db01")
-"""live: this machine's /proc; web01, db01: FreeBSD scenarios through the fake libkvm."""
+HOSTS = ("live", "noswap", "web01", "db01")
+"""live: this machine's /proc; noswap: the fixture /proc (tests/fixtures/proc) with an empty
+/proc/swaps; web01, db01: FreeBSD scenarios through the fake libkvm."""
+LIBKVM_HOSTS = ("web01", "db01")
 
 SWAP_PANELS = {"Swap used and size per device", "Swap used"}
-"""The only panels that may be empty for an instance: a host without swap has no swap series
-(metric contract). They must have data for every host that has swap, the FreeBSD scenarios
-always do, and this machine does if /proc/swaps lists a device."""
+"""A host without swap has no swap series (metric contract); these panels show it as 0."""
 
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 """Grafana's built-in variables, filled as Grafana would for a short time range. The
@@ -84,13 +85,6 @@ class Fleet:
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -141,7 +135,7 @@ def start_listening(
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if ready(base):
+                if listens(process.pid, port) and ready(base):
                     return process, port
             except OSError:
                 pass
@@ -182,7 +176,12 @@ def start_exporter(
     config: dict[str, Any] = {"interval": "1s"}
     env = dict(os.environ)
     env.pop("FAKE_KVM_SCENARIO", None)
-    if library is None:
+    if name == "noswap":
+        root = copy_proc_fixture(tmp / "noswap-proc")
+        (root / "swaps").write_text((root / "swaps").read_text().splitlines()[0] + "\n")
+        source, has_swap = "procfs", False
+        config["procfs"] = {"root": str(root)}
+    elif library is None:
         source, has_swap = "procfs", live_has_swap()
     else:
         scenario = SCENARIOS / f"{name}.scenario"
@@ -244,21 +243,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         library = build_fake_libkvm(tmp)
         hosts = {
-            name: start_exporter(name, tmp, started, None if name == "live" else library)
+            name: start_exporter(name, tmp, started, library if name in LIBKVM_HOSTS else None)
             for name in HOSTS
         }
         config = tmp / "prometheus.yml"
         config.write_text(yaml.safe_dump(prometheus_config(hosts)))
         log = tmp / "prometheus.log"
 
-        def command(port: int) -> list[str]:
-            return [
-                binary("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ]
-
+        command = prometheus_command(config, tmp / "tsdb")
         _, port = start_listening(
             "prometheus", command, prometheus_ready, dict(os.environ), log, started
         )
@@ -303,7 +295,7 @@ def test_every_host_polls_its_source(fleet: Fleet) -> None:
 
 def test_scenario_hosts_have_swap() -> None:
     """So the swap panels are proven with data at least on the FreeBSD hosts."""
-    for name in HOSTS[1:]:
+    for name in LIBKVM_HOSTS:
         assert scenario_has_swap(SCENARIOS / f"{name}.scenario"), name
 
 
@@ -336,12 +328,14 @@ def read_scenario(path: Path) -> Scenario:
             swap[words[1]] = (int(words[2]), int(words[3]))
         elif words[0] == "proc":
             keys = dict(word.split("=", 1) for word in words[1:])
+            if keys.get("stat") == "SIDL":
+                continue  # being created: neither the kernel nor libkvm lists it
             processes += 1
             threads += int(keys.get("threads", "1"))
     return Scenario(sysctls, loadavg, swap, processes, threads)
 
 
-@pytest.mark.parametrize("host_name", HOSTS[1:])
+@pytest.mark.parametrize("host_name", LIBKVM_HOSTS)
 def test_scenario_values_reach_prometheus(fleet: Fleet, host_name: str) -> None:
     """The numbers behind the panels are the scenario's, end to end through Prometheus."""
     host = fleet.hosts[host_name]
@@ -357,6 +351,7 @@ def test_scenario_values_reach_prometheus(fleet: Fleet, host_name: str) -> None:
     assert value("kvm_threads") == scenario.threads
     assert value("kvm_cpus") == scenario.sysctls["hw.ncpu"]
     assert value("kvm_processes_limit") == scenario.sysctls["kern.maxproc"]
+    assert value("kvm_threads_limit") == scenario.sysctls["kern.maxthread"]
     load1, load5, load15 = scenario.loadavg
     assert value("kvm_load1") == pytest.approx(load1, abs=0.01)
     assert value("kvm_load5") == pytest.approx(load5, abs=0.01)
@@ -369,6 +364,17 @@ def test_scenario_values_reach_prometheus(fleet: Fleet, host_name: str) -> None:
             f"/dev/{name}": pages[index] * page for name, pages in scenario.swap_pages.items()
         }
         assert per_device == expected, metric
+
+
+def test_linux_limits_are_the_task_limit(fleet: Fleet) -> None:
+    """The fixture's pid_max 32768 and threads-max 63704: PIDs 1 to 32767 bound threads and
+    processes alike, and the thread limit panel shows it."""
+    instance = json.dumps(fleet.hosts["noswap"].instance)
+    for metric in ("kvm_processes_limit", "kvm_threads_limit"):
+        result = fleet.query(f"{metric}{{instance={instance}}}")
+        assert [float(s["value"][1]) for s in result] == [32767], metric
+    raw = fleet.query(f"kvm_swap_size_bytes{{instance={instance}}}")
+    assert raw == [], "the contract: no swap series for a host without swap"
 
 
 def test_swap_panels_are_the_listed_ones() -> None:
@@ -384,11 +390,9 @@ def test_dashboard_query_answers_for_each_instance(
     host = fleet.hosts[host_name]
     expr = fill_variables(query.expr, host.instance)
     result = fleet.query(expr)
-    if query.panel_title in SWAP_PANELS and not host.has_swap:
-        # The contract: no swap series at all for a host without swap.
-        assert result == [], f"{expr} on a host without swap"
-        return
     assert result, f"no data for {host.name} ({host.instance}) from {expr}"
+    if query.panel_title in SWAP_PANELS and not host.has_swap:
+        assert [float(s["value"][1]) for s in result] == [0], f"{expr} on a host without swap"
     for series in result:
         assert series["metric"].get("instance", host.instance) == host.instance, series
         value = float(series["value"][1])

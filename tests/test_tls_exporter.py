@@ -10,11 +10,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
 import tlsutil
-from conftest import REPO, free_port, wait_until
+from conftest import REPO, exited_or_listens, free_port, wait_until
 
 EXAMPLE = REPO / "config" / "web-config.yml"
 AUTH = "Basic " + base64.b64encode(b"prometheus:changeme").decode()
@@ -25,18 +26,22 @@ def tls_exporter(tmp_path: Path):
     tlsutil.write_pki(tmp_path)
     shutil.copy(tmp_path / "ca.pem", tmp_path / "clients-ca.pem")
     shutil.copy(EXAMPLE, tmp_path / "web-config.yml")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvm_exporter",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--web.config.file={tmp_path / 'web-config.yml'}",
-        ],
-        stderr=subprocess.PIPE,
-        cwd="/",
-    )
+    for _attempt in range(5):  # another suite may take the free port before we bind it
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvm_exporter",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--web.config.file={tmp_path / 'web-config.yml'}",
+            ],
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+        )
+        wait_until(partial(exited_or_listens, proc, port), what="the TLS listener")
+        if proc.poll() is None:
+            break
     try:
         yield tmp_path, f"https://127.0.0.1:{port}", proc
     finally:

@@ -14,6 +14,7 @@ layout on any machine.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import cffi  # type: ignore[import-untyped]
@@ -160,6 +161,18 @@ KINFO_PROC_TYPES: dict[int, dict[int, str]] = {
 
 A 32-bit process on amd64 gets 768-byte records, on arm64 816-byte ones (kinfo_proc32)."""
 
+
+def native_kinfo_proc_size() -> int:
+    """``sizeof(struct kinfo_proc)`` of libkvm built for this process's ABI.
+
+    A 32-bit process is i386 (768 bytes) on an x86 machine and armv7 or powerpc (816) on
+    anything else; a 64-bit one is LP64 (1088).
+    """
+    if ffi.sizeof("void *") == 8:
+        return 1088
+    return 768 if platform.machine() in ("i386", "i686", "amd64", "x86_64") else 816
+
+
 _FUNCTIONS = """
 typedef struct __kvm kvm_t;
 struct kvm_swap {
@@ -185,6 +198,7 @@ int kvm_nlist2(kvm_t *, struct kvm_nlist *);
 ssize_t kvm_read2(kvm_t *, uint64_t, void *, size_t);
 char *devname_r(uint64_t, uint16_t, char *, int);
 int sysctlbyname(const char *, void *, size_t *, const void *, size_t);
+int sysctl(const int *, unsigned int, void *, size_t *, const void *, size_t);
 """
 # kvm_getprocs is declared void *: the record type is only known after reading ki_structsize.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import struct
 import sys
 import threading
@@ -20,16 +21,26 @@ from typing import Any, Literal, NamedTuple
 from ..config import LibkvmConfig
 from ..records import (
     NO_TTY,
+    UNKNOWN_TTY,
     Census,
     HostLimits,
     Kind,
     LoadAvg,
+    OwnUsage,
     Proc,
     SourceError,
     SwapDevice,
     census_of,
 )
-from ..states import MAXSLP, TDF_SINTR, freebsd_state
+from ..states import (
+    DUMP_STATES,
+    MAXSLP,
+    STATES,
+    SZOMB,
+    TDF_SINTR,
+    freebsd_dump_state,
+    freebsd_state,
+)
 from . import kvm_cdef
 from .kvm_cdef import ffi
 
@@ -45,6 +56,9 @@ KERN_PROC_OPS: dict[str, int] = {
     "proc": 8,
 }
 KERN_PROC_INC_THREAD = 0x10
+KERN_PROC_NFDS = 43
+CTL_KERN, KERN_PROC = 1, 14
+P_CONTROLT = 0x00002  # ki_flag: the process has a controlling terminal (sys/sys/proc.h)
 O_RDONLY = 0
 ERRBUF_SIZE = 2048  # _POSIX2_LINE_MAX, what kvm_openfiles copies into errbuf
 NODEV = 2**64 - 1  # (dev_t)-1 in the 64-bit ki_tdev
@@ -52,6 +66,7 @@ S_IFCHR = 0o020000
 DEVNAME_SIZE = 256  # SPECNAMELEN + 1
 MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
 CLOSE_WAIT = 0.5  # seconds close() waits for a call in progress
+RECORD_BUFFER = 2048  # bytes: more than any struct kinfo_proc
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +78,10 @@ class LibkvmSource:
 
     def __init__(self, config: LibkvmConfig) -> None:
         self._lib = kvm_cdef.load(config.library)
-        if config.predicate not in ("proc", "all") and config.argument is None:
-            raise SourceError(
-                f"libkvm.predicate {config.predicate!r} selects by a number: set libkvm.argument"
-            )
-        if not -(2**31) <= (config.argument or 0) < 2**31:
-            raise SourceError(f"libkvm.argument {config.argument} does not fit kvm_getprocs' int")
-        base_op = KERN_PROC_OPS[config.predicate]
-        self._op = base_op | (KERN_PROC_INC_THREAD if config.threads else 0)
-        self._arg = config.argument or 0
-        self._by_pid = base_op == KERN_PROC_OPS["pid"]
+        self._op, self._arg = op_and_argument(config)
+        self._by_pid = config.predicate == "pid"
         # KERN_PROC_ALL returns one row per thread even without the modifier.
-        self._per_thread = config.threads or base_op == KERN_PROC_OPS["all"]
+        self._per_thread = bool(self._op & KERN_PROC_INC_THREAD) or self._op == 0
         self._lock = threading.Lock()
         self._devname = ffi.new("char[]", DEVNAME_SIZE)
         errbuf = ffi.new("char[]", ERRBUF_SIZE)
@@ -91,6 +98,7 @@ class LibkvmSource:
             raise SourceError(f"kvm_openfiles cannot open {where}: {reason}")
         self._kd: Any = kd
         self.crash_dump = config.core is not None
+        self.states = DUMP_STATES if self.crash_dump else STATES
         try:
             self._pagesize = self._sysctl_int("hw.pagesize")
         except SourceError:
@@ -103,12 +111,16 @@ class LibkvmSource:
             base, count = self._getprocs()
             if count == 0:
                 return []
-            records = ffi.cast(_record_type(ffi.cast("int *", base)[0]) + " *", base)
+            records = ffi.cast(self._record_type(base) + " *", base)
             # The array belongs to libkvm and the next call frees it: copy out now.
             # tty names are cached per poll, because a pts device number can be reused.
             ttys: dict[int, str] = {}
             procs = [self._proc(records[i], ttys) for i in range(count)]
-        return _fold_threads(procs) if self._per_thread else procs
+        if not self._per_thread:
+            return procs
+        # Live thread rows carry each thread's ki_runtime; a crash dump's carry the
+        # process's (p_rux) in every row.
+        return _fold_threads(procs, sum_cpu=not self.crash_dump)
 
     def census(self) -> Census:
         """The census of :meth:`procs`, read without a Python object per process.
@@ -117,14 +129,15 @@ class LibkvmSource:
         their own at C speed (strided memoryview copies), equal rows are counted as bytes,
         and only each distinct row becomes a :data:`~kvm_exporter.records.Kind`.
         """
-        if self._per_thread:
-            # Thread rows fold into one process per pid with its visible threads.
+        if self._per_thread or self.crash_dump:
+            # Thread rows fold into one process per pid with its visible threads; a crash
+            # dump's records need the per-record care of _proc (read once, so cost is moot).
             return census_of(self.procs())
         with self._lock:
             base, count = self._getprocs()
             if count == 0:
                 return {}
-            layout = _census_layout(_record_type(ffi.cast("int *", base)[0]))
+            layout = _census_layout(self._record_type(base))
             # The array belongs to libkvm and the next call frees it: the rows are a copy.
             with memoryview(ffi.buffer(base, count * layout.structsize)) as array:
                 rows = _census_rows(array, count, layout)
@@ -203,6 +216,41 @@ class LibkvmSource:
         # kern.threads.max_threads_per_proc is per process and would overstate it.
         return HostLimits(cpus=cpus, max_procs=procs, max_threads=threads)
 
+    def own_usage(self) -> OwnUsage:
+        """The exporter's own process, from its kinfo_proc (sysctl kern.proc.pid.<pid>).
+
+        Read by sysctl, not through the libkvm handle: it is this running process even when
+        the handle is a crash dump, and it leaves the handle to the polls. Open descriptors
+        come from kern.proc.nfds (None where the kernel lacks that node), the limit from
+        getrlimit(RLIMIT_NOFILE).
+        """
+        pid = os.getpid()
+        record = ffi.new("char[]", RECORD_BUFFER)
+        size = ffi.new("size_t *", RECORD_BUFFER)
+        if self._sysctl([CTL_KERN, KERN_PROC, KERN_PROC_OPS["pid"], pid], record, size) != 0:
+            raise SourceError(f"sysctl kern.proc.pid.{pid}: {os.strerror(ffi.errno)}")
+        structsize = int(ffi.cast("int *", record)[0])
+        if size[0] < structsize:
+            raise SourceError(f"sysctl kern.proc.pid.{pid}: {size[0]} bytes, not {structsize}")
+        kp = ffi.cast(_record_type(structsize) + " *", record)[0]
+        ru = kp.ki_rusage
+        nfds = ffi.new("int *")
+        nfds_size = ffi.new("size_t *", ffi.sizeof("int"))
+        known = self._sysctl([CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0], nfds, nfds_size) == 0
+        return OwnUsage(
+            cpu_seconds=ru.ru_utime.tv_sec
+            + ru.ru_stime.tv_sec
+            + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6,
+            resident_bytes=kp.ki_rssize * self._pagesize,
+            virtual_bytes=kp.ki_size,
+            start_time=kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6,
+            open_fds=int(nfds[0]) if known else None,
+            max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+
+    def _sysctl(self, mib: list[int], value: Any, size: Any) -> int:
+        return int(self._lib.sysctl(ffi.new("int[]", mib), len(mib), value, size, ffi.NULL, 0))
+
     def close(self) -> None:
         """Release the handle; later calls raise :class:`SourceError`."""
         if not self._lock.acquire(timeout=CLOSE_WAIT):
@@ -234,8 +282,21 @@ class LibkvmSource:
         if base == ffi.NULL:
             if ffi.errno == errno.ESRCH and self._by_pid:
                 return base, 0  # KERN_PROC_PID of a process that has gone, as ps treats it
+            if self.crash_dump and count[0] == 0 and not _text(self._lib.kvm_geterr(kd)):
+                return base, 0  # libkvm frees a dead kernel's empty array: NULL, no error
             raise self._failure("kvm_getprocs", kd)
         return base, int(count[0])
+
+    def _record_type(self, base: Any) -> str:
+        """The cffi type of the records at ``base``, from the first one's ki_structsize.
+
+        A crash dump's records say 0 (kvm_proclist sets it, then clears the record): they
+        are libkvm's own, native layout, since it refuses a core of another machine.
+        """
+        structsize = int(ffi.cast("int *", base)[0])
+        if structsize == 0 and self.crash_dump:
+            structsize = kvm_cdef.native_kinfo_proc_size()
+        return _record_type(structsize)
 
     def _clear_error(self, kd: Any) -> None:
         # libkvm never clears its errbuf, so empty it before a call: a failure's text is
@@ -278,19 +339,31 @@ class LibkvmSource:
         return values
 
     def _proc(self, kp: Any, ttys: dict[int, str]) -> Proc:
+        if self.crash_dump:
+            # What libkvm's kvm_proclist leaves unfilled is not data: no ki_tdflags,
+            # ki_slptime or ki_start, and ki_tdev is NODEV even with a terminal (P_CONTROLT
+            # in ki_flag, which is 0 for a zombie). tests/fakekvm/README.md has the table.
+            has_tty = kp.ki_stat == SZOMB or kp.ki_flag & P_CONTROLT
+            tty = UNKNOWN_TTY if has_tty else NO_TTY
+            state = freebsd_dump_state(kp.ki_stat)
+            start: float | None = None
+        else:
+            tty = self._tty(kp.ki_tdev, ttys)
+            state = freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime)
+            start = kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6
         return Proc(
             pid=kp.ki_pid,
             ppid=kp.ki_ppid,
             uid=kp.ki_uid,
             ruid=kp.ki_ruid,
-            tty=self._tty(kp.ki_tdev, ttys),
-            state=freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime),
+            tty=tty,
+            state=state,
             comm=_text(kp.ki_comm),
             threads=kp.ki_numthreads,
             rss_bytes=kp.ki_rssize * self._pagesize,
             vsize_bytes=kp.ki_size,
             cpu_seconds=kp.ki_runtime / 1e6,
-            start_time=kp.ki_start.tv_sec + kp.ki_start.tv_usec / 1e6,
+            start_time=start,
         )
 
     def _tty(self, dev: int, cache: dict[int, str]) -> str:
@@ -317,7 +390,50 @@ def _record_type(structsize: int) -> str:
             f" (ki_structsize), this {pointer_bits}-bit binding knows {sizes}:"
             " refusing to read records of an unknown layout"
         )
+    if ffi.sizeof(record_type) != structsize:
+        raise SourceError(
+            f"{record_type} is declared {ffi.sizeof(record_type)} bytes, the kernel's"
+            f" records {structsize}: the binding's declaration is wrong"
+        )
     return record_type
+
+
+def op_and_argument(config: LibkvmConfig) -> tuple[int, int]:
+    """The kvm_getprocs op and int argument for ``config``, as the kernel will read them.
+
+    Only ops with a sysctl node are sent: ``sysctl_kern_proc`` has a thread variant of
+    every predicate but ``all``, which already returns one row per thread, so ``all`` with
+    ``threads`` sends plain KERN_PROC_ALL. The argument is a C int that the kernel casts:
+    to uid_t for uid and ruid (all 2**32 uids), to dev_t for tty (sign-extended).
+    Raises :class:`SourceError` for what the kernel cannot be asked; loads no library, so a
+    configuration check can call it.
+    """
+    predicate, argument = config.predicate, config.argument
+    if predicate in ("proc", "all"):
+        threads = config.threads and predicate == "proc"
+        return KERN_PROC_OPS[predicate] | (KERN_PROC_INC_THREAD if threads else 0), 0
+    if argument is None:
+        raise SourceError(
+            f"libkvm.predicate {predicate!r} selects by a number: set libkvm.argument"
+        )
+    if predicate == "tty" and config.core is not None:
+        raise SourceError(
+            "libkvm.predicate 'tty' cannot select from a crash dump: libkvm reads no terminal"
+            " device from a dump (every process's ki_tdev is NODEV)"
+        )
+    wraps = {"uid": 2**32, "ruid": 2**32, "tty": 2**64}.get(predicate)
+    if wraps is not None and wraps - 2**31 <= argument < wraps:
+        argument -= wraps  # the int whose cast gives this uid or device number
+    if not -(2**31) <= argument < 2**31:
+        what = {
+            "uid": "a uid from 0 to 4294967295",
+            "ruid": "a uid from 0 to 4294967295",
+            "tty": "a device number below 2**31 or from 2**64 - 2**31 (the kernel"
+            " sign-extends its int argument to a dev_t)",
+        }.get(predicate, "a number that fits kvm_getprocs' int")
+        raise SourceError(f"libkvm.argument {config.argument} is out of range: expected {what}")
+    op = KERN_PROC_OPS[predicate] | (KERN_PROC_INC_THREAD if config.threads else 0)
+    return op, argument
 
 
 class _CensusLayout(NamedTuple):
@@ -430,14 +546,20 @@ def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> byte
     return rows
 
 
-def _fold_threads(rows: list[Proc]) -> list[Proc]:
-    """One record per process from thread rows: the first row, with its visible threads."""
+def _fold_threads(rows: list[Proc], sum_cpu: bool) -> list[Proc]:
+    """One record per process from thread rows: the first row, with its visible threads,
+    and with ``sum_cpu`` the CPU time of all its rows (each row then has its thread's)."""
     first: dict[int, Proc] = {}
     threads: Counter[int] = Counter()
+    cpu: dict[int, float] = {}
     for row in rows:
         first.setdefault(row.pid, row)
         threads[row.pid] += 1
-    return [proc._replace(threads=threads[pid]) for pid, proc in first.items()]
+        cpu[row.pid] = cpu.get(row.pid, 0.0) + row.cpu_seconds
+    return [
+        proc._replace(threads=threads[pid], cpu_seconds=cpu[pid] if sum_cpu else proc.cpu_seconds)
+        for pid, proc in first.items()
+    ]
 
 
 def _swap_name(devname: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..records import NO_TTY, Census, HostLimits, LoadAvg, Proc, SourceError, SwapDevice
-from ..states import LINUX_STATES
+from ..states import LINUX_STATES, STATES
 
 try:
     from ._procscan import ffi as _ffi  # type: ignore[import-not-found, unused-ignore]
@@ -137,6 +137,7 @@ class ProcfsSource:
     """Reads a procfs mounted at ``root`` (``/proc``; a copy of one in tests)."""
 
     name = "procfs"
+    states = STATES
 
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
@@ -277,7 +278,11 @@ class ProcfsSource:
         )
         pid_max = _read_int(f"{self.root}/sys/kernel/pid_max")
         threads_max = _read_int(f"{self.root}/sys/kernel/threads-max")
-        return HostLimits(cpus=cpus, max_procs=pid_max, max_threads=threads_max)
+        # Linux limits tasks, not processes: every process and every thread is a task, and
+        # fork/clone fail when the tasks reach threads-max or run out of PIDs (1 to
+        # pid_max - 1). A process is at least one task, so both limits are the task limit.
+        tasks = min(pid_max - 1, threads_max)
+        return HostLimits(cpus=cpus, max_procs=tasks, max_threads=tasks)
 
     def close(self) -> None:
         """Nothing to release: every read opens and closes its own file."""

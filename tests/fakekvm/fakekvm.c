@@ -1,8 +1,8 @@
 /*
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
  * kvm_openfiles(3), kvm_getprocs(3), kvm_getloadavg(3), kvm_getswapinfo(3),
- * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3) and
- * sysctlbyname(3), with the
+ * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3),
+ * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
  *
  * Build: cc -O2 -Wall -Werror -shared -fPIC -o libfakekvm.so fakekvm.c
@@ -31,7 +31,8 @@
  *                              tdflags slptime threads(=1) rss (pages) size (bytes)
  *                              runtime (microseconds) start (seconds, fraction allowed)
  *                              comm (no spaces; at most 19 bytes)
- *   structsize N             ki_structsize written into every record (default 1088)
+ *   structsize N             ki_structsize written into every live record (default 1088)
+ *   symbol NAME VALUE        an int kernel variable of a crash dump (e.g. _dmmax)
  *   fail CALL N MESSAGE      call number N (1-based, or '*' for every call) of CALL fails
  *                            with MESSAGE as its kvm_geterr()/errbuf text. CALL is one of
  *                            open, getprocs, swapinfo, loadavg. Calls are counted per
@@ -48,6 +49,7 @@
  * returns, and returns -1 without a message for swap_max < 1.
  */
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -56,8 +58,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- FreeBSD LP64 ABI, transcribed for this fake ---- */
 
@@ -208,6 +212,16 @@ _Static_assert(offsetof(struct kvm_swap, ksw_flags) == 40, "ksw_flags offset");
 #define KERN_PROC_RUID 6
 #define KERN_PROC_PROC 8
 #define KERN_PROC_INC_THREAD 0x10
+#define KERN_PROC_RGID 10
+#define KERN_PROC_GID 11
+#define KERN_PROC_NFDS 43
+#define CTL_KERN 1
+#define KERN_PROC 14
+#define SIDL 1
+#define SRUN 2
+#define SZOMB 5
+#define P_CONTROLT 0x00002
+#define MAXCOMLEN 19
 #define NODEV ((fb_dev_t)-1)
 #define FB_S_IFCHR 0020000
 #define FB_O_RDWR 0x0002
@@ -223,6 +237,7 @@ static const char *const call_names[NCALLS] = {"open", "getprocs", "swapinfo", "
 #define MAXTTY 64
 #define MAXSYSCTL 32
 #define MAXFAIL 16
+#define MAXSYMBOL 16
 
 struct fake_proc {
 	fb_pid_t pid, ppid, pgid, sid;
@@ -256,8 +271,8 @@ struct scenario {
 	struct {
 		char name[64];
 		int value;
-	} sysctls[MAXSYSCTL];
-	int nsysctls;
+	} sysctls[MAXSYSCTL], symbols[MAXSYMBOL];
+	int nsysctls, nsymbols;
 	double loadavg[3];
 	int structsize;
 	struct failure fails[MAXFAIL];
@@ -420,6 +435,10 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 			bad = sscanf(rest, "%63s %d", sc->sysctls[sc->nsysctls].name,
 				     &sc->sysctls[sc->nsysctls].value) != 2;
 			sc->nsysctls++;
+		} else if (!strcmp(kw, "symbol") && sc->nsymbols < MAXSYMBOL) {
+			bad = sscanf(rest, "%63s %d", sc->symbols[sc->nsymbols].name,
+				     &sc->symbols[sc->nsymbols].value) != 2;
+			sc->nsymbols++;
 		} else if (!strcmp(kw, "loadavg")) {
 			bad = sscanf(rest, "%lf %lf %lf", &sc->loadavg[0], &sc->loadavg[1],
 				     &sc->loadavg[2]) != 3;
@@ -545,12 +564,39 @@ char *kvm_geterr(kvm_t *kd)
 	return kd == NULL ? empty : kd->errbuf;
 }
 
-static int selected(const struct fake_proc *p, int what, int arg)
+/*
+ * Which ops have a node: sysctl_kern_proc() serves kern.proc.{all,pid,pgrp,sid,tty,uid,ruid,
+ * proc,gid,rgid} and the KERN_PROC_INC_THREAD ("_td") variants of all but "all"
+ * (SYSCTL_NODE registrations in sys/kern/kern_proc.c). A live kvm_getprocs() of any other
+ * op is a sysctl of a name that does not exist: ENOENT.
+ */
+static int has_node(int op)
 {
-	switch (what) {
-	case KERN_PROC_ALL:
-	case KERN_PROC_PROC:
+	int what = op & ~KERN_PROC_INC_THREAD;
+
+	if (op == KERN_PROC_ALL)
 		return 1;
+	return what != KERN_PROC_ALL &&
+	       (what <= KERN_PROC_RUID || what == KERN_PROC_PROC || what == KERN_PROC_RGID ||
+		what == KERN_PROC_GID);
+}
+
+/*
+ * The ki_tdev a record of p carries: the live kernel's tty_udev() of a controlling
+ * terminal, NODEV without one; a crash dump's kvm_proclist() has "#if 0" around
+ * t_cdev.si_udev and stores NODEV for every process.
+ */
+static fb_dev_t record_tdev(int live, const struct fake_proc *p)
+{
+	return live ? p->tdev : NODEV;
+}
+
+static int selected(const kvm_t *kd, const struct fake_proc *p, int what, int arg)
+{
+	/* PRS_NEW processes are skipped by proc_iterate() and by kvm_proclist(). */
+	if (p->stat == SIDL)
+		return 0;
+	switch (what) {
 	case KERN_PROC_PID:
 		return p->pid == arg;
 	case KERN_PROC_PGRP:
@@ -558,20 +604,81 @@ static int selected(const struct fake_proc *p, int what, int arg)
 	case KERN_PROC_SESSION:
 		return p->sid == arg;
 	case KERN_PROC_TTY:
-		return p->tdev == (fb_dev_t)(uint32_t)arg;
+		/* P_CONTROLT, then (dev_t)name[0]: the int argument sign-extends. */
+		return p->tdev != NODEV && record_tdev(kd->live, p) == (fb_dev_t)arg;
 	case KERN_PROC_UID:
 		return p->uid == (fb_uid_t)arg;
 	case KERN_PROC_RUID:
 		return p->ruid == (fb_uid_t)arg;
-	default:
-		return 0;
+	default: /* all, proc; a crash dump's kvm_proclist() does not filter others either */
+		return 1;
 	}
 }
 
-static void fill(struct kinfo_proc *kp, const struct fake_proc *p, int structsize, int tid)
+/* Reads the calling process from Linux's /proc/self into p (pid, uids, sizes, times). */
+static int read_self(const struct scenario *sc, struct fake_proc *p, struct fb_rusage *ru)
+{
+	char buf[4096], *end;
+	unsigned long long start_ticks = 0, vsize = 0, btime = 0;
+	long rss = 0, threads = 1, pagesize = 0;
+	struct rusage self;
+	FILE *f;
+	size_t n;
+
+	f = fopen("/proc/self/stat", "r");
+	if (f == NULL)
+		return -1;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	end = strrchr(buf, ')');
+	/* fields after comm: state ppid ... num_threads(20) ... starttime(22) vsize rss */
+	if (end == NULL || sscanf(end + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u"
+				  " %*d %*d %*d %*d %ld %*d %llu %llu %ld",
+				  &threads, &start_ticks, &vsize, &rss) != 4)
+		return -1;
+	f = fopen("/proc/stat", "r");
+	while (f != NULL && fgets(buf, sizeof(buf), f))
+		if (sscanf(buf, "btime %llu", &btime) == 1)
+			break;
+	if (f != NULL)
+		fclose(f);
+	for (int i = 0; i < sc->nsysctls; i++)
+		if (!strcmp(sc->sysctls[i].name, "hw.pagesize"))
+			pagesize = sc->sysctls[i].value;
+	if (pagesize <= 0)
+		pagesize = sysconf(_SC_PAGESIZE);
+	getrusage(RUSAGE_SELF, &self);
+	memset(p, 0, sizeof(*p));
+	p->pid = p->pgid = p->sid = getpid();
+	p->ppid = getppid();
+	p->uid = geteuid();
+	p->ruid = getuid();
+	p->tdev = NODEV;
+	p->stat = SRUN;
+	p->threads = (int)threads;
+	p->rss = rss * sysconf(_SC_PAGESIZE) / pagesize;
+	p->size = vsize;
+	p->runtime = (uint64_t)(self.ru_utime.tv_sec + self.ru_stime.tv_sec) * 1000000 +
+		     (uint64_t)(self.ru_utime.tv_usec + self.ru_stime.tv_usec);
+	p->start = (double)btime + (double)start_ticks / (double)sysconf(_SC_CLK_TCK);
+	snprintf(p->comm, sizeof(p->comm), "python");
+	ru->ru_utime.tv_sec = self.ru_utime.tv_sec;
+	ru->ru_utime.tv_usec = self.ru_utime.tv_usec;
+	ru->ru_stime.tv_sec = self.ru_stime.tv_sec;
+	ru->ru_stime.tv_usec = self.ru_stime.tv_usec;
+	return 0;
+}
+
+/*
+ * Row t of the rows of p: what fill_kinfo_proc()/fill_kinfo_thread() write on a live
+ * system, or what kvm_proclist() writes from a crash dump (tests/fakekvm/README.md has
+ * the table). rows is 1 for a process row.
+ */
+static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
+		 const struct fake_proc *p, int t, int rows)
 {
 	memset(kp, 0, sizeof(*kp));
-	kp->ki_structsize = structsize;
 	kp->ki_pid = p->pid;
 	kp->ki_ppid = p->ppid;
 	kp->ki_pgid = p->pgid;
@@ -579,30 +686,51 @@ static void fill(struct kinfo_proc *kp, const struct fake_proc *p, int structsiz
 	kp->ki_uid = p->uid;
 	kp->ki_ruid = p->ruid;
 	kp->ki_svuid = p->uid;
-	kp->ki_tdev = p->tdev;
-	kp->ki_tdev_freebsd11 = (uint32_t)p->tdev; /* truncated, as the kernel does */
+	kp->ki_tdev = record_tdev(live, p);
+	kp->ki_tdev_freebsd11 = (uint32_t)kp->ki_tdev; /* truncated, as both do */
 	kp->ki_stat = (char)p->stat;
-	kp->ki_tdflags = p->tdflags;
-	kp->ki_slptime = p->slptime;
 	kp->ki_numthreads = p->threads;
 	kp->ki_rssize = p->rss;
 	kp->ki_size = p->size;
-	kp->ki_runtime = p->runtime;
-	kp->ki_start.tv_sec = (int64_t)p->start;
-	kp->ki_start.tv_usec = (long)((p->start - (double)(int64_t)p->start) * 1e6 + 0.5);
-	kp->ki_tid = 100000 + p->pid * 16 + tid;
+	kp->ki_tid = 100000 + p->pid * 16 + t;
 	kp->ki_oncpu = -1;
 	kp->ki_lastcpu = -1;
-	memcpy(kp->ki_comm, p->comm, sizeof(kp->ki_comm));
-	snprintf(kp->ki_tdname, sizeof(kp->ki_tdname), "%s", p->comm);
+	if (live) {
+		kp->ki_structsize = sc->structsize;
+		kp->ki_flag = p->tdev != NODEV ? P_CONTROLT : 0;
+		kp->ki_tdflags = p->tdflags;
+		kp->ki_slptime = p->slptime;
+		/* In thread rows ki_runtime is the thread's (preferthread): the rows add up. */
+		kp->ki_runtime = p->runtime / (uint64_t)rows + (t == 0 ? p->runtime % (uint64_t)rows : 0);
+		kp->ki_start.tv_sec = (int64_t)p->start;
+		kp->ki_start.tv_usec = (long)((p->start - (double)(int64_t)p->start) * 1e6 + 0.5);
+		kp->ki_rusage.ru_utime.tv_sec = (int64_t)(kp->ki_runtime / 1000000);
+		kp->ki_rusage.ru_utime.tv_usec = (long)(kp->ki_runtime % 1000000);
+		memcpy(kp->ki_comm, p->comm, sizeof(kp->ki_comm));
+	} else {
+		/*
+		 * kvm_proclist(): memset to 0 after ki_structsize was set, so it stays 0;
+		 * ki_flag only for a process that is not a zombie; no ki_tdflags, ki_slptime,
+		 * ki_start or ki_rusage; ki_runtime is p_rux's, the whole process's, in every
+		 * row; ki_comm copied with strlcpy(.., MAXCOMLEN): at most 18 bytes.
+		 */
+		kp->ki_flag = p->tdev != NODEV && p->stat != SZOMB ? P_CONTROLT : 0;
+		kp->ki_runtime = p->runtime;
+		memcpy(kp->ki_comm, p->comm, MAXCOMLEN - 1); /* 18 bytes and the NUL of memset */
+	}
+	memcpy(kp->ki_tdname, p->comm, sizeof(kp->ki_tdname) - 1);
 }
 
 void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 {
 	int what = op & ~KERN_PROC_INC_THREAD;
-	/* KERN_PROC_ALL already means one row per thread. */
+	/* KERN_PROC_ALL already means one row per thread (kernel and kvm_proclist alike). */
 	int per_thread = what == KERN_PROC_ALL || (op & KERN_PROC_INC_THREAD);
 	const char *message = enter(kd, CALL_GETPROCS);
+	struct fake_proc self;
+	struct fb_rusage self_ru;
+	const struct fake_proc *procs = kd->sc.procs;
+	int nprocs = kd->sc.nprocs;
 	int n = 0;
 
 	free_procbase(kd);
@@ -611,20 +739,41 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 		set_err(kd, message);
 		return NULL;
 	}
-	if (what > KERN_PROC_RUID && what != KERN_PROC_PROC) {
-		errno = EINVAL;
-		set_err(kd, "kvm_getprocs: Invalid argument");
+	if (kd->live && !has_node(op)) {
+		errno = ENOENT;
+		set_err(kd, "kvm_getprocs: No such file or directory");
 		return NULL;
 	}
-	for (int i = 0; i < kd->sc.nprocs; i++)
-		if (selected(&kd->sc.procs[i], what, arg))
-			n += per_thread && kd->sc.procs[i].threads > 0 ? kd->sc.procs[i].threads : 1;
-	if (n == 0 && what == KERN_PROC_PID) {
+	if (kd->live && (what == KERN_PROC_GID || what == KERN_PROC_RGID)) {
+		errno = EINVAL;
+		set_err(kd, "fakekvm: gid and rgid selection is not emulated");
+		return NULL;
+	}
+	/* The kernel knows the calling process; the scenario is another host. */
+	memset(&self_ru, 0, sizeof(self_ru));
+	if (kd->live && what == KERN_PROC_PID && arg == getpid()) {
+		int in_scenario = 0;
+		for (int i = 0; i < nprocs; i++)
+			in_scenario |= procs[i].pid == arg;
+		if (!in_scenario && read_self(&kd->sc, &self, &self_ru) == 0) {
+			procs = &self;
+			nprocs = 1;
+		}
+	}
+	for (int i = 0; i < nprocs; i++)
+		if (selected(kd, &procs[i], what, arg))
+			n += per_thread && procs[i].threads > 0 ? procs[i].threads : 1;
+	if (n == 0 && kd->live && what == KERN_PROC_PID) {
 		errno = ESRCH;
 		set_err(kd, "kvm_getprocs: No such process");
 		return NULL;
 	}
-	/* Like libkvm, never return NULL for an empty success. */
+	if (n == 0 && !kd->live) {
+		/* kvm_getprocs() frees an empty dead-kernel array: NULL, *cnt 0, no error. */
+		*cnt = 0;
+		return NULL;
+	}
+	/* Like libkvm, never return NULL for an empty live success. */
 	kd->procbase = calloc((size_t)n + 1, sizeof(struct kinfo_proc));
 	if (kd->procbase == NULL) {
 		set_err(kd, "kvm_getprocs: Cannot allocate memory");
@@ -632,13 +781,17 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 	}
 	kd->nprocbase = n + 1;
 	n = 0;
-	for (int i = 0; i < kd->sc.nprocs; i++) {
-		const struct fake_proc *p = &kd->sc.procs[i];
+	for (int i = 0; i < nprocs; i++) {
+		const struct fake_proc *p = &procs[i];
 		int rows = per_thread && p->threads > 0 ? p->threads : 1;
-		if (!selected(p, what, arg))
+		if (!selected(kd, p, what, arg))
 			continue;
-		for (int t = 0; t < rows; t++)
-			fill(&kd->procbase[n++], p, kd->sc.structsize, t);
+		for (int t = 0; t < rows; t++) {
+			fill(&kd->sc, kd->live, &kd->procbase[n], p, t, rows);
+			if (procs == &self)
+				kd->procbase[n].ki_rusage = self_ru;
+			n++;
+		}
 	}
 	*cnt = n;
 	return kd->procbase;
@@ -660,6 +813,9 @@ int kvm_getloadavg(kvm_t *kd, double loadavg[], int nelem)
 	return nelem < 0 ? -1 : nelem;
 }
 
+/* The kernel variable symbol of a crash dump, or -1 (defined after the nlist code). */
+static int kernel_var(const struct scenario *sc, const char *symbol);
+
 int kvm_getswapinfo(kvm_t *kd, struct kvm_swap *swap_ary, int swap_max, int flags)
 {
 	const char *message = enter(kd, CALL_SWAPINFO);
@@ -669,6 +825,14 @@ int kvm_getswapinfo(kvm_t *kd, struct kvm_swap *swap_ary, int swap_max, int flag
 	(void)flags;
 	if (message != NULL) {
 		set_err(kd, message);
+		return -1;
+	}
+	/*
+	 * kvm_getswapinfo_kvm() -> nlist_init(): a dead kernel must have the symbol _dmmax,
+	 * which current kernels no longer have (vm.dmmax reads nsw_cluster_max).
+	 */
+	if (!kd->live && kernel_var(&kd->sc, "_dmmax") < 0) {
+		set_err(kd, "unable to find dmmax");
 		return -1;
 	}
 	if (swap_max < 1)
@@ -699,9 +863,15 @@ static const char *const kernel_vars[][2] = {
 };
 #define NKERNEL_VARS (int)(sizeof(kernel_vars) / sizeof(kernel_vars[0]))
 
-/* The scenario's sysctl slot behind a kernel variable name, or -1. */
+/*
+ * The slot of a crash dump's kernel variable: a "symbol" line (slot MAXSYSCTL + i), else
+ * the scenario sysctl the variable stands behind (slot i); -1 if the kernel has none.
+ */
 static int kernel_var(const struct scenario *sc, const char *symbol)
 {
+	for (int i = 0; i < sc->nsymbols; i++)
+		if (strcmp(sc->symbols[i].name, symbol) == 0)
+			return MAXSYSCTL + i;
 	for (int v = 0; v < NKERNEL_VARS; v++) {
 		if (strcmp(symbol, kernel_vars[v][0]) != 0)
 			continue;
@@ -733,12 +903,15 @@ ssize_t kvm_read2(kvm_t *kd, uint64_t kva, void *buf, size_t len)
 		set_err(kd, "short read");
 		return 0;
 	}
-	if (kva < KVA_BASE || (kva - KVA_BASE) % sizeof(int) != 0 ||
-	    slot >= (uint64_t)kd->sc.nsysctls || len != sizeof(int)) {
+	if (kva < KVA_BASE || (kva - KVA_BASE) % sizeof(int) != 0 || len != sizeof(int) ||
+	    (slot >= (uint64_t)kd->sc.nsysctls &&
+	     (slot < MAXSYSCTL || slot >= (uint64_t)(MAXSYSCTL + kd->sc.nsymbols)))) {
 		snprintf(kd->errbuf, sizeof(kd->errbuf), "invalid address (0x%jx)", (uintmax_t)kva);
 		return -1;
 	}
-	memcpy(buf, &kd->sc.sysctls[slot].value, sizeof(int));
+	memcpy(buf, slot < MAXSYSCTL ? &kd->sc.sysctls[slot].value
+				      : &kd->sc.symbols[slot - MAXSYSCTL].value,
+	       sizeof(int));
 	return (ssize_t)len;
 }
 
@@ -760,20 +933,27 @@ char *devname_r(fb_dev_t dev, uint16_t type, char *buf, int len)
 	return buf;
 }
 
-int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+/* The scenario of the newest open handle, else FAKE_KVM_SCENARIO read afresh, else NULL. */
+static const struct scenario *current_scenario(void)
 {
 	static struct scenario env_scenario;
-	const struct scenario *sc = nopen > 0 ? &open_handles[nopen - 1]->sc : NULL;
+	char err[ERRBUF_SIZE];
+	const char *path = getenv("FAKE_KVM_SCENARIO");
+
+	if (nopen > 0)
+		return &open_handles[nopen - 1]->sc;
+	if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
+		return &env_scenario;
+	return NULL;
+}
+
+int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+{
+	const struct scenario *sc = current_scenario();
 
 	if (newp != NULL || newlen != 0) {
 		errno = EPERM;
 		return -1;
-	}
-	if (sc == NULL) {
-		char err[ERRBUF_SIZE];
-		const char *path = getenv("FAKE_KVM_SCENARIO");
-		if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
-			sc = &env_scenario;
 	}
 	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
 		if (strcmp(sc->sysctls[i].name, name) != 0)
@@ -790,4 +970,75 @@ int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp
 	}
 	errno = ENOENT;
 	return -1;
+}
+
+/* Copies an int or a record out the way SYSCTL_OUT does: ENOMEM if it does not fit. */
+static int sysctl_out(void *oldp, size_t *oldlenp, const void *value, size_t len)
+{
+	if (oldp != NULL) {
+		if (*oldlenp < len) {
+			errno = ENOMEM;
+			return -1;
+		}
+		memcpy(oldp, value, len);
+	}
+	*oldlenp = len;
+	return 0;
+}
+
+/* The open descriptors of this Linux process, counted in /proc/self/fd. */
+static int open_fds(void)
+{
+	struct dirent *entry;
+	DIR *dir = opendir("/proc/self/fd");
+	int count = -1; /* the directory's own descriptor is listed too */
+
+	if (dir == NULL)
+		return -1;
+	while ((entry = readdir(dir)) != NULL)
+		count += entry->d_name[0] != '.';
+	closedir(dir);
+	return count;
+}
+
+/*
+ * sysctl(3) by MIB, for the calling process only:
+ * - kern.proc.nfds (CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0): its open descriptors, which
+ *   sysctl_kern_proc_nfds() counts for curproc alone (an argument other than 0 is EINVAL);
+ * - kern.proc.pid.<getpid()>: its kinfo_proc as sysctl_kern_proc() fills it, read from
+ *   Linux's /proc/self (read_self); any other pid is not emulated (ESRCH).
+ */
+int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, const void *newp,
+	   size_t newlen)
+{
+	const struct scenario *sc = current_scenario();
+	struct kinfo_proc kp;
+	struct fake_proc self;
+	struct fb_rusage ru;
+	int count;
+
+	if (namelen < 3 || name[0] != CTL_KERN || name[1] != KERN_PROC ||
+	    (name[2] != KERN_PROC_NFDS && name[2] != KERN_PROC_PID)) {
+		errno = ENOENT;
+		return -1;
+	}
+	if (namelen != 4 || newp != NULL || newlen != 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	if (name[2] == KERN_PROC_NFDS) {
+		if (name[3] != 0) {
+			errno = EINVAL;
+			return -1;
+		}
+		count = open_fds();
+		return count < 0 ? -1 : sysctl_out(oldp, oldlenp, &count, sizeof(count));
+	}
+	if (sc == NULL || name[3] != getpid() || read_self(sc, &self, &ru) != 0) {
+		errno = ESRCH;
+		return -1;
+	}
+	fill(sc, 1, &kp, &self, 0, 1);
+	kp.ki_rusage = ru;
+	return sysctl_out(oldp, oldlenp, &kp, sizeof(kp));
 }
