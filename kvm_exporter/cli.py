@@ -173,3 +173,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: one line with its traceback, never a raw one
+        crash("start-up")

@@ -82,18 +82,10 @@ def test_stop_signals_exit_zero_within_two_seconds(exporter: Any, signum: int) -
 # failed part or a failed reload): a bug, injected into the real process by a wrapper script,
 # with no hook in the exporter itself.
 FAULTS = {
-    "poller": (
-        "kvm_exporter.poller",
-        "Poller.poll",
-        "the poller thread failed unexpectedly",
-        None,
-    ),
-    "reload": (
-        "kvm_exporter.service",
-        "load_config",
-        "reload failed unexpectedly",
-        signal.SIGHUP,
-    ),
+    # part: (module, attribute that fails, calls that succeed first, message, signal to send)
+    "poller": ("kvm_exporter.poller", "Poller.poll", 1, "the poller thread", None),
+    "reload": ("kvm_exporter.service", "load_config", 1, "reload", signal.SIGHUP),
+    "start-up": ("kvm_exporter.service", "open_source", 0, "start-up", None),
 }
 
 WRAPPER = """\
@@ -104,7 +96,7 @@ owner = getattr(module, owner) if owner else module
 real, calls = getattr(owner, name), []
 def faulty(*args, **kwargs):
     calls.append(1)
-    if len(calls) > 1:  # the first call is start-up's
+    if len(calls) > {after}:
         raise RuntimeError("injected fault")
     return real(*args, **kwargs)
 setattr(owner, name, faulty)
@@ -117,14 +109,14 @@ sys.exit(main())
 def test_an_unexpected_error_is_logged_once_and_exits_for_the_supervisor(
     tmp_path: Path, part: str
 ) -> None:
-    module, attr, says, signum = FAULTS[part]
+    module, attr, after, what, signum = FAULTS[part]
     log = tmp_path / "stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                WRAPPER.format(module=module, attr=attr),
+                WRAPPER.format(module=module, attr=attr, after=after),
                 f"--web.listen-address=127.0.0.1:{free_port()}",
                 "--poll.interval=200ms",
             ],
@@ -132,7 +124,8 @@ def test_an_unexpected_error_is_logged_once_and_exits_for_the_supervisor(
             cwd="/",
         )
     try:
-        wait_until(lambda: "listening" in log.read_text(), what="start-up")
+        if after:
+            wait_until(lambda: "listening" in log.read_text(), what="start-up")
         if signum is not None:
             proc.send_signal(signum)
         assert proc.wait(timeout=10) == EXIT_CRASH
@@ -144,6 +137,7 @@ def test_an_unexpected_error_is_logged_once_and_exits_for_the_supervisor(
     assert all(line.startswith("ts=") for line in lines), lines  # nothing raw on stderr
     errors = [line for line in lines if "level=error" in line]
     assert len(errors) == 1, lines
-    assert f'msg="{says}: exiting so that the supervisor restarts kvm_exporter"' in errors[0]
+    says = f"{what} failed unexpectedly: exiting so that the supervisor restarts kvm_exporter"
+    assert f'msg="{says}"' in errors[0]
     assert ' exc="Traceback (most recent call last):\\n' in errors[0]
     assert errors[0].endswith('RuntimeError: injected fault"')
