@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .aggregate import MIN_SERIES
+from .files import Refused, Unreadable, load_yaml, read_file
 from .logs import FORMATS, LEVELS
 
 DEFAULT_PORT = 9429
@@ -256,11 +258,24 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 60, 40, 60
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 6
+    return short
+
+
+_SHORT = _short_repr()
+_SHOWN_CHARS = 120
+
+
 def shown(value: Any) -> str:
+    """``repr(value)`` cut to at most about 120 characters, however large or nested the value."""
     try:
-        return repr(value)
+        text = _SHORT.repr(value)
     except ValueError:  # a hex integer of more than sys.get_int_max_str_digits() digits
         return "an integer too long to show"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 class Invalid(ValueError):
@@ -327,14 +342,16 @@ def build(
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """The data of YAML ``text``; malformed YAML is a ConfigError naming ``where``."""
+    """The data of YAML ``text``; malformed or oversized YAML is a ConfigError naming ``where``."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{where}: {position}invalid YAML: {problem}") from None
+        problem = problem if len(problem) <= _SHOWN_CHARS else problem[:_SHOWN_CHARS] + "..."
+        invalid = "" if isinstance(err, Refused) else "invalid YAML: "
+        raise ConfigError(f"{where}: {position}{invalid}{problem}") from None
     except RecursionError:
         raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
     except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
@@ -342,13 +359,15 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 def read_yaml(path: str, what: str = "config file") -> Any:
-    """The data of the YAML file at ``path``; any problem is a one-line ConfigError."""
+    """The data of the YAML file at ``path``; any problem is a one-line ConfigError.
+
+    The file must be a regular file of at most :data:`~kvm_exporter.files.MAX_FILE_BYTES`
+    (a FIFO, a device or a directory is refused without blocking or reading it).
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError(f"{path}: cannot read {what}: {reason}") from None
+        text = read_file(path).decode("utf-8")
+    except (Unreadable, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
     return parse_yaml(text, path)
 
 

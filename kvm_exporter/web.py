@@ -9,9 +9,7 @@ never a thread, so it cannot delay anyone else's scrape.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -28,8 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
 
-import bcrypt
-
+from kvm_exporter.auth import guarded
 from kvm_exporter.config import listen_host_port
 from kvm_exporter.webconfig import WebSettings, ssl_context
 
@@ -38,8 +35,6 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("kvm_exporter.web")
-
-REALM = "kvm_exporter"
 
 
 class WebError(Exception):
@@ -166,58 +161,6 @@ class _RequestHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
-
-
-class _BasicAuth:
-    """WSGI middleware admitting the users of ``basic_auth_users``."""
-
-    def __init__(self, app: WSGIApplication, users: tuple[tuple[str, str], ...]) -> None:
-        self._app = app
-        self._users = {user: hashed.encode() for user, hashed in users}
-        # Unknown users are checked against a hash of the same cost, so a reply's timing
-        # does not tell whether a user exists.
-        self._unknown = users[0][1][:7].encode() + b"." * 53
-        self._verified: set[tuple[str, bytes]] = set()
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self._admits(environ.get("HTTP_AUTHORIZATION", "")):
-            return self._app(environ, start_response)
-        start_response(
-            "401 Unauthorized",
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("WWW-Authenticate", f'Basic realm="{REALM}"'),
-            ],
-        )
-        return [b"Unauthorized\n"]
-
-    def _admits(self, header: str) -> bool:
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user_bytes, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(
-                b":"
-            )
-            user = user_bytes.decode("utf-8")
-        except ValueError:
-            return False
-        if not sep:
-            return False
-        # bcrypt is slow on purpose: a password once verified is remembered by its digest.
-        key = (user, hashlib.sha256(password).digest())
-        if key in self._verified:
-            return True
-        hashed = self._users.get(user)
-        try:
-            ok = bcrypt.checkpw(password, hashed or self._unknown) and hashed is not None
-        except ValueError:
-            ok = False  # bcrypt refuses passwords longer than 72 bytes
-        if ok:
-            if len(self._verified) >= 64:
-                self._verified.clear()
-            self._verified.add(key)
-        return ok
 
 
 def _with_headers(app: WSGIApplication, headers: tuple[tuple[str, str], ...]) -> WSGIApplication:
@@ -460,8 +403,7 @@ def serve(
     """
     context = None
     if settings is not None:
-        if settings.basic_auth_users:
-            app = _BasicAuth(app, settings.basic_auth_users)
+        app = guarded(app, settings)
         if settings.http.headers:
             app = _with_headers(app, settings.http.headers)
         if settings.tls is not None:

@@ -15,7 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, Invalid, Rules, build, list_of, one_of, read_yaml, shown
+from .config import (
+    ConfigError,
+    Invalid,
+    Rules,
+    build,
+    list_of,
+    one_of,
+    parse_duration,
+    read_yaml,
+    shown,
+)
+from .files import Unreadable, read_file
 
 log = logging.getLogger("kvm_exporter.web")
 
@@ -98,12 +109,22 @@ class HTTPSettings:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    interval: float = 0.0
+    """Seconds between two requests on average; 0 is no limit."""
+    burst: int = 0
+    """Requests allowed at once after a quiet spell."""
+
+
+@dataclass(frozen=True)
 class WebSettings:
     tls: TLSSettings | None = field(default=None, metadata={"key": "tls_server_config"})
     """None (also for an empty tls_server_config): plain HTTP."""
     http: HTTPSettings = field(default_factory=HTTPSettings, metadata={"key": "http_server_config"})
     basic_auth_users: tuple[tuple[str, str], ...] = ()
     """(user, bcrypt hash) pairs; empty means no authentication."""
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+    """exporter-toolkit's token bucket over every request; past it, 429 Too Many Requests."""
 
 
 def _mapping(value: Any) -> dict[Any, Any]:
@@ -173,6 +194,12 @@ def _tls(tls: TLSSettings | None) -> TLSSettings | None:
     return tls
 
 
+def _rate_limit(limit: RateLimit) -> RateLimit:
+    if limit.interval > 0 and limit.burst < 1:
+        raise Invalid(f"got {limit.burst}, expected 1 or more when interval is set", at="burst")
+    return limit
+
+
 _PARSERS: Rules = {
     "tls_server_config.client_auth_type": one_of(CLIENT_AUTH_TYPES),
     "tls_server_config.min_version": one_of(tuple(TLS_VERSIONS)),
@@ -181,8 +208,9 @@ _PARSERS: Rules = {
     "tls_server_config.curve_preferences": list_of(CURVES, repeats=True),
     "http_server_config.headers": _headers,
     "basic_auth_users": _users,
+    "rate_limit.interval": parse_duration,
 }
-_CHECKS: Rules = {"tls_server_config": _tls}
+_CHECKS: Rules = {"tls_server_config": _tls, "rate_limit": _rate_limit}
 
 
 def ssl_context(tls: TLSSettings, where: str = "<web config>") -> ssl.SSLContext:
@@ -195,11 +223,16 @@ def ssl_context(tls: TLSSettings, where: str = "<web config>") -> ssl.SSLContext
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     ciphers = [CIPHER_SUITES[name] for name in tls.cipher_suites if CIPHER_SUITES[name]]
     cert, key = tls.cert_file, tls.key_file
-    steps: list[tuple[str, str, Callable[[], None]]] = [
+    # OpenSSL opens the files itself: each is first checked to be a regular file of a sane
+    # size, or it would block on a FIFO or read a device without end.
+    steps: list[tuple[str, str, Callable[[], object]]] = [
+        ("cert_file", cert, lambda: read_file(cert)),
+        ("key_file", key, lambda: read_file(key)),
         ("cert_file", f"{cert} with {key}", lambda: context.load_cert_chain(cert, key)),
     ]
     if tls.client_ca_file is not None:
         ca = tls.client_ca_file
+        steps.append(("client_ca_file", ca, lambda: read_file(ca)))
         steps.append(("client_ca_file", ca, lambda: context.load_verify_locations(cafile=ca)))
     if ciphers:
         steps.append(("cipher_suites", "", lambda: context.set_ciphers(":".join(ciphers))))
@@ -209,8 +242,8 @@ def ssl_context(tls: TLSSettings, where: str = "<web config>") -> ssl.SSLContext
         except ssl.SSLError as err:
             reason = f"OpenSSL refused it: {err.reason or err}"
             raise ConfigError(f"{where}: tls_server_config.{name}: {files}: {reason}") from None
-        except OSError as err:
-            reason = f"cannot read it: {err.strerror}"
+        except (OSError, Unreadable) as err:
+            reason = f"cannot read it: {err.strerror if isinstance(err, OSError) else err}"
             raise ConfigError(f"{where}: tls_server_config.{name}: {files}: {reason}") from None
     return context
 
@@ -224,10 +257,10 @@ def load_web_config(path: str) -> WebSettings:
             raise ValueError("a file name")
         file = os.path.join(base, value)
         try:
-            with open(file, "rb"):
-                return file
-        except OSError as err:
-            raise Invalid(f"cannot read {file}: {err.strerror}") from None
+            read_file(file)
+        except Unreadable as err:
+            raise Invalid(f"cannot read {file}: {err}") from None
+        return file
 
     files = ("cert_file", "key_file", "client_ca_file")
     parsers = {**_PARSERS, **{f"tls_server_config.{name}": readable for name in files}}

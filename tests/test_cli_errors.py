@@ -56,8 +56,13 @@ CASES = [
     Case("value-interval-inf", "interval: .inf\n", ("{path}: interval: ", "at most")),
     Case("value-predicate", "libkvm:\n  predicate: every\n", ("{path}: libkvm.predicate: ",)),
     Case("value-labels", "labels: [user, pid]\n", ("{path}: labels: ", "drawn from")),
-    # a huge value is cut in the log line, which says so
-    Case("long-value", "source: " + "x" * 100_000 + "\n", ("{path}: source: got 'xxx", " cut]")),
+    # a huge message (a flag's path, twice in dlopen's error) is cut in the line, which says so
+    Case(
+        "long-message",
+        "",
+        ("cannot load libkvm from '/xxxx", "xxx[", " characters cut]"),
+        ("--libkvm.library=/" + "x" * 5000, "--libkvm.core=/nonexistent"),
+    ),
     # the file itself
     Case("invalid-yaml", "interval: [15s\n", ("{path}: line ", "invalid YAML")),
     Case("invalid-yaml-tab", "web:\n\t- x\n", ("{path}: line ", "invalid YAML")),

@@ -34,6 +34,7 @@ from kvm_exporter.config import (
     ConfigError,
     parse_config,
     parse_duration,
+    shown,
 )
 from kvm_exporter.records import SourceError
 from kvm_exporter.sources.procfs import ProcfsSource, parse_stat
@@ -287,12 +288,33 @@ YAMLISH = st.lists(
 @example(text="\0")
 @example(text="\ufeffsource: procfs")
 @example(text="&a [*a]")
+@example(text="a: &a [x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b, *b]")
+@example(text="? " + "k" * 300 + "\n: 1")
 @example(text="? [a, b]\n: 1")
 @example(text="!!python/object:os.system {}")
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
     config = parses_or_config_error(text)
     if config is not None:
         check_sane(config)
+
+
+@FUZZ
+@given(value=VALUES)
+def test_shown_is_short_for_any_value(value: Any) -> None:
+    assert len(shown(value)) <= 120
+
+
+def test_shown_is_short_for_huge_shared_and_deep_values() -> None:
+    bomb: list[Any] = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9  # 9**9 leaves, as a YAML alias bomb constructs it
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    huge = ("x" * 10**7, 10**4000, 16**5000, {str(i): [i] for i in range(10**5)}, bomb, deep)
+    for value in huge:
+        assert len(shown(value)) <= 120
+    assert shown("linux") == "'linux'" and shown([1, "a"]) == "[1, 'a']"
 
 
 def section(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:

@@ -89,6 +89,15 @@ def comm_of(pid: int) -> bytes | None:
         return None
 
 
+def asleep(pid: int) -> bool:
+    """Whether ``pid`` is in an interruptible sleep (a child just started may still run)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"S"
+    except FileNotFoundError:
+        return False
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -117,8 +126,8 @@ def hostile() -> Iterator[dict[int, bytes]]:
                 procs.append(p)
                 expected[p.pid] = name[:15]
             poll_until(
-                lambda: all(comm_of(pid) == name for pid, name in expected.items()),
-                what="every child to carry its hostile name",
+                lambda: all(comm_of(pid) == name and asleep(pid) for pid, name in expected.items()),
+                what="every child to carry its hostile name and sleep",
             )
             yield expected
         finally:

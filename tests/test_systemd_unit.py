@@ -254,7 +254,7 @@ def test_exec_start_uses_the_config_and_reload_rereads_it(unit: Unit) -> None:
 
     unit.config.write_text("interval: 500ms\nlabels: [state]\n")
     assert unit.reload(mainpid) == 0
-    wait_until(lambda: unit.labels() == {"state"}, what="labels after ExecReload")
+    wait_until(lambda: unit.labels() == {"state"}, timeout=30, what="labels after ExecReload")
     # A bad config fails the reload's check: no SIGHUP is sent, the running config stays.
     unit.config.write_text("interval: 500ms\nlabels: [pid]\n")
     assert unit.reload(mainpid) == 1

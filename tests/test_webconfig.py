@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import ssl
 from pathlib import Path
 
 import bcrypt
 import pytest
 import tlsutil
+from conftest import REPO
 
 from kvm_exporter.config import ConfigError
 from kvm_exporter.webconfig import (
     HTTPSettings,
+    RateLimit,
     TLSSettings,
     WebSettings,
     load_web_config,
@@ -211,19 +215,31 @@ BAD = [
         "web.yml: basic_auth_users: got user name 'a:b', expected a non-empty string without ':'",
     ),
     ("tls_server_config: [\n", "web.yml: line 2, column 1: invalid YAML: "),
-    # integers past Python's digit limit for str(): the message must still print
+    # integers past Python's digit limit for str(): the message must still print; keys that
+    # long are refused before that
     (
         "http_server_config:\n  headers:\n    X-Frame-Options: 0x" + "f" * 5000 + "\n",
         "web.yml: http_server_config.headers.X-Frame-Options: got an integer too long to show",
     ),
     (
         "http_server_config:\n  headers:\n    ? 0x" + "f" * 5000 + "\n    : x\n",
-        "web.yml: http_server_config.headers.an integer too long to show: unknown key",
+        "web.yml: line 3, column 7: a key of 5002 characters, expected at most 256",
     ),
     (
         "basic_auth_users:\n  ? 0x" + "f" * 5000 + f"\n  : {HASH}\n",  # YAML's long-key form
-        "web.yml: basic_auth_users: got user name an integer too long to show",
+        "web.yml: line 2, column 5: a key of 5002 characters, expected at most 256",
     ),
+    (
+        "rate_limit: {interval: 1s}\n",
+        "web.yml: rate_limit.burst: got 0, expected 1 or more when interval is set",
+    ),
+    (
+        "rate_limit: {interval: soon, burst: 1}\n",
+        "web.yml: rate_limit.interval: got 'soon', expected a duration such as 15s",
+    ),
+    ("rate_limit: {burst: many}\n", "web.yml: rate_limit.burst: got 'many', expected an integer"),
+    ("rate_limit: {period: 1s}\n", "web.yml: rate_limit.period: unknown key"),
+    ("rate_limit: 5\n", "web.yml: rate_limit: expected a mapping"),
 ]
 
 
@@ -247,6 +263,19 @@ def test_bad_hash_is_not_repeated_in_the_message(pki: Path, text: str) -> None:
 def test_empty_sections_take_their_defaults(pki: Path) -> None:
     text = "tls_server_config:\nhttp_server_config:\n  headers:\nbasic_auth_users: {}\n"
     assert load(pki, text) == WebSettings()
+
+
+def test_rate_limit_as_exporter_toolkit_writes_it(pki: Path, tmp_path: Path) -> None:
+    assert load(pki, "rate_limit: {interval: 500ms, burst: 5}\n").rate_limit == RateLimit(0.5, 5)
+    assert load(pki, "rate_limit: {interval: 0}\n").rate_limit == RateLimit(0.0, 0)
+    # The shipped example's rate_limit, commented out there, loads once uncommented.
+    for name in ("server.pem", "server-key.pem"):
+        shutil.copy(pki / name, tmp_path / name)
+    shutil.copy(pki / "ca.pem", tmp_path / "clients-ca.pem")
+    example = (REPO / "config" / "web-config.yml").read_text()
+    assert "# rate_limit:\n" in example
+    text = re.sub(r"(?m)^# (rate_limit:|  interval:|  burst:)", r"\1", example)
+    assert load(tmp_path, text).rate_limit == RateLimit(1.0, 20)
 
 
 def test_missing_web_config_file(tmp_path: Path) -> None:
