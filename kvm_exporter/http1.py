@@ -94,9 +94,9 @@ class HeadBuffer:
 
 
 def printable(data: bytes, limit: int = 160) -> str:
-    """``data`` for a log line: non-printable bytes escaped, at most ``limit`` of them."""
+    """``data`` for a log line: non-printable bytes escaped, at most ``limit`` characters."""
     text = data[:limit].decode("latin-1").encode("unicode_escape").decode("ascii")
-    return text + ("..." if len(data) > limit else "")
+    return text[:limit] + ("..." if len(text) > limit or len(data) > limit else "")
 
 
 def parse_head(head: bytes) -> Request:

@@ -184,3 +184,50 @@ def test_a_head_dripped_byte_by_byte_is_served_and_scrapes_go_on() -> None:
         answer = raw_exchange(daemon.port, head)
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nHealthy\n")
         assert_clean_log(daemon)
+
+
+def test_a_head_over_the_cap_gets_431() -> None:
+    with exporter() as daemon:
+        answer = raw_exchange(daemon.port, b"GET / HTTP/1.1\r\nX: " + b"a" * 1_000_000)
+        assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+        scrape_up(daemon)
+
+
+# --- finding 6: HTTP errors ------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    (b"GET / HTTP/1.x\r\nHost: x\r\n\r\n", 400),
+    (b"GET / FOO/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"GET /\x1b[2J\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00" + b"\xff" * 5000 + b"\r\n\r\n", 400),
+]
+
+
+def test_bad_requests_get_a_status_line_and_a_short_escaped_log_line() -> None:
+    with exporter(None, "--log.level=debug") as daemon:
+        for request, status in BAD_REQUESTS:
+            answer = raw_exchange(daemon.port, request)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (request, answer)
+            assert b"\r\nConnection: close\r\n" in answer
+        scrape_up(daemon)
+        log = daemon.stderr()
+        assert "\x1b" not in log and "\\\\x1b[2J\\\\x00" in log
+        assert max(map(len, log.splitlines())) < 600
+        assert_clean_log(daemon)
+
+
+def test_an_accept_version_that_does_not_parse_gets_the_text_format_logged_once() -> None:
+    accept = b"Accept: application/openmetrics-text; version=abc\r\n"
+    with exporter() as daemon:
+        for _ in range(50):
+            answer = raw_exchange(daemon.port, b"GET /metrics HTTP/1.0\r\n" + accept + b"\r\n")
+            assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+            assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in answer
+        logged = [line for line in log_lines(daemon) if "does not parse" in line]
+        assert len(logged) == 1 and "level=warn" in logged[0]
+        assert_clean_log(daemon)
