@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import logging
 import socket
 import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,11 @@ from typing import Any
 import bcrypt
 import pytest
 import tlsutil
+from conftest import samples
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvm_exporter.web import Limits, Server, WebError, parse_listen_address, serve
 from kvm_exporter.webconfig import WebSettings, load_web_config
@@ -442,3 +450,170 @@ def test_shutdown_is_quick_and_closes_everything(pki: Path) -> None:
     idle.close()
     busy.close()
     server.shutdown()  # a second call is harmless
+
+
+# --- HTTP/1.1: keep-alive, HEAD, framing (issue 11) ---------------------------------------------
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(servers: list[Server]) -> None:
+    server = start(servers)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    try:
+        for path in ("/a", "/b", "/c"):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, f"http {path}".encode())
+            assert response.getheader("Connection") is None and not response.will_close
+            if path == "/a":
+                first = conn.sock
+            assert conn.sock is first
+        conn.request("GET", "/d", headers={"Connection": "close"})
+        response = conn.getresponse()
+        assert response.getheader("Connection") == "close" and response.read() == b"http /d"
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert received.index(b"http /1") < received.index(b"http /2") < received.index(b"http /3")
+
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(servers: list[Server]) -> None:
+    server = start(servers, idle_timeout=0.3)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert not closed_by_server(sock, 0.1)
+        assert closed_by_server(sock, 2.0)
+
+
+def test_http10_closes_unless_keep_alive_is_asked(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer = sock.recv(65536)
+        assert (
+            answer.startswith(b"HTTP/1.0 200 OK\r\n")
+            and b"\r\nConnection: keep-alive\r\n" in answer
+        )
+        sock.sendall(b"GET /y HTTP/1.0\r\n\r\n")
+        rest = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert rest.startswith(b"HTTP/1.0 200 OK\r\n") and rest.endswith(b"http /y")
+
+
+def test_head_has_the_get_headers_and_no_body(servers: list[Server]) -> None:
+    server = start(servers)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    try:
+        conn.request("HEAD", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b""
+        assert response.getheader("Content-Length") == str(len(b"http /metrics"))
+        conn.request("GET", "/metrics")  # the connection is still in step
+        assert conn.getresponse().read() == b"http /metrics"
+    finally:
+        conn.close()
+
+
+def test_no_server_header_and_a_date(servers: list[Server]) -> None:
+    _, headers, _ = get(start(servers))
+    assert "Server" not in headers and headers["Date"].endswith(" GMT")
+
+
+def test_streamed_body_is_chunked_for_http11_and_close_delimited_for_http10(
+    servers: list[Server],
+) -> None:
+    def stream(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"one "
+        yield b""
+        yield b"two"
+
+    server = start(servers, app=stream)
+    status, headers, body = get(server)
+    assert (status, headers["Transfer-Encoding"], body) == (200, "chunked", b"one two")
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert b"Content-Length" not in answer and answer.endswith(b"\r\n\r\none two")
+
+
+def test_a_request_with_a_body_is_answered_then_closed(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.count(b"HTTP/1.1") == 1 and b"\r\nConnection: close\r\n" in answer
+
+
+def test_a_full_worker_queue_answers_503(servers: list[Server]) -> None:
+    release = threading.Event()
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        release.wait(5)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    server = start(servers, app=slow, workers=1, queued=1)
+    socks = [socket.create_connection(server.address, timeout=5) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.1)
+        assert socks[2].recv(65536).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        release.set()
+        assert socks[0].recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert socks[1].recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# --- the exporter's /metrics: filters, HEAD, the request counter (issue 11) --------------------
+
+
+def test_exporter_name_filters_head_and_request_counter(exporter: Any) -> None:
+    running = exporter()
+    text = running.get("/metrics?name[]=kvm_up&name[]=kvm_polls")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {"kvm_up", "kvm_polls"}
+    assert [s.name for s in families["kvm_polls"].samples] == ["kvm_polls_total"]
+    only_sample = running.get("/metrics?name%5B%5D=kvm_polls_total")
+    assert [f.name for f in text_string_to_metric_families(only_sample)] == ["kvm_polls"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        running.get("/metrics?name[]=no_such_metric")
+    assert refused.value.code == 400
+    head = urllib.request.urlopen(urllib.request.Request(running.url + "/metrics", method="HEAD"))
+    assert head.status == 200 and head.read() == b"" and int(head.headers["Content-Length"]) > 0
+    counted = samples(running.get())
+    codes = {dict(labels)["code"]: value for (name, labels), value in counted.items()
+             if name == "promhttp_metric_handler_requests_total"}  # fmt: skip
+    assert codes == {"200": 3.0, "400": 1.0, "500": 0.0, "503": 0.0}  # before this one
+    again = samples(running.get())
+    key = ("promhttp_metric_handler_requests_total", frozenset({("code", "200")}))
+    assert again[key] == 4.0
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_exporter_openmetrics_with_the_live_counter_is_one_valid_exposition(
+    exporter: Any, gzipped: bool
+) -> None:
+    running = exporter()
+    headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    if gzipped:
+        headers["Accept-Encoding"] = "gzip"
+    for _ in range(2):  # the second comes from the cache, the counter rendered anew
+        request = urllib.request.Request(running.url + "/metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+            assert (response.headers.get("Content-Encoding") == "gzip") == gzipped
+        text = (gzip.decompress(body) if gzipped else body).decode()
+        assert text.endswith("\n# EOF\n") and text.count("# EOF") == 1
+        names = {f.name for f in openmetrics_families(text)}
+        assert {"kvm_up", "promhttp_metric_handler_requests"} <= names
