@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import queue
 import re
 import resource
 import selectors
@@ -65,8 +64,6 @@ class WebError(Exception):
 class Limits:
     workers: int = 16
     """Connections served at once; the server's thread count is this plus one."""
-    queued: int = 64
-    """Requests waiting for a worker; past it new ones get 503."""
     connections: int = 1024
     """Connections open at once, and at most the file descriptor limit less FD_RESERVE. Past
     it the oldest connection no worker is serving is closed (at most ``evictions`` a second;
@@ -256,12 +253,64 @@ class _Conn:
     events: int = 0
     """What the selector watches it for; 0 when not registered."""
     closed: bool = False
+    done: float = 0.0
+    """When its last response was sent (monotonic), 0 before the first."""
 
 
 _KEEP, _LINGER, _CLOSE = "keep", "linger", "close"
 """What a worker hands a connection back for: the next request, a lingering close, a close."""
 _LINGER_SECONDS = 1.0
 _HTTPS_ONLY = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+
+_HASTY = 0.25
+"""A request sent this soon after the connection's previous response is served after all
+others: a client scraping back to back cannot crowd out one that scrapes now and then."""
+
+
+class _Requests:
+    """Complete requests waiting for a worker: those of clients in no hurry first, and at
+    most ``hasty_workers`` hasty ones at a time (fewer threads contending for the GIL)."""
+
+    def __init__(self, hasty_workers: int) -> None:
+        self._hasty_workers = hasty_workers
+        self._hasty_running = 0
+        self._cond = threading.Condition()
+        self._queues: tuple[deque[tuple[_Conn, Request]], ...] = (deque(), deque())
+        self._closed = False
+
+    def put(self, item: tuple[_Conn, Request], hasty: bool) -> None:
+        with self._cond:
+            self._queues[hasty].append(item)
+            self._cond.notify()
+
+    def get(self) -> tuple[_Conn, Request, bool] | None:
+        """The next request for a worker and whether it is hasty (then call :meth:`done`
+        after it); None once closed."""
+        with self._cond:
+            while not self._closed:
+                if self._queues[0]:
+                    return (*self._queues[0].popleft(), False)
+                if self._queues[1] and self._hasty_running < self._hasty_workers:
+                    self._hasty_running += 1
+                    return (*self._queues[1].popleft(), True)
+                self._cond.wait()
+            return None
+
+    def done(self) -> None:
+        with self._cond:
+            self._hasty_running -= 1
+            self._cond.notify()
+
+    def close(self) -> list[tuple[_Conn, Request]]:
+        """Wake every worker to stop; returns the requests no worker took."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            left = [*self._queues[0], *self._queues[1]]
+            for waiting in self._queues:
+                waiting.clear()
+            return left
 
 
 class _Lost(Exception):
@@ -317,11 +366,10 @@ class Server:
         self._returned: deque[tuple[_Conn, str]] = deque()
         self._active: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
-        self._ready: queue.Queue[tuple[_Conn, Request] | None] = queue.Queue()
+        self._requests = _Requests(max(1, limits.workers // 8))
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
-        self._busy = _Throttled(logging.WARNING)
         self._failed = _Throttled(logging.ERROR)
         self._threads = [
             threading.Thread(
@@ -350,18 +398,11 @@ class Server:
             self._waker.send(b"\0")
         end = time.monotonic() + 1.0
         self._threads[0].join(1.0)
-        while True:
-            try:
-                item = self._ready.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].sock.close()
+        for waiting, _ in self._requests.close():
+            waiting.sock.close()
         with self._lock:
-            for conn in self._active:
-                _cut(conn)
-        for _ in self._threads[1:]:
-            self._ready.put(None)
+            for sock in self._active:
+                _cut(sock)
         for thread in self._threads[1:]:
             thread.join(max(0.0, end - time.monotonic()))
         while self._returned:
@@ -486,6 +527,7 @@ class Server:
             else:
                 conn.sock.setblocking(False)
                 self._hold(conn, self._idle, self._limits.idle_timeout)
+            conn.done = time.monotonic()
 
     def _on_ready(self, conn: _Conn) -> None:
         if conn.where is self._lingering:
@@ -533,14 +575,9 @@ class Server:
         self._watch(conn, events)
 
     def _dispatch(self, conn: _Conn, request: Request) -> None:
-        if self._ready.qsize() >= self._limits.queued:
-            self._busy(
-                "all workers busy and %d requests queued: answering 503", self._ready.qsize()
-            )
-            self._refuse(conn, HttpError(503, "all workers busy").response(request.version))
-            return
         self._release(conn)
-        self._ready.put((conn, request))
+        hasty = bool(conn.done) and time.monotonic() - conn.done < _HASTY
+        self._requests.put((conn, request), hasty)
 
     def _refuse(self, conn: _Conn, response: bytes, raw: bool = False) -> None:
         """Send a short error response without blocking, then close without a reset."""
@@ -621,9 +658,11 @@ class Server:
     # --- workers ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (item := self._ready.get()) is not None:
-            conn, request = item
+        while (item := self._requests.get()) is not None:
+            conn, request, hasty = item
             outcome = self._serve(conn, request)
+            if hasty:
+                self._requests.done()
             if self._stopping.is_set():
                 conn.sock.close()
                 continue

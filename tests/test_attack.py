@@ -146,9 +146,11 @@ def test_an_unexpected_exception_is_logged_once_and_exits_70(thread: str) -> Non
         text=True,
     )
     try:
-        time.sleep(1)
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            scrape(port, "/-/healthy", timeout=2)  # a worker fails on it, the loop on its own
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                scrape(port, "/-/healthy", timeout=2)  # a worker fails on it, the loop alone
         _, stderr = proc.communicate(timeout=10)
     finally:
         proc.kill()

@@ -552,26 +552,35 @@ def test_a_request_with_a_body_is_answered_then_closed(servers: list[Server]) ->
     assert answer.count(b"HTTP/1.1") == 1 and b"\r\nConnection: close\r\n" in answer
 
 
-def test_a_full_worker_queue_answers_503(servers: list[Server]) -> None:
-    release = threading.Event()
+def test_a_client_scraping_back_to_back_waits_behind_others(servers: list[Server]) -> None:
+    """With the only worker busy, a request sent right after the same connection's previous
+    response waits until a new client's request is served, although it came first."""
+    release, order = threading.Event(), []
 
-    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        release.wait(5)
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/block":
+            release.wait(5)
+        order.append(environ["PATH_INFO"])
         start_response("200 OK", [])
         return [b"ok"]
 
-    server = start(servers, app=slow, workers=1, queued=1)
-    socks = [socket.create_connection(server.address, timeout=5) for _ in range(3)]
+    server = start(servers, app=app, workers=1)
+    hasty, blocker, fresh = (socket.create_connection(server.address, timeout=5) for _ in "abc")
     try:
-        for sock in socks:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.1)
-        assert socks[2].recv(65536).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        hasty.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert hasty.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        blocker.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        hasty.sendall(b"GET /hasty HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        fresh.sendall(b"GET /fresh HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
         release.set()
-        assert socks[0].recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
-        assert socks[1].recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        for sock in (blocker, fresh, hasty):
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        assert order == ["/first", "/block", "/fresh", "/hasty"]
     finally:
-        for sock in socks:
+        for sock in (hasty, blocker, fresh):
             sock.close()
 
 
