@@ -255,6 +255,8 @@ class _Conn:
     closed: bool = False
     done: float = 0.0
     """When its last response was sent (monotonic), 0 before the first."""
+    hasty: bool = False
+    """Its last request came within _HASTY of the response before."""
 
 
 _KEEP, _LINGER, _CLOSE = "keep", "linger", "close"
@@ -296,6 +298,9 @@ class _Requests:
                     return (*self._queues[1].popleft(), True)
                 self._cond.wait()
             return None
+
+    def hasty_backlog(self) -> int:
+        return len(self._queues[1])
 
     def done(self) -> None:
         with self._cond:
@@ -367,6 +372,9 @@ class Server:
         self._active: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._requests = _Requests(max(1, limits.workers // 8))
+        # Connections of hasty clients, not read while hasty requests are backed up: the
+        # loop does not spend itself parsing requests that could only wait.
+        self._cooling: deque[_Conn] = deque()
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
@@ -425,6 +433,8 @@ class Server:
                         self._take_back()
                     elif conn.events:  # not closed or handed on earlier in this batch
                         self._on_ready(conn)
+                while self._cooling and self._requests.hasty_backlog() < 4:
+                    self._keep(self._cooling.popleft())
                 now = time.monotonic()
                 self._expire(now)
                 if not self._listening and now >= self._resume_at:
@@ -434,6 +444,8 @@ class Server:
             for where in (self._heads, self._idle, self._lingering):
                 for conn in list(where):
                     self._close(conn)
+            for conn in self._cooling:
+                self._close(conn)
             self._selector.close()
             self._listener.close()
             self._wake.close()
@@ -520,14 +532,20 @@ class Server:
                 self._linger(conn)
             elif outcome == _CLOSE:
                 self._close(conn)
-            elif conn.buffer:  # the client sent its next request already
-                conn.sock.setblocking(False)
-                self._hold(conn, self._heads, self._limits.request_timeout)
-                self._advance(conn)
+            elif conn.hasty and self._requests.hasty_backlog() >= 4:
+                self._cooling.append(conn)
             else:
-                conn.sock.setblocking(False)
-                self._hold(conn, self._idle, self._limits.idle_timeout)
-            conn.done = time.monotonic()
+                self._keep(conn)
+
+    def _keep(self, conn: _Conn) -> None:
+        """Wait for the next request of a connection kept alive."""
+        conn.sock.setblocking(False)
+        conn.done = time.monotonic()
+        if conn.buffer:  # the client sent its next request already
+            self._hold(conn, self._heads, self._limits.request_timeout)
+            self._advance(conn)
+        else:
+            self._hold(conn, self._idle, self._limits.idle_timeout)
 
     def _on_ready(self, conn: _Conn) -> None:
         if conn.where is self._lingering:
@@ -576,8 +594,8 @@ class Server:
 
     def _dispatch(self, conn: _Conn, request: Request) -> None:
         self._release(conn)
-        hasty = bool(conn.done) and time.monotonic() - conn.done < _HASTY
-        self._requests.put((conn, request), hasty)
+        conn.hasty = bool(conn.done) and time.monotonic() - conn.done < _HASTY
+        self._requests.put((conn, request), conn.hasty)
 
     def _refuse(self, conn: _Conn, response: bytes, raw: bool = False) -> None:
         """Send a short error response without blocking, then close without a reset."""
