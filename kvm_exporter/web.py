@@ -5,7 +5,9 @@ handshake and reads its request head; only a complete request goes to a worker, 
 the WSGI app under socket timeouts and a deadline and then hands a keep-alive connection back
 to the loop. A client that connects and sends nothing, or handshakes or sends its request
 slowly, costs a file descriptor until ``request_timeout``, never a thread, so it cannot delay
-anyone else's scrape. Connections are capped below the file descriptor limit, so polls always
+anyone else's scrape. A client that sends its next request as soon as it has a response waits
+behind the others and gets at most two workers, so scraping back to back cannot crowd out
+Prometheus. Connections are capped below the file descriptor limit, so polls always
 find the descriptors they need, and accepting backs off instead of spinning when the process
 runs out of them anyway. An unexpected exception in the loop or a worker is logged and ends the
 process with status 70, so the service manager restarts it instead of leaving it deaf.
@@ -54,6 +56,28 @@ EXIT_SOFTWARE = 70
 
 FD_RESERVE = 64
 """File descriptors never spent on connections: polls, logs and reloads need them."""
+
+
+class _Budget:
+    """Connections all servers of this process (one per listen address) hold together: at
+    most the file descriptor limit less FD_RESERVE."""
+
+    def __init__(self) -> None:
+        self.open, self.cap, self._wanted = 0, 0, 0
+        self._lock = threading.Lock()
+
+    def plan(self, connections: int) -> None:
+        """A server that may hold ``connections`` starts (negative: stops)."""
+        with self._lock:
+            self._wanted += connections
+            self.cap = max(1, _fd_limit(self._wanted + FD_RESERVE) - FD_RESERVE)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.open += n
+
+
+_BUDGET = _Budget()
 
 
 class WebError(Exception):
@@ -353,8 +377,7 @@ class Server:
             "CONTENT_LENGTH": "",
             **({"HTTPS": "on"} if context else {}),
         }
-        wanted = limits.connections + FD_RESERVE
-        self._max_open = max(1, min(limits.connections, _fd_limit(wanted) - FD_RESERVE))
+        _BUDGET.plan(limits.connections)
         self._selector = selectors.DefaultSelector()
         self._wake, self._waker = socket.socketpair()
         self._wake.setblocking(False)
@@ -400,6 +423,7 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        _BUDGET.plan(-self._limits.connections)
         # Only a nudge: the loop also sees _stopping within its 0.25 s select timeout, so a
         # wake-up socket that is already gone must not keep shutdown from finishing.
         with contextlib.suppress(OSError):
@@ -473,9 +497,10 @@ class Server:
                 )  # fmt: skip
                 return
             self._backoff = 0.0
-            if self._open >= self._max_open:
+            if self._full():
                 self._evict()
             self._open += 1
+            _BUDGET.add(1)
             conn = _Conn(sock, peer, handshaken=self._context is None)
             try:
                 sock.setblocking(False)
@@ -494,10 +519,13 @@ class Server:
     def _room(self) -> bool:
         """Whether a connection may be accepted now (maybe after closing the oldest one no
         worker has, see :meth:`_evict`); if not, accepting pauses."""
-        if self._open < self._max_open:
+        if not self._full():
             return True
         if not (self._lingering or self._heads or self._idle):
-            self._pause(float("inf"))  # every connection is with a worker: until one closes
+            # Every connection is with a worker: until one closes, or, if the other servers
+            # hold the descriptors, a while.
+            own = self._open >= self._limits.connections
+            self._pause(float("inf") if own else time.monotonic() + 0.05)
             return False
         now, rate = time.monotonic(), self._limits.evictions
         self._tokens = min(rate / 10, self._tokens + (now - self._refilled) * rate)
@@ -507,11 +535,14 @@ class Server:
             return False
         return True
 
+    def _full(self) -> bool:
+        return self._open >= self._limits.connections or _BUDGET.open >= _BUDGET.cap
+
     def _evict(self) -> None:
         self._tokens -= 1
         self._evicted(
             "%d connections open, the most allowed: closing the oldest waiting ones",
-            self._max_open,
+            min(self._limits.connections, _BUDGET.cap),
         )
         self._close(next(iter(self._lingering or self._heads or self._idle)))
 
@@ -658,6 +689,7 @@ class Server:
         conn.closed = True
         conn.sock.close()
         self._open -= 1
+        _BUDGET.add(-1)
         if self._resume_at == float("inf"):
             self._resume_at = 0.0
 

@@ -8,6 +8,8 @@ import http.client
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -626,3 +628,38 @@ def test_exporter_openmetrics_with_the_live_counter_is_one_valid_exposition(
         assert text.endswith("\n# EOF\n") and text.count("# EOF") == 1
         names = {f.name for f in openmetrics_families(text)}
         assert {"kvm_up", "promhttp_metric_handler_requests"} <= names
+
+
+SHARED_FDS = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320))
+from kvm_exporter.web import serve
+app = lambda environ, start_response: []
+servers = [serve(app, "127.0.0.1:0", None) for _ in range(2)]
+print(*(s.address[1] for s in servers), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_servers_of_one_process_share_the_descriptors() -> None:
+    """Two servers (two listen addresses) under 320 descriptors hold 256 connections in all,
+    not 256 each."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", SHARED_FDS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd="/",
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        ports = [int(port) for port in child.stdout.readline().split()]
+        clients = [socket.create_connection(("127.0.0.1", p)) for p in ports for _ in range(150)]
+        time.sleep(1)
+        assert sum(not closed_by_server(sock, 0.01) for sock in clients) == 256
+    finally:
+        child.stdin.close()
+        child.wait(10)
+        for sock in clients:
+            sock.close()
