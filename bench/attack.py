@@ -58,10 +58,10 @@ def flood_head() -> bytes:
 # --- attackers (run in a child process) ---------------------------------------------------------
 
 
-def _load(port: int, seconds: float, clients: int) -> None:
-    """``clients`` keep-alive connections scraping /metrics back to back (a wrk -c stand-in)."""
+def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
+    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
+    answer first (a wrk -c stand-in); a connection that ends is replaced."""
     stop = time.monotonic() + seconds
-    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 
     def one() -> None:
         while time.monotonic() < stop:
@@ -99,31 +99,11 @@ def _read_response(sock: socket.socket) -> bool:
     return not re.search(rb"(?i)\r\nconnection: *close", head)
 
 
-def _flood(port: int, seconds: float, clients: int) -> None:
-    head, stop = flood_head(), time.monotonic() + seconds
-
-    def one() -> None:
-        while time.monotonic() < stop:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    while time.monotonic() < stop and sock.sendall(head) is None:
-                        if not _read_response(sock):
-                            break
-            except OSError:
-                time.sleep(0.01)
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + 10)
-
-
 def attacker(kind: str, port: int, seconds: float) -> None:
     if kind == "load":
-        _load(port, seconds, 1000)
+        _repeat(port, seconds, 1000, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     elif kind == "flood":
-        _flood(port, seconds, 64)
+        _repeat(port, seconds, 64, flood_head())
     elif kind == "drip":
         stopped = threading.Event()
         threads = [
