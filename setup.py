@@ -8,9 +8,11 @@ exist yet at build time.
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 def _extensions() -> list[object]:
@@ -29,4 +31,28 @@ def _extensions() -> list[object]:
     return [ext]
 
 
-setup(ext_modules=_extensions())
+def _git(*args: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+class BuildPyWithRevision(build_py):
+    """Also writes kvm_exporter/revision.txt: the git commit built from, for --version."""
+
+    def run(self) -> None:
+        super().run()
+        top = _git("rev-parse", "--show-toplevel")  # not a checkout this tree sits inside
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = _git("rev-parse", "HEAD") if top and os.path.samefile(top, here) else ""
+        if commit and _git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
+        path = os.path.join(self.build_lib, "kvm_exporter", "revision.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write((commit or "unknown") + "\n")
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_py": BuildPyWithRevision})

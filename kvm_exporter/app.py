@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
 
 from . import __version__
 from .exposition import StartResponse, WSGIApp, cached_metrics_app
@@ -37,19 +39,61 @@ def landing_page(telemetry_path: str) -> str:
     )
 
 
+class ScrapeCounter:
+    """``promhttp_metric_handler_requests_total{code}``: requests of the telemetry path by
+    status code, the counter Go exporters' promhttp keeps (node_exporter shows it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(("200", "500", "503"), 0)
+
+    def count(self, code: str) -> None:
+        with self._lock:
+            self._counts[code] = self._counts.get(code, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "promhttp_metric_handler_requests",
+            "Total number of scrapes by HTTP status code.",
+            labels=["code"],
+        )
+        with self._lock:
+            counts = sorted(self._counts.items())
+        for code, value in counts:
+            family.add_metric([code], value)
+        yield family
+
+
+def _counted(app: WSGIApp, counter: ScrapeCounter) -> WSGIApp:
+    def counted(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def start(status: str, *args: Any) -> Any:
+            counter.count(status[:3])
+            return start_response(status, *args)
+
+        try:
+            return app(environ, start)
+        except Exception:
+            counter.count("500")  # the server answers 500
+            raise
+
+    return counted
+
+
 def make_app(
     registry: CollectorRegistry,
     telemetry_path: str,
     snapshot: Callable[[], Snapshot],
     cache_key: Callable[[], object] | None = None,
 ) -> WSGIApp:
-    """Route ``telemetry_path`` to the registry (text or OpenMetrics, gzip if asked).
+    """Route ``telemetry_path`` to the registry (text or OpenMetrics, gzip if asked) and
+    count its requests by status code in ``promhttp_metric_handler_requests_total``.
 
     With ``cache_key``, the exposition is rendered once per value it returns (see
     :func:`~kvm_exporter.exposition.cached_metrics_app`) instead of on every scrape.
     """
-    metrics: WSGIApp = (
-        make_wsgi_app(registry) if cache_key is None else cached_metrics_app(registry, cache_key)
+    scrapes = ScrapeCounter()
+    metrics = _counted(
+        cached_metrics_app(registry, cache_key or (lambda: None), live=scrapes), scrapes
     )
     page = landing_page(telemetry_path)
 

@@ -11,37 +11,48 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from . import __version__
-from .config import DEFAULT_PORT, LOG_LEVELS, ConfigError, load_config, with_overrides
-from .logs import set_level, setup
+from .config import DEFAULT_PORT, FLAGS, LOG_FORMATS, LOG_LEVELS, ConfigError
+from .logs import crash, setup
 from .poller import Poller
 from .records import SourceError
-from .sources import open_source
+from .version import version_text
 
 log = logging.getLogger("kvm_exporter")
 
-# Flag name -> the dotted config key it overrides.
-OVERRIDES = {
-    "web.listen-address": "web.listen_address",
-    "web.telemetry-path": "web.telemetry_path",
-    "web.config.file": "web.config_file",
-    "log.level": "log.level",
-    "libkvm.library": "libkvm.library",
-    "libkvm.kernel": "libkvm.kernel",
-    "libkvm.core": "libkvm.core",
-    "libkvm.swapfile": "libkvm.swapfile",
+HELP = {  # flag: (metavar, help)
+    "web.listen-address": (
+        "ADDRESS",
+        f"address to listen on; repeat the flag to listen on several (default :{DEFAULT_PORT})",
+    ),
+    "web.telemetry-path": ("PATH", "path under which to expose metrics (default /metrics)"),
+    "web.config.file": ("PATH", "exporter-toolkit web config file: TLS, basic auth, headers"),
+    "poll.interval": (
+        "DURATION",
+        "time between polls, e.g. 15s, 1m30s, 500ms; 0 polls on every scrape (default 15s)",
+    ),
+    "collector.labels": (
+        "LABELS",
+        "comma-separated labels of kvm_processes and kvm_threads, from "
+        "user,tty,state (default user,tty,state)",
+    ),
+    "path.procfs": ("PATH", "procfs mount point, Linux (default /proc)"),
+    "log.level": ("LEVEL", "one of " + ", ".join(LOG_LEVELS) + " (default info)"),
+    "log.format": ("FORMAT", "one of " + ", ".join(LOG_FORMATS) + " (default logfmt)"),
+    "libkvm.library": ("PATH", "path of libkvm to load (default libkvm.so.7)"),
+    "libkvm.kernel": ("PATH", "kernel image of a crash dump (with --libkvm.core)"),
+    "libkvm.core": ("PATH", "crash dump to read once: print its metrics and exit"),
+    "libkvm.swapfile": ("PATH", "swap file to read with a crash dump"),
 }
 
-HELP = {
-    "web.listen-address": f"address to listen on (default :{DEFAULT_PORT})",
-    "web.telemetry-path": "path under which to expose metrics (default /metrics)",
-    "web.config.file": "exporter-toolkit web config file: TLS, basic auth, headers",
-    "log.level": "one of " + ", ".join(LOG_LEVELS) + " (default info)",
-    "libkvm.library": "path of libkvm to load (default libkvm.so.7)",
-    "libkvm.kernel": "kernel image of a crash dump (with --libkvm.core)",
-    "libkvm.core": "crash dump to read once: print its metrics and exit",
-    "libkvm.swapfile": "swap file to read with a crash dump",
-}
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        sys.stdout.write(version_text())
+        parser.exit()
+
+
+def _labels(value: str) -> list[str]:
+    return [label for label in value.split(",") if label]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config.check",
         dest="check",
         action="store_true",
-        help="check the configuration, print the result and exit",
+        help="check the configuration as a start would (config file, flags, web config and "
+        "its TLS files, the source), print one line per file checked and exit",
     )
     parser.add_argument(
         "--once",
@@ -68,35 +80,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll once, print the exposition to stdout and exit "
         "(for node_exporter's textfile collector)",
     )
-    for flag, key in OVERRIDES.items():
-        parser.add_argument(f"--{flag}", dest=key, metavar="VALUE", help=HELP[flag])
-    parser.add_argument("--version", action="version", version=f"kvm_exporter {__version__}")
+    for flag in FLAGS:
+        repeated = flag == "web.listen-address"
+        parser.add_argument(
+            f"--{flag}",
+            dest=flag,
+            metavar=HELP[flag][0],
+            help=HELP[flag][1],
+            action="append" if repeated else "store",
+            type=_labels if flag == "collector.labels" else str,
+        )
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print version and build facts and exit"
+    )
     return parser
 
 
-def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in OVERRIDES.values()}
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {flag: getattr(args, flag) for flag in FLAGS}
 
 
 def check(args: argparse.Namespace) -> int:
-    from .webconfig import load_web_config
+    """Everything a start checks short of listening; one line per file checked."""
+    from .service import prepare
 
-    config = load_config(args.config_file, overrides_of(args))
-    if config.web.config_file:
-        load_web_config(config.web.config_file)
+    config, _, source = prepare(args.config_file, flags_of(args))
+    source.close()
     print(f"{args.config_file or 'built-in defaults'}: configuration is valid")
+    if config.web.config_file:
+        print(f"{config.web.config_file}: web configuration is valid")
     return 0
 
 
 def once(args: argparse.Namespace) -> int:
     """Poll once and print the exposition; non-zero if any part of the poll failed."""
-    from .service import build_registry, settings_of
+    from .service import build_registry, prepare, settings_of
 
-    config = load_config(args.config_file, overrides_of(args))
-    if config.libkvm.core:  # a crash dump can only be read through libkvm
-        config = with_overrides(config, {"source": "libkvm"})
-    set_level(config.log.level)
-    source = open_source(config)
+    config, _, source = prepare(args.config_file, flags_of(args))
     try:
         poller = Poller(source, settings_of(config))
         poller.poll()
@@ -121,11 +141,14 @@ def serve_forever(args: argparse.Namespace) -> int:
     # the main thread, where taking any lock (an Event, the logging lock) can deadlock; a
     # signal during start-up is acted on once the exporter is up.
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    service = Service(args.config_file, overrides_of(args))
+    service = Service(args.config_file, flags_of(args))
     while True:
         signum = signal.sigwaitinfo(watched).si_signo
         if signum == signal.SIGHUP:
-            service.reload()
+            try:
+                service.reload()
+            except Exception:
+                crash("reload")
             continue
         log.info("received %s, shutting down", signal.Signals(signum).name)
         service.stop()
@@ -134,8 +157,9 @@ def serve_forever(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log.level") or "info"
-    setup(level if level in LOG_LEVELS else "info")  # a bad flag is a ConfigError below
+    level, fmt = getattr(args, "log.level"), getattr(args, "log.format")
+    # A bad flag is a ConfigError below, logged in the defaults.
+    setup(level if level in LOG_LEVELS else "info", fmt if fmt in LOG_FORMATS else "logfmt")
     from .web import WebError
 
     try:
@@ -149,3 +173,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: one line with its traceback, never a raw one
+        crash("start-up")

@@ -22,11 +22,15 @@ import yaml
 from .aggregate import MIN_SERIES
 from .files import Refused, Unreadable, load_yaml, read_file
 from .groups import Rule, RuleError, parse_process_names
+from .logs import FORMATS, LEVELS
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
 SOURCES = ("auto", "procfs", "libkvm")
-LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_LEVELS = tuple(LEVELS)
+LOG_FORMATS = tuple(FORMATS)
+RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
+"""The landing page and the health endpoints (app.py): no telemetry path may hide them."""
 COMPAT = ("node_exporter", "process_exporter")
 """Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
@@ -40,7 +44,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class WebConfig:
-    listen_address: str = f":{DEFAULT_PORT}"
+    listen_address: tuple[str, ...] = (f":{DEFAULT_PORT}",)
+    """host:port addresses, each serving the same endpoints (YAML: one string or a list)."""
     telemetry_path: str = "/metrics"
     config_file: str | None = None
     """exporter-toolkit web config (TLS, basic auth, headers)."""
@@ -49,6 +54,7 @@ class WebConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    format: str = "logfmt"
 
 
 @dataclass(frozen=True)
@@ -100,27 +106,55 @@ class Config:
 
 MAX_DURATION = 365 * 86400.0
 """The longest interval accepted."""
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_UNITS = (
+    ("y", 365 * 86400.0),
+    ("w", 7 * 86400.0),
+    ("d", 86400.0),
+    ("h", 3600.0),
+    ("m", 60.0),
+    ("s", 1.0),
+    ("ms", 0.001),
+)
+"""Prometheus' duration units, largest first (a year is 365 days, as in Prometheus)."""
+_DURATION = re.compile("".join(rf"(?:(\d+(?:\.\d+)?){unit})?" for unit, _ in _UNITS))
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_EXPECTED_DURATION = "a duration such as 15s, 1m30s, 500ms, 1h, 1d or a number of seconds"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a Go-style duration (``500ms``, ``15s``, ``1m``)."""
+    """Seconds from a number or a Prometheus duration: units y, w, d, h, m, s, ms, largest
+    first, each at most once (``1h30m``, ``1d``, ``500ms``)."""
     if isinstance(value, bool):
-        raise ValueError("a duration such as 15s, 500ms, 1m or a number of seconds")
+        raise ValueError(_EXPECTED_DURATION)
     if isinstance(value, (int, float)):
         seconds = float(value) if abs(value) <= MAX_DURATION else math.inf  # no OverflowError
     else:
-        match = _DURATION.match(str(value).strip())
-        if not match:
-            raise ValueError("a duration such as 15s, 500ms, 1m or a number of seconds")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        text = str(value).strip()
+        match = _DURATION.fullmatch(text)
+        if _NUMBER.fullmatch(text):
+            seconds = float(text)
+        elif text and match:
+            parts = zip(match.groups(), _UNITS, strict=True)
+            seconds = sum(float(n) * unit for n, (_, unit) in parts if n is not None)
+        else:
+            raise ValueError(_EXPECTED_DURATION)
     if seconds < 0:
         raise ValueError("a duration of 0 or more")
     # inf or a huge wait overflows threading's timeout and kills the poller; NaN busy-loops it.
     if not seconds <= MAX_DURATION:
         raise ValueError(f"a duration of at most {MAX_DURATION:.0f}s (one year)")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as a Prometheus duration (``1h30m``, ``500ms``, ``0s``)."""
+    ms = round(seconds * 1000)
+    parts = []
+    for unit, size in _UNITS:
+        count, ms = divmod(ms, round(size * 1000))
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[Any], Any]:
@@ -151,10 +185,44 @@ def _series_cap(value: Any) -> Any:
     return value
 
 
-def _path(value: Any) -> Any:
-    if not value.startswith("/"):
-        raise ValueError("a path starting with /")
+def _telemetry_path(value: Any) -> Any:
+    if not re.fullmatch(r"/[^\s?#]*", value):
+        raise ValueError("a path starting with / without spaces, ? or #")
+    if value in RESERVED_PATHS:
+        raise ValueError("a path other than " + ", ".join(RESERVED_PATHS) + " (served already)")
     return value
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def listen_host_port(address: str) -> tuple[str, int]:
+    """(host, port) from ``:9429``, ``0.0.0.0:9429``, ``[::1]:9429`` or ``localhost:9429``;
+    ValueError saying what was expected otherwise. The host is looked up when listening."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = "["
+    if not sep or "[" in host or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ValueError("host:port such as :9429, 127.0.0.1:9429 or [::1]:9429")
+    return host, int(port)
+
+
+def _listen_addresses(value: Any) -> tuple[str, ...]:
+    addresses = [value] if isinstance(value, str) else value
+    if not isinstance(addresses, list) or not addresses:
+        raise ValueError("host:port or a non-empty list of them")
+    for address in addresses:
+        if not isinstance(address, str):
+            raise Invalid(f"got {shown(address)}, expected a host:port string")
+        try:
+            listen_host_port(address)
+        except ValueError as err:
+            raise Invalid(f"got {shown(address)}, expected {err}") from None
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("addresses without repeats")
+    return tuple(addresses)
 
 
 Rules = Mapping[str, Callable[[Any], Any]]
@@ -190,13 +258,15 @@ _PARSERS: Rules = {
     "interval": parse_duration,
     "groups.process_names": _process_names,
     "labels": list_of(LABELS),
+    "web.listen_address": _listen_addresses,
     "compat": list_of(COMPAT),
 }
 _CHECKS: Rules = {
     "source": one_of(SOURCES),
     "max_series": _series_cap,
     "log.level": one_of(LOG_LEVELS),
-    "web.telemetry_path": _path,
+    "log.format": one_of(LOG_FORMATS),
+    "web.telemetry_path": _telemetry_path,
     "libkvm.predicate": one_of(PREDICATES),
     "groups": _groups,
 }
@@ -347,29 +417,50 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     return build(Config, parse_yaml(text, where), where, _PARSERS, _CHECKS)
 
 
-def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+FLAGS = {
+    "web.listen-address": "web.listen_address",
+    "web.telemetry-path": "web.telemetry_path",
+    "web.config.file": "web.config_file",
+    "poll.interval": "interval",
+    "collector.labels": "labels",
+    "path.procfs": "procfs.root",
+    "log.level": "log.level",
+    "log.format": "log.format",
+    "libkvm.library": "libkvm.library",
+    "libkvm.kernel": "libkvm.kernel",
+    "libkvm.core": "libkvm.core",
+    "libkvm.swapfile": "libkvm.swapfile",
+}
+"""Command-line flag (without ``--``) -> the dotted config key it overrides."""
+
+
+def load_config(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
     """Read the config file at ``path`` (``None``: the built-in defaults), then apply the
-    command line's ``overrides`` (see :func:`with_overrides`)."""
+    command line's ``flags`` (see :func:`with_flags`)."""
     config = Config()
     if path is not None:
         config = build(Config, read_yaml(path), path, _PARSERS, _CHECKS)
-    return with_overrides(config, overrides or {})
+    return with_flags(config, flags or {})
 
 
-def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of ``config`` where each key of ``overrides`` (``source``, ``web.listen_address``)
-    whose value is not ``None`` replaces the file's setting: flags win over the file."""
+def with_flags(config: Config, flags: Mapping[str, Any]) -> Config:
+    """A copy of ``config`` where each flag of ``flags`` (``web.listen-address``, see
+    :data:`FLAGS`) whose value is not ``None`` replaces the file's setting: flags win over the
+    file. A value is checked as the file's key would be; an error names the flag."""
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
-    for dotted, value in overrides.items():
+    for flag, value in flags.items():
         if value is None:
             continue
-        check = _CHECKS.get(dotted)  # a flag gets the same checks as the file's key
-        if check is not None:
+        dotted = FLAGS[flag]
+        rule = _PARSERS.get(dotted) or _CHECKS.get(dotted)
+        if rule is not None:
             try:
-                value = check(value)
+                value = rule(value)
+            except Invalid as err:
+                raise ConfigError(f"--{flag}: {err}") from None
             except ValueError as err:
-                raise ConfigError(f"flag {dotted}: got {value!r}, expected {err}") from None
+                raise ConfigError(f"--{flag}: got {shown(value)}, expected {err}") from None
         section, _, key = dotted.rpartition(".")
         if section:
             sections.setdefault(section, {})[key] = value

@@ -1,11 +1,16 @@
-"""Logging: one logfmt line per event on stderr (syslog via daemon(8), or the journal)."""
+"""Logging: one line per event on stderr (syslog via daemon(8), or the journal), as logfmt
+or JSON. A message's fields go in ``extra={"fields": {...}}`` and become keys of the line."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import time
+import traceback
+from typing import Any, NoReturn
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -14,15 +19,72 @@ LEVELS = {
     "error": logging.ERROR,
 }
 
+MAX_VALUE = 2048
+"""Most characters of one value (a message, a field) in a line; the rest is cut."""
+MAX_TRACEBACK = 16384
+"""Most characters of a traceback in a line; its start is cut (the end says what failed)."""
+
+EXIT_CRASH = 70
+"""Exit status after an unexpected error (sysexits' EX_SOFTWARE): a supervisor restarts."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_BARE = re.compile(r'[^\s"=\\]+')
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\u{ord(char):04x}"
+
+
+def _cap(text: str, limit: int, keep_end: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    cut = f"[{len(text) - limit} characters cut]"
+    return cut + text[-limit:] if keep_end else text[:limit] + cut
+
+
+def _items(record: logging.LogRecord) -> list[tuple[str, str]]:
+    """The line's keys and values, capped; the traceback (if any) last, as ``exc``."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    level = {"WARNING": "warn"}.get(record.levelname, record.levelname.lower())
+    items = [
+        ("ts", f"{ts}.{int(record.msecs):03d}Z"),
+        ("level", level),
+        ("logger", record.name),
+        ("msg", _cap(record.getMessage(), MAX_VALUE)),
+    ]
+    fields: dict[str, Any] = getattr(record, "fields", {})
+    items += [(key, _cap(str(value), MAX_VALUE)) for key, value in fields.items()]
+    if record.exc_info:
+        text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        items.append(("exc", _cap(text, MAX_TRACEBACK, keep_end=True)))
+    return items
+
 
 class LogfmtFormatter(logging.Formatter):
-    """``ts=... level=info msg="..."``, the format of the Prometheus family's daemons."""
+    """``ts=... level=info logger=... msg="..." key=value``, the Prometheus family's format;
+    control characters are escaped, so one event is always one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        level = {"WARNING": "warn"}.get(record.levelname, record.levelname.lower())
-        return f'ts={ts}.{int(record.msecs):03d}Z level={level} logger={record.name} msg="{msg}"'
+        return " ".join(f"{key}={_logfmt_value(key, value)}" for key, value in _items(record))
+
+
+def _logfmt_value(key: str, value: str) -> str:
+    if key != "msg" and _BARE.fullmatch(value) and not _CONTROL.search(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _CONTROL.sub(_escape_control, escaped) + '"'
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line with the same keys as logfmt; non-ASCII is escaped too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(dict(_items(record)), ensure_ascii=True)
+
+
+FORMATS: dict[str, type[logging.Formatter]] = {"logfmt": LogfmtFormatter, "json": JSONFormatter}
 
 
 class StderrHandler(logging.Handler):
@@ -35,16 +97,31 @@ class StderrHandler(logging.Handler):
             os.write(2, (self.format(record) + "\n").encode("utf-8", "replace"))
 
 
-def setup(level: str) -> None:
-    """Send the package's log lines to stderr at ``level``."""
+def setup(level: str, fmt: str = "logfmt") -> None:
+    """Send the package's log lines to stderr at ``level`` in format ``fmt``."""
     logging.raiseExceptions = False  # a full disk or closed stderr must not kill the exporter
     handler = StderrHandler()
-    handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger("kvm_exporter")
     root.handlers[:] = [handler]
     root.propagate = False
-    set_level(level)
+    configure(level, fmt)
 
 
-def set_level(level: str) -> None:
-    logging.getLogger("kvm_exporter").setLevel(LEVELS[level])
+def configure(level: str, fmt: str) -> None:
+    """Change the level and format of the lines :func:`setup` sends (on reload)."""
+    root = logging.getLogger("kvm_exporter")
+    root.setLevel(LEVELS[level])
+    for handler in root.handlers:
+        handler.setFormatter(FORMATS[fmt]())
+
+
+def crash(what: str) -> NoReturn:
+    """Log the exception being handled as one error line with its traceback, then end the
+    process at once with :data:`EXIT_CRASH`, so that its supervisor restarts it: a service
+    whose ``what`` died must not go on looking alive."""
+    logging.getLogger("kvm_exporter").error(
+        "%s failed unexpectedly: exiting so that the supervisor restarts kvm_exporter",
+        what,
+        exc_info=True,
+    )
+    os._exit(EXIT_CRASH)

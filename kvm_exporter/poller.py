@@ -18,6 +18,7 @@ from typing import TypeVar
 from .aggregate import Counts, aggregate, user_names
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
+from .logs import crash
 from .records import Census, HostLimits, LoadAvg, Proc, Source, SourceError, SwapDevice, census_of
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,12 @@ class Poller:
         return old
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            crash("the poller thread")
+
+    def _loop(self) -> None:
         self.poll()
         next_due = time.monotonic() + self.settings.interval
         while True:

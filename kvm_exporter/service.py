@@ -10,17 +10,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from . import __version__
 from .app import make_app
 from .collector import KvmCollector, OwnUsageCollector, ReloadStatus
 from .compat import NodeCollector
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, format_duration, load_config
 from .groupmetrics import GroupCollector
-from .logs import set_level
+from .logs import configure
 from .poller import Poller, Settings
 from .records import Source, SourceError
 from .sources import open_source
-from .web import Server, serve
-from .webconfig import load_web_config
+from .version import revision
+from .web import Server, listen_target, serve
+from .webconfig import WebSettings, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,23 @@ def build_registry(
     return registry
 
 
+def prepare(
+    config_path: str | None, flags: dict[str, Any]
+) -> tuple[Config, WebSettings | None, Source]:
+    """Everything a start checks before it listens: the config file and flags (whose log
+    settings it applies), the listen addresses' hosts, the web config with its TLS files, and
+    the source, opened (the caller closes it). A start, ``--once`` and ``--config.check`` all
+    go through here. Raises ConfigError, WebError or SourceError."""
+    config = load_config(config_path, flags)
+    configure(config.log.level, config.log.format)
+    if config.libkvm.core:  # a crash dump can only be read through libkvm
+        config = dataclasses.replace(config, source="libkvm")
+    for address in config.web.listen_address:
+        listen_target(address)
+    web_file = config.web.config_file
+    return config, load_web_config(web_file) if web_file else None, open_source(config)
+
+
 class Service:
     """Everything a long-running exporter holds; built from the config file and flags.
 
@@ -65,31 +84,42 @@ class Service:
     cannot start.
     """
 
-    def __init__(self, config_path: str | None, overrides: dict[str, Any]) -> None:
+    def __init__(self, config_path: str | None, flags: dict[str, Any]) -> None:
         self.config_path = config_path
-        self.overrides = overrides
-        self.config = load_config(config_path, overrides)
-        set_level(self.config.log.level)
+        self.flags = flags
+        self.config, web_settings, source = prepare(config_path, flags)
         web = self.config.web
-        web_settings = load_web_config(web.config_file) if web.config_file else None
         self._reload = ReloadStatus(True, 0, time.time())
-        source = open_source(self.config)
+        self.servers: list[Server] = []
         try:
             self.poller = Poller(source, settings_of(self.config))
             registry = build_registry(self.poller, lambda: self._reload)
             registry.register(OwnUsageCollector(lambda: self.poller.source))  # not in --once
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
-            self.server: Server = serve(app, web.listen_address, web_settings)
+            for address in web.listen_address:  # one server per address, all with one app
+                self.servers.append(serve(app, address, web_settings))
         except BaseException:
+            for server in self.servers:
+                server.shutdown()
             source.close()
             raise
         # Listening first: a taken port fails at once. The first poll runs on the poller's
         # thread, so a source that hangs holds up neither start-up nor SIGTERM; scrapes wait
         # up to FIRST_POLL_WAIT for it.
         self.poller.start()
-        host, port = self.server.address[:2]
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("listening on %s, source %s", where, source.name)
+        fields = {
+            "version": __version__,
+            "revision": revision(),
+            "source": source.name,
+            "config": config_path or "none",
+            "interval": format_duration(self.config.interval),
+        }
+        log.info("starting kvm_exporter", extra={"fields": fields})
+        for server in self.servers:
+            host, port = server.address[:2]
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            tls = web_settings is not None and web_settings.tls is not None
+            log.info("listening", extra={"fields": {"address": where, "tls": str(tls).lower()}})
 
     def _cache_key(self) -> object:
         """Changes with every poll and reload; None (no cache) when polling on each scrape."""
@@ -100,7 +130,7 @@ class Service:
     def reload(self) -> bool:
         """Re-read the config file; on any error keep the running config and say why."""
         try:
-            config = load_config(self.config_path, self.overrides)
+            config = load_config(self.config_path, self.flags)
             source: Source | None = None
             if source_key(config) != source_key(self.config):
                 source = open_source(config)
@@ -116,7 +146,7 @@ class Service:
         old = self.poller.reconfigure(source or self.poller.source, settings_of(config))
         if source is not None:
             old.close()
-        set_level(config.log.level)
+        configure(config.log.level, config.log.format)
         self.config = config
         self._reload = ReloadStatus(True, self._reload.failures, time.time())
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
@@ -125,5 +155,6 @@ class Service:
     def stop(self) -> None:
         """Stop polling, stop serving, release the source."""
         self.poller.stop()
-        self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
         self.poller.source.close()

@@ -2,9 +2,15 @@
 
 The event loop accepts connections and, without ever blocking, takes each through its TLS
 handshake and reads its request head; only a complete request goes to a worker, which runs
-the WSGI app under socket timeouts and a deadline. A client that connects and sends nothing,
-or handshakes or sends its request slowly, costs a file descriptor until ``request_timeout``,
-never a thread, so it cannot delay anyone else's scrape.
+the WSGI app under socket timeouts and a deadline and then hands a keep-alive connection back
+to the loop. A client that connects and sends nothing, or handshakes or sends its request
+slowly, costs a file descriptor until ``request_timeout``, never a thread, so it cannot delay
+anyone else's scrape. A client that sends its next request as soon as it has a response waits
+behind the others and gets at most two workers, so scraping back to back cannot crowd out
+Prometheus. Connections are capped below the file descriptor limit, so polls always
+find the descriptors they need, and accepting backs off instead of spinning when the process
+runs out of them anyway. An unexpected exception in the loop or a worker is logged and ends the
+process with status 70, so the service manager restarts it instead of leaving it deaf.
 """
 
 from __future__ import annotations
@@ -13,27 +19,58 @@ import contextlib
 import io
 import logging
 import os
-import queue
-import re
+import resource
 import selectors
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from errno import EMFILE, ENFILE, ENOBUFS, ENOMEM
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
+from urllib.parse import unquote
 
 from kvm_exporter.auth import guarded
+from kvm_exporter.config import listen_host_port
+from kvm_exporter.http1 import HeadBuffer, HttpError, Request
+from kvm_exporter.logs import crash
 from kvm_exporter.webconfig import WebSettings, ssl_context
 
 if TYPE_CHECKING:
-    from _typeshed import OptExcInfo, WriteableBuffer
+    from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("kvm_exporter.web")
+
+FD_RESERVE = 64
+"""File descriptors never spent on connections: polls, logs and reloads need them."""
+
+
+class _Budget:
+    """Connections all servers of this process (one per listen address) hold together: at
+    most the file descriptor limit less FD_RESERVE."""
+
+    def __init__(self) -> None:
+        self.open, self.cap, self._wanted = 0, 0, 0
+        self._lock = threading.Lock()
+
+    def plan(self, connections: int) -> None:
+        """A server that may hold ``connections`` starts (negative: stops)."""
+        with self._lock:
+            self._wanted += connections
+            self.cap = max(1, _fd_limit(self._wanted + FD_RESERVE) - FD_RESERVE)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.open += n
+
+
+_BUDGET = _Budget()
 
 
 class WebError(Exception):
@@ -44,121 +81,103 @@ class WebError(Exception):
 class Limits:
     workers: int = 16
     """Connections served at once; the server's thread count is this plus one."""
-    queued: int = 64
-    """Requests waiting for a worker; past it new ones are closed."""
-    waiting: int = 256
-    """Connections still handshaking or sending their request head (no thread is spent on
-    them); past it the oldest is closed."""
+    connections: int = 1024
+    """Connections open at once, and at most the file descriptor limit less FD_RESERVE. Past
+    it the oldest connection no worker is serving is closed (at most ``evictions`` a second;
+    past that, accepting pauses)."""
+    evictions: int = 1000
     request_timeout: float = 10.0
-    """Most seconds from connecting to a complete request head, TLS handshake included."""
+    """Most seconds from connecting, or from the first byte after a response, to a complete
+    request head, TLS handshake included."""
+    idle_timeout: float = 120.0
+    """Most seconds a keep-alive connection waits for its next request."""
     read_timeout: float = 10.0
     """Socket timeout of each read and write once a worker has the request."""
     deadline: float = 30.0
     """Most seconds a worker spends on one request."""
 
 
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
 def parse_listen_address(address: str) -> tuple[str, int]:
     """(host, port) from ``:9429``, ``0.0.0.0:9429``, ``[::1]:9429`` or ``localhost:9429``."""
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = "["
-    if not sep or "[" in host or not _PORT.fullmatch(port) or int(port) > 65535:
-        raise WebError(
-            f"cannot listen on {address}: expected host:port such as :9429, "
-            "127.0.0.1:9429 or [::1]:9429"
-        )
-    return host, int(port)
-
-
-def _listen(address: str) -> socket.socket:
-    host, port = parse_listen_address(address)
     try:
-        if not host:
-            if socket.has_dualstack_ipv6():
-                return socket.create_server(
-                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
-                )
-            return socket.create_server(("", port), backlog=128)
+        return listen_host_port(address)
+    except ValueError as err:
+        raise WebError(f"cannot listen on {address}: expected {err}") from None
+
+
+def listen_target(address: str) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The family and socket address that listening on ``address`` binds, its host looked up
+    (no host: every interface, IPv6 and IPv4 where the system can). Raises WebError."""
+    host, port = parse_listen_address(address)
+    if not host:
+        return (socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET), ("", port)
+    try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(sockaddr[:2], family=family, backlog=128)
     except OSError as err:
-        reason = err.strerror if isinstance(err, socket.gaierror) else None
-        reason = reason or (os.strerror(err.errno) if err.errno else str(err))
-        raise WebError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}") from None
+        raise _cannot_listen(address, err) from None
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
-class _ServerHandler(ServerHandler):
-    """wsgiref's handler logging through logging, a connection lost mid-response at debug."""
-
-    # Set by wsgiref at run time; typeshed does not declare them.
-    headers_sent: bool
-    request_handler: WSGIRequestHandler
-
-    def log_exception(self, exc_info: OptExcInfo) -> None:
-        peer = self.request_handler.client_address[0]
-        if isinstance(exc_info[1], OSError) and self.headers_sent:
-            log.debug("%s: connection lost: %s", peer, exc_info[1])
-        else:
-            log.error("%s: request failed", peer, exc_info=exc_info)
-
-
-class _HeadFirst(io.RawIOBase):
-    """The request head the event loop has already read, then the rest from the socket."""
-
-    def __init__(self, head: bytes, sock: socket.socket) -> None:
-        super().__init__()
-        self._head, self._sock = memoryview(head), sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        if not self._head:
-            return self._sock.recv_into(buffer)
-        n = min(len(self._head), memoryview(buffer).nbytes)
-        memoryview(buffer).cast("B")[:n] = self._head[:n]
-        self._head = self._head[n:]
-        return n
-
-
-class _RequestHandler(WSGIRequestHandler):
-    def __init__(
-        self, conn: socket.socket, peer: tuple[str, int], server: Server, head: bytes
-    ) -> None:
-        self._head = head
-        # wsgiref reads only base_environ and get_app() of its server.
-        super().__init__(conn, peer, server)  # type: ignore[arg-type]
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()
-        self.rfile = io.BufferedReader(_HeadFirst(self._head, self.connection))
-
-    def handle(self) -> None:
-        # wsgiref's own, with a handler that logs through logging. The event loop has
-        # already refused request heads over 64 KiB.
-        self.raw_requestline = self.rfile.readline(65537)
-        if not self.parse_request():
-            return
-        handler = _ServerHandler(
-            self.rfile,
-            self.wfile,  # type: ignore[arg-type]  # typeshed: IO[bytes], wsgiref: any writer
-            sys.stderr,
-            self.get_environ(),
-            multithread=True,
+def _listen(address: str) -> socket.socket:
+    family, sockaddr = listen_target(address)
+    dualstack = family == socket.AF_INET6 and not sockaddr[0]
+    try:
+        backlog = socket.SOMAXCONN  # as Go does; the kernel caps it at its own maximum
+        return socket.create_server(
+            sockaddr, family=family, dualstack_ipv6=dualstack, backlog=backlog
         )
-        handler.request_handler = self
-        handler.run(self.server.get_app())  # type: ignore[attr-defined]
+    except OSError as err:
+        raise _cannot_listen(address, err) from None
 
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.client_address[0], format % args)
+
+def _cannot_listen(address: str, err: OSError) -> WebError:
+    reason = err.strerror if isinstance(err, socket.gaierror) else None
+    reason = reason or (os.strerror(err.errno) if err.errno else str(err))
+    return WebError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}")
+
+
+def _fd_limit(wanted: int) -> int:
+    """The file descriptor limit, first raised towards ``wanted`` if the hard limit allows
+    (Go programs raise it to the hard limit at start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def _fatal_on_error(target: Callable[[], None], what: str) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            target()
+        except Exception:
+            crash(what)
+
+    return run
+
+
+class _Throttled:
+    """A log line at most once per ``interval`` seconds, saying how often it happened."""
+
+    def __init__(self, level: int, interval: float = 10.0) -> None:
+        self._level, self._interval = level, interval
+        self._lock = threading.Lock()
+        self._count, self._next = 0, 0.0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._count += 1
+            if now < self._next:
+                return
+            count, self._count, self._next = self._count, 0, now + self._interval
+        if count > 1:
+            msg += f" ({count} times in the last {self._interval:.0f} s)"
+        log.log(self._level, msg, *args)
 
 
 def _with_headers(app: WSGIApplication, headers: tuple[tuple[str, str], ...]) -> WSGIApplication:
@@ -178,18 +197,92 @@ def _with_headers(app: WSGIApplication, headers: tuple[tuple[str, str], ...]) ->
 
 
 @dataclass(eq=False)
-class _Waiting:
-    """A connection in the event loop: handshaking, or reading its request head."""
+class _Conn:
+    """A connection: in one of the event loop's queues, or with a worker (``where`` None)."""
 
     sock: socket.socket
     peer: tuple[str, int]
-    deadline: float
     handshaken: bool
-    head: bytes = b""
+    buffer: HeadBuffer = field(default_factory=HeadBuffer)
+    deadline: float = 0.0
+    where: dict[_Conn, None] | None = None
+    events: int = 0
+    """What the selector watches it for; 0 when not registered."""
+    closed: bool = False
+    done: float = 0.0
+    """When its last response was sent (monotonic), 0 before the first."""
+    hasty: bool = False
+    """Its last request came within _HASTY of the response before."""
 
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_MAX_HEAD = 65536
+_KEEP, _LINGER, _CLOSE = "keep", "linger", "close"
+"""What a worker hands a connection back for: the next request, a lingering close, a close."""
+_LINGER_SECONDS = 1.0
+_HTTPS_ONLY = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+
+_HASTY = 0.25
+"""A request sent this soon after the connection's previous response is served after all
+others: a client scraping back to back cannot crowd out one that scrapes now and then."""
+
+
+class _Requests:
+    """Complete requests waiting for a worker: those of clients in no hurry first, and at
+    most ``hasty_workers`` hasty ones at a time (fewer threads contending for the GIL)."""
+
+    def __init__(self, hasty_workers: int) -> None:
+        self._hasty_workers = hasty_workers
+        self._hasty_running = 0
+        self._cond = threading.Condition()
+        self._queues: tuple[deque[tuple[_Conn, Request]], ...] = (deque(), deque())
+        self._closed = False
+
+    def put(self, item: tuple[_Conn, Request], hasty: bool) -> None:
+        with self._cond:
+            self._queues[hasty].append(item)
+            self._cond.notify()
+
+    def get(self) -> tuple[_Conn, Request, bool] | None:
+        """The next request for a worker and whether it is hasty (then call :meth:`done`
+        after it); None once closed."""
+        with self._cond:
+            while not self._closed:
+                if self._queues[0]:
+                    return (*self._queues[0].popleft(), False)
+                if self._queues[1] and self._hasty_running < self._hasty_workers:
+                    self._hasty_running += 1
+                    return (*self._queues[1].popleft(), True)
+                self._cond.wait()
+            return None
+
+    def hasty_backlog(self) -> int:
+        return len(self._queues[1])
+
+    def done(self) -> None:
+        with self._cond:
+            self._hasty_running -= 1
+            self._cond.notify()
+
+    def close(self) -> list[tuple[_Conn, Request]]:
+        """Wake every worker to stop; returns the requests no worker took."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            left = [*self._queues[0], *self._queues[1]]
+            for waiting in self._queues:
+                waiting.clear()
+            return left
+
+
+class _Lost(Exception):
+    """The client went away while a worker was sending to it."""
+
+
+def _sendall(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as err:
+        raise _Lost(err) from err
 
 
 class Server:
@@ -216,170 +309,490 @@ class Server:
             "CONTENT_LENGTH": "",
             **({"HTTPS": "on"} if context else {}),
         }
+        _BUDGET.plan(limits.connections)
         self._selector = selectors.DefaultSelector()
         self._wake, self._waker = socket.socketpair()
+        self._wake.setblocking(False)
+        self._waker.setblocking(False)
         self._selector.register(listener, selectors.EVENT_READ)
         self._selector.register(self._wake, selectors.EVENT_READ)
-        self._waiting: dict[socket.socket, _Waiting] = {}
+        self._listening, self._resume_at, self._backoff = True, 0.0, 0.0
+        self._tokens, self._refilled = 0.0, time.monotonic()
+        # The loop's queues, oldest first; all in one queue have the same timeout.
+        self._heads: dict[_Conn, None] = {}
+        self._idle: dict[_Conn, None] = {}
+        self._lingering: dict[_Conn, None] = {}
+        self._open = 0
+        self._returned: deque[tuple[_Conn, str]] = deque()
         self._active: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
-        self._ready: queue.Queue[_Waiting | None] = queue.Queue()
+        self._requests = _Requests(max(1, limits.workers // 8))
+        # Connections of hasty clients, not read while hasty requests are backed up: the
+        # loop does not spend itself parsing requests that could only wait.
+        self._cooling: deque[_Conn] = deque()
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, name="web-loop", daemon=True)]
+        self._refused = _Throttled(logging.WARNING)
+        self._evicted = _Throttled(logging.WARNING)
+        self._failed = _Throttled(logging.ERROR)
+        self._threads = [
+            threading.Thread(
+                target=_fatal_on_error(self._loop, "the web event loop"),
+                name="web-loop",
+                daemon=True,
+            )
+        ]
         self._threads += [
-            threading.Thread(target=self._work, name=f"web-{i}", daemon=True)
+            threading.Thread(
+                target=_fatal_on_error(self._work, "a web worker"), name=f"web-{i}", daemon=True
+            )
             for i in range(limits.workers)
         ]
         for thread in self._threads:
             thread.start()
-
-    def get_app(self) -> WSGIApplication:
-        return self._app
 
     def shutdown(self) -> None:
         """Stop accepting, cut every connection and return within about a second."""
         if self._stopping.is_set():
             return
         self._stopping.set()
+        _BUDGET.plan(-self._limits.connections)
         # Only a nudge: the loop also sees _stopping within its 0.25 s select timeout, so a
         # wake-up socket that is already gone must not keep shutdown from finishing.
         with contextlib.suppress(OSError):
             self._waker.send(b"\0")
         end = time.monotonic() + 1.0
         self._threads[0].join(1.0)
-        while True:
-            try:
-                item = self._ready.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item.sock.close()
+        for waiting, _ in self._requests.close():
+            waiting.sock.close()
         with self._lock:
-            for conn in self._active:
-                _cut(conn)
-        for _ in self._threads[1:]:
-            self._ready.put(None)
+            for sock in self._active:
+                _cut(sock)
         for thread in self._threads[1:]:
             thread.join(max(0.0, end - time.monotonic()))
+        while self._returned:
+            self._returned.popleft()[0].sock.close()
         self._waker.close()
+
+    # --- the event loop: accepting, handshakes, request heads, lingering closes ------------
 
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                for key, _ in self._selector.select(timeout=0.25):
+                timeout = 0.25
+                if not self._listening:
+                    timeout = min(timeout, max(0.0, self._resume_at - time.monotonic()))
+                for key, _ in self._selector.select(timeout):
+                    conn = key.data
                     if key.fileobj is self._listener:
                         self._accept()
-                    elif key.data is not None:
-                        self._advance(key.data)
-                self._expire(time.monotonic())
+                    elif conn is None:
+                        self._take_back()
+                    elif conn.events:  # not closed or handed on earlier in this batch
+                        self._on_ready(conn)
+                while self._cooling and self._requests.hasty_backlog() < 4:
+                    self._keep(self._cooling.popleft())
+                now = time.monotonic()
+                self._expire(now)
+                if not self._listening and now >= self._resume_at:
+                    self._selector.register(self._listener, selectors.EVENT_READ)
+                    self._listening = True
         finally:
-            for waiting in list(self._waiting.values()):
-                self._drop(waiting)
+            for where in (self._heads, self._idle, self._lingering):
+                for conn in list(where):
+                    self._close(conn)
+            for conn in self._cooling:
+                self._close(conn)
             self._selector.close()
             self._listener.close()
             self._wake.close()
 
     def _accept(self) -> None:
         for _ in range(64):  # then back to the loop, so that a flood cannot starve it
+            if not self._room():
+                return
             try:
-                conn, peer = self._listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # out of file descriptors: make room
-                log.warning("cannot accept a connection: %s", err)
-                if self._waiting:
-                    self._drop(next(iter(self._waiting.values())))
+            except OSError as err:
+                if err.errno not in (EMFILE, ENFILE, ENOBUFS, ENOMEM):
+                    log.debug("cannot accept a connection: %s", err)
+                    continue
+                # Out of descriptors or memory: leave the rest in the kernel's queue for a
+                # while, longer each time, and serve the connections already open.
+                self._backoff = min(1.0, max(0.01, self._backoff * 2))
+                self._pause(time.monotonic() + self._backoff)
+                self._refused(
+                    "cannot accept connections: %s; serving the open ones, accepting again "
+                    "in %.2f s",
+                    err.strerror, self._backoff,
+                )  # fmt: skip
                 return
-            if len(self._waiting) >= self._limits.waiting:
-                self._drop(next(iter(self._waiting.values())))
+            self._backoff = 0.0
+            if self._full():
+                self._evict()
+            self._open += 1
+            _BUDGET.add(1)
+            conn = _Conn(sock, peer, handshaken=self._context is None)
             try:
-                conn.setblocking(False)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self._context is not None:
-                    conn = self._context.wrap_socket(
-                        conn, server_side=True, do_handshake_on_connect=False
+                    conn.sock = self._context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
                     )
             except OSError as err:
                 log.debug("%s: %s", peer[0], err)
-                conn.close()
+                sock.close()
+                self._close(conn)
                 continue
-            deadline = time.monotonic() + self._limits.request_timeout
-            waiting = _Waiting(conn, peer, deadline, handshaken=self._context is None)
-            self._waiting[conn] = waiting
-            self._selector.register(conn, selectors.EVENT_READ, waiting)
+            self._hold(conn, self._heads, self._limits.request_timeout)
 
-    def _advance(self, waiting: _Waiting) -> None:
+    def _room(self) -> bool:
+        """Whether a connection may be accepted now (maybe after closing the oldest one no
+        worker has, see :meth:`_evict`); if not, accepting pauses."""
+        if not self._full():
+            return True
+        if not (self._lingering or self._heads or self._idle):
+            # Every connection is with a worker: until one closes, or, if the other servers
+            # hold the descriptors, a while.
+            own = self._open >= self._limits.connections
+            self._pause(float("inf") if own else time.monotonic() + 0.05)
+            return False
+        now, rate = time.monotonic(), self._limits.evictions
+        self._tokens = min(rate / 10, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            self._pause(now + (1 - self._tokens) / rate)
+            return False
+        return True
+
+    def _full(self) -> bool:
+        return self._open >= self._limits.connections or _BUDGET.open >= _BUDGET.cap
+
+    def _evict(self) -> None:
+        self._tokens -= 1
+        self._evicted(
+            "%d connections open, the most allowed: closing the oldest waiting ones",
+            min(self._limits.connections, _BUDGET.cap),
+        )
+        self._close(next(iter(self._lingering or self._heads or self._idle)))
+
+    def _pause(self, until: float) -> None:
+        if self._listening:
+            self._selector.unregister(self._listener)
+            self._listening = False
+        self._resume_at = until
+
+    def _take_back(self) -> None:
+        """Connections the workers are done with."""
+        with contextlib.suppress(OSError):
+            while self._wake.recv(4096):
+                pass
+        while self._returned:
+            conn, outcome = self._returned.popleft()
+            if outcome == _LINGER:
+                self._linger(conn)
+            elif outcome == _CLOSE:
+                self._close(conn)
+            elif conn.hasty and self._requests.hasty_backlog() >= 4:
+                self._cooling.append(conn)
+            else:
+                self._keep(conn)
+
+    def _keep(self, conn: _Conn) -> None:
+        """Wait for the next request of a connection kept alive."""
+        conn.sock.setblocking(False)
+        conn.done = time.monotonic()
+        if conn.buffer:  # the client sent its next request already
+            self._hold(conn, self._heads, self._limits.request_timeout)
+            self._advance(conn)
+        else:
+            self._hold(conn, self._idle, self._limits.idle_timeout)
+
+    def _on_ready(self, conn: _Conn) -> None:
+        if conn.where is self._lingering:
+            self._discard(conn)
+        else:
+            self._advance(conn)
+
+    def _advance(self, conn: _Conn) -> None:
         """Take the handshake and the request head as far as the bytes at hand allow."""
         events = selectors.EVENT_READ
         try:
-            if isinstance(waiting.sock, ssl.SSLSocket) and not waiting.handshaken:
-                waiting.sock.do_handshake()
-                waiting.handshaken = True
-            while not _HEAD_END.search(waiting.head):
-                chunk = waiting.sock.recv(8192)
-                if not chunk or len(waiting.head) + len(chunk) > _MAX_HEAD:
-                    self._drop(waiting)
+            if isinstance(conn.sock, ssl.SSLSocket) and not conn.handshaken:
+                conn.sock.do_handshake()
+                conn.handshaken = True
+            while (request := conn.buffer.take()) is None:
+                chunk = conn.sock.recv(8192)
+                if not chunk:
+                    self._close(conn)
                     return
-                waiting.head += chunk
+                if conn.where is self._idle:
+                    self._hold(conn, self._heads, self._limits.request_timeout)
+                conn.buffer.feed(chunk)
         except (ssl.SSLWantReadError, BlockingIOError):
             pass
         except ssl.SSLWantWriteError:
             events = selectors.EVENT_WRITE
+        except HttpError as err:
+            log.debug("%s: %s", conn.peer[0], err)
+            self._refuse(conn, err.response())
+            return
+        except ssl.SSLError as err:
+            log.debug("%s: %s", conn.peer[0], err)
+            if err.reason == "HTTP_REQUEST":  # plain HTTP to the TLS port: say so, as Go does
+                self._refuse(conn, _HTTPS_ONLY, raw=True)
+            else:
+                self._close(conn)
+            return
         except OSError as err:
-            log.debug("%s: %s", waiting.peer[0], err)
-            self._drop(waiting)
+            log.debug("%s: %s", conn.peer[0], err)
+            self._close(conn)
             return
         else:
-            self._dispatch(waiting)
+            self._dispatch(conn, request)
             return
-        self._selector.modify(waiting.sock, events, waiting)
+        self._watch(conn, events)
 
-    def _drop(self, waiting: _Waiting) -> None:
-        self._selector.unregister(waiting.sock)
-        del self._waiting[waiting.sock]
-        waiting.sock.close()
+    def _dispatch(self, conn: _Conn, request: Request) -> None:
+        self._release(conn)
+        conn.hasty = bool(conn.done) and time.monotonic() - conn.done < _HASTY
+        self._requests.put((conn, request), conn.hasty)
 
-    def _dispatch(self, waiting: _Waiting) -> None:
-        self._selector.unregister(waiting.sock)
-        del self._waiting[waiting.sock]
-        if self._ready.qsize() >= self._limits.queued:
-            log.debug("%s: all workers busy, connection closed", waiting.peer[0])
-            waiting.sock.close()
-        else:
-            self._ready.put(waiting)
+    def _refuse(self, conn: _Conn, response: bytes, raw: bool = False) -> None:
+        """Send a short error response without blocking, then close without a reset."""
+        try:
+            (socket.socket.send if raw else type(conn.sock).send)(conn.sock, response)
+        except OSError:
+            self._close(conn)
+            return
+        self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Close for writing, then read and drop what the client still sends for a second,
+        so that the kernel does not reset the connection under the response."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+        conn.sock.setblocking(False)
+        self._hold(conn, self._lingering, _LINGER_SECONDS)
+
+    def _discard(self, conn: _Conn) -> None:
+        try:
+            for _ in range(4):
+                if not socket.socket.recv(conn.sock, 65536):
+                    break
+            else:
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _hold(self, conn: _Conn, where: dict[_Conn, None], timeout: float) -> None:
+        """Put ``conn`` last in the loop's queue ``where``, watched for reading."""
+        if conn.where is not None:
+            del conn.where[conn]
+        conn.where, where[conn] = where, None
+        conn.deadline = time.monotonic() + timeout
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif conn.events != events:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _release(self, conn: _Conn) -> None:
+        """Take ``conn`` out of the loop's queues and selector (for a worker, or to close)."""
+        if conn.where is not None:
+            del conn.where[conn]
+            conn.where = None
+        if conn.events:
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:  # closing twice is harmless: an evicted connection may have events
+            return
+        self._release(conn)
+        conn.closed = True
+        conn.sock.close()
+        self._open -= 1
+        _BUDGET.add(-1)
+        if self._resume_at == float("inf"):
+            self._resume_at = 0.0
 
     def _expire(self, now: float) -> None:
-        for waiting in list(self._waiting.values()):
-            if waiting.deadline > now:
-                break  # oldest first: the rest are younger
-            self._drop(waiting)
+        for where in (self._heads, self._idle, self._lingering):
+            while where:
+                conn = next(iter(where))
+                if conn.deadline > now:
+                    break  # oldest first: the rest are younger
+                self._close(conn)
         with self._lock:
-            for conn, deadline in self._active.items():
+            for sock, deadline in self._active.items():
                 if deadline <= now:
-                    _cut(conn)
+                    _cut(sock)
+
+    # --- workers ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            waiting = self._ready.get()
-            if waiting is None:
-                return
-            self._serve(waiting)
+        while (item := self._requests.get()) is not None:
+            conn, request, hasty = item
+            outcome = self._serve(conn, request)
+            if hasty:
+                self._requests.done()
+            if self._stopping.is_set():
+                conn.sock.close()
+                continue
+            self._returned.append((conn, outcome))
+            with contextlib.suppress(OSError):  # a full wake-up socket wakes the loop anyway
+                self._waker.send(b"\0")
 
-    def _serve(self, waiting: _Waiting) -> None:
-        conn = waiting.sock
+    def _serve(self, conn: _Conn, request: Request) -> str:
         with self._lock:
-            self._active[conn] = time.monotonic() + self._limits.deadline
+            self._active[conn.sock] = time.monotonic() + self._limits.deadline
         try:
-            if not self._stopping.is_set():
-                conn.settimeout(self._limits.read_timeout)
-                _RequestHandler(conn, waiting.peer, self, waiting.head)
-        except OSError as err:
-            log.debug("%s: %s", waiting.peer[0], err)
-        except Exception:
-            log.exception("%s: request failed", waiting.peer[0])
+            if self._stopping.is_set():
+                return _CLOSE
+            conn.sock.settimeout(self._limits.read_timeout)
+            if self._respond(conn, request):
+                return _KEEP
+            return _LINGER if request.has_body else _CLOSE
+        except _Lost as err:
+            log.debug("%s: connection lost: %s", conn.peer[0], err)
+            return _CLOSE
         finally:
             with self._lock:
-                del self._active[conn]
-            conn.close()
+                del self._active[conn.sock]
+
+    def _respond(self, conn: _Conn, request: Request) -> bool:
+        """Run the app on ``request`` and send its response; whether to keep the connection."""
+        started: list[tuple[str, list[tuple[str, str]]]] = []
+        early: list[bytes] = []
+        sent = False
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            if exc_info is not None and sent:
+                raise exc_info[1].with_traceback(exc_info[2])  # type: ignore[union-attr]
+            if started and exc_info is None:
+                raise AssertionError("start_response called twice")
+            started[:] = [(status, list(headers))]
+            return early.append
+
+        try:
+            result = self._app(self._environ(conn, request), start_response)
+            try:
+                body = _started(result, early)
+                if not started:
+                    raise AssertionError("the application did not call start_response")
+                status, headers = started[0]
+                head, chunked, keep = _response_head(request, status, headers, body)
+                sent = True
+                _send(conn.sock, head, () if request.method == "HEAD" else body, chunked)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+        except _Lost:
+            raise
+        except Exception as err:
+            trace = "".join(traceback.format_exception(err)).rstrip()
+            self._failed("%s: %s failed: %s", conn.peer[0], request.line, trace)
+            if not sent:
+                _sendall(conn.sock, HttpError(500, "internal server error").response())
+            return False
+        log.debug('%s "%s" %s', conn.peer[0], request.line, status.partition(" ")[0])
+        return keep
+
+    def _environ(self, conn: _Conn, request: Request) -> WSGIEnvironment:
+        environ: WSGIEnvironment = {
+            **self.base_environ,
+            "REQUEST_METHOD": request.method,
+            "PATH_INFO": unquote(request.path, "latin-1"),
+            "QUERY_STRING": request.query,
+            "SERVER_PROTOCOL": request.version,
+            "REMOTE_ADDR": conn.peer[0],
+            "REMOTE_PORT": str(conn.peer[1]),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if self._context else "http",
+            "wsgi.input": io.BytesIO(),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in request.headers:
+            if "_" in name:  # X_Y would pass for X-Y: dropped, as wsgiref does
+                continue
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+                value = f"{environ[key]},{value}" if key in environ else value
+            environ[key] = value
+        return environ
+
+
+def _started(result: Iterable[bytes], early: list[bytes]) -> list[bytes] | Iterator[bytes]:
+    """The body of ``result``, once the app has called start_response (a generator may call
+    it only when it yields its first chunk)."""
+    if isinstance(result, (list, tuple)):
+        return [*early, *result]
+    chunks = iter(result)
+    first = next((chunk for chunk in chunks if chunk), b"")
+    return _chain(early, first, chunks) if first else list(early)
+
+
+def _chain(early: list[bytes], first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield from early
+    yield first
+    yield from rest
+
+
+def _response_head(
+    request: Request,
+    status: str,
+    headers: list[tuple[str, str]],
+    body: list[bytes] | Iterator[bytes],
+) -> tuple[bytes, bool, bool]:
+    """The status line and headers; whether the body goes chunked; whether to keep alive."""
+    keep, chunked = request.keep_alive, False
+    if not any(name.lower() == "content-length" for name, _ in headers):
+        if isinstance(body, list):
+            headers.append(("Content-Length", str(sum(map(len, body)))))
+        elif request.version == "HTTP/1.1":
+            chunked = request.method != "HEAD"
+            if chunked:
+                headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            keep = False  # the end of the connection is the end of the body
+    if not keep and request.version == "HTTP/1.1":
+        headers.append(("Connection", "close"))
+    elif keep and request.version == "HTTP/1.0":
+        headers.append(("Connection", "keep-alive"))
+    lines = [f"{request.version} {status}", f"Date: {formatdate(usegmt=True)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), chunked, keep
+
+
+def _send(sock: socket.socket, head: bytes, body: Iterable[bytes], chunked: bool) -> None:
+    """Send the head with the first chunk, then each chunk as the app yields it (PEP 3333
+    forbids holding one back)."""
+    pending = [head]
+    for chunk in body:
+        if chunk:
+            pending += [b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunked else [chunk]
+            if not isinstance(body, list):
+                _sendall(sock, b"".join(pending))
+                pending = []
+    if chunked:
+        pending.append(b"0\r\n\r\n")
+    if pending:
+        _sendall(sock, b"".join(pending))
 
 
 def _cut(conn: socket.socket) -> None:

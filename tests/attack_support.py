@@ -3,12 +3,21 @@ checks that an exposition is valid for both Prometheus parsers."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import http.client
 import os
+import resource
+import selectors
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -68,6 +77,7 @@ class Daemon:
         stderr: str | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        max_fds: int | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -85,6 +95,10 @@ class Daemon:
         owner: dict[str, Any] = {}
         if user is not None:
             owner = {"user": user, "group": user, "extra_groups": []}
+        if max_fds is not None:  # as `ulimit -n max_fds` would
+            owner["preexec_fn"] = lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (max_fds, max_fds)
+            )
         self.proc = subprocess.Popen(
             [*cmd, *args], stdin=subprocess.DEVNULL, stderr=self._log, env=environ, cwd="/", **owner
         )
@@ -240,3 +254,146 @@ def scrape_until(daemon: Daemon, good: Any, what: str, timeout: float = 30.0) ->
 
     result: Samples = poll_until(attempt, timeout=timeout, what=what)
     return result
+
+
+# --- attackers and a legitimate scraper, for tests/test_attack.py and bench/attack.py ------------
+
+PARTIAL_HEAD = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+"""A request head that a slowloris client starts and never ends."""
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client: what a client that stalls after ClientHello
+    sends."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = ssl.create_default_context()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+class Crowd:
+    """``count`` connections to ``port`` on loopback, driven by one thread: each sends
+    ``opening`` once connected, then ``drip`` every ``every`` seconds (if any), and reads and
+    drops what the server sends; a connection the server closes is opened again."""
+
+    def __init__(
+        self, port: int, count: int, opening: bytes = b"", drip: bytes = b"", every: float = 1.0
+    ) -> None:
+        self.address = ("127.0.0.1", port)
+        self.count, self.opening, self.drip, self.every = count, opening, drip, every
+        self.connects = 0
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Crowd:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _open(self) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        if sock.connect_ex(self.address) not in (0, errno.EINPROGRESS):
+            sock.close()
+            return
+        self.connects += 1
+        self._selector.register(sock, selectors.EVENT_WRITE)
+
+    def _run(self) -> None:
+        try:
+            for _ in range(self.count):
+                self._open()
+            next_drip = time.monotonic() + self.every
+            while not self._stop.is_set():
+                for key, mask in self._selector.select(0.05):
+                    self._on_event(key.fileobj, mask)  # type: ignore[arg-type]
+                missing = self.count - len(self._selector.get_map())
+                for _ in range(min(missing, 64)):
+                    self._open()
+                if self.drip and time.monotonic() >= next_drip:
+                    next_drip += self.every
+                    for key in list(self._selector.get_map().values()):
+                        if key.events == selectors.EVENT_READ:
+                            with contextlib.suppress(OSError):
+                                key.fileobj.send(self.drip)  # type: ignore[union-attr]
+        finally:
+            for key in list(self._selector.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            self._selector.close()
+
+    def _on_event(self, sock: socket.socket, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise ConnectionRefusedError
+                if self.opening:
+                    sock.send(self.opening)
+                self._selector.modify(sock, selectors.EVENT_READ)
+                return
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._selector.unregister(sock)
+        sock.close()
+
+
+def drip_head(port: int, head: bytes, stop: threading.Event) -> None:
+    """Send ``head`` one byte per send, as fast as the server takes it, over and over."""
+    while not stop.is_set():
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        ):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(len(head)):
+                if stop.is_set():
+                    return
+                sock.send(head[i : i + 1])
+            sock.recv(65536)
+
+
+def scrape(
+    port: int, path: str = "/metrics", context: ssl.SSLContext | None = None, timeout: float = 10
+) -> tuple[int, bytes, float]:
+    """One scrape on a new connection: status, body and seconds taken."""
+    began = time.perf_counter()
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, body, time.perf_counter() - began
+    finally:
+        conn.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection, half-close, and return all the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        return received
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

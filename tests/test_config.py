@@ -8,14 +8,19 @@ from typing import Any
 
 import pytest
 
+from kvm_exporter import app
 from kvm_exporter.config import (
+    FLAGS,
+    RESERVED_PATHS,
     Config,
     ConfigError,
     Invalid,
     build,
+    format_duration,
     load_config,
     parse_config,
-    with_overrides,
+    parse_duration,
+    with_flags,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,10 +37,39 @@ def test_shipped_file_documents_exactly_the_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("15s", 15.0), ("500ms", 0.5), ("1m", 60.0), ("2h", 7200.0), ("0", 0.0), ("2.5", 2.5)],
+    [
+        ("15s", 15.0),
+        ("500ms", 0.5),
+        ("1m", 60.0),
+        ("2h", 7200.0),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("1d", 86400.0),
+        ("1w", 604800.0),
+        ("1y", 365 * 86400.0),
+        ("1d12h", 129600.0),
+        ("2m500ms", 120.5),
+        ("1h0m0s", 3600.0),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
+    """Prometheus' duration syntax in the file and in --poll.interval alike."""
     assert parse_config(f"interval: {text}\n").interval == seconds
+    assert with_flags(Config(), {"poll.interval": text}).interval == seconds
+
+
+@pytest.mark.parametrize("text", ["1h1h", "30m1h", "1ms1s", "h", "1x", "1 h", "1y1d", "-1s", ""])
+def test_bad_durations(text: str) -> None:
+    """Units largest first, each once, at most a year (1y1d is past it)."""
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 15, 90, 5400, 86400, 129600.5, 365 * 86400])
+def test_format_duration_reads_back(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == seconds
 
 
 def test_full_config() -> None:
@@ -46,7 +80,7 @@ def test_full_config() -> None:
         "libkvm: {predicate: uid, argument: 1001, threads: true}\n"
     )
     assert config.labels == ("state", "user")
-    assert (config.web.listen_address, config.web.telemetry_path) == ("127.0.0.1:9999", "/m")
+    assert (config.web.listen_address, config.web.telemetry_path) == (("127.0.0.1:9999",), "/m")
     assert (config.libkvm.predicate, config.libkvm.argument, config.libkvm.threads) == (
         "uid",
         1001,
@@ -56,12 +90,55 @@ def test_full_config() -> None:
 
 def test_flags_win_over_the_file() -> None:
     config = parse_config("web: {listen_address: ':1'}\nlog: {level: debug}\n")
-    merged = with_overrides(
-        config, {"web.listen_address": ":2", "log.level": None, "source": "libkvm"}
+    merged = with_flags(
+        config,
+        {
+            "web.listen-address": [":2", "[::1]:3"],
+            "log.level": None,
+            "log.format": "json",
+            "path.procfs": "/host/proc",
+            "poll.interval": "1m30s",
+            "collector.labels": ["state"],
+        },
     )
-    assert merged.web.listen_address == ":2"
-    assert merged.log.level == "debug"  # None: the flag was not given
-    assert merged.source == "libkvm"
+    assert merged.web.listen_address == (":2", "[::1]:3")
+    assert merged.log == type(merged.log)(level="debug", format="json")  # None: not given
+    assert (merged.procfs.root, merged.interval, merged.labels) == ("/host/proc", 90.0, ("state",))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("web.telemetry-path", "metrics", "--web.telemetry-path: got 'metrics', expected a path"),
+        ("web.telemetry-path", "/", "--web.telemetry-path: got '/', expected a path other than"),
+        ("web.listen-address", ["bogus"], "--web.listen-address: got 'bogus', expected host:port"),
+        ("web.listen-address", [":1", ":99999"], "--web.listen-address: got ':99999', expected"),
+        ("web.listen-address", [":1", ":1"], "--web.listen-address: got [':1', ':1'], expected"),
+        ("poll.interval", "1x", "--poll.interval: got '1x', expected a duration"),
+        ("collector.labels", ["pid"], "--collector.labels: got ['pid'], expected a list drawn"),
+        ("log.format", "xml", "--log.format: got 'xml', expected one of logfmt, json"),
+    ],
+)
+def test_flag_errors_name_the_flag(flag: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        with_flags(Config(), {flag: value})
+    assert str(err.value).startswith(message)
+
+
+def test_every_flag_overrides_a_real_key() -> None:
+    for flag, dotted in FLAGS.items():
+        section, _, key = dotted.rpartition(".")
+        assert hasattr(getattr(Config(), section) if section else Config(), key), flag
+
+
+def test_reserved_paths_are_the_apps_own() -> None:
+    assert {"/", app.HEALTH_PATH, app.READY_PATH} == set(RESERVED_PATHS)
+
+
+def test_listen_addresses_one_or_a_list() -> None:
+    assert parse_config("web: {listen_address: '[::1]:1'}").web.listen_address == ("[::1]:1",)
+    addresses = parse_config("web: {listen_address: [':1', 'localhost:2']}").web.listen_address
+    assert addresses == (":1", "localhost:2")
 
 
 @pytest.mark.parametrize(
@@ -81,6 +158,15 @@ def test_flags_win_over_the_file() -> None:
         ("source: bsd", "cfg.yml: source: got 'bsd', expected one of auto, procfs, libkvm"),
         ("log: {level: loud}", "cfg.yml: log.level: got 'loud', expected one of debug"),
         ("web: {telemetry_path: metrics}", "expected a path starting with /"),
+        ("web: {telemetry_path: /-/ready}", "web.telemetry_path: got '/-/ready', expected a path"),
+        ("web: {telemetry_path: /-/healthy}", "web.telemetry_path: got '/-/healthy', expected"),
+        ("web: {telemetry_path: '/m?x'}", "web.telemetry_path: got '/m?x', expected a path"),
+        ("web: {listen_address: bogus}", "web.listen_address: got 'bogus', expected host:port"),
+        ("web: {listen_address: ':99999'}", "web.listen_address: got ':99999', expected host"),
+        ("web: {listen_address: []}", "web.listen_address: got [], expected host:port or a"),
+        ("web: {listen_address: [':1', 2]}", "web.listen_address: got 2, expected a host:port"),
+        ("log: {format: xml}", "cfg.yml: log.format: got 'xml', expected one of logfmt, json"),
+        ("interval: 1h1h", "cfg.yml: interval: got '1h1h', expected a duration such as 15s, 1m30s"),
         ("web: []", "cfg.yml: web: expected a mapping"),
         ("[1, 2]", "cfg.yml: top level: expected a mapping"),
         ("libkvm: {threads: 'yes'}", "cfg.yml: libkvm.threads: got 'yes', expected true or false"),

@@ -103,7 +103,7 @@ def test_help_version_and_check() -> None:
         "--libkvm.core",
     ):
         assert flag in help_text
-    assert run("--version").stdout.strip() == "kvm_exporter 0.1.0"
+    assert run("--version").stdout.startswith("kvm_exporter, version 0.1.0 (revision: ")
     check = run("--config.check", f"--config.file={HERE.parent / 'config/kvm_exporter.yml'}")
     assert check.returncode == 0 and "configuration is valid" in check.stdout
 

@@ -1,9 +1,9 @@
-"""config/kvm_exporter.service: systemd-analyze verify and security, its sandboxing keys, and
-its ExecStart/ExecReload command lines run for real as nobody (systemd is not init here)."""
+"""config/kvm_exporter.service: systemd-analyze verify and security, its sandboxing keys and
+restart policy, and its ExecStartPre/ExecStart/ExecReload command lines run for real as nobody
+(systemd is not init here)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -19,7 +19,8 @@ from conftest import REPO, free_port, samples, wait_until
 from test_rcd import NOBODY, exporter_for_nobody
 
 UNIT = REPO / "config" / "kvm_exporter.service"
-INSTALLED_EXPORTER = "/usr/local/bin/kvm_exporter"
+INSTALLED_EXPORTER = "/opt/kvm_exporter/bin/kvm_exporter"
+"""Where the README installs it: ProtectHome=yes hides /root and /home from the unit."""
 
 
 def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -52,14 +53,31 @@ def value(key: str) -> str:
     return found[0]
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    unit = tmp_path / "kvm_exporter.service"
-    shutil.copy(UNIT, unit)
-    result = subprocess.run(
+def unit_copy(directory: Path, exporter: str) -> Path:
+    """The unit with its exporter path replaced by ``exporter``, as ``directory``'s file."""
+    unit = directory / "kvm_exporter.service"
+    text = UNIT.read_text()
+    assert text.count(INSTALLED_EXPORTER) == 3  # ExecStartPre, ExecStart, ExecReload
+    unit.write_text(text.replace(INSTALLED_EXPORTER, exporter))
+    return unit
+
+
+def verify(unit: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
+
+
+def test_systemd_analyze_verify_with_an_exporter_that_exists(tmp_path: Path) -> None:
+    exporter = exporter_for_nobody(tmp_path)
+    result = verify(unit_copy(tmp_path, str(exporter)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kvm_exporter" not in result.stdout + result.stderr
+    # The counter-case: verify does look at the command (a path that is not there fails).
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    result = verify(unit_copy(missing, str(missing / "kvm_exporter")))
+    assert result.returncode != 0 and str(missing / "kvm_exporter") in result.stderr
 
 
 def test_systemd_analyze_security_rates_it_ok(tmp_path: Path) -> None:
@@ -106,9 +124,9 @@ def test_sandboxing_keys() -> None:
         "Restart": "on-failure",
         "Type": "exec",
         "SyslogIdentifier": "kvm_exporter",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
     }.items():
         assert value(key) == setting, key
+    assert values("ExecReload")[-1] == "/bin/kill -HUP $MAINPID"
     # /proc must show every process and its real owner.
     assert value("ProtectProc") == "default"
     assert value("ProcSubset") == "all"
@@ -117,8 +135,21 @@ def test_sandboxing_keys() -> None:
     assert "@system-service" in values("SystemCallFilter")
 
 
+def expand(line: str, env: dict[str, str]) -> list[str]:
+    """A command line as systemd expands it: ``${VAR}`` is one word, ``$VAR`` is split on
+    white space (an empty one is no word at all)."""
+    words: list[str] = []
+    for word in shlex.split(line):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
 class Unit:
-    """The unit's ExecStart and ExecReload lines, run as systemd would, as nobody."""
+    """The unit's ExecStartPre, ExecStart and ExecReload lines, run as systemd would, as
+    nobody, with this test's exporter in place of the installed one."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -127,23 +158,39 @@ class Unit:
         self.exporter = exporter_for_nobody(root)
         self.stderr_path = root / "stderr"
         self.proc: subprocess.Popen[bytes] | None = None
-
-    def exec_start(self) -> list[str]:
-        """ExecStart as argv: systemd's "$$" is a literal "$"; the binary is the test's."""
-        line = value("ExecStart").replace("$$", "$")
-        assert line.count(INSTALLED_EXPORTER) == 1
-        return shlex.split(line.replace(INSTALLED_EXPORTER, str(self.exporter)))
-
-    def start(self) -> int:
-        env = {
+        self.env = {
             "PATH": "/usr/bin:/bin",
             "KVM_EXPORTER_CONFIG": str(self.config),
             "KVM_EXPORTER_ARGS": f"--web.listen-address=127.0.0.1:{self.port} --log.level=debug",
         }
+
+    def command(self, line: str) -> list[str]:
+        line = line.replace(INSTALLED_EXPORTER, str(self.exporter))
+        return expand(line.replace("$MAINPID", "${MAINPID}"), self.env)
+
+    def run(self, line: str) -> subprocess.CompletedProcess[str]:
+        """An Exec*= line run to its end, as nobody."""
+        return subprocess.run(
+            self.command(line),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[NOBODY],
+        )
+
+    def pre(self) -> subprocess.CompletedProcess[str]:
+        return self.run(value("ExecStartPre"))
+
+    def start(self) -> int:
+        assert self.pre().returncode == 0, self.pre().stderr
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(
-                self.exec_start(),
-                env=env,
+                self.command(value("ExecStart")),
+                env=self.env,
                 stderr=stderr,
                 cwd="/",
                 user=NOBODY,
@@ -163,9 +210,14 @@ class Unit:
             n for (m, labels) in samples(self.metrics()) if m == "kvm_processes" for n, _ in labels
         }
 
-    def reload(self, mainpid: int) -> None:
-        command = shlex.split(value("ExecReload").replace("$MAINPID", str(mainpid)))
-        assert subprocess.run(command, timeout=10).returncode == 0
+    def reload(self, mainpid: int) -> int:
+        """systemctl reload: each ExecReload line in turn, stopping at the first failure."""
+        self.env["MAINPID"] = str(mainpid)
+        for line in values("ExecReload"):
+            code = self.run(line).returncode
+            if code != 0:
+                return code
+        return 0
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -201,18 +253,67 @@ def test_exec_start_uses_the_config_and_reload_rereads_it(unit: Unit) -> None:
     assert unit.labels() == {"user", "tty", "state"}
 
     unit.config.write_text("interval: 500ms\nlabels: [state]\n")
-    unit.reload(mainpid)
-    wait_until(lambda: unit.labels() == {"state"}, what="labels after ExecReload")
+    assert unit.reload(mainpid) == 0
+    wait_until(lambda: unit.labels() == {"state"}, timeout=30, what="labels after ExecReload")
+    # A bad config fails the reload's check: no SIGHUP is sent, the running config stays.
+    unit.config.write_text("interval: 500ms\nlabels: [pid]\n")
+    assert unit.reload(mainpid) == 1
+    assert unit.labels() == {"state"}
     assert unit.proc is not None and unit.proc.poll() is None
     assert unit.stop() == 0
-    assert "configuration reloaded" in unit.stderr_path.read_text()
+    log = unit.stderr_path.read_text()
+    assert log.count("configuration reloaded") == 1 and "level=error" not in log
 
 
-def test_exec_start_runs_on_defaults_without_the_config_file(unit: Unit) -> None:
-    assert not unit.config.exists()
-    mainpid = unit.start()
-    cmdline = Path(f"/proc/{mainpid}/cmdline").read_text().split("\0")
-    assert not [arg for arg in cmdline if arg.startswith("--config.file")]
-    assert unit.labels() == {"user", "tty", "state"}
-    assert unit.stop() == 0
-    assert not os.path.exists(f"/proc/{mainpid}/cmdline")
+def restart_prevented(code: int) -> bool:
+    """Whether Restart=on-failure leaves a main process that exited with ``code`` dead."""
+    prevented = {int(c) for line in values("RestartPreventExitStatus") for c in line.split()}
+    return code in prevented
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        (None, "kvm_exporter.yml: cannot read config file: No such file or directory"),
+        ("labels: [pid]\n", "kvm_exporter.yml: labels: got ['pid']"),
+        ("procfs: {root: /nonexistent}\n", "/nonexistent does not look like procfs"),
+    ],
+)
+def test_a_bad_or_missing_config_fails_the_start_and_is_not_restarted(
+    unit: Unit, config: str | None, says: str
+) -> None:
+    """A mistyped config path is an error, not the built-in defaults; ExecStartPre says so in
+    one line, and should the main process meet it anyway, its exit status stops restarts."""
+    if config is not None:
+        unit.config.write_text(config)
+        unit.config.chmod(0o644)
+    pre = unit.pre()
+    assert pre.returncode == 1 and pre.stdout == ""
+    (line,) = pre.stderr.splitlines()
+    assert "level=error" in line and says in line
+    main = unit.run(value("ExecStart"))
+    assert main.returncode == 1 and says in main.stderr
+    assert restart_prevented(main.returncode)
+
+
+def test_a_crash_is_restarted_and_restarts_are_bounded() -> None:
+    from kvm_exporter.logs import EXIT_CRASH
+
+    assert value("Restart") == "on-failure" and not restart_prevented(EXIT_CRASH)
+    unit_section = dict(parse_unit(UNIT.read_text())["Unit"])
+    burst = int(unit_section["StartLimitBurst"])
+    interval = float(unit_section["StartLimitIntervalSec"].rstrip("s"))
+    # The limit can only trip if `burst` starts, RestartSec apart, fit in the interval.
+    assert burst >= 2 and burst * float(value("RestartSec").rstrip("s")) < interval
+
+
+def test_readme_installs_the_exporter_where_the_unit_runs_it() -> None:
+    """The README's steps: a venv at the unit's path, from a Python the sandbox can see."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Linux (systemd)") : readme.index("## TLS and basic auth")]
+    venv = str(Path(INSTALLED_EXPORTER).parent.parent)
+    assert f"/usr/bin/python3 -m venv {venv} && {venv}/bin/pip install ." in section
+    config = "/etc/kvm_exporter/kvm_exporter.yml"
+    assert f"Environment=KVM_EXPORTER_CONFIG={config}" in UNIT.read_text()
+    assert f"install -D -m 0644 config/kvm_exporter.yml {config}" in section
+    assert not [word for _, line in SERVICE for word in line.split() if word.startswith("/root")]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,11 @@ from typing import Any
 import bcrypt
 import pytest
 import tlsutil
+from conftest import samples
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvm_exporter.web import Limits, Server, WebError, parse_listen_address, serve
 from kvm_exporter.webconfig import WebSettings, load_web_config
@@ -184,10 +194,11 @@ def test_tls_client_with_wrong_ca_fails_the_handshake(pki: Path, servers: list[S
         get(server, context=client_context(pki, ca="other-ca.pem"))
 
 
-def test_plain_http_to_tls_server_gets_nothing(pki: Path, servers: list[Server]) -> None:
+def test_plain_http_to_tls_server_gets_400_saying_so(pki: Path, servers: list[Server]) -> None:
     server = start(servers, tls_settings(pki))
-    with pytest.raises((http.client.HTTPException, ConnectionError)):
-        get(server)
+    status, _, body = get(server)
+    assert (status, body) == (400, b"Client sent an HTTP request to an HTTPS server.\n")
+    assert get(server, context=client_context(pki))[0] == 200
 
 
 MTLS = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"
@@ -368,7 +379,7 @@ def test_silent_connection_is_closed_after_request_timeout(servers: list[Server]
 
 
 def test_waiting_connections_are_capped_oldest_first(servers: list[Server]) -> None:
-    server = start(servers, waiting=3)
+    server = start(servers, connections=3)
     socks = [socket.create_connection(server.address) for _ in range(5)]
     try:
         time.sleep(0.3)
@@ -405,13 +416,10 @@ def test_failing_app_gives_500_and_logs(
 
     server = start(servers, app=broken)
     assert get(server)[0] == 500
-    assert any(
-        r.name == "kvm_exporter.web"
-        and r.levelno == logging.ERROR
-        and r.exc_info is not None
-        and str(r.exc_info[1]) == "boom"
-        for r in caplog.records
-    )
+    [failed] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failed.name == "kvm_exporter.web"
+    assert failed.getMessage().startswith("127.0.0.1: GET /metrics HTTP/1.1 failed: Traceback")
+    assert failed.getMessage().endswith("RuntimeError: boom")
     assert get(server)[0] == 500  # the worker survived
 
 
@@ -444,3 +452,214 @@ def test_shutdown_is_quick_and_closes_everything(pki: Path) -> None:
     idle.close()
     busy.close()
     server.shutdown()  # a second call is harmless
+
+
+# --- HTTP/1.1: keep-alive, HEAD, framing (issue 11) ---------------------------------------------
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(servers: list[Server]) -> None:
+    server = start(servers)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    try:
+        for path in ("/a", "/b", "/c"):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, f"http {path}".encode())
+            assert response.getheader("Connection") is None and not response.will_close
+            if path == "/a":
+                first = conn.sock
+            assert conn.sock is first
+        conn.request("GET", "/d", headers={"Connection": "close"})
+        response = conn.getresponse()
+        assert response.getheader("Connection") == "close" and response.read() == b"http /d"
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert received.index(b"http /1") < received.index(b"http /2") < received.index(b"http /3")
+
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(servers: list[Server]) -> None:
+    server = start(servers, idle_timeout=0.3)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert not closed_by_server(sock, 0.1)
+        assert closed_by_server(sock, 2.0)
+
+
+def test_http10_closes_unless_keep_alive_is_asked(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer = sock.recv(65536)
+        assert (
+            answer.startswith(b"HTTP/1.0 200 OK\r\n")
+            and b"\r\nConnection: keep-alive\r\n" in answer
+        )
+        sock.sendall(b"GET /y HTTP/1.0\r\n\r\n")
+        rest = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert rest.startswith(b"HTTP/1.0 200 OK\r\n") and rest.endswith(b"http /y")
+
+
+def test_head_has_the_get_headers_and_no_body(servers: list[Server]) -> None:
+    server = start(servers)
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    try:
+        conn.request("HEAD", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b""
+        assert response.getheader("Content-Length") == str(len(b"http /metrics"))
+        conn.request("GET", "/metrics")  # the connection is still in step
+        assert conn.getresponse().read() == b"http /metrics"
+    finally:
+        conn.close()
+
+
+def test_no_server_header_and_a_date(servers: list[Server]) -> None:
+    _, headers, _ = get(start(servers))
+    assert "Server" not in headers and headers["Date"].endswith(" GMT")
+
+
+def test_streamed_body_is_chunked_for_http11_and_close_delimited_for_http10(
+    servers: list[Server],
+) -> None:
+    def stream(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"one "
+        yield b""
+        yield b"two"
+
+    server = start(servers, app=stream)
+    status, headers, body = get(server)
+    assert (status, headers["Transfer-Encoding"], body) == (200, "chunked", b"one two")
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert b"Content-Length" not in answer and answer.endswith(b"\r\n\r\none two")
+
+
+def test_a_request_with_a_body_is_answered_then_closed(servers: list[Server]) -> None:
+    server = start(servers)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.count(b"HTTP/1.1") == 1 and b"\r\nConnection: close\r\n" in answer
+
+
+def test_a_client_scraping_back_to_back_waits_behind_others(servers: list[Server]) -> None:
+    """With the only worker busy, a request sent right after the same connection's previous
+    response waits until a new client's request is served, although it came first."""
+    release, order = threading.Event(), []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/block":
+            release.wait(5)
+        order.append(environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    server = start(servers, app=app, workers=1)
+    hasty, blocker, fresh = (socket.create_connection(server.address, timeout=5) for _ in "abc")
+    try:
+        hasty.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert hasty.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        blocker.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        hasty.sendall(b"GET /hasty HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        fresh.sendall(b"GET /fresh HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        release.set()
+        for sock in (blocker, fresh, hasty):
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        assert order == ["/first", "/block", "/fresh", "/hasty"]
+    finally:
+        for sock in (hasty, blocker, fresh):
+            sock.close()
+
+
+# --- the exporter's /metrics: filters, HEAD, the request counter (issue 11) --------------------
+
+
+def test_exporter_name_filters_head_and_request_counter(exporter: Any) -> None:
+    running = exporter()
+    text = running.get("/metrics?name[]=kvm_up&name[]=kvm_polls")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {"kvm_up", "kvm_polls"}
+    assert [s.name for s in families["kvm_polls"].samples] == ["kvm_polls_total"]
+    only_sample = running.get("/metrics?name%5B%5D=kvm_polls_total")
+    assert [f.name for f in text_string_to_metric_families(only_sample)] == ["kvm_polls"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        running.get("/metrics?name[]=no_such_metric")
+    assert refused.value.code == 400
+    head = urllib.request.urlopen(urllib.request.Request(running.url + "/metrics", method="HEAD"))
+    assert head.status == 200 and head.read() == b"" and int(head.headers["Content-Length"]) > 0
+    counted = samples(running.get())
+    codes = {dict(labels)["code"]: value for (name, labels), value in counted.items()
+             if name == "promhttp_metric_handler_requests_total"}  # fmt: skip
+    assert codes == {"200": 3.0, "400": 1.0, "500": 0.0, "503": 0.0}  # before this one
+    again = samples(running.get())
+    key = ("promhttp_metric_handler_requests_total", frozenset({("code", "200")}))
+    assert again[key] == 4.0
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_exporter_openmetrics_with_the_live_counter_is_one_valid_exposition(
+    exporter: Any, gzipped: bool
+) -> None:
+    running = exporter()
+    headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    if gzipped:
+        headers["Accept-Encoding"] = "gzip"
+    for _ in range(2):  # the second comes from the cache, the counter rendered anew
+        request = urllib.request.Request(running.url + "/metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+            assert (response.headers.get("Content-Encoding") == "gzip") == gzipped
+        text = (gzip.decompress(body) if gzipped else body).decode()
+        assert text.endswith("\n# EOF\n") and text.count("# EOF") == 1
+        names = {f.name for f in openmetrics_families(text)}
+        assert {"kvm_up", "promhttp_metric_handler_requests"} <= names
+
+
+SHARED_FDS = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (320, 320))
+from kvm_exporter.web import serve
+app = lambda environ, start_response: []
+servers = [serve(app, "127.0.0.1:0", None) for _ in range(2)]
+print(*(s.address[1] for s in servers), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_servers_of_one_process_share_the_descriptors() -> None:
+    """Two servers (two listen addresses) under 320 descriptors hold 256 connections in all,
+    not 256 each."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", SHARED_FDS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd="/",
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        ports = [int(port) for port in child.stdout.readline().split()]
+        clients = [socket.create_connection(("127.0.0.1", p)) for p in ports for _ in range(150)]
+        time.sleep(1)
+        assert sum(not closed_by_server(sock, 0.01) for sock in clients) == 256
+    finally:
+        child.stdin.close()
+        child.wait(10)
+        for sock in clients:
+            sock.close()

@@ -1,0 +1,314 @@
+"""Bounded attacks on kvm_exporter (and node_exporter when installed), each beside a
+legitimate scraper, printing per attack: scrape p50/p99/max, failed scrapes, CPU, RSS, fds.
+
+Every attack runs in a child process of its own (``attack.py attacker KIND PORT SECONDS``)
+so that neither side's GIL slows the other; the legitimate scraper opens a new connection
+for each scrape, 20 a second. Loopback only; each attack lasts ``--seconds`` (at most 10).
+
+    python bench/attack.py [--seconds 8] [--node-exporter /usr/bin/prometheus-node-exporter]
+
+Needs the test extra (``pip install '.[test]'``): it reuses tests/attack_support.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))
+
+from attack_support import (  # noqa: E402
+    PARTIAL_HEAD,
+    Crowd,
+    client_hello,
+    cpu_seconds,
+    drip_head,
+    scrape,
+)
+from conftest import free_port, wait_until  # noqa: E402
+from tlsutil import write_pki  # noqa: E402
+
+DRIPPED = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: 0123456789\r\n" * 400 + b"\r\n"
+
+
+def flood_head() -> bytes:
+    """A 15 KiB head of 120 headers: under both servers' caps, costly to parse."""
+    return (
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-Flood-%d: %s\r\n" % (i, b"f" * 110) for i in range(120))
+        + b"\r\n"
+    )
+
+
+# --- attackers (run in a child process) ---------------------------------------------------------
+
+
+def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
+    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
+    answer first (a wrk -c stand-in); a connection that ends is replaced."""
+    stop = time.monotonic() + seconds
+
+    def one() -> None:
+        while time.monotonic() < stop:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    while time.monotonic() < stop:
+                        sock.sendall(request)
+                        if not _read_response(sock):
+                            break
+            except OSError:
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 10)
+
+
+def _read_response(sock: socket.socket) -> bool:
+    """Read one response (Content-Length or chunked); False if the connection ended."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    while (len(body) < int(length[1])) if length else not body.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return False
+        body += chunk
+    return not re.search(rb"(?i)\r\nconnection: *close", head)
+
+
+def attacker(kind: str, port: int, seconds: float) -> None:
+    if kind == "load":
+        _repeat(port, seconds, 1000, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    elif kind == "flood":
+        _repeat(port, seconds, 64, flood_head())
+    elif kind == "drip":
+        stopped = threading.Event()
+        threads = [
+            threading.Thread(target=drip_head, args=(port, DRIPPED, stopped)) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stopped.set()
+        for thread in threads:
+            thread.join(10)
+    else:
+        crowd = {
+            "slowloris": lambda: Crowd(
+                port, 1000, opening=PARTIAL_HEAD, drip=b"X-a: b\r\n", every=5
+            ),
+            "tls-stall": lambda: Crowd(port, 1000, opening=client_hello()),
+            "reconnect": lambda: Crowd(port, 1000),
+        }[kind]()
+        with crowd:
+            time.sleep(seconds)
+
+
+# --- the measuring side -----------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    argv: Callable[[int], list[str]]
+    tls: bool = False
+
+
+def rss_fds(pid: int) -> tuple[float, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Running:
+    """A target process on a free loopback port, optionally under ``ulimit -n``."""
+
+    def __init__(self, target: Target, max_fds: int | None, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        limit = (
+            (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds)))
+            if max_fds
+            else None
+        )
+        self.proc = subprocess.Popen(
+            target.argv(self.port),
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),  # noqa: SIM115 - the child keeps it
+            preexec_fn=limit,
+        )
+        self.context = None
+        if target.tls:
+            self.context = ssl.create_default_context(cafile=str(PKI / "ca.pem"))
+            self.context.check_hostname = False
+        wait_until(
+            lambda: scrape(self.port, context=self.context, timeout=2)[0] == 200, 30, target.name
+        )
+        time.sleep(1.5)  # the first poll, and a settled RSS
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def measure(running: Running, kind: str | None, seconds: float) -> dict[str, object]:
+    pid = running.proc.pid
+    log_before = running.log.stat().st_size
+    attack = None
+    if kind:
+        attack = subprocess.Popen(
+            [sys.executable, __file__, "attacker", kind, str(running.port), str(seconds)]
+        )
+        time.sleep(1.0)  # let it build up
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    times: list[float] = []
+    failed = 0
+    peak_rss, peak_fds = rss_fds(pid)
+    while time.monotonic() - t0 < seconds - 1.0:
+        try:
+            status, _, took = scrape(running.port, context=running.context, timeout=10)
+            if status == 200:
+                times.append(took * 1000)
+            else:
+                failed += 1
+        except (OSError, Exception):
+            failed += 1
+        rss, fds = rss_fds(pid)
+        peak_rss, peak_fds = max(peak_rss, rss), max(peak_fds, fds)
+        time.sleep(0.05)
+    cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    if attack is not None:
+        attack.wait(30)
+    time.sleep(2.0)
+    alive = running.proc.poll() is None
+    after = rss_fds(pid)[0] if alive else float("nan")
+    try:
+        recovered = scrape(running.port, context=running.context, timeout=5)[0] == 200
+    except OSError:
+        recovered = False
+    text = running.log.read_bytes()[log_before:].decode(errors="replace")
+    times.sort()
+    return {
+        "attack": kind or "none",
+        "ok": len(times),
+        "failed": failed,
+        "p50": statistics.median(times) if times else float("nan"),
+        "p99": times[min(len(times) - 1, int(len(times) * 0.99))] if times else float("nan"),
+        "max": times[-1] if times else float("nan"),
+        "cpu": cpu * 100,
+        "rss": peak_rss,
+        "rss_after": after,
+        "fds": peak_fds,
+        "log_lines": text.count("\n"),
+        "tracebacks": text.count("Traceback"),
+        "alive": alive and recovered,
+    }
+
+
+PKI = Path(tempfile.mkdtemp(prefix="kvm-attack-pki-"))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "attacker":
+        attacker(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--node-exporter", default=shutil.which("prometheus-node-exporter"))
+    args = parser.parse_args()
+    seconds = min(args.seconds, 10.0)
+    write_pki(PKI)
+    web = PKI / "web.yml"
+    web.write_text(
+        f"tls_server_config:\n  cert_file: {PKI}/server.pem\n  key_file: {PKI}/server-key.pem\n"
+    )
+    kvm = [sys.executable, "-m", "kvm_exporter"]
+    targets = [("kvm_exporter", kvm)]
+    if args.node_exporter:
+        targets.append(
+            (
+                "node_exporter",
+                [args.node_exporter, "--collector.disable-defaults", "--collector.loadavg"],
+            )
+        )
+    rows = []
+    for name, argv in targets:
+        plain = Target(name, lambda port, a=argv: [*a, f"--web.listen-address=127.0.0.1:{port}"])
+        tls = Target(
+            name,
+            lambda port, a=argv: [
+                *a,
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--web.config.file={web}",
+            ],
+            tls=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for target, max_fds, kinds in (
+                (plain, None, [None, "slowloris", "load", "drip", "flood"]),
+                (tls, None, [None, "tls-stall"]),
+                (plain, 256, [None, "reconnect"]),
+            ):
+                running = Running(target, max_fds, Path(tmp) / f"{name}-{len(rows)}.log")
+                try:
+                    for kind in kinds:
+                        row = measure(running, kind, seconds)
+                        row["target"] = (
+                            name
+                            + (" TLS" if target.tls else "")
+                            + (f" ulimit -n {max_fds}" if max_fds else "")
+                        )
+                        rows.append(row)
+                        print(format_row(row), flush=True)
+                finally:
+                    running.stop()
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+
+
+HEADER = (
+    "| target | attack | scrapes ok/failed | p50 ms | p99 ms | max ms | CPU % | RSS peak MiB | "
+    "RSS after MiB | fds peak | log lines | alive |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
+def format_row(row: dict[str, object]) -> str:
+    return (
+        f"| {row['target']} | {row['attack']} | {row['ok']}/{row['failed']} | {row['p50']:.1f} | "
+        f"{row['p99']:.1f} | {row['max']:.1f} | {row['cpu']:.0f} | {row['rss']:.1f} | "
+        f"{row['rss_after']:.1f} | {row['fds']} | {row['log_lines']} | "
+        f"{'yes' if row['alive'] and not row['tracebacks'] else 'NO'} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
