@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import stat as statmod
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -49,6 +50,8 @@ _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in t
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
+_PROC_ROW = struct.Struct("@5Ic128s5Q")
+"""struct kvm_proc_row of _procscan (native layout and alignment)."""
 
 
 def _read(path: str, dir_fd: int | None = None, size: int = 16384) -> bytes:
@@ -158,6 +161,8 @@ class ProcfsSource:
         self._ttys: dict[bytes, str] = {}
         """tty name per raw ``tty_nr`` field of ``stat``: a few distinct values on any host."""
         self._rows: Any = _ffi.new("struct kvm_census_row[]", 256) if _ffi is not None else None
+        self._proc_rows: Any = None
+        """Room for kvm_procs' records, grown to fit."""
 
     def _boot_time(self) -> int:
         for line in _read_text(f"{self.root}/stat").splitlines():
@@ -174,9 +179,64 @@ class ProcfsSource:
 
     def procs(self, real_uid: bool = True) -> list[Proc]:
         """Every process; without ``real_uid``, ``status`` is not read (half the kernel's
-        work): the uid is the owner of ``/proc/PID``, as in the census, and ``ruid`` is -1."""
+        work): the uid is the owner of ``/proc/PID``, as in the census, and ``ruid`` is -1;
+        the census's reads, in C where ``_procscan`` was built."""
         boot = self._boot_time()
+        if not real_uid and _lib is not None:
+            return self._in_proc_dir(lambda dir_fd: self._procs_c(dir_fd, boot))
         return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot, real_uid))
+
+    def _procs_c(self, dir_fd: int, boot: int) -> list[Proc]:
+        assert _ffi is not None and _lib is not None
+        while True:
+            rows = self._proc_rows
+            if rows is None:
+                rows = self._proc_rows = _ffi.new("struct kvm_proc_row[]", 1024)
+            found = _lib.kvm_procs(dir_fd, rows, len(rows))
+            if found == -1:
+                raise OSError(_ffi.errno, os.strerror(_ffi.errno))
+            if found == -2:
+                raise ValueError("a PID/stat without its fields")
+            if found <= len(rows):
+                break
+            self._proc_rows = _ffi.new("struct kvm_proc_row[]", found + found // 8 + 64)
+        size = _ffi.sizeof("struct kvm_proc_row")
+        ttys: dict[int, str] = {}
+        out = []
+        for (
+            pid,
+            ppid,
+            uid,
+            tty_nr,
+            threads,
+            letter,
+            comm,
+            utime,
+            stime,
+            start,
+            vsize,
+            rss,
+        ) in _PROC_ROW.iter_unpack(_ffi.buffer(rows, found * size)):
+            tty = ttys.get(tty_nr)
+            if tty is None:
+                tty = ttys[tty_nr] = self._tty(tty_nr)
+            out.append(
+                Proc(
+                    pid,
+                    ppid,
+                    uid,
+                    -1,
+                    tty,
+                    _STATE_OF.get(letter, "unknown"),
+                    comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                    threads,
+                    rss * _PAGE_SIZE,
+                    vsize,
+                    (utime + stime) / _CLK_TCK,
+                    boot + start / _CLK_TCK,
+                )
+            )
+        return out
 
     def census(self) -> Census:
         scan = self._census_c if _lib is not None else _census_py

@@ -5,7 +5,9 @@ process under the procfs root open as ``dir_fd`` and counts them per distinct
 (uid, tty_nr, state, threads), creating no Python object per process. It returns the
 number of distinct rows (filling at most ``cap`` of them: call again with more room if
 the result exceeds ``cap``), -1 with errno set on an I/O error, or -2 for a ``stat`` no
-kernel writes. Processes that exit during the scan are skipped.
+kernel writes. Processes that exit during the scan are skipped. ``kvm_procs(dir_fd, rows,
+cap)`` makes the same reads and returns one record per process instead (the same returns:
+the number of processes, of which at most ``cap`` were filled), for the named groups.
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -21,6 +23,12 @@ struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
 };
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
+struct kvm_proc_row {
+    uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
+    char comm[128]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
+    uint64_t rss;
+};
+int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap);
 """
 
 C_SOURCE = r"""
@@ -38,6 +46,12 @@ C_SOURCE = r"""
 
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
+};
+
+struct kvm_proc_row {
+    uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
+    char comm[128]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
+    uint64_t rss;
 };
 
 /* Open addressing, linear probing; a slot with count 0 is free. */
@@ -156,22 +170,24 @@ static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, u
 
 static int census_gone(int err) { return err == ENOENT || err == ESRCH; }
 
-int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
+/* Called with each process's name (its pid), the owner of PID, and PID/stat (NUL-ended, n
+   bytes); returns 0 to go on, or the value walk_procs returns. */
+typedef int (*proc_fn)(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n);
+
+/* Every process under dir_fd: 0, -1 with errno set on an I/O error, or what each returned.
+   Processes that exit during the walk are skipped. */
+static int walk_procs(int dir_fd, proc_fn each, void *ctx)
 {
-    struct census_table t = { calloc(64, sizeof *t.slots), 63, 0 };
     int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0), ret = 0, saved;
     DIR *d = fd < 0 ? NULL : fdopendir(fd);
     char path[NAME_MAX + 8], buf[4097];
     struct dirent *e;
     struct stat st;
 
-    if (t.slots == NULL || d == NULL) {
-        saved = t.slots == NULL ? ENOMEM : errno;
-        if (d != NULL)
-            closedir(d);
-        else if (fd >= 0)
+    if (d == NULL) {
+        saved = errno;
+        if (fd >= 0)
             close(fd);
-        free(t.slots);
         errno = saved;
         return -1;
     }
@@ -215,20 +231,40 @@ int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
             ret = -1;
             break;
         }
-        char state;
-        uint32_t tty, threads;
-        if (census_parse(buf, (size_t)n, &state, &tty, &threads) != 0) {
-            ret = -2;
+        if ((ret = each(ctx, name, (uint32_t)st.st_uid, buf, (size_t)n)) != 0)
             break;
-        }
-        if (census_add(&t, (uint32_t)st.st_uid, tty, threads, state) != 0) {
-            errno = ENOMEM;
-            ret = -1;
-            break;
-        }
     }
     saved = errno;
     closedir(d);
+    errno = saved;
+    return ret;
+}
+
+static int census_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
+{
+    char state;
+    uint32_t tty, threads;
+    (void)pid;
+    if (census_parse(stat, n, &state, &tty, &threads) != 0)
+        return -2;
+    if (census_add(ctx, uid, tty, threads, state) != 0) {
+        errno = ENOMEM;
+        return -1;
+    }
+    return 0;
+}
+
+int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
+{
+    struct census_table t = { calloc(64, sizeof *t.slots), 63, 0 };
+    int ret, saved;
+
+    if (t.slots == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    ret = walk_procs(dir_fd, census_each, &t);
+    saved = errno;
     if (ret == 0) {
         size_t k = 0;
         for (size_t i = 0; i <= t.mask; i++)
@@ -239,6 +275,74 @@ int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
     free(t.slots);
     errno = saved;
     return ret;
+}
+
+/* A decimal u64 field ending at a space or newline; *p moves past that separator. */
+static int procs_u64(const char **p, const char *end, uint64_t *out)
+{
+    const char *q = *p, *digits = q;
+    uint64_t v = 0;
+    for (; q < end && *q >= '0' && *q <= '9'; q++) {
+        if (v > (UINT64_MAX - 9) / 10)
+            return -1;
+        v = v * 10 + (uint64_t)(*q - '0');
+    }
+    if (q == digits || q == end || (*q != ' ' && *q != '\n'))
+        return -1;
+    *out = v;
+    *p = q + 1;
+    return 0;
+}
+
+/* One PID/stat into a record: comm, state, ppid, tty_nr, utime, stime, threads, starttime,
+   vsize and rss (fields 2-4, 7, 14, 15, 20, 22-24 of proc(5)). */
+static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
+{
+    const char *end = buf + n, *rp = memrchr(buf, ')', n), *lp = memchr(buf, '(', n);
+    uint32_t ignored;
+    if (rp == NULL || lp == NULL || lp > rp || end - rp < 4 || rp[1] != ' ' || rp[3] != ' ')
+        return -1;
+    size_t len = (size_t)(rp - lp - 1);
+    if (len > sizeof r->comm - 1)
+        len = sizeof r->comm - 1;
+    memcpy(r->comm, lp + 1, len);
+    r->comm[len] = '\0';
+    r->state = rp[2];
+    const char *p = rp + 4;
+    if (census_number(&p, end, 0, &r->ppid) != 0 || census_number(&p, end, 0, &ignored) != 0
+        || census_number(&p, end, 0, &ignored) != 0 || census_number(&p, end, 1, &r->tty_nr) != 0
+        || census_skip(&p, end, 6) != 0 || procs_u64(&p, end, &r->utime) != 0
+        || procs_u64(&p, end, &r->stime) != 0 || census_skip(&p, end, 4) != 0
+        || census_number(&p, end, 0, &r->threads) != 0 || census_skip(&p, end, 1) != 0
+        || procs_u64(&p, end, &r->starttime) != 0 || procs_u64(&p, end, &r->vsize) != 0
+        || procs_u64(&p, end, &r->rss) != 0)
+        return -1;
+    return 0;
+}
+
+struct procs_out { struct kvm_proc_row *rows; int cap, n; };
+
+static int procs_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
+{
+    struct procs_out *out = ctx;
+    if (out->n < out->cap) {
+        struct kvm_proc_row *r = &out->rows[out->n];
+        if (procs_parse(stat, n, r) != 0)
+            return -2;
+        r->pid = (uint32_t)strtoul(pid, NULL, 10);
+        r->uid = uid;
+    }
+    if (out->n == 0x7FFFFFFF)
+        return 0;
+    out->n++;
+    return 0;
+}
+
+int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap)
+{
+    struct procs_out out = { rows, cap, 0 };
+    int ret = walk_procs(dir_fd, procs_each, &out);
+    return ret != 0 ? ret : out.n;
 }
 """
 
