@@ -99,7 +99,12 @@ def process_exporter(tmp_path: Path) -> Iterator[Any]:
                 stderr=log,
             )
             running.append(p)
-            wait_until(lambda p=p, port=port: exited_or_listens(p, port), what="process-exporter")
+            # It reads every process before it listens: seconds on a busy host.
+            wait_until(
+                lambda p=p, port=port: exited_or_listens(p, port),
+                timeout=120,
+                what="process-exporter",
+            )
             if p.poll() is None:
                 return f"http://127.0.0.1:{port}/metrics"
         raise AssertionError("process-exporter found no free port in 5 attempts")
@@ -111,7 +116,7 @@ def process_exporter(tmp_path: Path) -> Iterator[Any]:
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with urllib.request.urlopen(url, timeout=120) as response:
         return samples(response.read().decode())
 
 
