@@ -1,14 +1,16 @@
-"""rc.d/kvm_exporter driven through the rc.subr harness and daemon(8) stand-in of tests/rcsubr.
+"""rc.d/kvm_exporter driven through the rc.subr harness and daemon(8)/su(1) stand-ins of
+tests/rcsubr.
 
 The script under test is the shipped file with two paths rewritten (/etc/rc.subr and
-/usr/sbin/daemon); everything else, the real exporter included, runs as on FreeBSD: as root,
-with kvm_exporter_user=nobody, on a free loopback port.
+/usr/sbin/daemon) and the su(1) stand-in first in PATH; everything else, the real exporter
+included, runs as on FreeBSD: as root, with kvm_exporter_user=nobody, on a free loopback port.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -113,29 +115,44 @@ class Service:
         }
         self.write_rc_conf()
 
-    def write_rc_conf(self, **changes: str) -> None:
-        self.settings.update(changes)
-        lines = [f'{key}="{value}"' for key, value in self.settings.items()]
+    def write_rc_conf(self, **changes: str | None) -> None:
+        """Update rc.conf; None removes a variable. Values are single-quoted, as-is."""
+        for key, value in changes.items():
+            if value is None:
+                self.settings.pop(key, None)
+            else:
+                self.settings[key] = value
+        lines = [f"{key}={shlex.quote(value)}" for key, value in self.settings.items()]
         self.rc_conf.write_text("\n".join(lines) + "\n")
 
     def write_config(self, text: str) -> None:
         self.config.write_text(text)
         self.config.chmod(0o644)
 
-    def rc(self, command: str) -> subprocess.CompletedProcess[str]:
+    def rc(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``service kvm_exporter COMMAND``: service(8) runs the script in a clean env."""
         env = {
             "HOME": "/",
-            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin",
+            "PATH": f"{HARNESS / 'bin'}:/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin",
             "RCSUBR_RC_CONF": str(self.rc_conf),
             "RCSUBR_SYSLOG": str(self.syslog),
         }
         return subprocess.run(
-            [str(self.script), command], capture_output=True, text=True, env=env, timeout=60
+            [str(self.script), command], capture_output=True, text=True, env=env, timeout=timeout
         )
 
     def pid(self, pidfile: Path) -> int:
         return int(pidfile.read_text().split()[0])
+
+    def pid_now(self, pidfile: Path) -> int | None:
+        """The pid in ``pidfile``, None while it is missing or being rewritten.
+
+        daemon(8) rewrites it as pidfile_write(3) does: truncate, then write."""
+        try:
+            words = pidfile.read_text().split()
+        except FileNotFoundError:
+            return None
+        return int(words[0]) if words else None
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
@@ -341,7 +358,7 @@ def test_daemon_restarts_a_dead_exporter(service: Service) -> None:
     os.kill(child, signal.SIGKILL)
     # -R 5: a new exporter about five seconds later, under the same supervisor.
     wait_until(
-        lambda: svc.child_pidfile.exists() and svc.pid(svc.child_pidfile) != child,
+        lambda: svc.pid_now(svc.child_pidfile) not in (None, child),
         timeout=15,
         what="a restarted exporter",
     )
