@@ -29,7 +29,6 @@ from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
 SCRIPT = REPO / "rc.d" / "kvm_exporter"
 HARNESS = REPO / "tests" / "rcsubr"
 NOBODY = 65534
-NOGROUP = "nogroup"
 BAD_CONFIG = "labels: [user, bogus]\n"
 # service(8)'s PATH; the su(1) stand-in goes before it.
 SERVICE_PATH = "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin"
@@ -112,7 +111,6 @@ class Service:
         self.settings = {
             "kvm_exporter_enable": "YES",
             "kvm_exporter_user": "nobody",
-            "kvm_exporter_group": NOGROUP,
             "kvm_exporter_config": str(self.config),
             "kvm_exporter_listen_address": f"127.0.0.1:{self.port}",
             "kvm_exporter_pidfile": str(self.pidfile),
@@ -322,8 +320,8 @@ def test_start_status_reload_stop(service: Service) -> None:
     assert f"--config.file={svc.config}" in cmdline
     assert f"--web.listen-address=127.0.0.1:{svc.port}" in cmdline
     assert "--log.level=debug" in cmdline
-    run_dir = svc.run_dir.stat()
-    assert (run_dir.st_uid, run_dir.st_mode & 0o777) == (0, 0o755)
+    run_dir = svc.run_dir.stat()  # kvm_exporter_group unset: nobody's login group
+    assert (run_dir.st_uid, run_dir.st_gid, run_dir.st_mode & 0o777) == (0, NOBODY, 0o755)
     assert svc.pidfile.stat().st_uid == 0
 
     assert processes_labels(svc.metrics_text()) == {"user", "tty", "state"}
@@ -594,6 +592,13 @@ def test_a_stale_pidfile_naming_another_daemon_is_left_alone(service: Service) -
         stop = svc.rc("stop", timeout=40)
         assert stop.returncode == 1, stop
         assert f"(check {svc.pidfile}: pid {other} is not kvm_exporter's daemon(8))" in stop.stderr
+        assert alive(other)
+        # rc.subr's own check before start_precmd: the README says to remove the pidfile.
+        start = svc.rc("start")
+        assert (start.returncode, start.stderr) == (
+            1,
+            f"kvm_exporter already running? (pid={other}).\n",
+        )
         assert alive(other)
     finally:
         os.kill(other, signal.SIGTERM)
