@@ -610,8 +610,8 @@ def test_daemon_stand_in_drops_sigterm_during_its_restart_sleep(tmp_path: Path) 
     (daemon_eventloop); daemon_sleep ignores it. A kinder stand-in would exit at once."""
     pidfile, child_pidfile = tmp_path / "d.pid", tmp_path / "c.pid"
     subprocess.run(
-        [str(HARNESS / "daemon"), "-f", "-R", "2", "-P", str(pidfile), "-p", str(child_pidfile)]
-        + ["-t", "title", "sleep", "1"],
+        [str(HARNESS / "daemon"), "-f", "-R", "5", "-P", str(pidfile), "-p", str(child_pidfile)]
+        + ["-t", "title", "sleep", "2"],
         check=True,
     )
     supervisor = int(pidfile.read_text())
@@ -619,7 +619,7 @@ def test_daemon_stand_in_drops_sigterm_during_its_restart_sleep(tmp_path: Path) 
         first = wait_until(lambda: pid_in(child_pidfile), what="a first child")
         cmdline = lambda: Path(f"/proc/{supervisor}/cmdline").read_text()  # noqa: E731
         wait_until(lambda: cmdline().startswith(f"daemon: title[{first}]\0"), what="the title")
-        # Reaped by the supervisor, which then goes to sleep for 2 s.
+        # Reaped by the supervisor, which then goes to sleep for 5 s.
         wait_until(lambda: not Path(f"/proc/{first}").exists(), what="the first child to exit")
         time.sleep(0.3)
         os.kill(supervisor, signal.SIGTERM)  # asleep: lost
