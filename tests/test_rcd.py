@@ -569,7 +569,8 @@ def test_stop_kills_an_exporter_that_ignores_sigterm(service: Service) -> None:
     stop = svc.rc("stop", timeout=40)
     assert stop.returncode == 0, stop
     assert "kvm_exporter did not stop in 2 s: sending SIGKILL." in stop.stderr
-    assert not alive(supervisor) and not alive(child)
+    # stop does not wait for init to reap what SIGKILL ends.
+    wait_until(lambda: not alive(supervisor) and not alive(child), what="SIGKILL to take effect")
     assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
 
 
