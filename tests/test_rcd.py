@@ -428,6 +428,8 @@ def test_disabled_service_needs_onestart(service: Service) -> None:
         "or use 'onestart' instead of 'start'.\n"
     )
     assert not svc.pidfile.exists() and not svc.serving()
+    assert "use 'onecheckconfig' instead of 'checkconfig'" in svc.rc("checkconfig").stdout
+    assert svc.rc("onecheckconfig").stdout == f"{svc.config}: configuration is valid\n"
 
     supervisor, _ = start(svc, "onestart")
     assert svc.rc("status").stdout == f"kvm_exporter is running as pid {supervisor}.\n"
