@@ -554,7 +554,9 @@ def test_stop_ends_while_the_exporter_crash_loops(service: Service) -> None:
         assert alive(supervisor)  # asleep before the restart
         stop = svc.rc("stop", timeout=40)
     assert stop.returncode == 0, stop
-    assert not alive(supervisor)
+    # Gone at once after SIGTERM; after SIGKILL (a machine so loaded that the 10 s ran out)
+    # stop does not wait for init to reap it.
+    wait_until(lambda: not alive(supervisor), what="the supervisor to go")
     assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
     assert "address already in use" in svc.log().lower(), svc.log()
 
