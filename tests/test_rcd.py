@@ -1,19 +1,24 @@
-"""rc.d/kvm_exporter driven through the rc.subr harness and daemon(8) stand-in of tests/rcsubr.
+"""rc.d/kvm_exporter driven through the rc.subr harness and daemon(8)/su(1) stand-ins of
+tests/rcsubr.
 
 The script under test is the shipped file with two paths rewritten (/etc/rc.subr and
-/usr/sbin/daemon); everything else, the real exporter included, runs as on FreeBSD: as root,
-with kvm_exporter_user=nobody, on a free loopback port.
+/usr/sbin/daemon) and the su(1) stand-in first in PATH; everything else, the real exporter
+included, runs as on FreeBSD: as root, with kvm_exporter_user=nobody, on a free loopback port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +29,10 @@ from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
 SCRIPT = REPO / "rc.d" / "kvm_exporter"
 HARNESS = REPO / "tests" / "rcsubr"
 NOBODY = 65534
-NOGROUP = "nogroup"
 BAD_CONFIG = "labels: [user, bogus]\n"
+# service(8)'s PATH; the su(1) stand-in goes before it.
+SERVICE_PATH = "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin"
+RC_SUBR_LINES = (". /etc/rc.subr", 'load_rc_config "${name}"', 'run_rc_command "$1"')
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +111,6 @@ class Service:
         self.settings = {
             "kvm_exporter_enable": "YES",
             "kvm_exporter_user": "nobody",
-            "kvm_exporter_group": NOGROUP,
             "kvm_exporter_config": str(self.config),
             "kvm_exporter_listen_address": f"127.0.0.1:{self.port}",
             "kvm_exporter_pidfile": str(self.pidfile),
@@ -113,25 +119,30 @@ class Service:
         }
         self.write_rc_conf()
 
-    def write_rc_conf(self, **changes: str) -> None:
-        self.settings.update(changes)
-        lines = [f'{key}="{value}"' for key, value in self.settings.items()]
+    def write_rc_conf(self, **changes: str | None) -> None:
+        """Update rc.conf; None removes a variable. Values are single-quoted, as-is."""
+        for key, value in changes.items():
+            if value is None:
+                self.settings.pop(key, None)
+            else:
+                self.settings[key] = value
+        lines = [f"{key}={shlex.quote(value)}" for key, value in self.settings.items()]
         self.rc_conf.write_text("\n".join(lines) + "\n")
 
     def write_config(self, text: str) -> None:
         self.config.write_text(text)
         self.config.chmod(0o644)
 
-    def rc(self, command: str) -> subprocess.CompletedProcess[str]:
+    def rc(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``service kvm_exporter COMMAND``: service(8) runs the script in a clean env."""
         env = {
             "HOME": "/",
-            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin",
+            "PATH": f"{HARNESS / 'bin'}:{SERVICE_PATH}",
             "RCSUBR_RC_CONF": str(self.rc_conf),
             "RCSUBR_SYSLOG": str(self.syslog),
         }
         return subprocess.run(
-            [str(self.script), command], capture_output=True, text=True, env=env, timeout=60
+            [str(self.script), command], capture_output=True, text=True, env=env, timeout=timeout
         )
 
     def pid(self, pidfile: Path) -> int:
@@ -158,6 +169,18 @@ class Service:
                     os.kill(pid, signal.SIGKILL)
             except (OSError, ValueError, IndexError):
                 pass
+
+
+def pid_in(pidfile: Path) -> int | None:
+    """The pid in ``pidfile``, None while it is missing or being rewritten.
+
+    daemon(8) writes the child's pid after it returns, and rewrites it as pidfile_write(3)
+    does: truncate, then write."""
+    try:
+        words = pidfile.read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(words[0]) if words else None
 
 
 def ids(pid: int) -> dict[str, list[int]]:
@@ -224,16 +247,57 @@ def test_shellcheck_clean(path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def top_level_statements(text: str) -> list[str]:
+    """The script's statements outside function bodies, without comments and blank lines;
+    a statement continued with a backslash is one string."""
+    statements: list[str] = []
+    in_function = continued = False
+    for line in text.splitlines():
+        if re.match(r"^\w+\(\)$", line):
+            in_function = True
+        elif in_function:
+            in_function = line != "}"
+        elif line.strip() and not line.startswith("#"):
+            if continued:
+                statements[-1] += "\n" + line
+            else:
+                statements.append(line)
+            continued = line.endswith("\\")
+    return statements
+
+
 def test_script_follows_the_ports_convention() -> None:
     text = SCRIPT.read_text()
     for line in ("# PROVIDE: kvm_exporter", "# REQUIRE: LOGIN", "# KEYWORD: shutdown"):
         assert re.search(f"^{re.escape(line)}$", text, re.M), line
-    assert re.search(r"^\. /etc/rc\.subr$", text, re.M)
-    assert re.search(r"^name=kvm_exporter$", text, re.M)
-    assert re.search(r"^rcvar=kvm_exporter_enable$", text, re.M)
-    assert re.search(r'^load_rc_config "\$\{name\}"$', text, re.M)
-    assert re.search(r'^run_rc_command "\$1"$', text, re.M)
     assert subprocess.run(["sh", "-n", str(SCRIPT)]).returncode == 0
+    statements = top_level_statements(text)
+    for line in (
+        ". /etc/rc.subr",
+        "name=kvm_exporter",
+        "rcvar=kvm_exporter_enable",
+        'load_rc_config "${name}"',
+        'run_rc_command "$1"',
+        ': ${kvm_exporter_enable:="NO"}',
+    ):
+        assert line in statements, line
+    # Porter's Handbook: ":=" for _enable only, "=" elsewhere (an empty value stays empty).
+    defaults = [line for line in statements if line.startswith(":")]
+    assert len(defaults) >= 8
+    for line in defaults:
+        if "_enable" not in line:
+            assert re.fullmatch(r': \$\{kvm_exporter_\w+="[^"]*"\}', line), line
+    # Outside functions only rc.subr's own lines, defaults and plain assignments.
+    for statement in statements:
+        assert statement in RC_SUBR_LINES or (
+            re.match(r"^(: \$\{\w+:?=|\w+=)", statement)
+            and not re.search(r"\$\(|`|;|&&|\|\|", statement)
+        ), statement
+    # dist turns /usr/local into %%PREFIX%%: it may only name files the port installs.
+    for match in re.finditer(r"/usr/local\S*", text):
+        assert re.match(r"/usr/local/(bin/kvm_exporter|etc/kvm_exporter\.yml)\b", match.group()), (
+            match.group()
+        )
 
 
 def test_start_status_reload_stop(service: Service) -> None:
@@ -256,8 +320,8 @@ def test_start_status_reload_stop(service: Service) -> None:
     assert f"--config.file={svc.config}" in cmdline
     assert f"--web.listen-address=127.0.0.1:{svc.port}" in cmdline
     assert "--log.level=debug" in cmdline
-    run_dir = svc.run_dir.stat()
-    assert (run_dir.st_uid, run_dir.st_mode & 0o777) == (0, 0o755)
+    run_dir = svc.run_dir.stat()  # kvm_exporter_group unset: nobody's login group
+    assert (run_dir.st_uid, run_dir.st_gid, run_dir.st_mode & 0o777) == (0, NOBODY, 0o755)
     assert svc.pidfile.stat().st_uid == 0
 
     assert processes_labels(svc.metrics_text()) == {"user", "tty", "state"}
@@ -341,7 +405,7 @@ def test_daemon_restarts_a_dead_exporter(service: Service) -> None:
     os.kill(child, signal.SIGKILL)
     # -R 5: a new exporter about five seconds later, under the same supervisor.
     wait_until(
-        lambda: svc.child_pidfile.exists() and svc.pid(svc.child_pidfile) != child,
+        lambda: pid_in(svc.child_pidfile) not in (None, child),
         timeout=15,
         what="a restarted exporter",
     )
@@ -364,6 +428,8 @@ def test_disabled_service_needs_onestart(service: Service) -> None:
         "or use 'onestart' instead of 'start'.\n"
     )
     assert not svc.pidfile.exists() and not svc.serving()
+    assert "use 'onecheckconfig' instead of 'checkconfig'" in svc.rc("checkconfig").stdout
+    assert svc.rc("onecheckconfig").stdout == f"{svc.config}: configuration is valid\n"
 
     supervisor, _ = start(svc, "onestart")
     assert svc.rc("status").stdout == f"kvm_exporter is running as pid {supervisor}.\n"
@@ -391,3 +457,273 @@ def test_refuses_an_unknown_user(service: Service) -> None:
     assert result.returncode == 1
     assert "user 'no-such-kvm-user' does not exist" in result.stderr
     assert not svc.pidfile.exists()
+
+
+def test_restart_with_an_invalid_config_keeps_the_exporter(service: Service) -> None:
+    """Issue 12 rc.d 1: rc.subr runs restart_precmd before stopping, the check goes there."""
+    svc = service
+    supervisor, child = start(svc)
+    svc.write_config(BAD_CONFIG)
+    restart = svc.rc("restart")
+    assert restart.returncode == 1, restart
+    assert "bogus" in restart.stderr and "configuration check failed" in restart.stderr
+    assert "Stopping" not in restart.stdout
+    assert alive(supervisor) and alive(child)
+    assert svc.pid(svc.child_pidfile) == child
+    assert svc.serving()
+
+
+def test_the_config_file_listen_address_applies_when_the_variable_is_unset(
+    service: Service,
+) -> None:
+    """Issue 12 rc.d 2: --web.listen-address only when kvm_exporter_listen_address is set."""
+    svc = service
+    svc.write_rc_conf(kvm_exporter_listen_address=None)
+    svc.write_config(f"interval: 500ms\nweb:\n  listen_address: 127.0.0.1:{svc.port}\n")
+    _, child = start(svc)
+    cmdline = Path(f"/proc/{child}/cmdline").read_text().split("\0")
+    assert not [arg for arg in cmdline if arg.startswith("--web.listen-address")], cmdline
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (mode 0600, root's) made by openssl."""
+    cert, key = directory / "server.pem", directory / "server-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-subj", "/CN=server", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    cert.chmod(0o644)
+    key.chmod(0o600)
+    return cert, key
+
+
+@pytest.mark.parametrize("unreadable", ["config", "tls key"])
+def test_the_check_runs_as_the_service_user(service: Service, unreadable: str) -> None:
+    """Issue 12 rc.d 3: what nobody cannot read fails checkconfig and start, not the exporter."""
+    svc = service
+    if unreadable == "config":
+        svc.config.chmod(0o600)
+        missing = str(svc.config)
+    else:
+        _, key = tls_files(svc.root)
+        web = svc.root / "web.yml"
+        web.write_text("tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n")
+        web.chmod(0o644)
+        svc.write_rc_conf(kvm_exporter_args=f"--web.config.file={web}")
+        missing = str(key)
+    check = svc.rc("checkconfig")
+    assert check.returncode == 1, check
+    assert missing in check.stderr and "Permission denied" in check.stderr, check.stderr
+    refused = svc.rc("start")
+    assert refused.returncode == 1, refused
+    assert "failed precmd routine for kvm_exporter" in refused.stderr
+    assert not svc.pidfile.exists()
+
+
+def test_args_are_read_with_eval_by_check_and_start_alike(service: Service) -> None:
+    """Issue 12 rc.d 4: rc.subr's start evals command_args; the check reads the args so too."""
+    svc = service
+    svc.write_rc_conf(kvm_exporter_args="--log.level=\"debug\" --web.telemetry-path='/metrics'")
+    check = svc.rc("checkconfig")
+    assert check.returncode == 0, check
+    _, child = start(svc)
+    cmdline = Path(f"/proc/{child}/cmdline").read_text().split("\0")
+    assert "--log.level=debug" in cmdline and "--web.telemetry-path=/metrics" in cmdline
+
+
+def stand_in_exporter(svc: Service, body: str) -> Path:
+    """An executable for kvm_exporter_command whose --config.check passes."""
+    path = svc.root / "bin" / "stand_in"
+    path.write_text(f'#!/bin/sh\ncase "$1" in --config.check) exit 0 ;; esac\n{body}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_stop_ends_while_the_exporter_crash_loops(service: Service) -> None:
+    """Issue 12 rc.d 5: daemon(8) loses a SIGTERM sent during its -R 5 sleep; stop still ends."""
+    svc = service
+    with socket.socket() as taken:  # the exporter exits at once: its port is in use
+        taken.bind(("127.0.0.1", svc.port))
+        taken.listen()
+        assert svc.rc("start").returncode == 0
+        supervisor = svc.pid(svc.pidfile)
+        child = wait_until(lambda: pid_in(svc.child_pidfile), what="a first exporter")
+        wait_until(lambda: not alive(child), timeout=20, what=f"the exporter to fail\n{svc.log()}")
+        assert alive(supervisor)  # asleep before the restart
+        stop = svc.rc("stop", timeout=40)
+    assert stop.returncode == 0, stop
+    # Gone at once after SIGTERM; after SIGKILL (a machine so loaded that the 10 s ran out)
+    # stop does not wait for init to reap it.
+    wait_until(lambda: not alive(supervisor), what="the supervisor to go")
+    assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
+    assert "address already in use" in svc.log().lower(), svc.log()
+
+
+def test_stop_kills_an_exporter_that_ignores_sigterm(service: Service) -> None:
+    """Issue 12 rc.d 5: past kvm_exporter_stop_timeout, SIGKILL (daemon(8) would wait forever)."""
+    svc = service
+    command = stand_in_exporter(svc, "trap '' TERM\nexec sleep 600")
+    svc.write_rc_conf(kvm_exporter_command=str(command), kvm_exporter_stop_timeout="2")
+    assert svc.rc("start").returncode == 0
+    supervisor = svc.pid(svc.pidfile)
+    child = wait_until(lambda: pid_in(svc.child_pidfile), what="the stand-in exporter")
+    wait_until(lambda: "sleep" in Path(f"/proc/{child}/cmdline").read_text(), what="exec sleep")
+    stop = svc.rc("stop", timeout=40)
+    assert stop.returncode == 0, stop
+    assert "kvm_exporter did not stop in 2 s: sending SIGKILL." in stop.stderr
+    # stop does not wait for init to reap what SIGKILL ends.
+    wait_until(lambda: not alive(supervisor) and not alive(child), what="SIGKILL to take effect")
+    assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
+
+
+def test_a_stale_pidfile_naming_another_daemon_is_left_alone(service: Service) -> None:
+    """Issue 12 rc.d 6: rc.subr's check_pidfile takes any daemon(8); status and stop do not."""
+    svc = service
+    other_pidfile = svc.root / "other.pid"
+    subprocess.run(
+        [str(HARNESS / "daemon"), "-f", "-P", str(other_pidfile), "-t", "other_service"]
+        + ["sleep", "600"],
+        check=True,
+    )
+    other = svc.pid(other_pidfile)
+    try:
+        wait_until(lambda: "daemon: other_service[" in Path(f"/proc/{other}/cmdline").read_text())
+        svc.run_dir.mkdir()
+        svc.pidfile.write_text(f"{other}\n")
+        status = svc.rc("status")
+        assert (status.returncode, status.stdout) == (1, "kvm_exporter is not running.\n")
+        stop = svc.rc("stop", timeout=40)
+        assert stop.returncode == 1, stop
+        assert f"(check {svc.pidfile}: pid {other} is not kvm_exporter's daemon(8))" in stop.stderr
+        assert alive(other)
+        # rc.subr's own check before start_precmd: the README says to remove the pidfile.
+        start = svc.rc("start")
+        assert (start.returncode, start.stderr) == (
+            1,
+            f"kvm_exporter already running? (pid={other}).\n",
+        )
+        assert alive(other)
+    finally:
+        os.kill(other, signal.SIGTERM)
+        svc.pidfile.unlink()
+
+
+def test_daemon_stand_in_drops_sigterm_during_its_restart_sleep(tmp_path: Path) -> None:
+    """daemon.c: SIGTERM is watched by a kqueue that exists only while a child runs
+    (daemon_eventloop); daemon_sleep ignores it. A kinder stand-in would exit at once."""
+    pidfile, child_pidfile = tmp_path / "d.pid", tmp_path / "c.pid"
+    subprocess.run(
+        [str(HARNESS / "daemon"), "-f", "-R", "5", "-P", str(pidfile), "-p", str(child_pidfile)]
+        + ["-t", "title", "sleep", "2"],
+        check=True,
+    )
+    supervisor = int(pidfile.read_text())
+    try:
+        first = wait_until(lambda: pid_in(child_pidfile), what="a first child")
+        cmdline = lambda: Path(f"/proc/{supervisor}/cmdline").read_text()  # noqa: E731
+        wait_until(lambda: cmdline().startswith(f"daemon: title[{first}]\0"), what="the title")
+        # Reaped by the supervisor, which then goes to sleep for 5 s.
+        wait_until(lambda: not Path(f"/proc/{first}").exists(), what="the first child to exit")
+        time.sleep(0.3)
+        os.kill(supervisor, signal.SIGTERM)  # asleep: lost
+        new_pid = lambda: {pid_in(child_pidfile)} - {None, first}  # noqa: E731
+        (second,) = wait_until(new_pid, what="a second child")
+        # /proc/PID/cmdline reads empty while the supervisor re-executes itself.
+        wait_until(lambda: cmdline().startswith(f"daemon: title[{second}]\0"), what="its title")
+        os.kill(supervisor, signal.SIGTERM)  # a child runs: passed on, no restart
+        wait_until(lambda: not alive(supervisor), what="the supervisor to exit")
+        assert not alive(second)
+        assert not pidfile.exists() and not child_pidfile.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGKILL)
+
+
+DUMMY = """\
+#!/bin/sh
+. {rc_subr}
+name=dummy
+rcvar=dummy_enable
+command={command}
+command_args={command_args}
+pidfile={pidfile}
+restart_precmd="echo restart_precmd; ${{DUMMY_FAIL:-true}}"
+start_precmd="echo start_precmd"
+stop_precmd="echo stop_precmd"
+load_rc_config "${{name}}"
+run_rc_command "$1"
+"""
+
+
+def dummy_service(tmp_path: Path, command: str, command_args: str) -> Path:
+    script = tmp_path / "dummy"
+    script.write_text(
+        DUMMY.format(
+            rc_subr=HARNESS / "rc.subr",
+            command=command,
+            command_args=shlex.quote(command_args),
+            pidfile=tmp_path / "dummy.pid",
+        )
+    )
+    script.chmod(0o755)
+    return script
+
+
+def run_dummy(script: Path, command: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(script), command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{HARNESS / 'bin'}:{SERVICE_PATH}", **env},
+    )
+
+
+def test_rcsubr_harness_is_as_lax_and_as_strict_as_rc_subr(tmp_path: Path) -> None:
+    """rc.subr's run_rc_command, check_pidfile/_find_processes and start's eval, on a
+    dummy service; each assert would fail on a kinder harness."""
+    other_pidfile = tmp_path / "other.pid"
+    subprocess.run(
+        [str(HARNESS / "daemon"), "-f", "-P", str(other_pidfile), "-t", "other", "sleep", "600"],
+        check=True,
+    )
+    other = int(other_pidfile.read_text())
+    try:
+        wait_until(lambda: "daemon: other[" in Path(f"/proc/{other}/cmdline").read_text())
+        # check_pidfile: any daemon(8) is "running" for a script whose command is daemon.
+        script = dummy_service(tmp_path, str(HARNESS / "daemon"), "-f sleep 600")
+        (tmp_path / "dummy.pid").write_text(f"{other}\n")
+        status = run_dummy(script, "onestatus")
+        assert status.stdout == f"dummy is running as pid {other}.\n", status
+        # restart: restart_precmd, then stop (in full, its precmd too), then start.
+        restart = run_dummy(script, "onerestart", DUMMY_FAIL="false")
+        assert (restart.returncode, restart.stdout) == (1, "restart_precmd\n"), restart
+        assert alive(other)
+        restart = run_dummy(script, "onerestart")
+        assert restart.stdout.startswith(
+            f"restart_precmd\nstop_precmd\nStopping dummy.\nWaiting for PIDS: {other}"
+        ), restart
+        assert restart.stdout.endswith(".\nstart_precmd\nStarting dummy.\n"), restart
+        assert not alive(other)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(other, signal.SIGKILL)
+    # start evals command_args, quotes and all.
+    script = dummy_service(tmp_path, "/usr/bin/printf", "'[%s]\\n' \"a b\" 'c'")
+    (tmp_path / "dummy.pid").unlink(missing_ok=True)
+    start = run_dummy(script, "onestart")
+    assert start.stdout == "start_precmd\nStarting dummy.\n[a b]\n[c]\n", start
+
+
+def test_su_stand_in_runs_the_callers_shell_as_the_user() -> None:
+    """FreeBSD su -m: the caller's login shell, the target's ids; nobody's nologin unused."""
+    result = subprocess.run(
+        [str(HARNESS / "bin" / "su"), "-m", "nobody", "-c", "id -u; id -G"],
+        capture_output=True,
+        text=True,
+        env={"PATH": SERVICE_PATH},
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (0, f"{NOBODY}\n{NOBODY}\n"), result
