@@ -50,7 +50,7 @@ _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in t
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
-_PROC_ROW = struct.Struct("@5Ic128s5Q")
+_PROC_ROW = struct.Struct("@5Ic64s5Q")
 """struct kvm_proc_row of _procscan (native layout and alignment)."""
 
 

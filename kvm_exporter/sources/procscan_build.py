@@ -25,7 +25,7 @@ struct kvm_census_row {
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 struct kvm_proc_row {
     uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
-    char comm[128]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
+    char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
     uint64_t rss;
 };
 int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap);
@@ -50,7 +50,7 @@ struct kvm_census_row {
 
 struct kvm_proc_row {
     uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
-    char comm[128]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
+    char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
     uint64_t rss;
 };
 
@@ -295,7 +295,8 @@ static int procs_u64(const char **p, const char *end, uint64_t *out)
 }
 
 /* One PID/stat into a record: comm, state, ppid, tty_nr, utime, stime, threads, starttime,
-   vsize and rss (fields 2-4, 7, 14, 15, 20, 22-24 of proc(5)). */
+   vsize and rss (fields 2-4, 7, 14, 15, 20, 22-24 of proc(5)). comm fits: the kernel prints
+   at most 63 bytes of it (do_task_stat's tcomm[64] in fs/proc/array.c). */
 static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
 {
     const char *end = buf + n, *rp = memrchr(buf, ')', n), *lp = memchr(buf, '(', n);
