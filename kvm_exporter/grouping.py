@@ -40,6 +40,9 @@ class GroupCounts(NamedTuple):
     unreadable: int
     """Processes, since the exporter started, whose arguments a rule needed and no read gave
     (named as if they had none: ExeBase is their comm)."""
+    counters: dict[tuple[str, str], dict[str, float]] = {}
+    """Per (metric, label value) of the source's usage counters (``cpu``/``user``...), each
+    group's total since the exporter started; empty where the source has no usage."""
 
 
 class Grouper:

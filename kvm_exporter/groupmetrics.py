@@ -44,6 +44,42 @@ def _per_group(
     return family
 
 
+COUNTERS = {
+    "cpu": ("kvm_namegroup_cpu_seconds", "Seconds of CPU time the group's processes used", "mode"),
+    "page_faults": ("kvm_namegroup_page_faults", "Page faults of the group's processes", "type"),
+    "context_switches": (
+        "kvm_namegroup_context_switches",
+        "Context switches of the group's processes",
+        "type",
+    ),
+    "block_operations": (
+        "kvm_namegroup_block_operations",
+        "Block input and output operations of the group's processes",
+        "direction",
+    ),
+}
+"""Family name, HELP and label of each usage counter of the named groups."""
+COUNTED = (
+    ", between the polls that saw them (README: what counters include), since the exporter started."
+)
+
+
+def _counters(counters: dict[tuple[str, str], dict[str, float]]) -> Iterator[Metric]:
+    families: dict[str, CounterMetricFamily] = {}
+    for (metric, value), totals in counters.items():
+        if metric not in COUNTERS:
+            continue
+        name, doc, label = COUNTERS[metric]
+        family = families.get(metric)
+        if family is None:
+            family = families[metric] = CounterMetricFamily(
+                name, doc + COUNTED, labels=["group", label]
+            )
+        for group, total in sorted(_utf8(totals).items()):
+            family.add_metric([group, value], total)
+    yield from families.values()
+
+
 def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
     yield _per_group(
         "kvm_namegroup_processes", "Processes per named group", "group", groups.processes
@@ -81,6 +117,7 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
         "group",
         groups.oldest_start,
     )
+    yield from _counters(groups.counters)
     yield GaugeMetricFamily(
         "kvm_namegroup_folded_groups",
         "Named groups folded into 'other' to stay under max_series" + AS_OF,
@@ -137,6 +174,46 @@ def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
     for key in sorted(by_state):
         states.add_metric(key, by_state[key])
     yield states
+    yield from _process_exporter_counters(groups.counters)
+
+
+_PE_COUNTERS = {
+    ("cpu", "user"): ("cpu_seconds", "Cpu user usage in seconds", ("mode", "user")),
+    ("cpu", "system"): ("cpu_seconds", "Cpu user usage in seconds", ("mode", "system")),
+    ("page_faults", "major"): ("major_page_faults", "Major page faults", None),
+    ("page_faults", "minor"): ("minor_page_faults", "Minor page faults", None),
+    ("context_switches", "voluntary"): (
+        "context_switches",
+        "Context switches",
+        ("ctxswitchtype", "voluntary"),
+    ),
+    ("context_switches", "involuntary"): (
+        "context_switches",
+        "Context switches",
+        ("ctxswitchtype", "nonvoluntary"),
+    ),
+}
+"""process-exporter's counter names (``collector/process_collector.go``) for ours."""
+
+
+def _process_exporter_counters(
+    counters: dict[tuple[str, str], dict[str, float]],
+) -> Iterator[Metric]:
+    families: dict[str, CounterMetricFamily] = {}
+    for column, totals in counters.items():
+        known = _PE_COUNTERS.get(column)
+        if known is None:
+            continue
+        name, doc, extra = known
+        family = families.get(name)
+        if family is None:
+            labels = ["groupname"] + ([extra[0]] if extra else [])
+            family = families[name] = CounterMetricFamily(
+                "namedprocess_namegroup_" + name, doc, labels=labels
+            )
+        for group, total in sorted(_utf8(totals).items()):
+            family.add_metric([group] + ([extra[1]] if extra else []), total)
+    yield from families.values()
 
 
 class GroupCollector(Collector):

@@ -305,3 +305,47 @@ def test_live_processes_naming_their_own_groups_fold_under_the_cap(exporter: Any
         for kid in kids:
             kid.kill()
             kid.wait()
+
+
+def test_group_counters_under_both_names() -> None:
+    from prometheus_client.core import Metric
+
+    from kvm_exporter.grouping import GroupCounts
+    from kvm_exporter.groupmetrics import kvm_metrics, process_exporter_metrics
+
+    counters = {
+        ("cpu", "user"): {"web": 1.5},
+        ("cpu", "system"): {"web": 0.5},
+        ("page_faults", "major"): {"web": 3.0},
+        ("context_switches", "involuntary"): {"web": 7.0},
+        ("block_operations", "in"): {"web": 2.0},
+    }
+    groups = GroupCounts({"web": 1}, {"web": 1}, {}, {}, {}, {}, 0, 0, counters)
+
+    def samples(families: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        out = {}
+        for family in families:
+            assert isinstance(family, Metric)
+            for s in family.samples:
+                out[s.name, frozenset(s.labels.items())] = s.value
+        return out
+
+    ours = samples(kvm_metrics(groups))
+    assert ours["kvm_namegroup_cpu_seconds_total", frozenset({("group", "web"), ("mode", "user")})]
+    assert (
+        ours[
+            "kvm_namegroup_block_operations_total",
+            frozenset({("group", "web"), ("direction", "in")}),
+        ]
+        == 2.0
+    )
+    theirs = samples(process_exporter_metrics(groups))
+    cpu = "namedprocess_namegroup_cpu_seconds_total"
+    assert theirs[cpu, frozenset({("groupname", "web"), ("mode", "system")})] == 0.5
+    assert theirs[
+        "namedprocess_namegroup_major_page_faults_total", frozenset({("groupname", "web")})
+    ]
+    switches = "namedprocess_namegroup_context_switches_total"
+    key = frozenset({("groupname", "web"), ("ctxswitchtype", "nonvoluntary")})
+    assert theirs[switches, key] == 7.0
+    assert not any("block" in name for name, _ in theirs)  # operations are not its bytes
