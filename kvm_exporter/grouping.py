@@ -87,7 +87,8 @@ class Grouper:
         self, proc: Proc, by_pid: dict[int, Proc], names: dict[ProcKey, str | None]
     ) -> None:
         """Name ``proc``, and the new ancestors its name depends on, into ``names``."""
-        chain: list[ProcKey] = []  # new processes no rule names, each the child of the next
+        chain: dict[ProcKey, None] = {}  # new processes no rule names, each the child of the
+        # next (a dict: a long chain, a hostile one, must not cost its square)
         current: Proc | None = proc
         name: str | None = None
         while current is not None:
@@ -102,7 +103,7 @@ class Grouper:
             if name is not None or not self._children:
                 names[key] = name
                 break
-            chain.append(key)
+            chain[key] = None
             parent = by_pid.get(current.ppid)
             visited = parent is not None and (parent.pid, parent.start_time) in chain
             current = None if parent is None or parent.pid < 1 or visited else parent

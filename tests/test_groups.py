@@ -349,3 +349,10 @@ def test_group_counters_under_both_names() -> None:
     key = frozenset({("groupname", "web"), ("ctxswitchtype", "nonvoluntary")})
     assert theirs[switches, key] == 7.0
     assert not any("block" in name for name, _ in theirs)  # operations are not its bytes
+
+
+def test_a_long_chain_of_new_unnamed_processes_all_join_the_named_ancestor() -> None:
+    rs = rules({"name": "root", "comm": ["top"]})
+    procs = [proc(2, 1, "top")] + [proc(3 + i, 2 + i, "sh") for i in range(20000)]
+    got = grouper(rs, Argvs({})).update(list(reversed(procs)))
+    assert got.processes == {"root": 20001}
