@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
 from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
+from .usage import Accounting, Resources
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Settings:
     max_series: int = 1000
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
+    resources: tuple[str, ...] | None = ("user",)
+    """Labels of the resource metrics; None: not collected."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Snapshot:
     """Wall-clock time of the last poll in which every part succeeded."""
     polls: int
     errors: Mapping[str, int] = field(default_factory=dict)
+    resources: Resources | None = None
 
     @property
     def up(self) -> bool:
@@ -67,7 +71,7 @@ class Snapshot:
         """This snapshot once too old to pass for current: every part failed, no data."""
         failed = MappingProxyType(dict.fromkeys(self.success, False))
         return dataclasses.replace(
-            self, counts=None, load=None, swap=None, limits=None, success=failed
+            self, counts=None, load=None, swap=None, limits=None, success=failed, resources=None
         )
 
 
@@ -91,6 +95,7 @@ class Poller:
         between must wait too."""
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
+        self._accounting: Accounting | None = None
 
     def snapshot(self) -> Snapshot:
         """The latest snapshot; with ``interval`` 0, a fresh poll.
@@ -138,12 +143,8 @@ class Poller:
             if time.monotonic() - self._names_since > NAMES_TTL:
                 self._names, self._names_since = user_names(), time.monotonic()
             source, names = self.source, self._names
-            counts = timed(
-                "procs",
-                lambda: aggregate(
-                    source.census(), settings.labels, settings.max_series, names, source.states
-                ),
-            )
+            procs = timed("procs", lambda: self._procs(source, settings, names))
+            counts, resources = procs if procs is not None else (None, None)
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -160,9 +161,37 @@ class Poller:
                 last_success=now if up else previous.last_success,
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
+                resources=resources,
             )
             self._polled.set()
             return self._snapshot
+
+    def _procs(
+        self, source: Source, settings: Settings, names: Callable[[int], str]
+    ) -> tuple[Counts, Resources | None]:
+        """Counts, and resources where asked for and the source has them, from one read."""
+        accounting, resources = self._accounting, None
+        spec = getattr(source, "usage_spec", None)  # stand-ins in tests may have none
+        wanted = settings.resources is not None and spec is not None
+        if wanted and (
+            accounting is None
+            or accounting.source is not source
+            or accounting.accounts.labels != settings.resources
+            or accounting.max_series != settings.max_series
+        ):  # new settings start new counters (Prometheus sees a counter reset)
+            assert settings.resources is not None and spec is not None
+            self._accounting = accounting = Accounting(
+                source, settings.resources, settings.max_series, spec
+            )
+        if wanted and accounting is not None:
+            survey = source.survey()
+            census = survey.census
+            resources = accounting.poll(survey, names)
+        else:
+            self._accounting = None
+            census = source.census()
+        counts = aggregate(census, settings.labels, settings.max_series, names, source.states)
+        return counts, resources
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""

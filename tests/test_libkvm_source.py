@@ -161,7 +161,9 @@ def test_load_swap_and_limits(open_libkvm: Opener) -> None:
         SwapDevice("/dev/nvd0p3", gib4, 131072 * 4096),
         SwapDevice("/dev/nvd1p3", gib4, 129500 * 4096),
     ]
-    assert db01.limits() == HostLimits(cpus=16, max_procs=32724, max_threads=1000000)
+    assert db01.limits() == HostLimits(
+        cpus=16, max_procs=32724, max_threads=1000000, memory_bytes=68624740352
+    )
 
 
 def test_page_size_comes_from_hw_pagesize(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
