@@ -8,7 +8,7 @@ this boundary.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import NamedTuple, Protocol
 
@@ -56,7 +56,9 @@ def census_of(procs: Iterable[Proc]) -> Census:
 
 UsageRow = tuple[int, ...]
 """What one process has consumed, as of the read: integers in the source's own units, laid out
-as the ``USAGE_*`` indexes say; the counters follow from :data:`USAGE_COUNTERS` on."""
+as the ``USAGE_*`` indexes say; the counters follow from :data:`USAGE_COUNTERS` on. A survey
+carries each as its packed bytes (a *usage record*), decoded by :attr:`UsageSpec.decode`
+only where it changed since the last poll."""
 
 USAGE_PID, USAGE_START, USAGE_START_FRACTION, USAGE_UID, USAGE_JID = range(5)
 """Identity (pid and start time, in the units of :attr:`Survey.clock`; a fraction of that
@@ -74,13 +76,16 @@ class UsageSpec(NamedTuple):
     counters: tuple[tuple[str, str, float], ...]
     """(metric, label value, seconds or events per unit) of each counter column in order.
     Columns with the same metric and value add up (FreeBSD's seconds and microseconds)."""
+    decode: Callable[[bytes], UsageRow]
+    """A usage record's row."""
 
 
 class Survey(NamedTuple):
     """One read of every process: the census, and each process's usage row."""
 
     census: Census
-    usage: list[UsageRow]
+    usage: list[bytes]
+    """One usage record per process (see :data:`UsageRow`)."""
     clock: int
     """When the read began, in the units of a row's start: a process whose start is at or
     after it was born during or after the read."""

@@ -59,93 +59,104 @@ class Tally(NamedTuple):
     """[processes, resident pages, virtual bytes] of each group that has processes."""
     increments: dict[GroupKey, list[int]]
     """Per group, each counter column's increase since the previous poll (only groups with one)."""
+    jids: set[int]
+    """The jails that have processes."""
 
 
 class _Seen(NamedTuple):
-    row: UsageRow
     attached: Any
     group: GroupKey
 
 
 class Tracker:
-    """Per process state between polls; memory is bounded by the processes of the last poll."""
+    """Per process state between polls; memory is bounded by the processes of the last poll.
 
-    def __init__(self, grouping: Grouping) -> None:
+    A poll's usage records are compared with the last poll's as bytes, in sets (C speed):
+    only a record that changed is decoded and looked at, so a host whose processes mostly
+    idle between polls costs little more than the read.
+    """
+
+    def __init__(self, grouping: Grouping, decode: Callable[[bytes], UsageRow]) -> None:
         self.grouping = grouping
+        self.decode = decode
+        self._records: set[bytes] = set()
         self._seen: dict[int, _Seen] = {}
         self._gauges: dict[GroupKey, list[int]] = {}
+        self._jids: dict[int, int] = {}
+        """Processes per jail."""
         self._clock: int | None = None
         """The clock of the previous poll; None before the first."""
 
-    def update(self, rows: Iterable[UsageRow], clock: int) -> Tally:
-        """Take one poll's rows (read when the clock said ``clock``).
+    def update(self, records: Iterable[bytes], clock: int) -> Tally:
+        """Take one poll's usage records (read when the clock said ``clock``).
 
         A process seen before (same pid and start) adds what its counters grew by. A new one
         adds nothing (its counters are its baseline), unless it started at or after the
         previous poll's clock: then it adds all it has used (no spike: at most one interval's
-        worth). Rows of vanished processes are dropped, their gauges taken off their group.
+        worth). Vanished processes are dropped, their gauges taken off their group.
         """
         key, attach = self.grouping
-        born_since = self._clock
-        previous, seen = self._seen, {}
-        gauges = self._gauges
+        decode, born_since = self.decode, self._clock
+        current = set(records)
+        left: dict[int, tuple[UsageRow, _Seen]] = {}  # changed or gone, by pid
+        for record in self._records - current:
+            row = decode(record)
+            seen = self._seen.pop(row[USAGE_PID])
+            left[row[USAGE_PID]] = (row, seen)
+            self._take(row, seen)
         increments: dict[GroupKey, list[int]] = {}
-        for row in rows:
+        for record in current - self._records:
+            row = decode(record)
             pid = row[USAGE_PID]
-            last = previous.pop(pid, None)
-            if last is not None:
-                if last.row == row:  # nothing changed: the common case on an idle host
-                    seen[pid] = last
-                    continue
-                if (
-                    last.row[USAGE_START] != row[USAGE_START]
-                    or last.row[USAGE_START_FRACTION] != row[USAGE_START_FRACTION]
-                ):
-                    _take(gauges, last)  # the pid was reused: a new process
-                    last = None
-            if last is None:
+            attached, base = None, None
+            last = left.pop(pid, None)
+            if (
+                last is not None
+                and last[0][USAGE_START : USAGE_START_FRACTION + 1]
+                == row[USAGE_START : USAGE_START_FRACTION + 1]
+            ):
+                base, attached = last[0], last[1].attached
+            else:  # new, or the pid was reused by a new process
                 attached = attach(row) if attach is not None else None
                 born = born_since is not None and row[USAGE_START] >= born_since
-                base: UsageRow | None = None if born else row
-            else:
-                attached, base = last.attached, last.row
-                _take(gauges, last)
-            group = key(row, attached)
-            now = _Seen(row, attached, group)
-            seen[pid] = now
-            _put(gauges, now)
+                base = None if born else row
+            seen = _Seen(attached, key(row, attached))
+            self._seen[pid] = seen
+            self._put(row, seen)
             if base is not row:
-                grew = increments.get(group)
+                grew = increments.get(seen.group)
                 if grew is None:
-                    grew = increments[group] = [0] * (len(row) - USAGE_COUNTERS)
+                    grew = increments[seen.group] = [0] * (len(row) - USAGE_COUNTERS)
                 for i in range(len(grew)):
                     grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
-        for gone in previous.values():
-            _take(gauges, gone)
-        self._seen, self._clock = seen, clock
-        return Tally({g: list(v) for g, v in gauges.items()}, increments)
+        self._records, self._clock = current, clock
+        gauges = {group: list(totals) for group, totals in self._gauges.items()}
+        return Tally(gauges, increments, set(self._jids))
+
+    def _put(self, row: UsageRow, seen: _Seen) -> None:
+        totals = self._gauges.get(seen.group)
+        if totals is None:
+            totals = self._gauges[seen.group] = [0, 0, 0]
+        totals[0] += 1
+        totals[1] += row[USAGE_RSS_PAGES]
+        totals[2] += row[USAGE_VSIZE]
+        jid = row[USAGE_JID]
+        self._jids[jid] = self._jids.get(jid, 0) + 1
+
+    def _take(self, row: UsageRow, seen: _Seen) -> None:
+        totals = self._gauges[seen.group]
+        totals[0] -= 1
+        totals[1] -= row[USAGE_RSS_PAGES]
+        totals[2] -= row[USAGE_VSIZE]
+        if totals[0] == 0:
+            del self._gauges[seen.group]
+        jid = row[USAGE_JID]
+        self._jids[jid] -= 1
+        if self._jids[jid] == 0:
+            del self._jids[jid]
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-def _put(gauges: dict[GroupKey, list[int]], seen: _Seen) -> None:
-    totals = gauges.get(seen.group)
-    if totals is None:
-        totals = gauges[seen.group] = [0, 0, 0]
-    totals[0] += 1
-    totals[1] += seen.row[USAGE_RSS_PAGES]
-    totals[2] += seen.row[USAGE_VSIZE]
-
-
-def _take(gauges: dict[GroupKey, list[int]], seen: _Seen) -> None:
-    totals = gauges[seen.group]
-    totals[0] -= 1
-    if totals[0] == 0:
-        del gauges[seen.group]
-    else:
-        totals[1] -= seen.row[USAGE_RSS_PAGES]
-        totals[2] -= seen.row[USAGE_VSIZE]
 
 
 class Resources(NamedTuple):
@@ -267,14 +278,14 @@ class Accounting:
             for label in labels
         ]
         attach = (lambda row: cgroup(row[USAGE_PID])) if cgroup and "cgroup" in labels else None
-        self.tracker = Tracker(Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach))
+        grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
+        self.tracker = Tracker(grouping, spec.decode)
         # A metric with two values per group (cpu user/system) keeps within the series cap.
         self.accounts = Accounts(labels, max_series // 2, spec)
 
     def poll(self, survey: Survey, user_name: Callable[[int], str]) -> Resources:
-        jails = {
-            jid: self.source.jail_name(jid) for jid in {row[USAGE_JID] for row in survey.usage}
-        }
+        tally = self.tracker.update(survey.usage, survey.clock)
+        jails = {jid: self.source.jail_name(jid) for jid in tally.jids}
         by_label: dict[str, Callable[[Any], str]] = {
             "user": user_name,
             "jail": jails.__getitem__,
@@ -286,5 +297,5 @@ class Accounting:
             assert isinstance(group, tuple)
             return tuple(f(v) for f, v in zip(namers, group, strict=True))
 
-        out = self.accounts.add(self.tracker.update(survey.usage, survey.clock), name)
+        out = self.accounts.add(tally, name)
         return out._replace(jails=jails)

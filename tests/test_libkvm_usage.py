@@ -21,12 +21,17 @@ def jailed(open_libkvm: Opener, fake: pathlib.Path, scenario: pathlib.Path, **co
     return open_libkvm(scenario, jail_library=str(fake), **config)
 
 
+def rows_of(source: Any) -> list[Any]:
+    """The decoded usage rows of one survey."""
+    return list(map(source.usage_spec.decode, source.survey().usage))
+
+
 def test_usage_rows_carry_ki_rusage_and_the_jail(
     open_libkvm: Opener,  # noqa: F811
     fake_libkvm: pathlib.Path,  # noqa: F811
 ) -> None:
     source = jailed(open_libkvm, fake_libkvm, JAILS01)
-    rows = {row[USAGE_PID]: row for row in source.survey().usage}
+    rows = {row[USAGE_PID]: row for row in rows_of(source)}
     # pid 1201: utime=4000000 stime=2500000 (us) minflt=120000 majflt=40 nvcsw=90000
     # nivcsw=3000 inblock=91000 oublock=72000, start=1793001710.5, uid 770, jail 7.
     assert rows[1201] == (
@@ -49,8 +54,8 @@ def test_thread_rows_add_up_to_the_process(
     open_libkvm: Opener,  # noqa: F811
     fake_libkvm: pathlib.Path,  # noqa: F811
 ) -> None:
-    procs = {r[USAGE_PID]: r for r in jailed(open_libkvm, fake_libkvm, JAILS01).survey().usage}
-    threads = jailed(open_libkvm, fake_libkvm, JAILS01, threads=True).survey().usage
+    procs = {r[USAGE_PID]: r for r in rows_of(jailed(open_libkvm, fake_libkvm, JAILS01))}
+    threads = rows_of(jailed(open_libkvm, fake_libkvm, JAILS01, threads=True))
     assert len(threads) == len(procs)  # pid 1102's two thread rows are one process
     spec = procs[1].__len__()
     for row in threads:
@@ -83,7 +88,7 @@ def test_from_inside_a_jail_the_reader_sees_its_own_jail_as_jid_0(
 ) -> None:
     scenario = write(tmp_path, JAILS01.read_text() + "reader_jail 7\n")
     source = jailed(open_libkvm, fake_libkvm, scenario)
-    rows = source.survey().usage
+    rows = rows_of(source)
     assert sorted(row[USAGE_PID] for row in rows) == [1200, 1201]
     assert {row[USAGE_JID] for row in rows} == {0}
 
@@ -93,7 +98,7 @@ def test_a_crash_dump_has_absolute_jids_memory_and_no_counters(
     fake_libkvm: pathlib.Path,  # noqa: F811
 ) -> None:
     dump = jailed(open_libkvm, fake_libkvm, None, kernel="/boot/kernel/kernel", core=str(JAILS01))
-    rows = dump.survey().usage
+    rows = rows_of(dump)
     assert {row[USAGE_JID] for row in rows} == {0, 3, 7}
     assert all(len(row) == USAGE_COUNTERS for row in rows)
     assert dump.usage_spec is not None and dump.usage_spec.counters == ()

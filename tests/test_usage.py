@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +16,26 @@ from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker
 
-SPEC = UsageSpec(page_size=4096, counters=(("cpu", "user", 0.01), ("page_faults", "minor", 1.0)))
+ROW = struct.Struct("=9q")
+SPEC = UsageSpec(
+    page_size=4096,
+    counters=(("cpu", "user", 0.01), ("page_faults", "minor", 1.0)),
+    decode=ROW.unpack,
+)
 BY_UID = Grouping(lambda row, _: (row[3],))
 CPU = ("cpu", "user")
 
 
-def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> Any:
-    """A usage row: pid, start, fraction, uid, jid, rss pages, vsize, user ticks, faults."""
-    return (pid, start, 0, uid, 0, rss, rss * 2, ticks, faults)
+def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> bytes:
+    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, user ticks, faults."""
+    return ROW.pack(pid, start, 0, uid, 0, rss, rss * 2, ticks, faults)
 
 
 class Run:
     """A tracker and accounts polled in turn, as the poller does."""
 
     def __init__(self, max_groups: int = 100, grouping: Grouping = BY_UID) -> None:
-        self.tracker = Tracker(grouping)
+        self.tracker = Tracker(grouping, ROW.unpack)
         self.accounts = Accounts(("user",), max_groups, SPEC)
         self.clock = 1000
 
@@ -190,7 +196,8 @@ def test_compiled_and_python_surveys_read_the_same_rows(
     assert sorted(compiled.usage) == sorted(python.usage)
     # 1 (init) S ... minflt 100 ... utime 250 stime 150 ... starttime 12345 vsize 10485760
     # rss 512, in a directory owned by root
-    init = next(row for row in compiled.usage if row[0] == 1)
+    assert source.usage_spec is not None
+    init = next(r for r in map(source.usage_spec.decode, compiled.usage) if r[0] == 1)
     assert init == (1, 12345, 0, 0, 0, 512, 10485760, 250, 150, 100, 0)
 
 

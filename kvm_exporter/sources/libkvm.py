@@ -113,9 +113,9 @@ class LibkvmSource:
             self.close()
             raise
         # A crash dump has no ki_rusage (kvm_proclist leaves it unfilled): memory only.
-        self.usage_spec: UsageSpec | None = USAGE_SPEC._replace(
-            page_size=self._pagesize, counters=() if self.crash_dump else USAGE_SPEC.counters
-        )
+        self.usage_spec: UsageSpec | None = USAGE_SPEC._replace(page_size=self._pagesize)
+        if self.crash_dump:
+            self.usage_spec = self.usage_spec._replace(counters=(), decode=_dump_row)
 
     def procs(self) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
@@ -149,16 +149,16 @@ class LibkvmSource:
             if count == 0:
                 return Survey({}, [], clock)
             record_type = self._record_type(base)
-            rows: list[UsageRow] = []
+            records: list[bytes] = []
             if usage:
                 with memoryview(ffi.buffer(base, count * ffi.sizeof(record_type))) as array:
-                    rows = _usage_rows(array, count, record_type)
+                    records = _usage_records(array, count, record_type)
             if self._per_thread or self.crash_dump:
                 # Thread rows fold into one process per pid with its visible threads; a
                 # crash dump's records need the per-record care of _proc (read once).
-                records = ffi.cast(record_type + " *", base)
+                kinfo = ffi.cast(record_type + " *", base)
                 ttys: dict[int, str] = {}
-                procs = [self._proc(records[i], ttys) for i in range(count)]
+                procs = [self._proc(kinfo[i], ttys) for i in range(count)]
                 census = None
             else:
                 census = self._census_locked(base, count, record_type)
@@ -166,11 +166,9 @@ class LibkvmSource:
             census = census_of(
                 _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
             )
-        if self.crash_dump:
-            rows = [row[:USAGE_COUNTERS] for row in rows]  # kvm_proclist fills no ki_rusage
-        elif self._per_thread:
-            rows = _fold_thread_usage(rows)
-        return Survey(census, rows, clock)
+        if self._per_thread and not self.crash_dump:
+            records = _fold_thread_usage(records)
+        return Survey(census, records, clock)
 
     def _census_locked(self, base: Any, count: int, record_type: str) -> Census:
         """The census of ``count`` process records at ``base`` (the caller holds the lock).
@@ -616,7 +614,8 @@ def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> byte
 
 
 _USAGE_ROW = struct.Struct("=i4xqqIiqQ10q")
-"""A usage row as gathered (the layout of records.USAGE_*), every field aligned to its width."""
+"""A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width."""
+_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
 _USAGE_FIELDS = (
     ("ki_pid",),
     ("ki_start", "tv_sec"),
@@ -651,6 +650,7 @@ USAGE_SPEC = UsageSpec(
         ("block_operations", "in", 1.0),
         ("block_operations", "out", 1.0),
     ),
+    decode=_USAGE_ROW.unpack,
 )
 """FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts."""
 _USAGE_SLOTS: list[tuple[int, _IntFormat]] = [
@@ -683,8 +683,9 @@ def _usage_layout(record_type: str) -> list[tuple[int, _IntFormat]]:
     return layout
 
 
-def _usage_rows(records: memoryview, count: int, record_type: str) -> list[UsageRow]:
-    """One usage row per record, gathered column by column as :func:`_census_rows` does."""
+def _usage_records(records: memoryview, count: int, record_type: str) -> list[bytes]:
+    """One usage record per kinfo_proc, gathered column by column as :func:`_census_rows`
+    does: no Python object per record but its bytes."""
     size = ffi.sizeof(record_type)
     rows = bytearray(count * _USAGE_ROW.size)
     out = memoryview(rows)
@@ -696,20 +697,26 @@ def _usage_rows(records: memoryview, count: int, record_type: str) -> list[Usage
         if width != slot_width or fmt.lower() != slot.lower():  # a 32-bit long: widen it
             column = array.array(slot, column)
         out.cast(slot)[at // slot_width :: _USAGE_ROW.size // slot_width] = column
-    return list(_USAGE_ROW.iter_unpack(rows))
+    return list(map(itemgetter(0), _USAGE_RECORD.iter_unpack(rows)))
 
 
-def _fold_thread_usage(rows: list[UsageRow]) -> list[UsageRow]:
-    """One usage row per process from thread rows: the first row, with the counters of all."""
+def _fold_thread_usage(records: list[bytes]) -> list[bytes]:
+    """One usage record per process from thread rows: the first row, with the counters of
+    all (each thread row has its thread's)."""
     first: dict[int, list[int]] = {}
-    for row in rows:
+    for row in map(_USAGE_ROW.unpack, records):
         kept = first.get(row[0])
         if kept is None:
             first[row[0]] = list(row)
         else:
             for i in range(USAGE_COUNTERS, len(row)):
                 kept[i] += row[i]
-    return [tuple(row) for row in first.values()]
+    return [_USAGE_ROW.pack(*row) for row in first.values()]
+
+
+def _dump_row(record: bytes) -> UsageRow:
+    """A crash dump's usage row: no counters (kvm_proclist fills no ki_rusage)."""
+    return _USAGE_ROW.unpack(record)[:USAGE_COUNTERS]
 
 
 def _fold_threads(rows: list[Proc], sum_cpu: bool) -> list[Proc]:

@@ -17,6 +17,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from ..records import (
@@ -29,7 +30,6 @@ from ..records import (
     SourceError,
     Survey,
     SwapDevice,
-    UsageRow,
     UsageSpec,
 )
 from ..states import LINUX_STATES, STATES
@@ -43,7 +43,7 @@ except ImportError:  # built only where pip found a C compiler and Python's head
 T = TypeVar("T")
 RawKind = tuple[tuple[int, int, bytes, int], int]
 """((uid, tty_nr, state letter, threads), count), as both census scans give them."""
-Scan = Callable[[int, "list[UsageRow] | None"], list[RawKind]]
+Scan = Callable[[int, "list[bytes] | None"], list[RawKind]]
 """A census scan of an open procfs root; given a list, it appends each process's usage row."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -54,8 +54,9 @@ _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in t
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
 _USAGE_FIELDS = 22  # split no further than rss
-_USAGE_ROW = "=qQQqqqQQQQQ"
-"""struct kvm_usage_row of _procscan: the layout of a usage row (records.USAGE_*)."""
+_USAGE_ROW = struct.Struct("=qQQqqqQQQQQ")
+"""struct kvm_usage_row of _procscan: the layout of a usage record (records.USAGE_*)."""
+_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
 USAGE_SPEC = UsageSpec(
     page_size=_PAGE_SIZE,
     counters=(
@@ -64,6 +65,7 @@ USAGE_SPEC = UsageSpec(
         ("page_faults", "minor", 1.0),
         ("page_faults", "major", 1.0),
     ),
+    decode=_USAGE_ROW.unpack,
 )
 """Linux usage rows: utime and stime in clock ticks, minflt and majflt of PID/stat."""
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
@@ -141,7 +143,7 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
-def _census_py(dir_fd: int, usage: list[UsageRow] | None = None) -> list[RawKind]:
+def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
     """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
     kinds: list[tuple[int, bytes, bytes, bytes]] = []
     append, read, stat = kinds.append, _read, os.stat  # locals: the loop runs per pid
@@ -160,7 +162,7 @@ def _census_py(dir_fd: int, usage: list[UsageRow] | None = None) -> list[RawKind
         append((uid, f[4], f[0], f[17]))
         if usage is not None:
             usage.append(
-                (
+                _USAGE_ROW.pack(
                     int(pid),
                     int(f[19]),
                     0,
@@ -220,10 +222,10 @@ class ProcfsSource:
     def survey(self) -> Survey:
         """The census and each process's usage row (PID/stat), from the same reads."""
         clock = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)  # starttime's clock
-        usage: list[UsageRow] = []
+        usage: list[bytes] = []
         return Survey(self._census(usage), usage, clock)
 
-    def _census(self, usage: list[UsageRow] | None) -> Census:
+    def _census(self, usage: list[bytes] | None) -> Census:
         scan: Scan = self._census_c if _lib is not None else _census_py
         census = self._in_proc_dir(lambda dir_fd: self._kinds(scan(dir_fd, usage)))
         if not census:  # even hidepid=invisible shows the reader its own process
@@ -275,7 +277,7 @@ class ProcfsSource:
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
-    def _census_c(self, dir_fd: int, usage: list[UsageRow] | None) -> list[RawKind]:
+    def _census_c(self, dir_fd: int, usage: list[bytes] | None) -> list[RawKind]:
         assert _ffi is not None and _lib is not None
         if usage is not None and self._procs is None:
             self._procs = _ffi.new("struct kvm_usage_row[]", 1024)
@@ -296,8 +298,8 @@ class ProcfsSource:
             else:
                 break
         if usage is not None:
-            size = _ffi.sizeof("struct kvm_usage_row")
-            usage.extend(struct.iter_unpack(_USAGE_ROW, _ffi.buffer(procs, nprocs[0] * size)))
+            records = _ffi.buffer(procs, nprocs[0] * _USAGE_ROW.size)
+            usage.extend(map(itemgetter(0), _USAGE_RECORD.iter_unpack(records)))
         return [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
 
     def _scan(self, dir_fd: int, boot: int) -> list[Proc]:
