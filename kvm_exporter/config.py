@@ -22,6 +22,8 @@ from .aggregate import MIN_SERIES
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
+COUNT_LABELS = (*LABELS, "jail")
+"""What the process counts can be grouped by (``jail``: FreeBSD's, ``host`` on Linux)."""
 SOURCES = ("auto", "procfs", "libkvm")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 RESOURCE_LABELS = ("user", "jail", "cgroup")
@@ -159,7 +161,7 @@ Rules = Mapping[str, Callable[[Any], Any]]
 
 _PARSERS: Rules = {
     "interval": parse_duration,
-    "labels": list_of(LABELS),
+    "labels": list_of(COUNT_LABELS),
     "compat": list_of(COMPAT),
     "resources.labels": list_of(RESOURCE_LABELS),
 }

@@ -190,7 +190,10 @@ class Poller:
         else:
             self._accounting = None
             census = source.census()
-        counts = aggregate(census, settings.labels, settings.max_series, names, source.states)
+        jail_name = getattr(source, "jail_name", str)  # stand-ins in tests may have none
+        counts = aggregate(
+            census, settings.labels, settings.max_series, names, source.states, jail_name
+        )
         return counts, resources
 
     def start(self) -> None:

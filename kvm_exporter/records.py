@@ -38,15 +38,17 @@ class Proc(NamedTuple):
     cpu_seconds: float
     start_time: float | None
     """Start time, seconds since the Unix epoch; None where the source cannot know it."""
+    jid: int = 0
+    """Jail id (FreeBSD ``ki_jid``; 0: none, or the reader's own jail); 0 on Linux."""
 
 
-Kind = tuple[int, str, str, int]
-"""What the metrics see of a process: (effective uid, tty, state, threads)."""
+Kind = tuple[int, str, str, int, int]
+"""What the metrics see of a process: (effective uid, tty, state, threads, jail id)."""
 
 Census = dict[Kind, int]
 """How many processes there are of each :data:`Kind`."""
 
-_KIND = itemgetter(*(Proc._fields.index(f) for f in ("uid", "tty", "state", "threads")))
+_KIND = itemgetter(*(Proc._fields.index(f) for f in ("uid", "tty", "state", "threads", "jid")))
 
 
 def census_of(procs: Iterable[Proc]) -> Census:

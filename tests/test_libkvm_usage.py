@@ -143,3 +143,18 @@ def test_exporter_serves_per_jail_resources(
     assert modes == {"user", "system"}
     for family in ("kvm_context_switches_total", "kvm_block_operations_total"):
         assert any(n == family for (n, _) in got)
+
+
+def test_process_counts_by_jail(
+    exporter: Any,
+    fake_libkvm: pathlib.Path,  # noqa: F811
+) -> None:
+    """`jail` is a label of the counts too: jails01 has 2 host, 3 www and 2 db processes."""
+    config = libkvm_config(fake_libkvm) + f"  jail_library: {fake_libkvm}\nlabels: [jail, state]\n"
+    got = exporter(config, env={"FAKE_KVM_SCENARIO": str(JAILS01), **fixed_passwd()}).metrics()
+    per_jail: dict[str, float] = {}
+    for (name, labels), value in got.items():
+        if name == "kvm_processes":
+            jail = dict(labels)["jail"]
+            per_jail[jail] = per_jail.get(jail, 0) + value
+    assert per_jail == {"host": 2, "www": 3, "db": 2, "other": 0}  # other: zero-filled states

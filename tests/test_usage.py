@@ -203,5 +203,6 @@ def test_compiled_and_python_surveys_read_the_same_rows(
 
 def test_resource_labels_are_checked() -> None:
     assert parse_config("resources: {labels: [jail, user]}").resources.labels == ("jail", "user")
+    assert parse_config("labels: [user, jail]").labels == ("user", "jail")
     with pytest.raises(ConfigError, match=r"resources.labels: got \['state'\], expected a list"):
         parse_config("resources: {labels: [state]}")

@@ -194,6 +194,7 @@ class LibkvmSource:
                 map(ttys.__getitem__, map(itemgetter(0), distinct)),
                 map(_STATE_WORDS.__getitem__, map(itemgetter(3), distinct)),
                 map(itemgetter(2), distinct),
+                map(itemgetter(4), distinct),
                 strict=True,
             )
         )
@@ -431,6 +432,7 @@ class LibkvmSource:
             vsize_bytes=kp.ki_size,
             cpu_seconds=kp.ki_runtime / 1e6,
             start_time=start,
+            jid=kp.ki_jid,
         )
 
     def _tty(self, dev: int, cache: dict[int, str]) -> str:
@@ -514,11 +516,12 @@ class _CensusLayout(NamedTuple):
     tdflags_low: int
     """The byte of ki_tdflags that holds TDF_SINTR (0x8): its least significant byte."""
     slptime: int
+    jid: int
 
 
-_ROW = struct.Struct("=QIiB7x")
-"""A census row: ki_tdev, ki_uid, ki_numthreads and the state (an index of
-:data:`_STATE_WORDS`); padded to 24 bytes so that every field is aligned in it."""
+_ROW = struct.Struct("=QIiB3xi")
+"""A census row: ki_tdev, ki_uid, ki_numthreads, the state (an index of
+:data:`_STATE_WORDS`) and ki_jid; 24 bytes, every field aligned in it."""
 _ROWS = struct.Struct(f"{_ROW.size}s")
 _CENSUS_LAYOUTS: dict[str, _CensusLayout] = {}
 _IntFormat = Literal["B", "i", "I", "q", "Q"]
@@ -574,6 +577,7 @@ def _census_layout(record_type: str) -> _CensusLayout:
             stat=offset("ki_stat", "uint8_t"),
             tdflags_low=int(tdflags.offset) + low,
             slptime=offset("ki_slptime", "uint32_t"),
+            jid=offset("ki_jid", "int32_t"),
         )
         _CENSUS_LAYOUTS[record_type] = layout
     return layout
@@ -603,6 +607,7 @@ def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> byte
     put(0, "Q", column(layout.tdev, "Q"))
     put(8, "I", column(layout.uid, "I"))
     put(12, "i", column(layout.numthreads, "i"))
+    put(20, "i", column(layout.jid, "i"))
     slept = bytes(map(MAXSLP.__le__, column(layout.slptime, "I").tolist()))
     states = (
         bits(column(layout.stat, "B").tobytes().translate(_STAT_CODE))

@@ -273,7 +273,7 @@ class ProcfsSource:
     def _kinds(self, raw: Iterable[RawKind]) -> Census:
         census: Census = {}
         for (uid, tty_nr, letter, threads), count in raw:
-            kind = (uid, self._tty(tty_nr), _STATE_OF.get(letter, "unknown"), threads)
+            kind = (uid, self._tty(tty_nr), _STATE_OF.get(letter, "unknown"), threads, 0)
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
