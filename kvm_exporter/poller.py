@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
 from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
-from .usage import Accounting, Resources
+from .usage import Accounting, Resources, accounting_for
 
 log = logging.getLogger(__name__)
 
@@ -170,25 +170,15 @@ class Poller:
         self, source: Source, settings: Settings, names: Callable[[int], str]
     ) -> tuple[Counts, Resources | None]:
         """Counts, and resources where asked for and the source has them, from one read."""
-        accounting, resources = self._accounting, None
-        spec = getattr(source, "usage_spec", None)  # stand-ins in tests may have none
-        wanted = settings.resources is not None and spec is not None
-        if wanted and (
-            accounting is None
-            or accounting.source is not source
-            or accounting.accounts.labels != settings.resources
-            or accounting.max_series != settings.max_series
-        ):  # new settings start new counters (Prometheus sees a counter reset)
-            assert settings.resources is not None and spec is not None
-            self._accounting = accounting = Accounting(
-                source, settings.resources, settings.max_series, spec
-            )
-        if wanted and accounting is not None:
+        accounting = self._accounting = accounting_for(
+            self._accounting, source, settings.resources, settings.max_series
+        )
+        resources = None
+        if accounting is not None:
             survey = source.survey()
             census = survey.census
             resources = accounting.poll(survey, names)
         else:
-            self._accounting = None
             census = source.census()
         jail_name = getattr(source, "jail_name", str)  # stand-ins in tests may have none
         counts = aggregate(

@@ -299,3 +299,25 @@ class Accounting:
 
         out = self.accounts.add(tally, name)
         return out._replace(jails=jails)
+
+
+def accounting_for(
+    current: Accounting | None,
+    source: Source,
+    labels: tuple[str, ...] | None,
+    max_series: int,
+) -> Accounting | None:
+    """``current`` if it still fits ``source`` and the settings, else a new accounting (its
+    counters start afresh: Prometheus sees a counter reset); None where no resources are
+    asked for (``labels`` None) or the source has none."""
+    spec: UsageSpec | None = getattr(source, "usage_spec", None)  # test stand-ins have none
+    if labels is None or spec is None:
+        return None
+    if (
+        current is not None
+        and current.source is source
+        and current.accounts.labels == labels
+        and current.max_series == max_series
+    ):
+        return current
+    return Accounting(source, labels, max_series, spec)

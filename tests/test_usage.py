@@ -14,7 +14,7 @@ from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.records import UsageSpec
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
-from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker
+from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker, accounting_for
 
 ROW = struct.Struct("=9q")
 SPEC = UsageSpec(
@@ -114,9 +114,9 @@ def test_attach_runs_once_per_process() -> None:
     run = Run(grouping=Grouping(lambda r, attached: (attached,), attach))
     run.poll(row(1, 0, 0), row(2, 0, 0))
     res = run.poll(row(1, 0, 10), row(2, 0, 20))
-    assert asked == [1, 2] and cpu(res) == {"uslice1": 0.1, "uslice0": 0.2}
+    assert sorted(asked) == [1, 2] and cpu(res) == {"uslice1": 0.1, "uslice0": 0.2}
     run.poll(row(1, 0, 10), row(2, 0, 0, start=300))
-    assert asked == [1, 2, 2]  # a reused pid is asked again
+    assert sorted(asked) == [1, 2, 2]  # a reused pid is asked again
 
 
 def test_a_group_folding_into_other_adds_only_its_growth_there() -> None:
@@ -206,3 +206,12 @@ def test_resource_labels_are_checked() -> None:
     assert parse_config("labels: [user, jail]").labels == ("user", "jail")
     with pytest.raises(ConfigError, match=r"resources.labels: got \['state'\], expected a list"):
         parse_config("resources: {labels: [state]}")
+
+
+def test_an_accounting_lasts_while_source_and_settings_do(tmp_path: Path) -> None:
+    source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
+    first = accounting_for(None, source, ("user",), 1000)
+    assert first is not None and accounting_for(first, source, ("user",), 1000) is first
+    assert accounting_for(first, source, ("user", "jail"), 1000) not in (None, first)
+    assert accounting_for(first, source, ("user",), 500) not in (None, first)
+    assert accounting_for(first, source, None, 1000) is None  # resources.enabled: false
