@@ -4,14 +4,16 @@ exporter, compared with ps and with the kernel's own CPU times."""
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SYSTEM_PYTHON, wait_until
+from conftest import SYSTEM_PYTHON, free_port, listens, samples, wait_until
 from fakelib import fixed_passwd
 
 from kvm_exporter.aggregate import MIN_SERIES
@@ -195,3 +197,91 @@ def test_cgroup_label_is_the_processes_cgroup(
         }
 
     assert wait_until(groups) == {want: 1}
+
+
+PE_CONFIG = "process_names:\n  - name: '{{.Username}}'\n    cmdline: ['.*']\n"
+"""process-exporter grouping every process by user (as ../shared/bench/pe-user.yml)."""
+PE_BINARY = "/usr/bin/prometheus-process-exporter"
+"""Debian's prometheus-process-exporter: tests/run.sh must install it."""
+
+
+def pe_by_user(url: str) -> dict[str, dict[str, float]]:
+    """process-exporter's num_procs, resident bytes and CPU seconds per group (user)."""
+    out: dict[str, dict[str, float]] = {}
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    for (name, labels), value in samples(text).items():
+        lb = dict(labels)
+        group = out.setdefault(lb.get("groupname", ""), {"procs": 0.0, "rss": 0.0, "cpu": 0.0})
+        if name == "namedprocess_namegroup_num_procs":
+            group["procs"] = value
+        elif name == "namedprocess_namegroup_memory_bytes" and lb["memtype"] == "resident":
+            group["rss"] = value
+        elif name == "namedprocess_namegroup_cpu_seconds_total":
+            group["cpu"] += value
+    return out
+
+
+def test_side_by_side_with_process_exporter(
+    procs: list[subprocess.Popen[bytes]], exporter: Any, tmp_path: Path
+) -> None:
+    """The real process-exporter and kvm_exporter read the same host: the test's users have
+    the same processes, memory within 2% and CPU rate within 5%. Both name users from the
+    host's own password database, whatever it holds for these uids."""
+    for uid in (47101, 47101, 47102):
+        procs.append(spawn(HOLD, uid, str(16 * MIB)))
+    procs.append(spawn(SPIN, 47103))
+    port = free_port()
+    config = tmp_path / "pe-user.yml"
+    config.write_text(PE_CONFIG)
+    log = (tmp_path / "pe.log").open("wb")
+    pe = subprocess.Popen(
+        [PE_BINARY, "-config.path", str(config), "-web.listen-address", f"127.0.0.1:{port}"],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        pe_url = f"http://127.0.0.1:{port}/metrics"
+        wait_until(lambda: listens(pe.pid, port), timeout=60, what="process-exporter")
+        e = exporter("interval: 0\n")
+        users = {uid: name_of(uid) for uid in (47101, 47102, 47103)}
+
+        def both() -> tuple[dict[str, dict[str, float]], Metrics, dict[str, dict[str, float]]]:
+            return pe_by_user(pe_url), e.metrics(), pe_by_user(pe_url)
+
+        def ours(pe: dict[str, dict[str, float]]) -> Any:
+            return {u: (pe[u]["procs"], pe[u]["rss"]) for u in users.values() if u in pe}
+
+        def settled() -> Any:
+            pe0, kvm, pe1 = both()  # the test's processes held still across kvm's read
+            if len(ours(pe0)) == len(users) and ours(pe0) == ours(pe1):
+                return pe0, kvm
+            return None
+
+        pe_before, kvm_before = wait_until(settled, timeout=30, what="both to see the processes")
+        kvm_procs = by_user(kvm_before, "kvm_group_processes")
+        kvm_rss = by_user(kvm_before, "kvm_resident_memory_bytes")
+        for uid in (47101, 47102):
+            name = users[uid]
+            assert kvm_procs[name] == pe_before[name]["procs"]
+            assert abs(kvm_rss[name] - pe_before[name]["rss"]) <= 0.02 * pe_before[name]["rss"]
+        spin = users[47103]
+        kvm_cpu0 = by_user(e.metrics(), "kvm_cpu_seconds_total")[spin]
+        pe_cpu0 = pe_by_user(pe_url)[spin]["cpu"]
+        time.sleep(4)
+        kvm_cpu1 = by_user(e.metrics(), "kvm_cpu_seconds_total")[spin]
+        pe_cpu1 = pe_by_user(pe_url)[spin]["cpu"]
+        pe_used = pe_cpu1 - pe_cpu0
+        assert pe_used > 1.0
+        assert abs((kvm_cpu1 - kvm_cpu0) - pe_used) <= 0.05 * pe_used
+    finally:
+        pe.terminate()
+        pe.wait(timeout=10)
+        log.close()
+
+
+def name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
