@@ -18,6 +18,7 @@ from typing import TypeVar
 from .aggregate import Counts, aggregate, user_names
 from .logs import crash
 from .records import HostLimits, LoadAvg, Source, SourceError, SwapDevice
+from .usage import Accounting, Resources, accounting_for
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class Settings:
     max_series: int = 1000
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
+    resources: tuple[str, ...] | None = ("user",)
+    """Labels of the resource metrics; None: not collected."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Snapshot:
     """Wall-clock time of the last poll in which every part succeeded."""
     polls: int
     errors: Mapping[str, int] = field(default_factory=dict)
+    resources: Resources | None = None
 
     @property
     def up(self) -> bool:
@@ -68,7 +72,7 @@ class Snapshot:
         """This snapshot once too old to pass for current: every part failed, no data."""
         failed = MappingProxyType(dict.fromkeys(self.success, False))
         return dataclasses.replace(
-            self, counts=None, load=None, swap=None, limits=None, success=failed
+            self, counts=None, load=None, swap=None, limits=None, success=failed, resources=None
         )
 
 
@@ -92,6 +96,7 @@ class Poller:
         between must wait too."""
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
+        self._accounting: Accounting | None = None
 
     def snapshot(self) -> Snapshot:
         """The latest snapshot; with ``interval`` 0, a fresh poll.
@@ -139,12 +144,8 @@ class Poller:
             if time.monotonic() - self._names_since > NAMES_TTL:
                 self._names, self._names_since = user_names(), time.monotonic()
             source, names = self.source, self._names
-            counts = timed(
-                "procs",
-                lambda: aggregate(
-                    source.census(), settings.labels, settings.max_series, names, source.states
-                ),
-            )
+            procs = timed("procs", lambda: self._procs(source, settings, names))
+            counts, resources = procs if procs is not None else (None, None)
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -161,9 +162,30 @@ class Poller:
                 last_success=now if up else previous.last_success,
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
+                resources=resources,
             )
             self._polled.set()
             return self._snapshot
+
+    def _procs(
+        self, source: Source, settings: Settings, names: Callable[[int], str]
+    ) -> tuple[Counts, Resources | None]:
+        """Counts, and resources where asked for and the source has them, from one read."""
+        accounting = self._accounting = accounting_for(
+            self._accounting, source, settings.resources, settings.max_series
+        )
+        resources = None
+        if accounting is not None:
+            survey = source.survey()
+            census = survey.census
+            resources = accounting.poll(survey, names)
+        else:
+            census = source.census()
+        jail_name = getattr(source, "jail_name", str)  # stand-ins in tests may have none
+        counts = aggregate(
+            census, settings.labels, settings.max_series, names, source.states, jail_name
+        )
+        return counts, resources
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""

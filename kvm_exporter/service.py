@@ -32,6 +32,7 @@ def settings_of(config: Config) -> Settings:
         labels=config.labels,
         max_series=config.max_series,
         compat=config.compat,
+        resources=config.resources.labels if config.resources.enabled else None,
     )
 
 

@@ -7,6 +7,11 @@ number of distinct rows (filling at most ``cap`` of them: call again with more r
 the result exceeds ``cap``), -1 with errno set on an I/O error, or -2 for a ``stat`` no
 kernel writes. Processes that exit during the scan are skipped.
 
+``kvm_survey(dir_fd, rows, cap, procs, pcap, nprocs)`` does the same read and also fills one
+``kvm_usage_row`` per process (pid, starttime, uid, rss, vsize, utime, stime, minflt, majflt
+of ``PID/stat``; at most ``pcap`` of them, their number in ``*nprocs``: call again with more
+room if it exceeds ``pcap``).
+
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
 pure-Python path.
@@ -20,7 +25,14 @@ CDEF = """
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
 };
+struct kvm_usage_row {
+    int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
+    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
+    uint64_t majflt;
+};
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
+int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
+               struct kvm_usage_row *procs, int pcap, int *nprocs);
 """
 
 C_SOURCE = r"""
@@ -38,6 +50,13 @@ C_SOURCE = r"""
 
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
+};
+
+/* The layout of kvm_exporter.records' usage rows (USAGE_*), all 64-bit. */
+struct kvm_usage_row {
+    int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
+    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
+    uint64_t majflt;
 };
 
 /* Open addressing, linear probing; a slot with count 0 is free. */
@@ -98,9 +117,9 @@ static int census_add(struct census_table *t, uint32_t uid, uint32_t tty, uint32
     return 0;
 }
 
-/* A decimal field ending at a space or newline; *p moves past that separator.
-   tty_nr is an int in the kernel (a u32 device encoding), so it may read negative. */
-static int census_number(const char **p, const char *end, int sign_ok, uint32_t *out)
+/* A decimal field of up to 64 bits ending at a space or newline (two's complement if
+   negative); *p moves past that separator. */
+static int census_number64(const char **p, const char *end, int sign_ok, uint64_t *out)
 {
     const char *q = *p;
     int neg = sign_ok && q < end && *q == '-';
@@ -108,14 +127,27 @@ static int census_number(const char **p, const char *end, int sign_ok, uint32_t 
     q += neg;
     const char *digits = q;
     for (; q < end && *q >= '0' && *q <= '9'; q++) {
-        v = v * 10 + (uint64_t)(*q - '0');
-        if (v > 0xFFFFFFFFull)
+        if (v > (UINT64_MAX - 9) / 10)
             return -1;
+        v = v * 10 + (uint64_t)(*q - '0');
     }
     if (q == digits || q == end || (*q != ' ' && *q != '\n'))
         return -1;
-    *out = neg ? (uint32_t)(0u - (uint32_t)v) : (uint32_t)v;
+    *out = neg ? 0u - v : v;
     *p = q + 1;
+    return 0;
+}
+
+/* A decimal field ending at a space or newline, at most 2^32 - 1 in magnitude; *p moves
+   past that separator. tty_nr is an int in the kernel (a u32 device encoding), so it may
+   read negative. */
+static int census_number(const char **p, const char *end, int sign_ok, uint32_t *out)
+{
+    int neg = sign_ok && *p < end && **p == '-';
+    uint64_t v;
+    if (census_number64(p, end, sign_ok, &v) != 0 || (neg ? 0u - v : v) > 0xFFFFFFFFull)
+        return -1;
+    *out = (uint32_t)v;
     return 0;
 }
 
@@ -135,8 +167,27 @@ static int census_skip(const char **p, const char *end, int n)
     return 0;
 }
 
-/* Parse one PID/stat: "pid (comm) S ppid pgrp session tty_nr ... num_threads ..." */
-static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, uint32_t *threads)
+/* The usage fields after tty_nr: tpgid flags minflt cminflt majflt cmajflt utime stime
+   cutime cstime priority nice num_threads itrealvalue starttime vsize rss. */
+static int census_usage(const char *p, const char *end, uint32_t *threads,
+                        struct kvm_usage_row *u)
+{
+    uint64_t v[17];
+    for (int i = 0; i < 17; i++)
+        if (census_number64(&p, end, 1, &v[i]) != 0)
+            return -1;
+    if (v[12] > 0xFFFFFFFFull)
+        return -1;
+    *threads = (uint32_t)v[12];
+    u->minflt = v[2]; u->majflt = v[4]; u->utime = v[6]; u->stime = v[7];
+    u->start = v[14]; u->vsize = v[15]; u->rss = (int64_t)v[16];
+    return 0;
+}
+
+/* Parse one PID/stat: "pid (comm) S ppid pgrp session tty_nr ... num_threads ...";
+   with u, the usage fields too. */
+static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, uint32_t *threads,
+                        struct kvm_usage_row *u)
 {
     const char *end = buf + n, *rp = memrchr(buf, ')', n);
     uint32_t ignored;
@@ -148,16 +199,22 @@ static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, u
     for (int i = 0; i < 3; i++) /* ppid pgrp session */
         if (census_number(&p, end, 0, &ignored) != 0)
             return -1;
-    if (census_number(&p, end, 1, tty) != 0 || census_skip(&p, end, 12) != 0
-        || census_number(&p, end, 0, threads) != 0)
+    if (census_number(&p, end, 1, tty) != 0)
+        return -1;
+    if (u != NULL)
+        return census_usage(p, end, threads, u);
+    if (census_skip(&p, end, 12) != 0 || census_number(&p, end, 0, threads) != 0)
         return -1;
     return 0;
 }
 
 static int census_gone(int err) { return err == ENOENT || err == ESRCH; }
 
-int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
+int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
+               struct kvm_usage_row *procs, int pcap, int *nprocs)
 {
+    struct kvm_usage_row scratch, *u = procs == NULL ? NULL : &scratch;
+    size_t np = 0;
     struct census_table t = { calloc(64, sizeof *t.slots), 63, 0 };
     int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0), ret = 0, saved;
     DIR *d = fd < 0 ? NULL : fdopendir(fd);
@@ -217,9 +274,19 @@ int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
         }
         char state;
         uint32_t tty, threads;
-        if (census_parse(buf, (size_t)n, &state, &tty, &threads) != 0) {
+        if (census_parse(buf, (size_t)n, &state, &tty, &threads, u) != 0) {
             ret = -2;
             break;
+        }
+        if (u != NULL) {
+            if (np < (size_t)(pcap > 0 ? pcap : 0)) {
+                scratch.pid = strtol(name, NULL, 10);
+                scratch.start_fraction = 0;
+                scratch.uid = st.st_uid;
+                scratch.jid = 0;
+                procs[np] = scratch;
+            }
+            np++;
         }
         if (census_add(&t, (uint32_t)st.st_uid, tty, threads, state) != 0) {
             errno = ENOMEM;
@@ -235,10 +302,17 @@ int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
             if (t.slots[i].count && k < (size_t)(cap > 0 ? cap : 0))
                 rows[k++] = t.slots[i];
         ret = t.used > 0x7FFFFFFF ? 0x7FFFFFFF : (int)t.used;
+        if (nprocs != NULL)
+            *nprocs = np > 0x7FFFFFFF ? 0x7FFFFFFF : (int)np;
     }
     free(t.slots);
     errno = saved;
     return ret;
+}
+
+int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
+{
+    return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
 }
 """
 
