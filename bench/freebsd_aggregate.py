@@ -15,7 +15,13 @@ of:
 - ``aggregate_warm_names_cpu_ms``: the same with a warm name cache, as the poller calls it
   (it keeps uid-to-name lookups for ``NAMES_TTL``, 5 minutes);
 - ``records_to_counts_cpu_ms``: ``aggregate_cpu_ms`` less ``getprocs_cpu_ms``, the aggregation
-  proper: from the records the library returned to the label groups.
+  proper: from the records the library returned to the label groups;
+- ``resources_cpu_ms``: what a poll with resources per user does (one source only, up to
+  131,072 records): ``survey()``, ``aggregate()`` of its census with warm names, and the
+  accounting of its usage rows, steady state (every process seen by the previous poll, as
+  on a host whose processes mostly idle between polls: the scenario does not change);
+- ``resources_first_sight_cpu_ms``: the same with every process new (a fresh accounting);
+- ``records_to_counts_and_resources_cpu_ms``: ``resources_cpu_ms`` less ``getprocs_cpu_ms``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from kvm_exporter.config import LibkvmConfig
 from kvm_exporter.records import Census, Kind, Proc
 from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.sources.libkvm import LibkvmSource
+from kvm_exporter.usage import Accounting
 
 
 def census_all(sources: list[LibkvmSource]) -> Census:
@@ -51,6 +58,15 @@ def census_all(sources: list[LibkvmSource]) -> Census:
 def poll(sources: list[LibkvmSource], names: Any = None) -> Counts:
     """What a poll does: the census, then the label groups."""
     return aggregate(census_all(sources), ("user", "tty", "state"), 1000, names)
+
+
+def with_resources(source: LibkvmSource, accounting: Accounting | None, names: Any) -> Counts:
+    """A poll with resources per user; a fresh accounting (every process new) if None."""
+    assert source.usage_spec is not None
+    accounting = accounting or Accounting(source, ("user",), 1000, source.usage_spec)
+    survey = source.survey()
+    accounting.poll(survey, names)
+    return aggregate(survey.census, ("user", "tty", "state"), 1000, names)
 
 
 def getprocs_only(sources: list[LibkvmSource]) -> None:
@@ -77,7 +93,9 @@ def scenario(first: int, n: int) -> str:
         lines.append(
             f"proc pid={pid} ppid=1 uid={rng.choice(uids)} tdev={rng.choice(ttys)} "
             f"stat={rng.choice(STATS)} tdflags=0x8 slptime={rng.choice((0, 30))} "
-            f"threads={rng.choice((1, 1, 1, 4))} rss=100 size=4096 comm=p{pid % 50}"
+            f"threads={rng.choice((1, 1, 1, 4))} rss=100 size=4096 comm=p{pid % 50} "
+            f"utime={rng.randrange(10**8)} stime={rng.randrange(10**7)} "
+            f"minflt={rng.randrange(10**5)} nvcsw={rng.randrange(10**5)} start={pid}.5"
         )
     return "\n".join(lines) + "\n"
 
@@ -122,6 +140,19 @@ def main() -> None:
                 result["records_to_counts_cpu_ms"] = round(
                     result["aggregate_cpu_ms"] - result["getprocs_cpu_ms"], 3
                 )
+                if len(sources) == 1:
+                    (source,) = sources
+                    assert source.usage_spec is not None
+                    tracked = Accounting(source, ("user",), 1000, source.usage_spec)
+                    with_resources(source, tracked, names)  # every process seen once
+                    steady = partial(with_resources, source, tracked, names)
+                    result["resources_cpu_ms"] = median_ms(steady, args.repeat)
+                    result["resources_first_sight_cpu_ms"] = median_ms(
+                        partial(with_resources, source, None, names), args.repeat
+                    )
+                    result["records_to_counts_and_resources_cpu_ms"] = round(
+                        result["resources_cpu_ms"] - result["getprocs_cpu_ms"], 3
+                    )
             finally:
                 for source in sources:
                     source.close()

@@ -2,8 +2,10 @@
 
 One untimed warm-up poll, then ``--polls`` timed ones; prints one JSON object with the
 median process CPU (user+system), in milliseconds, of a whole poll (the census, aggregation,
-load, swap, limits) with the C census when ``_procscan`` is built, of the same poll with the
-census in Python, and of ``procs()`` alone (full records, ``status`` read too).
+resources per user, load, swap, limits) with the C census when ``_procscan`` is built, of
+the same poll without resources (counts only), of the poll with the census in Python, and of
+``procs()`` alone (full records, ``status`` read too). Resource polls are steady-state: the
+processes are tracked already (the warm-up poll saw them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ def main() -> None:
         "pids": len(source.procs()),
         "compiled": compiled is not None,
         "poll_cpu_ms": median_ms(poller.poll, args.polls),  # the poll above warmed it up
+        "tracked": len(poller._accounting.tracker) if poller._accounting else 0,
     }
+    counts_only = Poller(source, Settings(resources=None))
+    counts_only.poll()
+    result["poll_counts_only_cpu_ms"] = median_ms(counts_only.poll, args.polls)
     procfs._lib = None  # the pure-Python census, as without a C compiler at install
     poller.poll()  # warm-up
     result["poll_python_cpu_ms"] = median_ms(poller.poll, args.polls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pwd
 from collections.abc import Callable
 from operator import itemgetter
@@ -18,7 +19,7 @@ MIN_SERIES = len(STATES) + 1
 
 Key = tuple[str, ...]
 
-_FIELD = {"user": 0, "tty": 1, "state": 2}
+_FIELD = {"user": 0, "tty": 1, "state": 2, "jail": 4}
 """Where each label's raw value sits in a :data:`~kvm_exporter.records.Kind`."""
 _THREADS: Final = 3
 
@@ -55,6 +56,7 @@ def aggregate(
     max_series: int,
     user_name: Callable[[int], str] | None = None,
     states: tuple[str, ...] = STATES,
+    jail_name: Callable[[int], str] = str,
 ) -> Counts:
     """Count processes and threads per ``labels`` group of a census.
 
@@ -72,12 +74,16 @@ def aggregate(
     # this loop runs once per kind, and uids become names once per kind.
     fields = [_FIELD[label] for label in labels]
     named = [i for i, label in enumerate(labels) if label == "user"]
+    jails = [i for i, label in enumerate(labels) if label == "jail"]
+    jail_name = functools.cache(jail_name)  # once per jail, not per kind
     processes: dict[Key, int] = {}
     threads: dict[Key, int] = {}
     for kind, count in census.items():
         values: list[Any] = [kind[f] for f in fields]
         for i in named:
             values[i] = name(values[i])
+        for i in jails:
+            values[i] = jail_name(values[i])
         key = tuple(values)
         # Two uids can share a name: their groups add up.
         processes[key] = processes.get(key, 0) + count

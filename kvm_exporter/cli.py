@@ -33,7 +33,7 @@ HELP = {  # flag: (metavar, help)
     "collector.labels": (
         "LABELS",
         "comma-separated labels of kvm_processes and kvm_threads, from "
-        "user,tty,state (default user,tty,state)",
+        "user,tty,state,jail (default user,tty,state)",
     ),
     "path.procfs": ("PATH", "procfs mount point, Linux (default /proc)"),
     "log.level": ("LEVEL", "one of " + ", ".join(LOG_LEVELS) + " (default info)"),

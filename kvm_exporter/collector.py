@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,6 +15,7 @@ from . import __version__
 from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
 from .records import OwnUsage, Source, SourceError
+from .usage import Resources
 
 AS_OF = ", as of the last poll."
 """Ends the HELP text of every value read from the system (the snapshot may be a poll old)."""
@@ -42,14 +43,17 @@ def label_value(value: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _utf8_keys(counts: dict[Key, int]) -> dict[Key, int]:
+N = TypeVar("N", int, float)
+
+
+def _utf8_keys(counts: dict[Key, N]) -> dict[Key, N]:
     """``counts`` with every label value made UTF-8; keys that become equal are merged."""
     if all(v.isascii() for key in counts for v in key):
         return counts
-    out: dict[Key, int] = {}
+    out: dict[Key, N] = {}
     for key, count in counts.items():
         key = tuple(label_value(v) for v in key)
-        out[key] = out.get(key, 0) + count
+        out[key] = out[key] + count if key in out else count
     return out
 
 
@@ -63,6 +67,69 @@ def _counts(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, int]
 
 def _gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+COUNTERS: dict[str, tuple[str, str, str]] = {
+    "cpu": ("kvm_cpu_seconds", "Seconds of CPU time the group's processes used, by mode,", "mode"),
+    "page_faults": ("kvm_page_faults", "Page faults of the group's processes, by type,", "type"),
+    "context_switches": (
+        "kvm_context_switches",
+        "Context switches of the group's processes, by type,",
+        "type",
+    ),
+    "block_operations": (
+        "kvm_block_operations",
+        "Block input and output operations of the group's processes,",
+        "direction",
+    ),
+}
+"""Family name, HELP and label of each counter metric of :class:`~kvm_exporter.usage.Resources`."""
+COUNTED = (
+    " between the polls that saw them (README: what counters include) since the exporter started."
+)
+
+
+def _resources(res: Resources) -> Iterator[Metric]:
+    """The resource families: gauges per group, counters per group and mode."""
+    labels = res.labels
+    for name, doc, values in (
+        ("kvm_group_processes", "Processes per resource group", res.processes),
+        (
+            "kvm_resident_memory_bytes",
+            "Resident memory of the group's processes in bytes",
+            res.resident_bytes,
+        ),
+        (
+            "kvm_virtual_memory_bytes",
+            "Virtual memory size of the group's processes in bytes",
+            res.virtual_bytes,
+        ),
+    ):
+        yield _counts(name, doc, labels, values)
+    families: dict[str, CounterMetricFamily] = {}
+    for (metric, value), series in res.counters.items():
+        name, doc, label = COUNTERS[metric]
+        family = families.get(metric)
+        if family is None:
+            family = families[metric] = CounterMetricFamily(
+                name, doc + COUNTED, labels=(*labels, label)
+            )
+        for key, total in sorted(_utf8_keys(series).items()):
+            family.add_metric((*key, value), total)
+    yield from families.values()
+    yield _gauge(
+        "kvm_resource_folded_groups",
+        "Resource groups folded into 'other' to stay under max_series" + AS_OF,
+        res.folded,
+    )
+    jails = GaugeMetricFamily(
+        "kvm_jail_info",
+        "Always 1: a jail with processes, by id and name" + AS_OF,
+        labels=["jid", "jail"],
+    )
+    for jid, jail in sorted(res.jails.items()):
+        jails.add_metric([str(jid), label_value(jail)], 1)
+    yield jails
 
 
 class KvmCollector(Collector):
@@ -96,6 +163,8 @@ class KvmCollector(Collector):
                 "Label groups folded into 'other' to stay under max_series" + AS_OF,
                 c.folded,
             )
+        if snap.resources is not None:
+            yield from _resources(snap.resources)
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
                 yield _gauge(
@@ -129,6 +198,12 @@ class KvmCollector(Collector):
                 + AS_OF,
                 lim.max_threads,
             )
+            if lim.memory_bytes is not None:
+                yield _gauge(
+                    "kvm_memory_total_bytes",
+                    "Physical memory of the host in bytes" + AS_OF,
+                    lim.memory_bytes,
+                )
 
     def _health(self, snap: Snapshot) -> Iterator[Metric]:
         yield _gauge("kvm_up", "1 if every part of the last poll succeeded, else 0.", snap.up)

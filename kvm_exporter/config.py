@@ -26,11 +26,14 @@ from .logs import FORMATS, LEVELS
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
+COUNT_LABELS = (*LABELS, "jail")
+"""What the process counts can be grouped by (``jail``: FreeBSD's, ``host`` on Linux)."""
 SOURCES = ("auto", "procfs", "libkvm")
 LOG_LEVELS = tuple(LEVELS)
 LOG_FORMATS = tuple(FORMATS)
 RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
 """The landing page and the health endpoints (app.py): no telemetry path may hide them."""
+RESOURCE_LABELS = ("user", "jail", "cgroup")
 COMPAT = ("node_exporter", "process_exporter")
 """Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
@@ -74,6 +77,16 @@ class LibkvmConfig:
     """Kernel image of a crash dump; with ``core`` set, the exporter reads the dump once."""
     core: str | None = None
     swapfile: str | None = None
+    jail_library: str = "libjail.so.1"
+    """Where jail_getname(3) comes from, to name jails (without it, a jail is its jid)."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    enabled: bool = True
+    """CPU, memory, faults (and on FreeBSD switches and block I/O) per group of processes."""
+    labels: tuple[str, ...] = ("user",)
+    """Group by these (``user``, ``jail``, ``cgroup``: Linux only, read once per process)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,7 @@ class Config:
     procfs: ProcfsConfig = field(default_factory=ProcfsConfig)
     libkvm: LibkvmConfig = field(default_factory=LibkvmConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 MAX_DURATION = 365 * 86400.0
@@ -257,9 +271,10 @@ def _groups(groups: GroupsConfig) -> GroupsConfig:
 _PARSERS: Rules = {
     "interval": parse_duration,
     "groups.process_names": _process_names,
-    "labels": list_of(LABELS),
+    "labels": list_of(COUNT_LABELS),
     "web.listen_address": _listen_addresses,
     "compat": list_of(COMPAT),
+    "resources.labels": list_of(RESOURCE_LABELS),
 }
 _CHECKS: Rules = {
     "source": one_of(SOURCES),

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 from .aggregate import OTHER
 from .groups import Argv, Rule, name_of
-from .records import Proc
+from .records import USAGE_PID, Proc, Survey, UsageSpec
 from .states import STATES
+from .usage import Accounts, Grouping, Tracker
 
 ProcKey = tuple[int, float | None]
 """(pid, start time): one process, whatever later reuses its pid."""
@@ -117,6 +118,36 @@ class Grouper:
         name, unreadable = name_of(self._rules, Argv(proc.comm, self._user_name(proc.uid), argv))
         self._unreadable += unreadable
         return name
+
+
+class GroupUsage:
+    """The named groups' counters, kept by ``usage.py``'s rules: increments per process (pid
+    and start time), totals per series that never go down through exits, pid reuse or a
+    group folding into ``other``."""
+
+    def __init__(self, spec: UsageSpec, max_series: int) -> None:
+        self._group_of_pid: dict[int, str] = {}
+        self._tracker = Tracker(
+            Grouping(lambda row, _: self._group_of_pid.get(row[USAGE_PID])), spec.decode
+        )
+        self._accounts = Accounts(("group",), max_series, spec)
+
+    def update(
+        self, survey: Survey, group_of_pid: dict[int, str]
+    ) -> dict[tuple[str, str], dict[str, float]]:
+        """Each group's counter totals after this poll's usage read; ``group_of_pid`` is the
+        group of each grouped process (the rest count nowhere)."""
+        self._group_of_pid = group_of_pid
+        tally = self._tracker.update(survey.usage, survey.clock)
+        grouped = tally._replace(
+            gauges={g: v for g, v in tally.gauges.items() if g is not None},
+            increments={g: v for g, v in tally.increments.items() if g is not None},
+        )
+        totals = self._accounts.add(grouped, lambda group: (str(group),)).counters
+        return {
+            column: {key[0]: total for key, total in series.items()}
+            for column, series in totals.items()
+        }
 
 
 def _count(procs: list[Proc], group: dict[ProcKey, str]) -> GroupCounts:

@@ -16,10 +16,21 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
-from .grouping import GroupCounts, Grouper
+from .grouping import GroupCounts, Grouper, GroupUsage
 from .groups import Rule
 from .logs import crash
-from .records import Census, HostLimits, LoadAvg, Proc, Source, SourceError, SwapDevice, census_of
+from .records import (
+    Census,
+    HostLimits,
+    LoadAvg,
+    Proc,
+    Source,
+    SourceError,
+    Survey,
+    SwapDevice,
+    census_of,
+)
+from .usage import Accounting, Resources, accounting_for
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,8 @@ class Settings:
     groups: tuple[Rule, ...] = ()
     """Named process groups (``grouping.py``); none: no groups, and no full process list."""
     children: bool = True
+    resources: tuple[str, ...] | None = ("user",)
+    """Labels of the resource metrics; None: not collected."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class Snapshot:
     polls: int
     errors: Mapping[str, int] = field(default_factory=dict)
     groups: GroupCounts | None = None
+    resources: Resources | None = None
 
     @property
     def up(self) -> bool:
@@ -74,7 +88,14 @@ class Snapshot:
         """This snapshot once too old to pass for current: every part failed, no data."""
         failed = MappingProxyType(dict.fromkeys(self.success, False))
         return dataclasses.replace(
-            self, counts=None, load=None, swap=None, limits=None, success=failed, groups=None
+            self,
+            counts=None,
+            load=None,
+            swap=None,
+            limits=None,
+            success=failed,
+            groups=None,
+            resources=None,
         )
 
 
@@ -99,7 +120,9 @@ class Poller:
         self._thread: threading.Thread | None = None
         self._names, self._names_since = user_names(), time.monotonic()
         self._grouper: Grouper | None = None
+        self._group_usage: GroupUsage | None = None
         self._grouper_made: tuple[object, ...] = ()
+        self._accounting: Accounting | None = None
 
     def snapshot(self) -> Snapshot:
         """The latest snapshot; with ``interval`` 0, a fresh poll.
@@ -153,29 +176,14 @@ class Poller:
                 self._names, self._names_since = user_names(), time.monotonic()
             source, names = self.source, self._names
             grouper = self._grouper_for(source, settings)
-            procs: list[Proc] | None = None
-
-            def census() -> Census:
-                nonlocal procs
-                if grouper is None:
-                    return source.census()
-                procs = source.procs(real_uid=False)  # groups need each process: one read
-                # serves both; no real uid, which Linux would read from another file
-                return census_of(procs)
-
-            counts = timed(
-                "procs",
-                lambda: aggregate(
-                    census(), settings.labels, settings.max_series, names, source.states
-                ),
-            )
+            procs = timed("procs", lambda: self._procs(source, settings, names, grouper))
+            counts, resources, survey, listed = procs or (None, None, None, None)
             groups = None
             if grouper is not None:
-                listed = procs
                 if listed is None:
                     success["groups"] = False  # the process list failed: logged as procs
                 else:
-                    groups = timed("groups", lambda: grouper.update(listed))
+                    groups = timed("groups", lambda: self._groups(grouper, listed, survey))
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -193,23 +201,20 @@ class Poller:
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
                 groups=groups,
+                resources=resources,
             )
             self._polled.set()
             return self._snapshot
 
     def _grouper_for(self, source: Source, settings: Settings) -> Grouper | None:
         """The grouper of these settings: kept across polls (it remembers each process's
-        group), made afresh when the rules, the cap or the source change."""
+        group), made afresh when the rules, the cap or the source change; with it the
+        groups' counters, where the source has usage to give."""
         if not settings.groups:
-            self._grouper = None
+            self._grouper = self._group_usage = None
             return None
-        made = self._grouper_made
-        if self._grouper is None or made != (
-            source,
-            settings.groups,
-            settings.children,
-            settings.max_series,
-        ):
+        made = (source, settings.groups, settings.children, settings.max_series)
+        if self._grouper is None or self._grouper_made != made:
             self._grouper = Grouper(
                 settings.groups,
                 settings.children,
@@ -217,8 +222,51 @@ class Poller:
                 source.argv,
                 lambda uid: self._names(uid),
             )
-            self._grouper_made = (source, settings.groups, settings.children, settings.max_series)
+            spec = getattr(source, "usage_spec", None)  # stand-ins in tests may have none
+            self._group_usage = GroupUsage(spec, settings.max_series) if spec else None
+            self._grouper_made = made
         return self._grouper
+
+    def _groups(self, grouper: Grouper, listed: list[Proc], survey: Survey | None) -> GroupCounts:
+        """This poll's groups, with their counters where the poll read usage."""
+        counts = grouper.update(listed)
+        if survey is None or self._group_usage is None:
+            return counts
+        by_pid = {pid: name for (pid, _), name in grouper.group_of.items()}
+        return counts._replace(counters=self._group_usage.update(survey, by_pid))
+
+    def _procs(
+        self,
+        source: Source,
+        settings: Settings,
+        names: Callable[[int], str],
+        grouper: Grouper | None,
+    ) -> tuple[Counts, Resources | None, Survey | None, list[Proc] | None]:
+        """Counts, and resources where asked for and the source has them, from one read; with
+        groups, every process too, and the usage read for their counters."""
+        accounting = self._accounting = accounting_for(
+            self._accounting, source, settings.resources, settings.max_series
+        )
+        resources = None
+        wants_usage = accounting is not None or self._group_usage is not None
+        survey = source.survey() if wants_usage else None
+        if accounting is not None and survey is not None:
+            resources = accounting.poll(survey, names)
+        # Groups need each process's comm, parent, state and threads: a read of its own
+        # (Linux: PID/stat and the owner of PID again, in C; FreeBSD: kvm_getprocs again).
+        listed = source.procs(real_uid=False) if grouper is not None else None
+        census: Census
+        if survey is not None:
+            census = survey.census
+        elif listed is not None:
+            census = census_of(listed)
+        else:
+            census = source.census()
+        jail_name = getattr(source, "jail_name", str)  # stand-ins in tests may have none
+        counts = aggregate(
+            census, settings.labels, settings.max_series, names, source.states, jail_name
+        )
+        return counts, resources, survey, listed
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""

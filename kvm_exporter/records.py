@@ -8,7 +8,7 @@ this boundary.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import NamedTuple, Protocol
 
@@ -39,6 +39,8 @@ class Proc(NamedTuple):
     cpu_seconds: float
     start_time: float | None
     """Start time, seconds since the Unix epoch; None where the source cannot know it."""
+    jid: int = 0
+    """Jail id (FreeBSD ``ki_jid``; 0: none, or the reader's own jail); 0 on Linux."""
 
 
 ARGV_BYTES = 4096
@@ -54,18 +56,55 @@ def split_argv(data: bytes) -> tuple[str, ...]:
     return tuple(a.decode("utf-8", "surrogateescape") for a in data.rstrip(b"\0").split(b"\0"))
 
 
-Kind = tuple[int, str, str, int]
-"""What the metrics see of a process: (effective uid, tty, state, threads)."""
+Kind = tuple[int, str, str, int, int]
+"""What the metrics see of a process: (effective uid, tty, state, threads, jail id)."""
 
 Census = dict[Kind, int]
 """How many processes there are of each :data:`Kind`."""
 
-_KIND = itemgetter(*(Proc._fields.index(f) for f in ("uid", "tty", "state", "threads")))
+_KIND = itemgetter(*(Proc._fields.index(f) for f in ("uid", "tty", "state", "threads", "jid")))
 
 
 def census_of(procs: Iterable[Proc]) -> Census:
     """Count ``procs`` per kind, in one pass at C speed (itemgetter, Counter)."""
     return Counter(map(_KIND, procs))
+
+
+UsageRow = tuple[int, ...]
+"""What one process has consumed, as of the read: integers in the source's own units, laid out
+as the ``USAGE_*`` indexes say; the counters follow from :data:`USAGE_COUNTERS` on. A survey
+carries each as its packed bytes (a *usage record*), decoded by :attr:`UsageSpec.decode`
+only where it changed since the last poll."""
+
+USAGE_PID, USAGE_START, USAGE_START_FRACTION, USAGE_UID, USAGE_JID = range(5)
+"""Identity (pid and start time, in the units of :attr:`Survey.clock`; a fraction of that
+unit where the source has one, else 0), effective uid and jail id (0: the reader's own)."""
+USAGE_RSS_PAGES, USAGE_VSIZE = 5, 6
+"""Resident pages and virtual bytes: gauges."""
+USAGE_COUNTERS = 7
+"""Where the cumulative counters start; :attr:`UsageSpec.counters` names each of them."""
+
+
+class UsageSpec(NamedTuple):
+    """How to read a source's usage rows."""
+
+    page_size: int
+    counters: tuple[tuple[str, str, float], ...]
+    """(metric, label value, seconds or events per unit) of each counter column in order.
+    Columns with the same metric and value add up (FreeBSD's seconds and microseconds)."""
+    decode: Callable[[bytes], UsageRow]
+    """A usage record's row."""
+
+
+class Survey(NamedTuple):
+    """One read of every process: the census, and each process's usage row."""
+
+    census: Census
+    usage: list[bytes]
+    """One usage record per process (see :data:`UsageRow`)."""
+    clock: int
+    """When the read began, in the units of a row's start: a process whose start is at or
+    after it was born during or after the read."""
 
 
 class LoadAvg(NamedTuple):
@@ -87,6 +126,8 @@ class HostLimits(NamedTuple):
     max_threads: int
     """Most threads the kernel allows (``kern.maxthread``; Linux: the task limit, the lower of
     ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
+    memory_bytes: int | None = None
+    """Physical memory (``hw.physmem``, ``MemTotal``); None where the source cannot tell."""
 
 
 class OwnUsage(NamedTuple):
@@ -100,6 +141,10 @@ class OwnUsage(NamedTuple):
     open_fds: int | None
     """None where the system cannot say."""
     max_fds: int
+
+
+HOST_JAIL = "host"
+"""The ``jail`` of processes outside any jail (jid 0: from inside a jail, the reader's own)."""
 
 
 class SourceError(Exception):
@@ -125,6 +170,17 @@ class Source(Protocol):
     def argv(self, pid: int) -> tuple[str, ...] | None:
         """The arguments of the process ``pid`` now is, up to :data:`ARGV_BYTES`; None if they
         cannot be read (gone, a zombie or kernel process on FreeBSD, not permitted)."""
+        ...
+
+    def survey(self) -> Survey:
+        """The census and every process's usage row, from one read."""
+        ...
+
+    usage_spec: UsageSpec | None
+    """What :meth:`survey` rows hold; None where the source has no usage to give."""
+
+    def jail_name(self, jid: int) -> str:
+        """The name of jail ``jid`` as the reader sees it (``host`` for 0)."""
         ...
 
     def loadavg(self) -> LoadAvg: ...

@@ -35,6 +35,7 @@ def settings_of(config: Config) -> Settings:
         compat=config.compat,
         groups=config.groups.process_names,
         children=config.groups.children,
+        resources=config.resources.labels if config.resources.enabled else None,
     )
 
 

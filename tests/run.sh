@@ -8,8 +8,9 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
 # gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
-# systemd: systemd-analyze for the unit; mandoc: the manual page lint.
-PACKAGES="prometheus shellcheck mandoc python3 python3-venv python3-dev gcc libc6-dev openssl procps
+# systemd: systemd-analyze for the unit; mandoc: the manual page lint;
+# prometheus-process-exporter: the peer that resource and group tests compare with.
+PACKAGES="prometheus prometheus-process-exporter shellcheck mandoc python3 python3-venv python3-dev gcc libc6-dev openssl procps
     systemd ca-certificates"
 # Waits for another apt-get holding the dpkg lock; a new machine may have no package lists yet.
 apt_install() {

@@ -203,6 +203,12 @@ SYSTEM_DATA = {
     "kvm_cpus",
     "kvm_processes_limit",
     "kvm_threads_limit",
+    "kvm_memory_total_bytes",
+    "kvm_group_processes",
+    "kvm_resident_memory_bytes",
+    "kvm_virtual_memory_bytes",
+    "kvm_resource_folded_groups",
+    "kvm_jail_info",
 }
 """The families read from the system: their HELP says the value is as of the last poll."""
 

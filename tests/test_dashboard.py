@@ -229,3 +229,27 @@ def test_swap_panels_show_zero_for_a_host_without_swap(tmp_path: Path) -> None:
     used, size = query("Swap used and size per device"), query("Swap used and size per device", "B")
     promtool_expects(tmp_path, used, series, {device: 250, '{instance="noswap"}': 0})
     promtool_expects(tmp_path, size, series, {device: 1000, '{instance="noswap"}': 0})
+
+
+def test_jail_panels_serve_a_mixed_fleet(tmp_path: Path) -> None:
+    """One query for every host: a FreeBSD host grouping by jail and user, a Linux host
+    grouping by user alone (no jail label: all of it is 'host')."""
+    series = {
+        'kvm_resident_memory_bytes{instance="bsd",user="www",jail="www"}': 300,
+        'kvm_resident_memory_bytes{instance="bsd",user="root",jail="www"}': 100,
+        'kvm_resident_memory_bytes{instance="bsd",user="root",jail="host"}': 100,
+        'kvm_memory_total_bytes{instance="bsd"}': 1000,
+        'kvm_resident_memory_bytes{instance="linux",user="root"}': 50,
+        'kvm_resident_memory_bytes{instance="linux",user="nobody"}': 150,
+        'kvm_memory_total_bytes{instance="linux"}': 400,
+    }
+    promtool_expects(
+        tmp_path,
+        query("Memory share by jail"),
+        series,
+        {
+            '{instance="bsd",jail="www"}': 0.4,
+            '{instance="bsd",jail="host"}': 0.1,
+            '{instance="linux",jail="host"}': 0.5,
+        },
+    )

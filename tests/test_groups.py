@@ -356,3 +356,29 @@ def test_a_long_chain_of_new_unnamed_processes_all_join_the_named_ancestor() -> 
     procs = [proc(2, 1, "top")] + [proc(3 + i, 2 + i, "sh") for i in range(20000)]
     got = grouper(rs, Argvs({})).update(list(reversed(procs)))
     assert got.processes == {"root": 20001}
+
+
+def test_a_spinning_groups_cpu_counter_grows_under_both_names(exporter: Any) -> None:
+    token = "c" + secrets.token_hex(4)
+    spin = subprocess.Popen(["bash", "-c", f"exec -a {token} bash -c 'while :; do :; done'"])
+    try:
+        rules = f"[{{name: spinner, cmdline: ['^{token}']}}]"
+        e = exporter(
+            f"interval: 0\ncompat: [process_exporter]\ngroups:\n  process_names: {rules}\n"
+        )
+        ours = (
+            "kvm_namegroup_cpu_seconds_total",
+            frozenset({("group", "spinner"), ("mode", "user")}),
+        )
+        theirs = (
+            "namedprocess_namegroup_cpu_seconds_total",
+            frozenset({("groupname", "spinner"), ("mode", "user")}),
+        )
+        first = e.metrics()
+        assert first[ours] == first[theirs]
+        wait_until(lambda: e.metrics()[ours] >= first[ours] + 0.2, what="0.2 s of user CPU")
+        later = e.metrics()
+        assert later[theirs] == later[ours]  # one snapshot, two names
+    finally:
+        spin.kill()
+        spin.wait()

@@ -161,7 +161,9 @@ def test_load_swap_and_limits(open_libkvm: Opener) -> None:
         SwapDevice("/dev/nvd0p3", gib4, 131072 * 4096),
         SwapDevice("/dev/nvd1p3", gib4, 129500 * 4096),
     ]
-    assert db01.limits() == HostLimits(cpus=16, max_procs=32724, max_threads=1000000)
+    assert db01.limits() == HostLimits(
+        cpus=16, max_procs=32724, max_threads=1000000, memory_bytes=68624740352
+    )
 
 
 def test_page_size_comes_from_hw_pagesize(open_libkvm: Opener, tmp_path: pathlib.Path) -> None:
@@ -657,11 +659,11 @@ def test_census_is_the_census_of_the_records(
 def test_census_of_web01(open_libkvm: Opener) -> None:
     census = open_libkvm(WEB01).census()
     assert sum(census.values()) == 30
-    assert census[(1001, "pts/0", "stopped", 1)] == 1
+    assert census[(1001, "pts/0", "stopped", 1, 0)] == 1
     assert (
-        census[(0, NO_TTY, "idle", 1)]
-        == Counter((p.uid, p.tty, p.state, p.threads) for p in open_libkvm(WEB01).procs())[
-            (0, NO_TTY, "idle", 1)
+        census[(0, NO_TTY, "idle", 1, 0)]
+        == Counter((p.uid, p.tty, p.state, p.threads, p.jid) for p in open_libkvm(WEB01).procs())[
+            (0, NO_TTY, "idle", 1, 0)
         ]
     )
 
@@ -699,8 +701,8 @@ def test_census_names_terminals_like_procs(open_libkvm: Opener, tmp_path: pathli
     source = open_libkvm(write(tmp_path, scenario))
     census = source.census()
     assert census == census_of(source.procs())
-    assert census[(0, NO_TTY, "unknown", 1)] == 1
-    assert census[(0, "pts/0", "unknown", 1)] == 1
+    assert census[(0, NO_TTY, "unknown", 1, 0)] == 1
+    assert census[(0, "pts/0", "unknown", 1, 0)] == 1
 
 
 def random_scenario(rng: random.Random, n: int) -> str:
@@ -771,15 +773,16 @@ def test_census_rows_of_every_layout(record_type: str) -> None:
         kp.ki_tdflags = rng.choice([0, 8, -8, rng.randrange(-(2 ** (tdflags_bits - 1)), 0)])
         kp.ki_slptime = rng.choice([0, MAXSLP - 1, MAXSLP, 255, 256, rng.randrange(2**32)])
         kp.ki_numthreads = rng.choice([1, 4, -1, 2**31 - 1, -(2**31)])
+        kp.ki_jid = rng.choice([0, 0, 3, 2**31 - 1])
         kp.ki_comm = b"x" * 19
         state = freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime)
-        expected.append((kp.ki_tdev, kp.ki_uid, kp.ki_numthreads, state))
+        expected.append((kp.ki_tdev, kp.ki_uid, kp.ki_numthreads, state, kp.ki_jid))
     layout = libkvm._census_layout(record_type)
     assert layout.structsize == ffi.sizeof(record_type)
     rows = libkvm._census_rows(memoryview(ffi.buffer(records)), n, layout)
     got = [
-        (tdev, uid, threads, libkvm._STATE_WORDS[state])
-        for tdev, uid, threads, state in libkvm._ROW.iter_unpack(rows)
+        (tdev, uid, threads, libkvm._STATE_WORDS[state], jid)
+        for tdev, uid, threads, state, jid in libkvm._ROW.iter_unpack(rows)
     ]
     assert got == expected
     assert {row[3] for row in expected} >= {"idle", "sleeping", "uninterruptible", "unknown"}

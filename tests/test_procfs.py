@@ -58,14 +58,15 @@ def test_load_swap_limits() -> None:
     ]
     # pid_max 32768, threads-max 63704: PIDs 1 to 32767 run out first, for threads as for
     # processes, since every Linux thread is a task with a PID of its own.
-    assert source.limits() == (2, 32767, 32767)
+    assert source.limits() == (2, 32767, 32767, 8049616 * 1024)  # MemTotal: 8049616 kB
 
 
 def test_threads_max_below_pid_max_is_the_task_limit(tmp_path: Path) -> None:
     root = tmp_path / "proc"
     shutil.copytree(FIXTURE, root)
     (root / "sys" / "kernel" / "threads-max").write_text("20000\n")
-    assert ProcfsSource(str(root)).limits() == (2, 20000, 20000)
+    (root / "meminfo").unlink()  # a procfs without meminfo has no memory total
+    assert ProcfsSource(str(root)).limits() == (2, 20000, 20000, None)
 
 
 def test_not_procfs_is_a_clear_error(tmp_path: Path) -> None:

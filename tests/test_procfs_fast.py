@@ -285,7 +285,7 @@ def test_live_census_compiled_and_python_agree(
     compiled = source.census()
     monkeypatch.setattr(procfs, "_lib", None)
     python = source.census()
-    mine = (0, NO_TTY, "sleeping", 1)
+    mine = (0, NO_TTY, "sleeping", 1, 0)
     assert compiled[mine] >= len(sleepers) and python[mine] >= len(sleepers)
     # Processes come and go between the two scans, a few at most on this test machine.
     assert abs(sum(compiled.values()) - sum(python.values())) <= 5

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SYSTEM_PYTHON, free_port, samples, wait_until
+from conftest import REPO, SYSTEM_PYTHON, free_port, listens, samples, wait_until
 
 SCRIPT = REPO / "rc.d" / "kvm_exporter"
 HARNESS = REPO / "tests" / "rcsubr"
@@ -153,6 +153,11 @@ class Service:
             return str(response.read().decode())
 
     def serving(self) -> bool:
+        """The exporter this service started answers /metrics (another suite's exporter may
+        hold the port if ours could not bind it: the child pidfile's process must)."""
+        child = pid_in(self.child_pidfile)
+        if child is None or not listens(child, self.port):
+            return False
         try:
             return "kvm_processes" in self.metrics_text()
         except OSError:

@@ -200,6 +200,8 @@ ssize_t kvm_read2(kvm_t *, uint64_t, void *, size_t);
 char *devname_r(uint64_t, uint16_t, char *, int);
 int sysctlbyname(const char *, void *, size_t *, const void *, size_t);
 int sysctl(const int *, unsigned int, void *, size_t *, const void *, size_t);
+char *jail_getname(int);
+void free(void *);
 """
 # kvm_getprocs is declared void *: the record type is only known after reading ki_structsize;
 # kvm_getargv takes a const void * for the same reason (it reads only ki_pid).
@@ -210,6 +212,14 @@ ffi.cdef(_abi_cdef("lp64"))
 ffi.cdef(_abi_cdef("armv7"))
 # i386 aligns 64-bit members (ki_runtime, ki_tdev, time values) to 4 bytes inside structs.
 ffi.cdef(_abi_cdef("i386"), pack=4)
+
+
+def load_jail(path: str) -> Any:
+    """``dlopen`` libjail (``jail_getname``) at ``path``; None if it cannot be loaded."""
+    try:
+        return ffi.dlopen(path)
+    except OSError:
+        return None
 
 
 def load(path: str) -> Any:

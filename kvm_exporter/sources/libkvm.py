@@ -7,6 +7,7 @@ image and core file.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ import resource
 import struct
 import sys
 import threading
+import time
 from collections import Counter
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple
@@ -21,8 +23,10 @@ from typing import Any, Literal, NamedTuple
 from ..config import LibkvmConfig
 from ..records import (
     ARGV_BYTES,
+    HOST_JAIL,
     NO_TTY,
     UNKNOWN_TTY,
+    USAGE_COUNTERS,
     Census,
     HostLimits,
     Kind,
@@ -30,7 +34,10 @@ from ..records import (
     OwnUsage,
     Proc,
     SourceError,
+    Survey,
     SwapDevice,
+    UsageRow,
+    UsageSpec,
     census_of,
 )
 from ..states import (
@@ -82,6 +89,7 @@ class LibkvmSource:
 
     def __init__(self, config: LibkvmConfig) -> None:
         self._lib = kvm_cdef.load(config.library)
+        self._libjail = kvm_cdef.load_jail(config.jail_library)
         self._op, self._arg = op_and_argument(config)
         self._by_pid = config.predicate == "pid"
         # KERN_PROC_ALL returns one row per thread even without the modifier.
@@ -109,6 +117,10 @@ class LibkvmSource:
         except SourceError:
             self.close()
             raise
+        # A crash dump has no ki_rusage (kvm_proclist leaves it unfilled): memory only.
+        self.usage_spec: UsageSpec | None = USAGE_SPEC._replace(page_size=self._pagesize)
+        if self.crash_dump:
+            self.usage_spec = self.usage_spec._replace(counters=(), decode=_dump_row)
 
     def procs(self, real_uid: bool = True) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
@@ -128,37 +140,66 @@ class LibkvmSource:
         return _fold_threads(procs, sum_cpu=not self.crash_dump)
 
     def census(self) -> Census:
-        """The census of :meth:`procs`, read without a Python object per process.
+        """The census of :meth:`procs`, read without a Python object per process."""
+        return self._survey(usage=False).census
+
+    def survey(self) -> Survey:
+        """The census and every process's usage row, from one kvm_getprocs."""
+        return self._survey(usage=True)
+
+    def _survey(self, usage: bool) -> Survey:
+        clock = int(time.time())  # ki_start's seconds are wall-clock time
+        with self._lock:
+            base, count = self._getprocs()
+            if count == 0:
+                return Survey({}, [], clock)
+            record_type = self._record_type(base)
+            records: list[bytes] = []
+            if usage:
+                with memoryview(ffi.buffer(base, count * ffi.sizeof(record_type))) as array:
+                    records = _usage_records(array, count, record_type)
+            if self._per_thread or self.crash_dump:
+                # Thread rows fold into one process per pid with its visible threads; a
+                # crash dump's records need the per-record care of _proc (read once).
+                kinfo = ffi.cast(record_type + " *", base)
+                ttys: dict[int, str] = {}
+                procs = [self._proc(kinfo[i], ttys) for i in range(count)]
+                census = None
+            else:
+                census = self._census_locked(base, count, record_type)
+        if census is None:
+            census = census_of(
+                _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
+            )
+        if self._per_thread and not self.crash_dump:
+            records = _fold_thread_usage(records)
+        return Survey(census, records, clock)
+
+    def _census_locked(self, base: Any, count: int, record_type: str) -> Census:
+        """The census of ``count`` process records at ``base`` (the caller holds the lock).
 
         The six fields a kind needs are gathered from the kinfo_proc array into rows of
         their own at C speed (strided memoryview copies), equal rows are counted as bytes,
         and only each distinct row becomes a :data:`~kvm_exporter.records.Kind`.
         """
-        if self._per_thread or self.crash_dump:
-            # Thread rows fold into one process per pid with its visible threads; a crash
-            # dump's records need the per-record care of _proc (read once, so cost is moot).
-            return census_of(self.procs())
-        with self._lock:
-            base, count = self._getprocs()
-            if count == 0:
-                return {}
-            layout = _census_layout(self._record_type(base))
-            # The array belongs to libkvm and the next call frees it: the rows are a copy.
-            with memoryview(ffi.buffer(base, count * layout.structsize)) as array:
-                rows = _census_rows(array, count, layout)
-            counts = Counter(_ROWS.iter_unpack(rows))
-            distinct = list(_ROW.iter_unpack(b"".join(map(itemgetter(0), counts))))
-            # A tty name once per device, not per process; devname_r writes self._devname,
-            # so this stays under the lock.
-            ttys: dict[int, str] = {}
-            for tdev in set(map(itemgetter(0), distinct)):
-                ttys[tdev] = self._tty(tdev, ttys)
+        layout = _census_layout(record_type)
+        # The array belongs to libkvm and the next call frees it: the rows are a copy.
+        with memoryview(ffi.buffer(base, count * layout.structsize)) as array:
+            rows = _census_rows(array, count, layout)
+        counts = Counter(_ROWS.iter_unpack(rows))
+        distinct = list(_ROW.iter_unpack(b"".join(map(itemgetter(0), counts))))
+        # A tty name once per device, not per process; devname_r writes self._devname,
+        # so the caller holds the lock.
+        ttys: dict[int, str] = {}
+        for tdev in set(map(itemgetter(0), distinct)):
+            ttys[tdev] = self._tty(tdev, ttys)
         kinds: list[Kind] = list(
             zip(
                 map(itemgetter(1), distinct),
                 map(ttys.__getitem__, map(itemgetter(0), distinct)),
                 map(_STATE_WORDS.__getitem__, map(itemgetter(3), distinct)),
                 map(itemgetter(2), distinct),
+                map(itemgetter(4), distinct),
                 strict=True,
             )
         )
@@ -236,7 +277,9 @@ class LibkvmSource:
             )
         # kern.maxthread (FreeBSD 13+) is the system-wide thread limit;
         # kern.threads.max_threads_per_proc is per process and would overstate it.
-        return HostLimits(cpus=cpus, max_procs=procs, max_threads=threads)
+        # A dead kernel's physmem would need its symbol and page size: left out.
+        memory = None if self.crash_dump else self._physmem()
+        return HostLimits(cpus=cpus, max_procs=procs, max_threads=threads, memory_bytes=memory)
 
     def own_usage(self) -> OwnUsage:
         """The exporter's own process, from its kinfo_proc (sysctl kern.proc.pid.<pid>).
@@ -269,6 +312,31 @@ class LibkvmSource:
             open_fds=int(nfds[0]) if known else None,
             max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         )
+
+    def jail_name(self, jid: int) -> str:
+        """jail_getname(3): jail_get(2) by jid, which needs no privilege and sees the jails
+        below the caller's own; ``host`` for 0 (inside a jail, ki_jid is 0 for the caller's
+        own jail). A jail the reader cannot name (gone, libjail missing, a crash dump's: the
+        running host's jails are not the dump's) is named by its jid."""
+        if jid == 0:
+            return HOST_JAIL
+        if self._libjail is None or self.crash_dump:
+            return str(jid)
+        name = self._libjail.jail_getname(jid)
+        if name == ffi.NULL:
+            return str(jid)
+        try:
+            return _text(name)
+        finally:
+            self._lib.free(name)
+
+    def _physmem(self) -> int | None:
+        """hw.physmem, an unsigned long; None if the sysctl cannot be read."""
+        value = ffi.new("unsigned long *")
+        size = ffi.new("size_t *", ffi.sizeof("unsigned long"))
+        if self._lib.sysctlbyname(b"hw.physmem", value, size, ffi.NULL, 0) != 0:
+            return None
+        return int(value[0])
 
     def _sysctl(self, mib: list[int], value: Any, size: Any) -> int:
         return int(self._lib.sysctl(ffi.new("int[]", mib), len(mib), value, size, ffi.NULL, 0))
@@ -386,6 +454,7 @@ class LibkvmSource:
             vsize_bytes=kp.ki_size,
             cpu_seconds=kp.ki_runtime / 1e6,
             start_time=start,
+            jid=kp.ki_jid,
         )
 
     def _tty(self, dev: int, cache: dict[int, str]) -> str:
@@ -469,14 +538,15 @@ class _CensusLayout(NamedTuple):
     tdflags_low: int
     """The byte of ki_tdflags that holds TDF_SINTR (0x8): its least significant byte."""
     slptime: int
+    jid: int
 
 
-_ROW = struct.Struct("=QIiB7x")
-"""A census row: ki_tdev, ki_uid, ki_numthreads and the state (an index of
-:data:`_STATE_WORDS`); padded to 24 bytes so that every field is aligned in it."""
+_ROW = struct.Struct("=QIiB3xi")
+"""A census row: ki_tdev, ki_uid, ki_numthreads, the state (an index of
+:data:`_STATE_WORDS`) and ki_jid; 24 bytes, every field aligned in it."""
 _ROWS = struct.Struct(f"{_ROW.size}s")
 _CENSUS_LAYOUTS: dict[str, _CensusLayout] = {}
-_IntFormat = Literal["B", "i", "I", "Q"]
+_IntFormat = Literal["B", "i", "I", "q", "Q"]
 
 
 def _state_tables() -> tuple[bytes, bytes, bytes, tuple[str, ...]]:
@@ -529,6 +599,7 @@ def _census_layout(record_type: str) -> _CensusLayout:
             stat=offset("ki_stat", "uint8_t"),
             tdflags_low=int(tdflags.offset) + low,
             slptime=offset("ki_slptime", "uint32_t"),
+            jid=offset("ki_jid", "int32_t"),
         )
         _CENSUS_LAYOUTS[record_type] = layout
     return layout
@@ -558,6 +629,7 @@ def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> byte
     put(0, "Q", column(layout.tdev, "Q"))
     put(8, "I", column(layout.uid, "I"))
     put(12, "i", column(layout.numthreads, "i"))
+    put(20, "i", column(layout.jid, "i"))
     slept = bytes(map(MAXSLP.__le__, column(layout.slptime, "I").tolist()))
     states = (
         bits(column(layout.stat, "B").tobytes().translate(_STAT_CODE))
@@ -566,6 +638,112 @@ def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> byte
     )
     put(16, "B", states.to_bytes(count, "little").translate(_WORD_OF))
     return rows
+
+
+_USAGE_ROW = struct.Struct("=i4xqqIiqQ10q")
+"""A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width."""
+_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
+_USAGE_FIELDS = (
+    ("ki_pid",),
+    ("ki_start", "tv_sec"),
+    ("ki_start", "tv_usec"),
+    ("ki_uid",),
+    ("ki_jid",),
+    ("ki_rssize",),
+    ("ki_size",),
+    ("ki_rusage", "ru_utime", "tv_sec"),
+    ("ki_rusage", "ru_utime", "tv_usec"),
+    ("ki_rusage", "ru_stime", "tv_sec"),
+    ("ki_rusage", "ru_stime", "tv_usec"),
+    ("ki_rusage", "ru_minflt"),
+    ("ki_rusage", "ru_majflt"),
+    ("ki_rusage", "ru_nvcsw"),
+    ("ki_rusage", "ru_nivcsw"),
+    ("ki_rusage", "ru_inblock"),
+    ("ki_rusage", "ru_oublock"),
+)
+"""Where each field of a usage row comes from in a kinfo_proc."""
+USAGE_SPEC = UsageSpec(
+    page_size=0,  # hw.pagesize, set per source
+    counters=(
+        ("cpu", "user", 1.0),
+        ("cpu", "user", 1e-6),
+        ("cpu", "system", 1.0),
+        ("cpu", "system", 1e-6),
+        ("page_faults", "minor", 1.0),
+        ("page_faults", "major", 1.0),
+        ("context_switches", "voluntary", 1.0),
+        ("context_switches", "involuntary", 1.0),
+        ("block_operations", "in", 1.0),
+        ("block_operations", "out", 1.0),
+    ),
+    decode=_USAGE_ROW.unpack,
+)
+"""FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts."""
+_USAGE_SLOTS: list[tuple[int, _IntFormat]] = [
+    (0, "i"),
+    (8, "q"),
+    (16, "q"),
+    (24, "I"),
+    (28, "i"),
+    (32, "q"),
+    (40, "Q"),
+    *((48 + 8 * i, "q") for i in range(10)),
+]
+"""(offset, format) of each field in a :data:`_USAGE_ROW`."""
+_FORMATS: dict[str, _IntFormat] = {"int32_t": "i", "uint32_t": "I", "int64_t": "q", "uint64_t": "Q"}
+_USAGE_LAYOUTS: dict[str, list[tuple[int, _IntFormat]]] = {}
+
+
+def _usage_layout(record_type: str) -> list[tuple[int, _IntFormat]]:
+    """(offset, struct format) in ``record_type`` of each of :data:`_USAGE_FIELDS`."""
+    layout = _USAGE_LAYOUTS.get(record_type)
+    if layout is None:
+        layout = []
+        for path in _USAGE_FIELDS:
+            ctype, offset = ffi.typeof(record_type), 0
+            for name in path:
+                field = dict(ctype.fields)[name]
+                offset, ctype = offset + field.offset, field.type
+            layout.append((offset, _FORMATS[ctype.cname]))
+        _USAGE_LAYOUTS[record_type] = layout
+    return layout
+
+
+def _usage_records(records: memoryview, count: int, record_type: str) -> list[bytes]:
+    """One usage record per kinfo_proc, gathered column by column as :func:`_census_rows`
+    does: no Python object per record but its bytes."""
+    size = ffi.sizeof(record_type)
+    rows = bytearray(count * _USAGE_ROW.size)
+    out = memoryview(rows)
+    for (offset, fmt), (at, slot) in zip(_usage_layout(record_type), _USAGE_SLOTS, strict=True):
+        width, slot_width = struct.calcsize(fmt), struct.calcsize(slot)
+        column: Any = records[offset : offset + (count - 1) * size + width].cast(fmt)[
+            :: size // width
+        ]
+        if width != slot_width or fmt.lower() != slot.lower():  # a 32-bit long: widen it
+            column = array.array(slot, column)
+        out.cast(slot)[at // slot_width :: _USAGE_ROW.size // slot_width] = column
+    return list(map(itemgetter(0), _USAGE_RECORD.iter_unpack(rows)))
+
+
+def _fold_thread_usage(records: list[bytes]) -> list[bytes]:
+    """One usage record per process from thread rows: the first row, with the counters of
+    all (each thread row has its thread's)."""
+    first: dict[int, list[int]] = {}
+    for row in map(_USAGE_ROW.unpack, records):
+        kept = first.get(row[0])
+        if kept is None:
+            first[row[0]] = list(row)
+        else:
+            for i in range(USAGE_COUNTERS, len(row)):
+                kept[i] += row[i]
+    return [_USAGE_ROW.pack(*row) for row in first.values()]
+
+
+def _dump_row(record: bytes) -> UsageRow:
+    """A crash dump's usage row: no counters (kvm_proclist fills no ki_rusage)."""
+    return _USAGE_ROW.unpack(record)[:USAGE_COUNTERS]
 
 
 def _fold_threads(rows: list[Proc], sum_cpu: bool) -> list[Proc]:

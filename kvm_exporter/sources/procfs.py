@@ -15,19 +15,24 @@ import os
 import re
 import stat as statmod
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from ..records import (
     ARGV_BYTES,
+    HOST_JAIL,
     NO_TTY,
     Census,
     HostLimits,
     LoadAvg,
     Proc,
     SourceError,
+    Survey,
     SwapDevice,
+    UsageSpec,
     split_argv,
 )
 from ..states import LINUX_STATES, STATES
@@ -41,6 +46,8 @@ except ImportError:  # built only where pip found a C compiler and Python's head
 T = TypeVar("T")
 RawKind = tuple[tuple[int, int, bytes, int], int]
 """((uid, tty_nr, state letter, threads), count), as both census scans give them."""
+Scan = Callable[[int, "list[bytes] | None"], list[RawKind]]
+"""A census scan of an open procfs root; given a list, it appends each process's usage row."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -49,6 +56,21 @@ _OCTAL = re.compile(rb"\\([0-3][0-7]{2})")
 _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in the first 300
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
+_USAGE_FIELDS = 22  # split no further than rss
+_USAGE_ROW = struct.Struct("=qQQqqqQQQQQ")
+"""struct kvm_usage_row of _procscan: the layout of a usage record (records.USAGE_*)."""
+_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
+USAGE_SPEC = UsageSpec(
+    page_size=_PAGE_SIZE,
+    counters=(
+        ("cpu", "user", 1 / _CLK_TCK),
+        ("cpu", "system", 1 / _CLK_TCK),
+        ("page_faults", "minor", 1.0),
+        ("page_faults", "major", 1.0),
+    ),
+    decode=_USAGE_ROW.unpack,
+)
+"""Linux usage rows: utime and stime in clock ticks, minflt and majflt of PID/stat."""
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
 _PROC_ROW = struct.Struct("@5Ic64s5Q")
 """struct kvm_proc_row of _procscan (native layout and alignment)."""
@@ -126,10 +148,11 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
-def _census_py(dir_fd: int) -> list[RawKind]:
+def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
     """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
     kinds: list[tuple[int, bytes, bytes, bytes]] = []
     append, read, stat = kinds.append, _read, os.stat  # locals: the loop runs per pid
+    fields = _CENSUS_FIELDS if usage is None else _USAGE_FIELDS
     for pid in os.listdir(dir_fd):
         if not pid.isdigit():
             continue
@@ -140,8 +163,24 @@ def _census_py(dir_fd: int) -> list[RawKind]:
             continue  # exited between listdir and read
         if not data:
             continue  # a pid being reaped can read as empty
-        f = data[data.rindex(b")") + 2 :].split(None, _CENSUS_FIELDS)
+        f = data[data.rindex(b")") + 2 :].split(None, fields)
         append((uid, f[4], f[0], f[17]))
+        if usage is not None:
+            usage.append(
+                _USAGE_ROW.pack(
+                    int(pid),
+                    int(f[19]),
+                    0,
+                    uid,
+                    0,
+                    int(f[21]),
+                    int(f[20]),
+                    int(f[11]),
+                    int(f[12]),
+                    int(f[7]),
+                    int(f[9]),
+                )
+            )
     return [
         ((uid, int(tty), letter, int(n)), c) for (uid, tty, letter, n), c in Counter(kinds).items()
     ]
@@ -152,6 +191,7 @@ class ProcfsSource:
 
     name = "procfs"
     states = STATES
+    usage_spec: UsageSpec | None = USAGE_SPEC
 
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
@@ -163,6 +203,8 @@ class ProcfsSource:
         self._rows: Any = _ffi.new("struct kvm_census_row[]", 256) if _ffi is not None else None
         self._proc_rows: Any = None
         """Room for kvm_procs' records, grown to fit."""
+        self._procs: Any = None
+        """Room for the usage rows of _procscan, grown to fit."""
 
     def _boot_time(self) -> int:
         for line in _read_text(f"{self.root}/stat").splitlines():
@@ -239,11 +281,43 @@ class ProcfsSource:
         return out
 
     def census(self) -> Census:
-        scan = self._census_c if _lib is not None else _census_py
-        census = self._in_proc_dir(lambda dir_fd: self._kinds(scan(dir_fd)))
+        return self._census(None)
+
+    def survey(self) -> Survey:
+        """The census and each process's usage row (PID/stat), from the same reads."""
+        clock = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)  # starttime's clock
+        usage: list[bytes] = []
+        return Survey(self._census(usage), usage, clock)
+
+    def _census(self, usage: list[bytes] | None) -> Census:
+        scan: Scan = self._census_c if _lib is not None else _census_py
+        census = self._in_proc_dir(lambda dir_fd: self._kinds(scan(dir_fd, usage)))
         if not census:  # even hidepid=invisible shows the reader its own process
             raise SourceError(f"{self.root} has no process directory (PID/stat)")
         return census
+
+    def cgroup(self, pid: int) -> str:
+        """The cgroup of process ``pid`` (the v2 path; v1: the systemd hierarchy's), read
+        once per process; ``unknown`` if it cannot be read (gone, hidden)."""
+        try:
+            lines = _read(f"{self.root}/{pid}/cgroup").decode("utf-8", "replace").splitlines()
+        except OSError:
+            return "unknown"
+        paths = dict(line.split(":", 2)[1:] for line in lines if line.count(":") >= 2)
+        return paths.get("", paths.get("name=systemd", "unknown")) or "unknown"
+
+    def jail_name(self, jid: int) -> str:
+        """Linux has no jails: every process is the host's."""
+        return HOST_JAIL
+
+    def _memory_bytes(self) -> int | None:
+        """MemTotal of meminfo; None without one."""
+        try:
+            lines = _read(f"{self.root}/meminfo").splitlines()
+        except OSError:
+            return None
+        total = next((line.split() for line in lines if line.startswith(b"MemTotal:")), None)
+        return int(total[1]) * 1024 if total and total[1].isdigit() else None
 
     def _in_proc_dir(self, scan: Callable[[int], T]) -> T:
         """Run ``scan`` on an open ``root``, its errors turned into :class:`SourceError`."""
@@ -263,23 +337,34 @@ class ProcfsSource:
     def _kinds(self, raw: Iterable[RawKind]) -> Census:
         census: Census = {}
         for (uid, tty_nr, letter, threads), count in raw:
-            kind = (uid, self._tty(tty_nr), _STATE_OF.get(letter, "unknown"), threads)
+            kind = (uid, self._tty(tty_nr), _STATE_OF.get(letter, "unknown"), threads, 0)
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
-    def _census_c(self, dir_fd: int) -> list[RawKind]:
+    def _census_c(self, dir_fd: int, usage: list[bytes] | None) -> list[RawKind]:
         assert _ffi is not None and _lib is not None
+        if usage is not None and self._procs is None:
+            self._procs = _ffi.new("struct kvm_usage_row[]", 1024)
+        procs = self._procs if usage is not None else _ffi.NULL
+        room = len(self._procs) if usage is not None else 0
+        nprocs = _ffi.new("int *")
         while True:
-            found = _lib.kvm_census(dir_fd, self._rows, len(self._rows))
+            found = _lib.kvm_survey(dir_fd, self._rows, len(self._rows), procs, room, nprocs)
             if found == -1:
                 raise OSError(_ffi.errno, os.strerror(_ffi.errno))
             if found == -2:
                 raise ValueError("a PID/stat without its fields")
-            if found <= len(self._rows):
-                return [
-                    ((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]
-                ]
-            self._rows = _ffi.new("struct kvm_census_row[]", 2 * found)  # many kinds: grow
+            if found > len(self._rows):
+                self._rows = _ffi.new("struct kvm_census_row[]", 2 * found)  # many kinds: grow
+            elif nprocs[0] > room:
+                room = 2 * nprocs[0]
+                procs = self._procs = _ffi.new("struct kvm_usage_row[]", room)
+            else:
+                break
+        if usage is not None:
+            records = _ffi.buffer(procs, nprocs[0] * _USAGE_ROW.size)
+            usage.extend(map(itemgetter(0), _USAGE_RECORD.iter_unpack(records)))
+        return [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
 
     def _scan(self, dir_fd: int, boot: int, real_uid: bool) -> list[Proc]:
         out: list[Proc] = []
@@ -366,7 +451,9 @@ class ProcfsSource:
         # fork/clone fail when the tasks reach threads-max or run out of PIDs (1 to
         # pid_max - 1). A process is at least one task, so both limits are the task limit.
         tasks = min(pid_max - 1, threads_max)
-        return HostLimits(cpus=cpus, max_procs=tasks, max_threads=tasks)
+        return HostLimits(
+            cpus=cpus, max_procs=tasks, max_threads=tasks, memory_bytes=self._memory_bytes()
+        )
 
     def close(self) -> None:
         """Nothing to release: every read opens and closes its own file."""

@@ -5,9 +5,15 @@ process under the procfs root open as ``dir_fd`` and counts them per distinct
 (uid, tty_nr, state, threads), creating no Python object per process. It returns the
 number of distinct rows (filling at most ``cap`` of them: call again with more room if
 the result exceeds ``cap``), -1 with errno set on an I/O error, or -2 for a ``stat`` no
-kernel writes. Processes that exit during the scan are skipped. ``kvm_procs(dir_fd, rows,
-cap)`` makes the same reads and returns one record per process instead (the same returns:
-the number of processes, of which at most ``cap`` were filled), for the named groups.
+kernel writes. Processes that exit during the scan are skipped.
+
+``kvm_procs(dir_fd, rows, cap)`` makes the same reads and returns one record per process
+instead (the same returns: the number of processes, of which at most ``cap`` were filled),
+for the named groups. ``kvm_survey(dir_fd, rows, cap, procs, pcap, nprocs)`` does the same
+read as the census and also fills one
+``kvm_usage_row`` per process (pid, starttime, uid, rss, vsize, utime, stime, minflt, majflt
+of ``PID/stat``; at most ``pcap`` of them, their number in ``*nprocs``: call again with more
+room if it exceeds ``pcap``).
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -22,7 +28,14 @@ CDEF = """
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
 };
+struct kvm_usage_row {
+    int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
+    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
+    uint64_t majflt;
+};
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
+int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
+               struct kvm_usage_row *procs, int pcap, int *nprocs);
 struct kvm_proc_row {
     uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
     char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
@@ -46,6 +59,13 @@ C_SOURCE = r"""
 
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
+};
+
+/* The layout of kvm_exporter.records' usage rows (USAGE_*), all 64-bit. */
+struct kvm_usage_row {
+    int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
+    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
+    uint64_t majflt;
 };
 
 struct kvm_proc_row {
@@ -112,9 +132,9 @@ static int census_add(struct census_table *t, uint32_t uid, uint32_t tty, uint32
     return 0;
 }
 
-/* A decimal field ending at a space or newline; *p moves past that separator.
-   tty_nr is an int in the kernel (a u32 device encoding), so it may read negative. */
-static int census_number(const char **p, const char *end, int sign_ok, uint32_t *out)
+/* A decimal field of up to 64 bits ending at a space or newline (two's complement if
+   negative); *p moves past that separator. */
+static int census_number64(const char **p, const char *end, int sign_ok, uint64_t *out)
 {
     const char *q = *p;
     int neg = sign_ok && q < end && *q == '-';
@@ -122,14 +142,27 @@ static int census_number(const char **p, const char *end, int sign_ok, uint32_t 
     q += neg;
     const char *digits = q;
     for (; q < end && *q >= '0' && *q <= '9'; q++) {
-        v = v * 10 + (uint64_t)(*q - '0');
-        if (v > 0xFFFFFFFFull)
+        if (v > (UINT64_MAX - 9) / 10)
             return -1;
+        v = v * 10 + (uint64_t)(*q - '0');
     }
     if (q == digits || q == end || (*q != ' ' && *q != '\n'))
         return -1;
-    *out = neg ? (uint32_t)(0u - (uint32_t)v) : (uint32_t)v;
+    *out = neg ? 0u - v : v;
     *p = q + 1;
+    return 0;
+}
+
+/* A decimal field ending at a space or newline, at most 2^32 - 1 in magnitude; *p moves
+   past that separator. tty_nr is an int in the kernel (a u32 device encoding), so it may
+   read negative. */
+static int census_number(const char **p, const char *end, int sign_ok, uint32_t *out)
+{
+    int neg = sign_ok && *p < end && **p == '-';
+    uint64_t v;
+    if (census_number64(p, end, sign_ok, &v) != 0 || (neg ? 0u - v : v) > 0xFFFFFFFFull)
+        return -1;
+    *out = (uint32_t)v;
     return 0;
 }
 
@@ -149,8 +182,27 @@ static int census_skip(const char **p, const char *end, int n)
     return 0;
 }
 
-/* Parse one PID/stat: "pid (comm) S ppid pgrp session tty_nr ... num_threads ..." */
-static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, uint32_t *threads)
+/* The usage fields after tty_nr: tpgid flags minflt cminflt majflt cmajflt utime stime
+   cutime cstime priority nice num_threads itrealvalue starttime vsize rss. */
+static int census_usage(const char *p, const char *end, uint32_t *threads,
+                        struct kvm_usage_row *u)
+{
+    uint64_t v[17];
+    for (int i = 0; i < 17; i++)
+        if (census_number64(&p, end, 1, &v[i]) != 0)
+            return -1;
+    if (v[12] > 0xFFFFFFFFull)
+        return -1;
+    *threads = (uint32_t)v[12];
+    u->minflt = v[2]; u->majflt = v[4]; u->utime = v[6]; u->stime = v[7];
+    u->start = v[14]; u->vsize = v[15]; u->rss = (int64_t)v[16];
+    return 0;
+}
+
+/* Parse one PID/stat: "pid (comm) S ppid pgrp session tty_nr ... num_threads ...";
+   with u, the usage fields too. */
+static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, uint32_t *threads,
+                        struct kvm_usage_row *u)
 {
     const char *end = buf + n, *rp = memrchr(buf, ')', n);
     uint32_t ignored;
@@ -162,8 +214,11 @@ static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, u
     for (int i = 0; i < 3; i++) /* ppid pgrp session */
         if (census_number(&p, end, 0, &ignored) != 0)
             return -1;
-    if (census_number(&p, end, 1, tty) != 0 || census_skip(&p, end, 12) != 0
-        || census_number(&p, end, 0, threads) != 0)
+    if (census_number(&p, end, 1, tty) != 0)
+        return -1;
+    if (u != NULL)
+        return census_usage(p, end, threads, u);
+    if (census_skip(&p, end, 12) != 0 || census_number(&p, end, 0, threads) != 0)
         return -1;
     return 0;
 }
@@ -240,66 +295,77 @@ static int walk_procs(int dir_fd, proc_fn each, void *ctx)
     return ret;
 }
 
-static int census_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
+struct survey_out {
+    struct census_table t;
+    struct kvm_usage_row *procs;
+    size_t pcap, np;
+};
+
+static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
 {
+    struct survey_out *out = ctx;
+    struct kvm_usage_row scratch, *u = out->procs == NULL ? NULL : &scratch;
     char state;
     uint32_t tty, threads;
-    (void)pid;
-    if (census_parse(stat, n, &state, &tty, &threads) != 0)
+    if (census_parse(stat, n, &state, &tty, &threads, u) != 0)
         return -2;
-    if (census_add(ctx, uid, tty, threads, state) != 0) {
+    if (u != NULL) {
+        if (out->np < out->pcap) {
+            scratch.pid = strtol(pid, NULL, 10);
+            scratch.start_fraction = 0;
+            scratch.uid = uid;
+            scratch.jid = 0;
+            out->procs[out->np] = scratch;
+        }
+        out->np++;
+    }
+    if (census_add(&out->t, uid, tty, threads, state) != 0) {
         errno = ENOMEM;
         return -1;
     }
     return 0;
 }
 
-int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
+int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
+               struct kvm_usage_row *procs, int pcap, int *nprocs)
 {
-    struct census_table t = { calloc(64, sizeof *t.slots), 63, 0 };
+    struct survey_out out = {
+        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, (size_t)(pcap > 0 ? pcap : 0), 0
+    };
     int ret, saved;
 
-    if (t.slots == NULL) {
+    if (out.t.slots == NULL) {
         errno = ENOMEM;
         return -1;
     }
-    ret = walk_procs(dir_fd, census_each, &t);
+    ret = walk_procs(dir_fd, survey_each, &out);
     saved = errno;
     if (ret == 0) {
         size_t k = 0;
-        for (size_t i = 0; i <= t.mask; i++)
-            if (t.slots[i].count && k < (size_t)(cap > 0 ? cap : 0))
-                rows[k++] = t.slots[i];
-        ret = t.used > 0x7FFFFFFF ? 0x7FFFFFFF : (int)t.used;
+        for (size_t i = 0; i <= out.t.mask; i++)
+            if (out.t.slots[i].count && k < (size_t)(cap > 0 ? cap : 0))
+                rows[k++] = out.t.slots[i];
+        ret = out.t.used > 0x7FFFFFFF ? 0x7FFFFFFF : (int)out.t.used;
+        if (nprocs != NULL)
+            *nprocs = out.np > 0x7FFFFFFF ? 0x7FFFFFFF : (int)out.np;
     }
-    free(t.slots);
+    free(out.t.slots);
     errno = saved;
     return ret;
 }
 
-/* A decimal u64 field ending at a space or newline; *p moves past that separator. */
-static int procs_u64(const char **p, const char *end, uint64_t *out)
+int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 {
-    const char *q = *p, *digits = q;
-    uint64_t v = 0;
-    for (; q < end && *q >= '0' && *q <= '9'; q++) {
-        if (v > (UINT64_MAX - 9) / 10)
-            return -1;
-        v = v * 10 + (uint64_t)(*q - '0');
-    }
-    if (q == digits || q == end || (*q != ' ' && *q != '\n'))
-        return -1;
-    *out = v;
-    *p = q + 1;
-    return 0;
+    return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
 }
 
-/* One PID/stat into a record: comm, state, ppid, tty_nr, utime, stime, threads, starttime,
-   vsize and rss (fields 2-4, 7, 14, 15, 20, 22-24 of proc(5)). comm fits: the kernel prints
-   at most 63 bytes of it (do_task_stat's tcomm[64] in fs/proc/array.c). */
+/* One PID/stat into a record: comm, state, ppid, tty_nr, and the usage fields census_usage
+   reads. comm fits: the kernel prints at most 63 bytes of it (do_task_stat's tcomm[64] in
+   fs/proc/array.c). */
 static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
 {
     const char *end = buf + n, *rp = memrchr(buf, ')', n), *lp = memchr(buf, '(', n);
+    struct kvm_usage_row u;
     uint32_t ignored;
     if (rp == NULL || lp == NULL || lp > rp || end - rp < 4 || rp[1] != ' ' || rp[3] != ' ')
         return -1;
@@ -312,12 +378,10 @@ static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
     const char *p = rp + 4;
     if (census_number(&p, end, 0, &r->ppid) != 0 || census_number(&p, end, 0, &ignored) != 0
         || census_number(&p, end, 0, &ignored) != 0 || census_number(&p, end, 1, &r->tty_nr) != 0
-        || census_skip(&p, end, 6) != 0 || procs_u64(&p, end, &r->utime) != 0
-        || procs_u64(&p, end, &r->stime) != 0 || census_skip(&p, end, 4) != 0
-        || census_number(&p, end, 0, &r->threads) != 0 || census_skip(&p, end, 1) != 0
-        || procs_u64(&p, end, &r->starttime) != 0 || procs_u64(&p, end, &r->vsize) != 0
-        || procs_u64(&p, end, &r->rss) != 0)
+        || census_usage(p, end, &r->threads, &u) != 0)
         return -1;
+    r->utime = u.utime; r->stime = u.stime; r->starttime = u.start; r->vsize = u.vsize;
+    r->rss = (uint64_t)u.rss;
     return 0;
 }
 
@@ -333,9 +397,8 @@ static int procs_each(void *ctx, const char *pid, uint32_t uid, const char *stat
         r->pid = (uint32_t)strtoul(pid, NULL, 10);
         r->uid = uid;
     }
-    if (out->n == 0x7FFFFFFF)
-        return 0;
-    out->n++;
+    if (out->n < 0x7FFFFFFF)
+        out->n++;
     return 0;
 }
 

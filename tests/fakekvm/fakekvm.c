@@ -2,7 +2,8 @@
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
  * kvm_openfiles(3), kvm_getprocs(3), kvm_getargv(3), kvm_getloadavg(3), kvm_getswapinfo(3),
  * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3),
- * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), with the
+ * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), libjail's
+ * jail_getname(3), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
  *
  * Build: cc -O2 -Wall -Werror -shared -fPIC -o libfakekvm.so fakekvm.c
@@ -33,6 +34,13 @@
  *                              comm (no spaces; at most 19 bytes)
  *                              argv (kvm_getargv's answer: arguments split by '|', %XX a
  *                              byte, e.g. %20 a space; none: NULL, like a kernel process)
+ *                              jid (its jail; 0 = none) utime stime (microseconds; without
+ *                              either, utime = runtime) minflt majflt nvcsw nivcsw inblock
+ *                              oublock (ki_rusage counts)
+ *   sysctl NAME VALUE        hw.physmem, hw.realmem, hw.usermem are unsigned longs (8 bytes)
+ *   jail JID NAME            a jail that jail_getname(3) names (libjail)
+ *   reader_jail JID          the exporter runs inside jail JID: a live read lists only that
+ *                            jail's processes, each with ki_jid 0; it can name no jail
  *   structsize N             ki_structsize written into every live record (default 1088)
  *   symbol NAME VALUE        an int kernel variable of a crash dump (e.g. _dmmax)
  *   fail CALL N MESSAGE      call number N (1-based, or '*' for every call) of CALL fails
@@ -188,6 +196,7 @@ KP_OFF(ki_start, 336);
 KP_OFF(ki_stat, 388);
 KP_OFF(ki_comm, 447);
 KP_OFF(ki_tdev, 560);
+KP_OFF(ki_jid, 592);
 KP_OFF(ki_numthreads, 596);
 KP_OFF(ki_rusage, 608);
 KP_OFF(ki_tdflags, 1080);
@@ -240,6 +249,7 @@ static const char *const call_names[NCALLS] = {"open", "getprocs", "swapinfo", "
 #define MAXSYSCTL 32
 #define MAXFAIL 16
 #define MAXSYMBOL 16
+#define MAXJAIL 16
 
 struct fake_proc {
 	fb_pid_t pid, ppid, pgid, sid;
@@ -254,6 +264,9 @@ struct fake_proc {
 	char comm[20];
 	char *args; /* p_args: NUL-separated, NUL-terminated; NULL when the scenario gives none */
 	size_t argslen;
+	int jid, have_times;
+	uint64_t utime, stime;
+	long minflt, majflt, nvcsw, nivcsw, inblock, oublock;
 };
 
 struct failure {
@@ -274,8 +287,13 @@ struct scenario {
 	int nttys;
 	struct {
 		char name[64];
-		int value;
+		long long value;
 	} sysctls[MAXSYSCTL], symbols[MAXSYMBOL];
+	struct {
+		int jid;
+		char name[256];
+	} jails[MAXJAIL];
+	int njails, reader_jail;
 	int nsysctls, nsymbols;
 	double loadavg[3];
 	int structsize;
@@ -384,7 +402,25 @@ static int parse_proc(struct fake_proc *p, char *rest)
 		else if (!strcmp(k, "argv")) {
 			if (parse_argv(p, v) != 0)
 				return -1;
-		} else
+		} else if (!strcmp(k, "jid"))
+			p->jid = (int)strtol(v, NULL, 0);
+		else if (!strcmp(k, "utime"))
+			p->utime = strtoull(v, NULL, 0), p->have_times = 1;
+		else if (!strcmp(k, "stime"))
+			p->stime = strtoull(v, NULL, 0), p->have_times = 1;
+		else if (!strcmp(k, "minflt"))
+			p->minflt = strtol(v, NULL, 0);
+		else if (!strcmp(k, "majflt"))
+			p->majflt = strtol(v, NULL, 0);
+		else if (!strcmp(k, "nvcsw"))
+			p->nvcsw = strtol(v, NULL, 0);
+		else if (!strcmp(k, "nivcsw"))
+			p->nivcsw = strtol(v, NULL, 0);
+		else if (!strcmp(k, "inblock"))
+			p->inblock = strtol(v, NULL, 0);
+		else if (!strcmp(k, "oublock"))
+			p->oublock = strtol(v, NULL, 0);
+		else
 			return -1;
 	}
 	if (!have_pgid)
@@ -467,16 +503,22 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 			bad = sscanf(rest, "%31s %63s", dev, sc->ttys[sc->nttys].name) != 2;
 			sc->ttys[sc->nttys++].dev = strtoull(dev, NULL, 0);
 		} else if (!strcmp(kw, "sysctl") && sc->nsysctls < MAXSYSCTL) {
-			bad = sscanf(rest, "%63s %d", sc->sysctls[sc->nsysctls].name,
+			bad = sscanf(rest, "%63s %lld", sc->sysctls[sc->nsysctls].name,
 				     &sc->sysctls[sc->nsysctls].value) != 2;
 			sc->nsysctls++;
 		} else if (!strcmp(kw, "symbol") && sc->nsymbols < MAXSYMBOL) {
-			bad = sscanf(rest, "%63s %d", sc->symbols[sc->nsymbols].name,
+			bad = sscanf(rest, "%63s %lld", sc->symbols[sc->nsymbols].name,
 				     &sc->symbols[sc->nsymbols].value) != 2;
 			sc->nsymbols++;
 		} else if (!strcmp(kw, "loadavg")) {
 			bad = sscanf(rest, "%lf %lf %lf", &sc->loadavg[0], &sc->loadavg[1],
 				     &sc->loadavg[2]) != 3;
+		} else if (!strcmp(kw, "jail") && sc->njails < MAXJAIL) {
+			bad = sscanf(rest, "%d %255s", &sc->jails[sc->njails].jid,
+				     sc->jails[sc->njails].name) != 2;
+			sc->njails++;
+		} else if (!strcmp(kw, "reader_jail")) {
+			bad = sscanf(rest, "%d", &sc->reader_jail) != 1;
 		} else if (!strcmp(kw, "structsize")) {
 			bad = sscanf(rest, "%d", &sc->structsize) != 1;
 		} else if (!strcmp(kw, "fail") && sc->nfails < MAXFAIL) {
@@ -633,6 +675,10 @@ static int selected(const kvm_t *kd, const struct fake_proc *p, int what, int ar
 	/* PRS_NEW processes are skipped by proc_iterate() and by kvm_proclist(). */
 	if (p->stat == SIDL)
 		return 0;
+	/* p_cansee() -> prison_check(): a jailed reader sees its own jail's processes only
+	   (this fake has no nested jails). */
+	if (kd->live && kd->sc.reader_jail != 0 && p->jid != kd->sc.reader_jail)
+		return 0;
 	switch (what) {
 	case KERN_PROC_PID:
 		return p->pid == arg;
@@ -712,6 +758,31 @@ static int read_self(const struct scenario *sc, struct fake_proc *p, struct fb_r
  * system, or what kvm_proclist() writes from a crash dump (tests/fakekvm/README.md has
  * the table). rows is 1 for a process row.
  */
+/* Thread t's share of a process total v over rows rows: the rows add up to v. */
+static uint64_t share(uint64_t v, int t, int rows)
+{
+	return v / (uint64_t)rows + (t == 0 ? v % (uint64_t)rows : 0);
+}
+
+/* ki_rusage of a live record: process-wide in a process row, the thread's in a thread row
+   (fill_kinfo_thread with preferthread); the thread rows add up to the process. */
+static void fill_rusage(struct fb_rusage *ru, const struct fake_proc *p, int t, int rows)
+{
+	uint64_t utime = share(p->have_times ? p->utime : p->runtime, t, rows);
+	uint64_t stime = share(p->stime, t, rows);
+	/* ru_minflt, ru_majflt at 4, 5; ru_inblock, ru_oublock at 7, 8; ru_nvcsw, ru_nivcsw at
+	   12, 13 of the 14 longs (sys/sys/resource.h) */
+	static const int at[6] = {4, 5, 7, 8, 12, 13};
+	const long v[6] = {p->minflt, p->majflt, p->inblock, p->oublock, p->nvcsw, p->nivcsw};
+
+	ru->ru_utime.tv_sec = (int64_t)(utime / 1000000);
+	ru->ru_utime.tv_usec = (long)(utime % 1000000);
+	ru->ru_stime.tv_sec = (int64_t)(stime / 1000000);
+	ru->ru_stime.tv_usec = (long)(stime % 1000000);
+	for (int i = 0; i < 6; i++)
+		ru->ru_counters[at[i]] = (long)share((uint64_t)v[i], t, rows);
+}
+
 static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 		 const struct fake_proc *p, int t, int rows)
 {
@@ -741,8 +812,9 @@ static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 		kp->ki_runtime = p->runtime / (uint64_t)rows + (t == 0 ? p->runtime % (uint64_t)rows : 0);
 		kp->ki_start.tv_sec = (int64_t)p->start;
 		kp->ki_start.tv_usec = (long)((p->start - (double)(int64_t)p->start) * 1e6 + 0.5);
-		kp->ki_rusage.ru_utime.tv_sec = (int64_t)(kp->ki_runtime / 1000000);
-		kp->ki_rusage.ru_utime.tv_usec = (long)(kp->ki_runtime % 1000000);
+		fill_rusage(&kp->ki_rusage, p, t, rows);
+		/* fill_kinfo_proc_only(): the prison's id, but 0 for the reader's own jail. */
+		kp->ki_jid = p->jid == sc->reader_jail ? 0 : p->jid;
 		memcpy(kp->ki_comm, p->comm, sizeof(kp->ki_comm));
 	} else {
 		/*
@@ -753,6 +825,7 @@ static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 		 */
 		kp->ki_flag = p->tdev != NODEV && p->stat != SZOMB ? P_CONTROLT : 0;
 		kp->ki_runtime = p->runtime;
+		kp->ki_jid = p->jid; /* pr.pr_id: absolute, whoever reads the dump */
 		memcpy(kp->ki_comm, p->comm, MAXCOMLEN - 1); /* 18 bytes and the NUL of memset */
 	}
 	memcpy(kp->ki_tdname, p->comm, sizeof(kp->ki_tdname) - 1);
@@ -875,8 +948,9 @@ char **kvm_getargv(kvm_t *kd, const struct kinfo_proc *kp, int nchr)
 	for (int j = 0; j < kd->sc.nprocs && p == NULL; j++)
 		if (kd->sc.procs[j].pid == kp->ki_pid)
 			p = &kd->sc.procs[j];
-	if (p == NULL) {
-		errno = ESRCH; /* the sysctl fails: the process has gone */
+	/* Gone, or in another jail than the reader's: p_cansee hides it, the sysctl fails. */
+	if (p == NULL || (kd->sc.reader_jail != 0 && p->jid != kd->sc.reader_jail)) {
+		errno = ESRCH;
 		return NULL;
 	}
 	/* sysctl_kern_proc_args: nothing for a process without p_args that is exiting or a
@@ -1015,9 +1089,9 @@ ssize_t kvm_read2(kvm_t *kd, uint64_t kva, void *buf, size_t len)
 		snprintf(kd->errbuf, sizeof(kd->errbuf), "invalid address (0x%jx)", (uintmax_t)kva);
 		return -1;
 	}
-	memcpy(buf, slot < MAXSYSCTL ? &kd->sc.sysctls[slot].value
-				      : &kd->sc.symbols[slot - MAXSYSCTL].value,
-	       sizeof(int));
+	int value = (int)(slot < MAXSYSCTL ? kd->sc.sysctls[slot].value
+					   : kd->sc.symbols[slot - MAXSYSCTL].value);
+	memcpy(buf, &value, sizeof(int));
 	return (ssize_t)len;
 }
 
@@ -1053,6 +1127,33 @@ static const struct scenario *current_scenario(void)
 	return NULL;
 }
 
+static int is_ulong_sysctl(const char *name)
+{
+	return !strcmp(name, "hw.physmem") || !strcmp(name, "hw.realmem")
+	       || !strcmp(name, "hw.usermem");
+}
+
+/* libjail's error text (lib/libjail/jail.c: char jail_errmsg[JAIL_ERRMSGLEN]). */
+char jail_errmsg[1024];
+
+/*
+ * jail_getname(3) (lib/libjail/jail_getid.c): jail_get(2) by "jid" for "name", which needs
+ * no privilege (kern_jail_get() looks the jid up with prison_find_child() of the caller's
+ * prison: the jails below the caller's). A strdup()ed name the caller frees, or NULL and
+ * jail_errmsg "jail N not found" (ENOENT). A jailed reader sees no jail here (no nesting).
+ */
+char *jail_getname(int jid)
+{
+	const struct scenario *sc = current_scenario();
+
+	for (int i = 0; sc != NULL && sc->reader_jail == 0 && i < sc->njails; i++)
+		if (sc->jails[i].jid == jid && jid > 0)
+			return strdup(sc->jails[i].name);
+	snprintf(jail_errmsg, sizeof(jail_errmsg), "jail %d not found", jid);
+	errno = ENOENT;
+	return NULL;
+}
+
 int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
 {
 	const struct scenario *sc = current_scenario();
@@ -1064,14 +1165,19 @@ int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp
 	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
 		if (strcmp(sc->sysctls[i].name, name) != 0)
 			continue;
+		/* hw.physmem and its kin are CTLTYPE_ULONG (sysctl_hw_physmem ...): 8 bytes on
+		   LP64, and SYSCTL_OUT of 8 into a smaller buffer is ENOMEM. */
+		size_t len = is_ulong_sysctl(name) ? sizeof(unsigned long) : sizeof(int);
+		unsigned long ul = (unsigned long)sc->sysctls[i].value;
+		int in = (int)sc->sysctls[i].value;
 		if (oldp != NULL) {
-			if (*oldlenp < sizeof(int)) {
+			if (*oldlenp < len) {
 				errno = ENOMEM;
 				return -1;
 			}
-			memcpy(oldp, &sc->sysctls[i].value, sizeof(int));
+			memcpy(oldp, len == sizeof(int) ? (void *)&in : (void *)&ul, len);
 		}
-		*oldlenp = sizeof(int);
+		*oldlenp = len;
 		return 0;
 	}
 	errno = ENOENT;

@@ -1,0 +1,323 @@
+"""What processes consume, per group: usage rows in, gauges and truthful counters out.
+
+Two steps, both pure (no Prometheus, no platform):
+
+- :class:`Tracker` keeps each process's last row, keyed by pid and start time, and turns a
+  poll's rows into per-group gauges and the counters' *increments* since the last poll. Which
+  group a process is in is one pluggable step, a :class:`Grouping` (user, jail, cgroup today).
+- :class:`Accounts` names the groups, folds the smallest into ``other`` under the series cap
+  and keeps each counter at the series level, so folding, pid reuse, a uid change or an exit
+  never makes a counter go down or jump.
+
+What a counter includes: for each process, what it consumed between two polls that saw it,
+plus, for a process born since the previous poll, everything it consumed before the first poll
+that saw it. Not included: what a process consumed between the last poll that saw it and its
+exit (at most one interval), and what processes consumed before the exporter's first poll,
+which takes every process as a baseline (so counters start at 0 with the exporter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, NamedTuple
+
+from .aggregate import OTHER, Key
+from .records import (
+    USAGE_COUNTERS,
+    USAGE_JID,
+    USAGE_PID,
+    USAGE_RSS_PAGES,
+    USAGE_START,
+    USAGE_START_FRACTION,
+    USAGE_UID,
+    USAGE_VSIZE,
+    Source,
+    SourceError,
+    Survey,
+    UsageRow,
+    UsageSpec,
+)
+
+GroupKey = Hashable
+"""A group before naming: raw values (a uid, a jid, a cgroup path...)."""
+
+
+class Grouping(NamedTuple):
+    """Which group a process belongs to."""
+
+    key: Callable[[UsageRow, Any], GroupKey]
+    """The group of a row, given what :attr:`attach` gave that process; asked every poll, so a
+    process that changes uid or jail moves its future increments to its new group."""
+    attach: Callable[[UsageRow], Any] | None = None
+    """Read once per process (pid and start time) when first seen: a cgroup, a group name."""
+
+
+class Tally(NamedTuple):
+    """One poll of :class:`Tracker`: per group, gauges and counter increments."""
+
+    gauges: dict[GroupKey, list[int]]
+    """[processes, resident pages, virtual bytes] of each group that has processes."""
+    increments: dict[GroupKey, list[int]]
+    """Per group, each counter column's increase since the previous poll (only groups with one)."""
+    jids: set[int]
+    """The jails that have processes."""
+
+
+class _Seen(NamedTuple):
+    attached: Any
+    group: GroupKey
+
+
+class Tracker:
+    """Per process state between polls; memory is bounded by the processes of the last poll.
+
+    A poll's usage records are compared with the last poll's as bytes, in sets (C speed):
+    only a record that changed is decoded and looked at, so a host whose processes mostly
+    idle between polls costs little more than the read.
+    """
+
+    def __init__(self, grouping: Grouping, decode: Callable[[bytes], UsageRow]) -> None:
+        self.grouping = grouping
+        self.decode = decode
+        self._records: set[bytes] = set()
+        self._seen: dict[int, _Seen] = {}
+        self._gauges: dict[GroupKey, list[int]] = {}
+        self._jids: dict[int, int] = {}
+        """Processes per jail."""
+        self._clock: int | None = None
+        """The clock of the previous poll; None before the first."""
+
+    def update(self, records: Iterable[bytes], clock: int) -> Tally:
+        """Take one poll's usage records (read when the clock said ``clock``).
+
+        A process seen before (same pid and start) adds what its counters grew by. A new one
+        adds nothing (its counters are its baseline), unless it started at or after the
+        previous poll's clock: then it adds all it has used (no spike: at most one interval's
+        worth). Vanished processes are dropped, their gauges taken off their group.
+        """
+        key, attach = self.grouping
+        decode, born_since = self.decode, self._clock
+        current = set(records)
+        left: dict[int, tuple[UsageRow, _Seen]] = {}  # changed or gone, by pid
+        for record in self._records - current:
+            row = decode(record)
+            seen = self._seen.pop(row[USAGE_PID])
+            left[row[USAGE_PID]] = (row, seen)
+            self._take(row, seen)
+        increments: dict[GroupKey, list[int]] = {}
+        for record in current - self._records:
+            row = decode(record)
+            pid = row[USAGE_PID]
+            attached, base = None, None
+            last = left.pop(pid, None)
+            if (
+                last is not None
+                and last[0][USAGE_START : USAGE_START_FRACTION + 1]
+                == row[USAGE_START : USAGE_START_FRACTION + 1]
+            ):
+                base, attached = last[0], last[1].attached
+            else:  # new, or the pid was reused by a new process
+                attached = attach(row) if attach is not None else None
+                born = born_since is not None and row[USAGE_START] >= born_since
+                base = None if born else row
+            seen = _Seen(attached, key(row, attached))
+            self._seen[pid] = seen
+            self._put(row, seen)
+            if base is not row:
+                grew = increments.get(seen.group)
+                if grew is None:
+                    grew = increments[seen.group] = [0] * (len(row) - USAGE_COUNTERS)
+                for i in range(len(grew)):
+                    grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
+        self._records, self._clock = current, clock
+        gauges = {group: list(totals) for group, totals in self._gauges.items()}
+        return Tally(gauges, increments, set(self._jids))
+
+    def _put(self, row: UsageRow, seen: _Seen) -> None:
+        totals = self._gauges.get(seen.group)
+        if totals is None:
+            totals = self._gauges[seen.group] = [0, 0, 0]
+        totals[0] += 1
+        totals[1] += row[USAGE_RSS_PAGES]
+        totals[2] += row[USAGE_VSIZE]
+        jid = row[USAGE_JID]
+        self._jids[jid] = self._jids.get(jid, 0) + 1
+
+    def _take(self, row: UsageRow, seen: _Seen) -> None:
+        totals = self._gauges[seen.group]
+        totals[0] -= 1
+        totals[1] -= row[USAGE_RSS_PAGES]
+        totals[2] -= row[USAGE_VSIZE]
+        if totals[0] == 0:
+            del self._gauges[seen.group]
+        jid = row[USAGE_JID]
+        self._jids[jid] -= 1
+        if self._jids[jid] == 0:
+            del self._jids[jid]
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class Resources(NamedTuple):
+    """What one poll says each series consumes; immutable once made."""
+
+    labels: tuple[str, ...]
+    processes: dict[Key, int]
+    resident_bytes: dict[Key, int]
+    virtual_bytes: dict[Key, int]
+    counters: dict[tuple[str, str], dict[Key, float]]
+    """Per (metric, label value) of :attr:`UsageSpec.counters`: the series' totals."""
+    folded: int
+    """Groups folded into ``other`` to stay under the cap."""
+    jails: dict[int, str]
+    """Name of every jail with a process (jid 0 included)."""
+
+
+IDLE_KEPT = 10
+"""Idle series kept, per series of the cap."""
+
+
+class Accounts:
+    """Series-level counters: named, folded under the cap, never going down.
+
+    Each series keeps its total while it is folded or has no process, so when it returns it
+    goes on from where it was; of such idle series, the :data:`IDLE_KEPT` times ``max_groups``
+    most recently live are kept (memory stays bounded). One idle for longer starts again
+    from 0, which Prometheus takes for a counter reset: no spike, its rate stays right.
+    """
+
+    def __init__(self, labels: tuple[str, ...], max_groups: int, spec: UsageSpec) -> None:
+        self.labels = labels
+        self.max_groups = max(max_groups, 1)
+        self.spec = spec
+        self._columns = list(dict.fromkeys((m, v) for m, v, _ in spec.counters))
+        self._totals: dict[Key, dict[tuple[str, str], float]] = {}
+        self._idle: dict[Key, int] = {}
+        """Series with a total but no processes: the poll number they went idle."""
+        self._polls = 0
+
+    def add(self, tally: Tally, name: Callable[[GroupKey], Key]) -> Resources:
+        """This poll's series from a :class:`Tracker` tally; ``name`` labels a group."""
+        self._polls += 1
+        named: dict[Key, list[int]] = {}
+        key_of: dict[GroupKey, Key] = {}
+        for group, (procs, rss, vsize) in tally.gauges.items():
+            key = key_of[group] = name(group)
+            totals = named.setdefault(key, [0, 0, 0])  # two uids may share a name
+            totals[0] += procs
+            totals[1] += rss
+            totals[2] += vsize
+        kept = sorted(named, key=lambda k: (-named[k][0], k))[: self.max_groups]
+        if len(named) > self.max_groups:
+            kept = kept[: self.max_groups - 1]  # one place for other
+        fold = set(named) - set(kept)
+        other = (OTHER,) * len(self.labels)
+        series: dict[Key, list[int]] = {k: named[k] for k in kept}
+        if fold:
+            series[other] = [sum(named[k][i] for k in fold) for i in range(3)]
+        for group, grew in tally.increments.items():
+            key = key_of.get(group) or name(group)
+            self._grow(other if key in fold or key not in series else key, grew)
+        self._forget(series)
+        page = self.spec.page_size
+        return Resources(
+            labels=self.labels,
+            processes={k: v[0] for k, v in series.items()},
+            resident_bytes={k: v[1] * page for k, v in series.items()},
+            virtual_bytes={k: v[2] for k, v in series.items()},
+            counters={
+                column: {k: self._totals.get(k, {}).get(column, 0.0) for k in series}
+                for column in self._columns
+            },
+            folded=len(fold),
+            jails={},
+        )
+
+    def _grow(self, key: Key, grew: list[int]) -> None:
+        """Add a group's increments to series ``key``; a metric whose sum would go down (a
+        counter the kernel reset) adds nothing."""
+        step: dict[tuple[str, str], float] = {}
+        for (metric, value, scale), amount in zip(self.spec.counters, grew, strict=True):
+            if amount:
+                step[metric, value] = step.get((metric, value), 0.0) + amount * scale
+        totals = self._totals.setdefault(key, {})
+        for column, seconds_or_events in step.items():
+            if seconds_or_events > 0:
+                totals[column] = totals.get(column, 0.0) + seconds_or_events
+
+    def _forget(self, live: dict[Key, list[int]]) -> None:
+        """Keep the totals of the IDLE_KEPT * max_groups most recently live idle series."""
+        for key in live:
+            self._idle.pop(key, None)
+        for key in self._totals:
+            if key not in live:
+                self._idle.setdefault(key, self._polls)
+        while len(self._idle) > IDLE_KEPT * self.max_groups:
+            oldest = min(self._idle, key=self._idle.__getitem__)
+            del self._idle[oldest], self._totals[oldest]
+
+
+class Accounting:
+    """Resources per ``labels`` group of one source: a tracker, its accounts and the naming."""
+
+    def __init__(
+        self, source: Source, labels: tuple[str, ...], max_series: int, spec: UsageSpec
+    ) -> None:
+        self.source = source
+        self.max_series = max_series
+        cgroup: Callable[[int], str] | None = getattr(source, "cgroup", None)
+        if "cgroup" in labels and cgroup is None:
+            raise SourceError(f"resources.labels 'cgroup' needs cgroups: {source.name} has none")
+        raw: list[Callable[[UsageRow, Any], Any]] = [
+            {
+                "user": lambda row, _: row[USAGE_UID],
+                "jail": lambda row, _: row[USAGE_JID],
+                "cgroup": lambda _, attached: attached,
+            }[label]
+            for label in labels
+        ]
+        attach = (lambda row: cgroup(row[USAGE_PID])) if cgroup and "cgroup" in labels else None
+        grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
+        self.tracker = Tracker(grouping, spec.decode)
+        # A metric with two values per group (cpu user/system) keeps within the series cap.
+        self.accounts = Accounts(labels, max_series // 2, spec)
+
+    def poll(self, survey: Survey, user_name: Callable[[int], str]) -> Resources:
+        tally = self.tracker.update(survey.usage, survey.clock)
+        jails = {jid: self.source.jail_name(jid) for jid in tally.jids}
+        by_label: dict[str, Callable[[Any], str]] = {
+            "user": user_name,
+            "jail": jails.__getitem__,
+            "cgroup": str,
+        }
+        namers = [by_label[label] for label in self.accounts.labels]
+
+        def name(group: GroupKey) -> Key:
+            assert isinstance(group, tuple)
+            return tuple(f(v) for f, v in zip(namers, group, strict=True))
+
+        out = self.accounts.add(tally, name)
+        return out._replace(jails=jails)
+
+
+def accounting_for(
+    current: Accounting | None,
+    source: Source,
+    labels: tuple[str, ...] | None,
+    max_series: int,
+) -> Accounting | None:
+    """``current`` if it still fits ``source`` and the settings, else a new accounting (its
+    counters start afresh: Prometheus sees a counter reset); None where no resources are
+    asked for (``labels`` None) or the source has none."""
+    spec: UsageSpec | None = getattr(source, "usage_spec", None)  # test stand-ins have none
+    if labels is None or spec is None:
+        return None
+    if (
+        current is not None
+        and current.source is source
+        and current.accounts.labels == labels
+        and current.max_series == max_series
+    ):
+        return current
+    return Accounting(source, labels, max_series, spec)

@@ -1,0 +1,217 @@
+"""Resource accounting (kvm_exporter.usage): the counter rules, on rows the test writes."""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import copy_proc_fixture
+
+from kvm_exporter.config import ConfigError, parse_config
+from kvm_exporter.records import UsageSpec
+from kvm_exporter.sources import procfs
+from kvm_exporter.sources.procfs import ProcfsSource
+from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker, accounting_for
+
+ROW = struct.Struct("=9q")
+SPEC = UsageSpec(
+    page_size=4096,
+    counters=(("cpu", "user", 0.01), ("page_faults", "minor", 1.0)),
+    decode=ROW.unpack,
+)
+BY_UID = Grouping(lambda row, _: (row[3],))
+CPU = ("cpu", "user")
+
+
+def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> bytes:
+    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, user ticks, faults."""
+    return ROW.pack(pid, start, 0, uid, 0, rss, rss * 2, ticks, faults)
+
+
+class Run:
+    """A tracker and accounts polled in turn, as the poller does."""
+
+    def __init__(self, max_groups: int = 100, grouping: Grouping = BY_UID) -> None:
+        self.tracker = Tracker(grouping, ROW.unpack)
+        self.accounts = Accounts(("user",), max_groups, SPEC)
+        self.clock = 1000
+
+    def poll(self, *rows: Any) -> Resources:
+        tally = self.tracker.update(rows, self.clock)
+        self.clock += 10
+        return self.accounts.add(tally, lambda group: (f"u{group[0]}",))
+
+
+def cpu(res: Resources) -> dict[str, float]:
+    return {key[0]: round(v, 6) for key, v in res.counters[CPU].items()}
+
+
+def test_first_poll_is_the_baseline_then_only_growth_counts() -> None:
+    run = Run()
+    assert cpu(run.poll(row(1, 0, 5000), row(2, 7, 100))) == {"u0": 0.0, "u7": 0.0}
+    assert cpu(run.poll(row(1, 0, 5100), row(2, 7, 100))) == {"u0": 1.0, "u7": 0.0}
+    res = run.poll(row(1, 0, 5150, faults=3), row(2, 7, 130))
+    assert cpu(res) == {"u0": 1.5, "u7": 0.3}
+    assert res.counters["page_faults", "minor"] == {("u0",): 3.0, ("u7",): 0.0}
+
+
+def test_gauges_are_the_sums_of_live_processes() -> None:
+    run = Run()
+    run.poll(row(1, 0, 0, rss=10), row(2, 0, 0, rss=5), row(3, 7, 0, rss=1))
+    res = run.poll(row(1, 0, 0, rss=12), row(3, 7, 0, rss=1))
+    assert res.processes == {("u0",): 1, ("u7",): 1}
+    assert res.resident_bytes == {("u0",): 12 * 4096, ("u7",): 4096}
+    assert res.virtual_bytes == {("u0",): 24, ("u7",): 2}
+
+
+def test_a_process_seen_mid_life_adds_nothing_one_born_since_the_last_poll_adds_all() -> None:
+    run = Run()
+    run.poll(row(1, 0, 0))
+    # pid 2 started (start 500) before the previous poll's clock (1000): mid-life, baseline.
+    # pid 3 started at 1005, after that poll read: all it used is new.
+    res = run.poll(row(1, 0, 0), row(2, 7, 9000, start=500), row(3, 8, 40, start=1005))
+    assert cpu(res) == {"u0": 0.0, "u7": 0.0, "u8": 0.4}
+
+
+def test_pid_reuse_is_a_new_process_not_a_drop() -> None:
+    run = Run()
+    run.poll(row(1, 0, 0))
+    run.poll(row(1, 0, 800))
+    # The same pid, another start time, fewer ticks: a new process, seen mid-life.
+    res = run.poll(row(1, 0, 10, start=200))
+    assert cpu(res) == {"u0": 8.0}
+    assert cpu(run.poll(row(1, 0, 60, start=200))) == {"u0": 8.5}
+
+
+def test_a_uid_change_moves_future_growth_and_the_old_group_keeps_its_total() -> None:
+    run = Run()
+    run.poll(row(1, 0, 0), row(2, 7, 0))
+    run.poll(row(1, 0, 100), row(2, 7, 0))
+    res = run.poll(row(1, 7, 300), row(2, 7, 0))  # pid 1 became uid 7 and used 2 s more
+    assert cpu(res) == {"u7": 2.0}  # u0 has no process left: not served...
+    res = run.poll(row(1, 7, 300), row(2, 7, 0), row(5, 0, 0, start=1015))
+    assert cpu(res) == {"u0": 1.0, "u7": 2.0}  # ...and comes back with its total
+
+
+def test_vanished_processes_are_forgotten() -> None:
+    run = Run()
+    run.poll(*(row(pid, 0, 0) for pid in range(1000)))
+    assert len(run.tracker) == 1000
+    res = run.poll(row(5, 0, 0))
+    assert len(run.tracker) == 1 and res.processes == {("u0",): 1}
+
+
+def test_attach_runs_once_per_process() -> None:
+    asked: list[int] = []
+
+    def attach(r: Any) -> str:
+        asked.append(r[0])
+        return f"slice{r[0] % 2}"
+
+    run = Run(grouping=Grouping(lambda r, attached: (attached,), attach))
+    run.poll(row(1, 0, 0), row(2, 0, 0))
+    res = run.poll(row(1, 0, 10), row(2, 0, 20))
+    assert sorted(asked) == [1, 2] and cpu(res) == {"uslice1": 0.1, "uslice0": 0.2}
+    run.poll(row(1, 0, 10), row(2, 0, 0, start=300))
+    assert sorted(asked) == [1, 2, 2]  # a reused pid is asked again
+
+
+def test_a_group_folding_into_other_adds_only_its_growth_there() -> None:
+    run = Run(max_groups=2)  # one own series and other
+    run.poll(row(1, 0, 0), row(2, 0, 0), row(3, 7, 0), row(4, 8, 0))
+    res = run.poll(row(1, 0, 100), row(2, 0, 0), row(3, 7, 50), row(4, 8, 0))
+    assert cpu(res) == {"u0": 1.0, "other": 0.5} and res.folded == 2
+    # u7 outgrows u0: u0 folds, other gets only u0's growth since the last poll, and u7's
+    # own series starts at 0 (its growth so far went to other).
+    rows = [row(1, 0, 100), row(3, 7, 50), row(4, 8, 0)]
+    rows += [row(10 + i, 7, 0, start=1) for i in range(3)]
+    assert cpu(run.poll(*rows)) == {"u7": 0.0, "other": 0.5}
+    rows[0] = row(1, 0, 200)
+    assert cpu(run.poll(*rows)) == {"u7": 0.0, "other": 1.5}
+
+
+def test_idle_series_totals_are_bounded() -> None:
+    run = Run(max_groups=3)
+    for uid in range(100):
+        run.poll(row(uid, uid, 0))
+        run.poll(row(uid, uid, 10))
+    assert len(run.accounts._totals) == IDLE_KEPT * 3 + 1
+
+
+def test_churn_never_lowers_a_counter_and_the_sum_is_what_was_used() -> None:
+    """Random pid reuse, uid changes, exits and births under a cap that folds: every series
+    only grows, and all series together grew by exactly what the tracked processes used."""
+    rng = random.Random(13)
+    run = Run(max_groups=3)
+    procs: dict[int, list[int]] = {}  # pid: [start, uid, ticks]
+    last: dict[str, float] = {}
+    used = 0  # ticks the rules say must be counted
+    mid_life = 0
+    for poll in range(300):
+        counted: dict[int, int] = {}  # what each pid added to used this round
+        for pid in list(procs):
+            p = procs[pid]
+            event = rng.random()
+            if event < 0.1:
+                del procs[pid]  # exits: what it used since the last poll is lost
+                continue
+            if event < 0.2:
+                p[1] = rng.randrange(6)  # setuid
+            counted[pid] = rng.randrange(50)
+            p[2] += counted[pid]
+            used += counted[pid]
+        for _ in range(rng.randrange(4)):
+            pid = rng.randrange(40)  # a small pid space: reuse
+            used -= counted.pop(pid, 0)  # the process that had this pid exited
+            if poll > 0 and rng.random() < 0.5:  # born since the last poll: all of it counts
+                ticks = rng.randrange(100)
+                procs[pid] = [run.clock, rng.randrange(6), ticks]
+                counted[pid] = ticks
+                used += ticks
+            else:  # first seen mid-life: its past is a baseline
+                mid_life += 1
+                procs[pid] = [-mid_life, rng.randrange(6), rng.randrange(10**6)]
+        res = run.poll(*(row(pid, p[1], p[2], start=p[0]) for pid, p in procs.items()))
+        now = cpu(res)
+        for key, value in now.items():
+            assert value >= last.get(key, 0.0), (key, value, last.get(key))
+        last.update(now)
+        assert len(res.processes) <= 3
+    totals = sum(t.get(CPU, 0.0) for t in run.accounts._totals.values())
+    assert abs(totals - used * 0.01) < 1e-6
+
+
+def test_compiled_and_python_surveys_read_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
+    assert procfs._lib is not None, "the README's test command builds kvm_exporter/_procscan"
+    compiled = source.survey()
+    monkeypatch.setattr(procfs, "_lib", None)
+    python = source.survey()
+    assert compiled.census == python.census
+    assert sorted(compiled.usage) == sorted(python.usage)
+    # 1 (init) S ... minflt 100 ... utime 250 stime 150 ... starttime 12345 vsize 10485760
+    # rss 512, in a directory owned by root
+    assert source.usage_spec is not None
+    init = next(r for r in map(source.usage_spec.decode, compiled.usage) if r[0] == 1)
+    assert init == (1, 12345, 0, 0, 0, 512, 10485760, 250, 150, 100, 0)
+
+
+def test_resource_labels_are_checked() -> None:
+    assert parse_config("resources: {labels: [jail, user]}").resources.labels == ("jail", "user")
+    assert parse_config("labels: [user, jail]").labels == ("user", "jail")
+    with pytest.raises(ConfigError, match=r"resources.labels: got \['state'\], expected a list"):
+        parse_config("resources: {labels: [state]}")
+
+
+def test_an_accounting_lasts_while_source_and_settings_do(tmp_path: Path) -> None:
+    source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
+    first = accounting_for(None, source, ("user",), 1000)
+    assert first is not None and accounting_for(first, source, ("user",), 1000) is first
+    assert accounting_for(first, source, ("user", "jail"), 1000) not in (None, first)
+    assert accounting_for(first, source, ("user",), 500) not in (None, first)
+    assert accounting_for(first, source, None, 1000) is None  # resources.enabled: false
