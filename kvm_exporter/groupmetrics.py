@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF, label_value
+from .collector import AS_OF, COUNTED, COUNTERS, label_value
 from .grouping import GroupCounts
 from .poller import Poller
 
@@ -44,36 +44,18 @@ def _per_group(
     return family
 
 
-COUNTERS = {
-    "cpu": ("kvm_namegroup_cpu_seconds", "Seconds of CPU time the group's processes used", "mode"),
-    "page_faults": ("kvm_namegroup_page_faults", "Page faults of the group's processes", "type"),
-    "context_switches": (
-        "kvm_namegroup_context_switches",
-        "Context switches of the group's processes",
-        "type",
-    ),
-    "block_operations": (
-        "kvm_namegroup_block_operations",
-        "Block input and output operations of the group's processes",
-        "direction",
-    ),
-}
-"""Family name, HELP and label of each usage counter of the named groups."""
-COUNTED = (
-    ", between the polls that saw them (README: what counters include), since the exporter started."
-)
-
-
 def _counters(counters: dict[tuple[str, str], dict[str, float]]) -> Iterator[Metric]:
     families: dict[str, CounterMetricFamily] = {}
     for (metric, value), totals in counters.items():
         if metric not in COUNTERS:
             continue
-        name, doc, label = COUNTERS[metric]
+        name, doc, label = COUNTERS[metric]  # the resource metrics' own, renamed
         family = families.get(metric)
         if family is None:
             family = families[metric] = CounterMetricFamily(
-                name, doc + COUNTED, labels=["group", label]
+                name.replace("kvm_", "kvm_namegroup_", 1),
+                doc.replace("group's", "named group's") + COUNTED,
+                labels=["group", label],
             )
         for group, total in sorted(_utf8(totals).items()):
             family.add_metric([group, value], total)
