@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ def config(token: str) -> str:
   - name: "py-{{{{.Matches.role}}}}-{{{{.Username}}}}"
     cmdline: ['{token}\\.py --role=(?P<role>\\w+)']
   - name: "{{{{.ExeBase}}}}"
-    exe: [{token}-nap]
+    exe: [{token}-nap, {token}-spin]
 """
 
 
@@ -60,6 +61,7 @@ def processes(tmp_path: Path) -> Iterator[str]:
         start(str(sleeper), "3600")
     # argv[0] is a name of our own (exe matches its basename); comm stays "sleep".
     start("bash", "-c", f"exec -a /opt/{token}-nap sleep 3600")
+    start("bash", "-c", f"exec -a /opt/{token}-spin bash -c 'while :; do :; done'")
     for role, threads in (("web", 4), ("web", 2), ("db", 3)):
         p = start(
             sys.executable,
@@ -150,6 +152,7 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     expected_procs = {
         f"s{token}"[:15]: 3,  # comm is cut to 15 bytes on Linux
         f"{token}-nap": 1,
+        f"{token}-spin": 1,
         f"py-web-{user}": 4,  # two scripts and their sleep children
         f"py-db-{user}": 2,
     }
@@ -178,3 +181,16 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     assert kvm_oldest.keys() == pe_oldest.keys()
     for group, started in pe_oldest.items():
         assert kvm_oldest[group] == pytest.approx(started, abs=1.0)  # PE keeps whole seconds
+    # CPU: both exporters' counters of the spinning group, over the same few seconds.
+    spin = f"{token}-spin"
+
+    def cpu() -> tuple[float, float]:
+        pe_now = by_group(scrape(theirs), "namedprocess_namegroup_cpu_seconds_total", mode="user")
+        kvm_now = by_group(ours.metrics(), "kvm_namegroup_cpu_seconds_total", mode="user")
+        return pe_now[spin], kvm_now[spin]
+
+    pe_before, kvm_before = cpu()
+    time.sleep(4)
+    pe_after, kvm_after = cpu()
+    assert pe_after - pe_before > 0.5  # it spun
+    assert kvm_after - kvm_before == pytest.approx(pe_after - pe_before, rel=0.05)
