@@ -1,6 +1,6 @@
 """The real process-exporter (Debian's prometheus-process-exporter) and kvm_exporter read the
 same process-exporter config file on this host, with processes the test starts: the same
-groups, with the same process and thread counts and memory, under both exporters' names."""
+groups, with the same process and thread counts, memory and CPU, under both exporters' names."""
 
 from __future__ import annotations
 
