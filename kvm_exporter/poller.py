@@ -249,12 +249,13 @@ class Poller:
         )
         resources = None
         wants_usage = accounting is not None or self._group_usage is not None
-        survey = source.survey() if wants_usage else None
+        # One walk of the process table: groups' records come with the survey where it is read.
+        survey = source.survey(procs=grouper is not None) if wants_usage else None
         if accounting is not None and survey is not None:
             resources = accounting.poll(survey, names)
-        # Groups need each process's comm, parent, state and threads: a read of its own
-        # (Linux: PID/stat and the owner of PID again, in C; FreeBSD: kvm_getprocs again).
-        listed = source.procs(real_uid=False) if grouper is not None else None
+        listed = survey.procs if survey is not None else None
+        if listed is None and grouper is not None:
+            listed = source.procs(real_uid=False)
         census: Census
         if survey is not None:
             census = survey.census

@@ -105,6 +105,8 @@ class Survey(NamedTuple):
     clock: int
     """When the read began, in the units of a row's start: a process whose start is at or
     after it was born during or after the read."""
+    procs: list[Proc] | None = None
+    """Every process's record, where the survey was asked for them (``procs=True``)."""
 
 
 class LoadAvg(NamedTuple):
@@ -172,8 +174,9 @@ class Source(Protocol):
         cannot be read (gone, a zombie or kernel process on FreeBSD, not permitted)."""
         ...
 
-    def survey(self) -> Survey:
-        """The census and every process's usage row, from one read."""
+    def survey(self, procs: bool = False) -> Survey:
+        """The census and every process's usage row, from one read; with ``procs``, every
+        process's record from it too (as :meth:`procs` with ``real_uid=False``)."""
         ...
 
     usage_spec: UsageSpec | None

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import pytest
 from fakelib import SCENARIOS, fake_libkvm, fixed_passwd  # noqa: F401 (fixture)
 from test_libkvm_e2e import libkvm_config
 from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture)
 
 from kvm_exporter.aggregate import user_names
-from kvm_exporter.records import USAGE_COUNTERS, USAGE_JID, USAGE_PID
+from kvm_exporter.groups import parse_process_names
+from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.records import USAGE_COUNTERS, USAGE_JID, USAGE_PID, SourceError
 from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.usage import Accounting
 
@@ -158,3 +161,23 @@ def test_process_counts_by_jail(
             jail = dict(labels)["jail"]
             per_jail[jail] = per_jail.get(jail, 0) + value
     assert per_jail == {"host": 2, "www": 3, "db": 2, "other": 0}  # other: zero-filled states
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_a_poll_with_groups_and_resources_makes_one_kvm_getprocs(
+    open_libkvm: Opener,  # noqa: F811
+    fake_libkvm: pathlib.Path,  # noqa: F811
+    tmp_path: pathlib.Path,
+    threads: bool,
+) -> None:
+    # The fake fails the handle's second kvm_getprocs: a poll reading twice loses a part.
+    second = "fail getprocs 2 kvm_getprocs: a second walk\n"
+    scenario = write(tmp_path, JAILS01.read_text() + second)
+    source = jailed(open_libkvm, fake_libkvm, scenario, threads=threads)
+    rules = parse_process_names([{"name": "{{.Comm}}", "comm": ["nginx"]}])
+    snap = Poller(source, Settings(groups=rules)).poll()
+    assert snap.success["procs"] and snap.success["groups"]
+    assert snap.groups is not None and snap.groups.processes == {"nginx": 3}
+    assert snap.groups.counters and snap.resources is not None
+    with pytest.raises(SourceError, match="a second walk"):
+        source.survey(procs=True)

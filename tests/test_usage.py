@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import copy_proc_fixture
 
 from kvm_exporter.config import ConfigError, parse_config
+from kvm_exporter.groups import parse_process_names
+from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import UsageSpec
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
@@ -24,6 +27,7 @@ SPEC = UsageSpec(
 )
 BY_UID = Grouping(lambda row, _: (row[3],))
 CPU = ("cpu", "user")
+T = TypeVar("T")
 
 
 def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> bytes:
@@ -189,11 +193,14 @@ def test_compiled_and_python_surveys_read_the_same_rows(
 ) -> None:
     source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
     assert procfs._lib is not None, "the README's test command builds kvm_exporter/_procscan"
-    compiled = source.survey()
+    compiled = source.survey(procs=True)
+    assert sorted(compiled.procs or []) == sorted(source.procs(real_uid=False))
     monkeypatch.setattr(procfs, "_lib", None)
-    python = source.survey()
+    python = source.survey(procs=True)
     assert compiled.census == python.census
     assert sorted(compiled.usage) == sorted(python.usage)
+    assert sorted(compiled.procs or []) == sorted(python.procs or [])
+    assert source.survey() == python._replace(clock=source.survey().clock, procs=None)
     # 1 (init) S ... minflt 100 ... utime 250 stime 150 ... starttime 12345 vsize 10485760
     # rss 512, in a directory owned by root
     assert source.usage_spec is not None
@@ -215,3 +222,30 @@ def test_an_accounting_lasts_while_source_and_settings_do(tmp_path: Path) -> Non
     assert accounting_for(first, source, ("user", "jail"), 1000) not in (None, first)
     assert accounting_for(first, source, ("user",), 500) not in (None, first)
     assert accounting_for(first, source, None, 1000) is None  # resources.enabled: false
+
+
+class Walks(ProcfsSource):
+    """A procfs source that counts its walks of the process table (each opens the root)."""
+
+    walks = 0
+
+    def _in_proc_dir(self, scan: Callable[[int], T]) -> T:
+        self.walks += 1
+        return super()._in_proc_dir(scan)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_poll_with_groups_and_resources_walks_the_process_table_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    if not compiled:
+        monkeypatch.setattr(procfs, "_lib", None)
+    source = Walks(str(copy_proc_fixture(tmp_path / "proc")))
+    rules = parse_process_names([{"name": "{{.Comm}}", "comm": ["sshd", "bash"]}])
+    poller = Poller(source, Settings(groups=rules))
+    for polls in (1, 2):
+        snap = poller.poll()
+        assert source.walks == polls
+        assert snap.success["procs"] and snap.success["groups"]
+        assert snap.groups is not None and snap.groups.processes["sshd"] == 1
+        assert snap.resources is not None and snap.resources.processes

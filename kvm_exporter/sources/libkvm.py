@@ -124,56 +124,51 @@ class LibkvmSource:
 
     def procs(self, real_uid: bool = True) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
-        with self._lock:
-            base, count = self._getprocs()
-            if count == 0:
-                return []
-            records = ffi.cast(self._record_type(base) + " *", base)
-            # The array belongs to libkvm and the next call frees it: copy out now.
-            # tty names are cached per poll, because a pts device number can be reused.
-            ttys: dict[int, str] = {}
-            procs = [self._proc(records[i], ttys) for i in range(count)]
-        if not self._per_thread:
-            return procs
-        # Live thread rows carry each thread's ki_runtime; a crash dump's carry the
-        # process's (p_rux) in every row.
-        return _fold_threads(procs, sum_cpu=not self.crash_dump)
+        listed = self._survey(usage=False, listing=True).procs
+        assert listed is not None
+        return listed
 
     def census(self) -> Census:
         """The census of :meth:`procs`, read without a Python object per process."""
         return self._survey(usage=False).census
 
-    def survey(self) -> Survey:
-        """The census and every process's usage row, from one kvm_getprocs."""
-        return self._survey(usage=True)
+    def survey(self, procs: bool = False) -> Survey:
+        """The census and every process's usage row, from one kvm_getprocs; with ``procs``,
+        every process's record from it too."""
+        return self._survey(usage=True, listing=procs)
 
-    def _survey(self, usage: bool) -> Survey:
+    def _survey(self, usage: bool, listing: bool = False) -> Survey:
         clock = int(time.time())  # ki_start's seconds are wall-clock time
         with self._lock:
             base, count = self._getprocs()
             if count == 0:
-                return Survey({}, [], clock)
+                return Survey({}, [], clock, [] if listing else None)
             record_type = self._record_type(base)
             records: list[bytes] = []
             if usage:
                 with memoryview(ffi.buffer(base, count * ffi.sizeof(record_type))) as array:
                     records = _usage_records(array, count, record_type)
-            if self._per_thread or self.crash_dump:
+            census: Census
+            procs: list[Proc] | None = None
+            if listing or self._per_thread or self.crash_dump:
                 # Thread rows fold into one process per pid with its visible threads; a
                 # crash dump's records need the per-record care of _proc (read once).
+                # The array belongs to libkvm and the next call frees it: copy out now.
+                # tty names are cached per poll, because a pts device number can be reused.
                 kinfo = ffi.cast(record_type + " *", base)
                 ttys: dict[int, str] = {}
                 procs = [self._proc(kinfo[i], ttys) for i in range(count)]
-                census = None
             else:
                 census = self._census_locked(base, count, record_type)
-        if census is None:
-            census = census_of(
-                _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
-            )
+        if procs is not None:
+            if self._per_thread:
+                # Live thread rows carry each thread's ki_runtime; a crash dump's carry the
+                # process's (p_rux) in every row.
+                procs = _fold_threads(procs, sum_cpu=not self.crash_dump)
+            census = census_of(procs)
         if self._per_thread and not self.crash_dump:
             records = _fold_thread_usage(records)
-        return Survey(census, records, clock)
+        return Survey(census, records, clock, procs if listing else None)
 
     def _census_locked(self, base: Any, count: int, record_type: str) -> Census:
         """The census of ``count`` process records at ``base`` (the caller holds the lock).

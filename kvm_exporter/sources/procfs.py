@@ -33,6 +33,7 @@ from ..records import (
     Survey,
     SwapDevice,
     UsageSpec,
+    census_of,
     split_argv,
 )
 from ..states import LINUX_STATES, STATES
@@ -46,8 +47,6 @@ except ImportError:  # built only where pip found a C compiler and Python's head
 T = TypeVar("T")
 RawKind = tuple[tuple[int, int, bytes, int], int]
 """((uid, tty_nr, state letter, threads), count), as both census scans give them."""
-Scan = Callable[[int, "list[bytes] | None"], list[RawKind]]
-"""A census scan of an open procfs root; given a list, it appends each process's usage row."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -148,6 +147,12 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
+def _usage_record(pid: int, uid: int, f: list[bytes]) -> bytes:
+    """The usage record of process ``pid`` from the fields of its PID/stat after comm."""
+    fields = (int(f[19]), 0, uid, 0, int(f[21]), int(f[20]), int(f[11]), int(f[12]))
+    return _USAGE_ROW.pack(pid, *fields, int(f[7]), int(f[9]))
+
+
 def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
     """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
     kinds: list[tuple[int, bytes, bytes, bytes]] = []
@@ -166,21 +171,7 @@ def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
         f = data[data.rindex(b")") + 2 :].split(None, fields)
         append((uid, f[4], f[0], f[17]))
         if usage is not None:
-            usage.append(
-                _USAGE_ROW.pack(
-                    int(pid),
-                    int(f[19]),
-                    0,
-                    uid,
-                    0,
-                    int(f[21]),
-                    int(f[20]),
-                    int(f[11]),
-                    int(f[12]),
-                    int(f[7]),
-                    int(f[9]),
-                )
-            )
+            usage.append(_usage_record(int(pid), uid, f))
     return [
         ((uid, int(tty), letter, int(n)), c) for (uid, tty, letter, n), c in Counter(kinds).items()
     ]
@@ -242,6 +233,11 @@ class ProcfsSource:
             if found <= len(rows):
                 break
             self._proc_rows = _ffi.new("struct kvm_proc_row[]", found + found // 8 + 64)
+        return self._records(rows, found, boot)
+
+    def _records(self, rows: Any, found: int, boot: int) -> list[Proc]:
+        """The first ``found`` of _procscan's ``kvm_proc_row`` array ``rows`` as records."""
+        assert _ffi is not None
         size = _ffi.sizeof("struct kvm_proc_row")
         ttys: dict[int, str] = {}
         out = []
@@ -283,15 +279,23 @@ class ProcfsSource:
     def census(self) -> Census:
         return self._census(None)
 
-    def survey(self) -> Survey:
-        """The census and each process's usage row (PID/stat), from the same reads."""
+    def survey(self, procs: bool = False) -> Survey:
+        """The census and each process's usage row (PID/stat), from the same reads; with
+        ``procs``, every process's record too (as ``procs(real_uid=False)`` lists them)."""
         clock = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)  # starttime's clock
         usage: list[bytes] = []
-        return Survey(self._census(usage), usage, clock)
+        listed: list[Proc] | None = [] if procs else None
+        return Survey(self._census(usage, listed), usage, clock, listed)
 
-    def _census(self, usage: list[bytes] | None) -> Census:
-        scan: Scan = self._census_c if _lib is not None else _census_py
-        census = self._in_proc_dir(lambda dir_fd: self._kinds(scan(dir_fd, usage)))
+    def _census(self, usage: list[bytes] | None, listed: list[Proc] | None = None) -> Census:
+        if listed is not None and _lib is None:  # the Python walk that lists processes
+            boot = self._boot_time()
+            listed += self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot, False, usage))
+            census = census_of(listed)
+        elif _lib is not None:
+            census = self._in_proc_dir(lambda d: self._kinds(self._census_c(d, usage, listed)))
+        else:
+            census = self._in_proc_dir(lambda dir_fd: self._kinds(_census_py(dir_fd, usage)))
         if not census:  # even hidepid=invisible shows the reader its own process
             raise SourceError(f"{self.root} has no process directory (PID/stat)")
         return census
@@ -341,15 +345,22 @@ class ProcfsSource:
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
-    def _census_c(self, dir_fd: int, usage: list[bytes] | None) -> list[RawKind]:
+    def _census_c(
+        self, dir_fd: int, usage: list[bytes] | None, listed: list[Proc] | None
+    ) -> list[RawKind]:
+        """The census in C; with ``usage``, each process's usage row; with ``listed``, each
+        process's record too, from the same walk."""
         assert _ffi is not None and _lib is not None
         if usage is not None and self._procs is None:
             self._procs = _ffi.new("struct kvm_usage_row[]", 1024)
         procs = self._procs if usage is not None else _ffi.NULL
         room = len(self._procs) if usage is not None else 0
+        if listed is not None and (self._proc_rows is None or len(self._proc_rows) < room):
+            self._proc_rows = _ffi.new("struct kvm_proc_row[]", room)
+        rows = self._proc_rows if listed is not None else _ffi.NULL
         nprocs = _ffi.new("int *")
         while True:
-            found = _lib.kvm_survey(dir_fd, self._rows, len(self._rows), procs, room, nprocs)
+            found = _lib.kvm_survey(dir_fd, self._rows, len(self._rows), procs, rows, room, nprocs)
             if found == -1:
                 raise OSError(_ffi.errno, os.strerror(_ffi.errno))
             if found == -2:
@@ -359,14 +370,21 @@ class ProcfsSource:
             elif nprocs[0] > room:
                 room = 2 * nprocs[0]
                 procs = self._procs = _ffi.new("struct kvm_usage_row[]", room)
+                if listed is not None:
+                    rows = self._proc_rows = _ffi.new("struct kvm_proc_row[]", room)
             else:
                 break
         if usage is not None:
             records = _ffi.buffer(procs, nprocs[0] * _USAGE_ROW.size)
             usage.extend(map(itemgetter(0), _USAGE_RECORD.iter_unpack(records)))
+        if listed is not None:
+            listed += self._records(rows, nprocs[0], self._boot_time())
         return [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
 
-    def _scan(self, dir_fd: int, boot: int, real_uid: bool) -> list[Proc]:
+    def _scan(
+        self, dir_fd: int, boot: int, real_uid: bool, usage: list[bytes] | None = None
+    ) -> list[Proc]:
+        """Every process in Python; with ``usage``, each one's usage row too."""
         out: list[Proc] = []
         for pid in os.listdir(dir_fd):
             if not pid.isdigit():
@@ -383,6 +401,8 @@ class ProcfsSource:
             if not stat or uid < 0:
                 continue  # a pid being reaped can read as empty
             comm, f = parse_stat(stat, _STAT_FIELDS)
+            if usage is not None:
+                usage.append(_usage_record(int(pid), uid, f))
             tty = self._ttys.get(f[4])
             if tty is None:
                 tty = self._ttys[f[4]] = self._tty(int(f[4]))

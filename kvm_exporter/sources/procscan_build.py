@@ -9,11 +9,12 @@ kernel writes. Processes that exit during the scan are skipped.
 
 ``kvm_procs(dir_fd, rows, cap)`` makes the same reads and returns one record per process
 instead (the same returns: the number of processes, of which at most ``cap`` were filled),
-for the named groups. ``kvm_survey(dir_fd, rows, cap, procs, pcap, nprocs)`` does the same
-read as the census and also fills one
+for the named groups. ``kvm_survey(dir_fd, rows, cap, procs, listed, pcap, nprocs)`` does the
+same read as the census and also fills one
 ``kvm_usage_row`` per process (pid, starttime, uid, rss, vsize, utime, stime, minflt, majflt
 of ``PID/stat``; at most ``pcap`` of them, their number in ``*nprocs``: call again with more
-room if it exceeds ``pcap``).
+room if it exceeds ``pcap``) and, where ``listed`` is not NULL, the process's ``kvm_proc_row``
+beside it: one walk for the census, the resource accounting and the named groups.
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -33,14 +34,15 @@ struct kvm_usage_row {
     int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
     uint64_t majflt;
 };
-int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
-int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
-               struct kvm_usage_row *procs, int pcap, int *nprocs);
 struct kvm_proc_row {
     uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
     char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
     uint64_t rss;
 };
+int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
+int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
+               struct kvm_usage_row *procs, struct kvm_proc_row *listed, int pcap,
+               int *nprocs);
 int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap);
 """
 
@@ -295,9 +297,13 @@ static int walk_procs(int dir_fd, proc_fn each, void *ctx)
     return ret;
 }
 
+static int procs_fill(struct kvm_proc_row *r, const char *pid, uint32_t uid, const char *stat,
+                      size_t n);
+
 struct survey_out {
     struct census_table t;
     struct kvm_usage_row *procs;
+    struct kvm_proc_row *listed;
     size_t pcap, np;
 };
 
@@ -316,6 +322,8 @@ static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *sta
             scratch.uid = uid;
             scratch.jid = 0;
             out->procs[out->np] = scratch;
+            if (out->listed != NULL && procs_fill(&out->listed[out->np], pid, uid, stat, n) != 0)
+                return -2;
         }
         out->np++;
     }
@@ -327,10 +335,11 @@ static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *sta
 }
 
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
-               struct kvm_usage_row *procs, int pcap, int *nprocs)
+               struct kvm_usage_row *procs, struct kvm_proc_row *listed, int pcap,
+               int *nprocs)
 {
     struct survey_out out = {
-        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, (size_t)(pcap > 0 ? pcap : 0), 0
+        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, listed, (size_t)(pcap > 0 ? pcap : 0), 0
     };
     int ret, saved;
 
@@ -356,7 +365,7 @@ int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
 
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 {
-    return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
+    return kvm_survey(dir_fd, rows, cap, NULL, NULL, 0, NULL);
 }
 
 /* One PID/stat into a record: comm, state, ppid, tty_nr, and the usage fields census_usage
@@ -385,18 +394,24 @@ static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
     return 0;
 }
 
+/* One process's record: its PID/stat, its pid and the owner of PID. */
+static int procs_fill(struct kvm_proc_row *r, const char *pid, uint32_t uid, const char *stat,
+                      size_t n)
+{
+    if (procs_parse(stat, n, r) != 0)
+        return -1;
+    r->pid = (uint32_t)strtoul(pid, NULL, 10);
+    r->uid = uid;
+    return 0;
+}
+
 struct procs_out { struct kvm_proc_row *rows; int cap, n; };
 
 static int procs_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
 {
     struct procs_out *out = ctx;
-    if (out->n < out->cap) {
-        struct kvm_proc_row *r = &out->rows[out->n];
-        if (procs_parse(stat, n, r) != 0)
-            return -2;
-        r->pid = (uint32_t)strtoul(pid, NULL, 10);
-        r->uid = uid;
-    }
+    if (out->n < out->cap && procs_fill(&out->rows[out->n], pid, uid, stat, n) != 0)
+        return -2;
     if (out->n < 0x7FFFFFFF)
         out->n++;
     return 0;
