@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import cffi  # type: ignore[import-untyped]
 
-CDEF = """
+ROWS = """
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
 };
+/* The layout of kvm_exporter.records' usage rows (USAGE_*), all 64-bit. */
 struct kvm_usage_row {
     int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
     int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
@@ -39,14 +40,22 @@ struct kvm_proc_row {
     char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
     uint64_t rss;
 };
+"""
+"""The row structs, declared once for cffi and the C source alike."""
+
+CDEF = (
+    ROWS
+    + """
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, struct kvm_proc_row *listed, int pcap,
                int *nprocs);
 int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap);
 """
+)
 
-C_SOURCE = r"""
+C_SOURCE = (
+    r"""
 #ifndef _GNU_SOURCE /* Python.h, included first, defines it already */
 #define _GNU_SOURCE
 #endif
@@ -59,23 +68,9 @@ C_SOURCE = r"""
 #include <sys/stat.h>
 #include <unistd.h>
 
-struct kvm_census_row {
-    uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
-};
-
-/* The layout of kvm_exporter.records' usage rows (USAGE_*), all 64-bit. */
-struct kvm_usage_row {
-    int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
-    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
-    uint64_t majflt;
-};
-
-struct kvm_proc_row {
-    uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
-    char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
-    uint64_t rss;
-};
-
+"""
+    + ROWS
+    + r"""
 /* Open addressing, linear probing; a slot with count 0 is free. */
 struct census_table { struct kvm_census_row *slots; size_t mask, used; };
 
@@ -424,6 +419,7 @@ int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap)
     return ret != 0 ? ret : out.n;
 }
 """
+)
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
