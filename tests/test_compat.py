@@ -7,27 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import samples, wait_until
 from fakelib import SCENARIOS, build_fake_libkvm, fake_libkvm  # noqa: F401 (fixture)
-from prom_support import prometheus_command
 from test_exposition import run
-from test_prometheus_fleet import (
-    exporter_command,
-    get_json,
-    prometheus_ready,
-    serves_metrics,
-    start_listening,
-    stop,
-    wait_for,
-)
+from test_prometheus_fleet import query, scraped_exporter
 
 from kvm_exporter.compat import STATE_LETTERS
 from kvm_exporter.states import STATES
@@ -175,44 +163,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     """(Prometheus URL, exporter instance): a fake-FreeBSD exporter with compat on, scraped
     every second as job "node"."""
     tmp = tmp_path_factory.mktemp("compat")
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        library = build_fake_libkvm(tmp)
-        config = tmp / "kvm.yml"
-        config.write_text(libkvm_config(library, "compat: [node_exporter]\n"))
-        log = tmp / "exporter.log"
-
-        def exporter(port: int) -> list[str]:
-            address = f"--web.listen-address=127.0.0.1:{port}"
-            return [*exporter_command(), f"--config.file={config}", address]
-
-        _, port = start_listening("exporter", exporter, serves_metrics, fake_env(), log, started)
-        instance = f"127.0.0.1:{port}"
-        prom_config = tmp / "prometheus.yml"
-        scrape = {"job_name": JOB, "static_configs": [{"targets": [instance]}]}
-        prom_config.write_text(
-            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]})
-        )
-        prom_log = tmp / "prometheus.log"
-
-        server = prometheus_command(prom_config, tmp / "tsdb")
-        _, prom_port = start_listening(
-            "prometheus", server, prometheus_ready, dict(os.environ), prom_log, started
-        )
-        url = f"http://127.0.0.1:{prom_port}"
-        wait_for("two scrapes", lambda: bool(query(url, "kvm_up[10s]", 2)), 60, prom_log)
-        yield url, instance
-    finally:
-        for process in reversed(started):
-            stop(process)
-
-
-def query(url: str, expr: str, min_samples: int = 1) -> list[dict[str, Any]]:
-    """The result of an instant query; for a range selector, only series with enough samples."""
-    body = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-    assert body["status"] == "success", body
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return [s for s in result if len(s.get("values", [s.get("value")])) >= min_samples]
+    config = tmp / "kvm.yml"
+    config.write_text(libkvm_config(build_fake_libkvm(tmp), "compat: [node_exporter]\n"))
+    with scraped_exporter(tmp, config, fake_env(), JOB) as scraped:
+        yield scraped
 
 
 def fill(expr: str, instance: str) -> str:

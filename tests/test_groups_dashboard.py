@@ -6,22 +6,11 @@ the panels whose metrics both exporters serve have data; the others stay empty."
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from fakelib import SCENARIOS, build_fake_libkvm, fixed_passwd
-from prom_support import prometheus_command
-from test_compat import query
-from test_prometheus_fleet import (
-    exporter_command,
-    prometheus_ready,
-    serves_metrics,
-    start_listening,
-    stop,
-    wait_for,
-)
+from test_prometheus_fleet import query, scraped_exporter
 
 INSTRE = 'instance=~"$instance"'
 INSTGNRE = 'instance=~"$instance", groupname=~"$groupname"'
@@ -60,35 +49,12 @@ groups:
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(Prometheus URL, exporter instance), scraped every second."""
     tmp = tmp_path_factory.mktemp("pe-dashboard")
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        config = tmp / "kvm.yml"
-        config.write_text(CONFIG.format(library=build_fake_libkvm(tmp)))
-        env = {**os.environ, "FAKE_KVM_SCENARIO": str(SCENARIOS / "web01.scenario")}
-        env.update(fixed_passwd())
-
-        def exporter(port: int) -> list[str]:
-            address = f"--web.listen-address=127.0.0.1:{port}"
-            return [*exporter_command(), f"--config.file={config}", address]
-
-        _, port = start_listening("exporter", exporter, serves_metrics, env, tmp / "e.log", started)
-        instance = f"127.0.0.1:{port}"
-        scrape = {"job_name": "process-exporter", "static_configs": [{"targets": [instance]}]}
-        prom_config = tmp / "prometheus.yml"
-        prom_config.write_text(
-            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]})
-        )
-        log = tmp / "prometheus.log"
-        server = prometheus_command(prom_config, tmp / "tsdb")
-        _, prom_port = start_listening(
-            "prometheus", server, prometheus_ready, dict(os.environ), log, started
-        )
-        url = f"http://127.0.0.1:{prom_port}"
-        wait_for("two scrapes", lambda: bool(query(url, "kvm_up[10s]", 2)), 60, log)
-        yield url, instance
-    finally:
-        for process in reversed(started):
-            stop(process)
+    config = tmp / "kvm.yml"
+    config.write_text(CONFIG.format(library=build_fake_libkvm(tmp)))
+    env = {**os.environ, "FAKE_KVM_SCENARIO": str(SCENARIOS / "web01.scenario")}
+    env.update(fixed_passwd())
+    with scraped_exporter(tmp, config, env, "process-exporter") as scraped:
+        yield scraped
 
 
 def fill(expr: str, instance: str) -> str:

@@ -20,6 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,49 @@ def serves_metrics(base: str) -> bool:
 def prometheus_ready(base: str) -> bool:
     with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as response:
         return bool(response.status == 200)
+
+
+def query(url: str, expr: str, min_samples: int = 1) -> list[dict[str, Any]]:
+    """The result of an instant query; for a range selector, only series with enough samples."""
+    body = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return [s for s in result if len(s.get("values", [s.get("value")])) >= min_samples]
+
+
+@contextmanager
+def scraped_exporter(
+    tmp: Path, config: Path, env: dict[str, str], job: str
+) -> Iterator[tuple[str, str]]:
+    """A kvm_exporter on ``config`` and a Prometheus scraping it every second as ``job``,
+    once it has scraped twice: (Prometheus URL, exporter instance). Both stop on exit."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+
+        def exporter(port: int) -> list[str]:
+            address = f"--web.listen-address=127.0.0.1:{port}"
+            return [*exporter_command(), f"--config.file={config}", address]
+
+        _, port = start_listening(
+            "exporter", exporter, serves_metrics, env, tmp / "exporter.log", started
+        )
+        instance = f"127.0.0.1:{port}"
+        scrape = {"job_name": job, "static_configs": [{"targets": [instance]}]}
+        prom_config = tmp / "prometheus.yml"
+        prom_config.write_text(
+            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]})
+        )
+        log = tmp / "prometheus.log"
+        server = prometheus_command(prom_config, tmp / "tsdb")
+        _, prom_port = start_listening(
+            "prometheus", server, prometheus_ready, dict(os.environ), log, started
+        )
+        url = f"http://127.0.0.1:{prom_port}"
+        wait_for("two scrapes", lambda: bool(query(url, "kvm_up[10s]", 2)), 60, log)
+        yield url, instance
+    finally:
+        for process in reversed(started):
+            stop(process)
 
 
 def live_has_swap() -> bool:
