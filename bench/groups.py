@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -31,10 +30,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cputime import median_ms
+from cputime import group_poll_costs
 
 from kvm_exporter.config import load_config
-from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.poller import Settings
 from kvm_exporter.sources.procfs import ProcfsSource
 
 SHARED = Path(__file__).resolve().parent.parent.parent.parent / "shared" / "bench"
@@ -96,32 +95,7 @@ def floor(binary: str, *args: str) -> float:
 def in_process(config: Path, polls: int) -> dict[str, float]:
     settings = Settings(groups=load_config(str(config)).groups.process_names)
     source = ProcfsSource()
-    first_poller = Poller(source, settings)
-    start = time.process_time()
-    first_poller.poll()
-    first = (time.process_time() - start) * 1000
-    steady = median_ms(first_poller.poll, polls)
-    churn = []
-    grouper = first_poller._grouper
-    assert grouper is not None
-    for _ in range(polls):
-        names = grouper._names
-        for key in random.sample(sorted(names, key=str), len(names) // 10):
-            del names[key]  # as if these processes were new: named afresh by the poll
-        start = time.process_time()
-        first_poller.poll()
-        churn.append(time.process_time() - start)
-    churn.sort()
-    census_only = Poller(source, Settings())
-    census_only.poll()
-    return {
-        "pids": len(source.procs()),
-        "groups": len(first_poller.snapshot().groups.processes),  # type: ignore[union-attr]
-        "first_poll_cpu_ms": round(first, 1),
-        "steady_poll_cpu_ms": steady,
-        "churn10_poll_cpu_ms": round(churn[len(churn) // 2] * 1000, 3),
-        "census_poll_cpu_ms": median_ms(census_only.poll, polls),
-    }
+    return {"pids": len(source.procs()), **group_poll_costs(source, settings, polls)}
 
 
 def main() -> None:

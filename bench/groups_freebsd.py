@@ -14,16 +14,14 @@ import argparse
 import json
 import os
 import pathlib
-import random
 import sys
 import tempfile
-import time
 
-from cputime import median_ms
+from cputime import group_poll_costs
 from freebsd_aggregate import TESTS, scenario
 
 from kvm_exporter.config import LibkvmConfig, parse_config
-from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.poller import Settings
 from kvm_exporter.sources.libkvm import LibkvmSource
 
 RULES = """groups:
@@ -59,37 +57,7 @@ def main() -> None:
         source = LibkvmSource(LibkvmConfig(library=str(library)))
         rules = parse_config(RULES).groups.process_names
         try:
-            poller = Poller(source, Settings(groups=rules))
-            start = time.process_time()
-            poller.poll()
-            first = (time.process_time() - start) * 1000
-            grouper = poller._grouper
-            assert grouper is not None
-            churn = []
-            for _ in range(args.polls):
-                names = grouper._names
-                for key in random.sample(sorted(names, key=str), len(names) // 10):
-                    del names[key]
-                start = time.process_time()
-                poller.poll()
-                churn.append(time.process_time() - start)
-            churn.sort()
-            census = Poller(source, Settings())
-            census.poll()
-            groups = poller.poll().groups
-            assert groups is not None
-            print(
-                json.dumps(
-                    {
-                        "records": sum(groups.processes.values()),
-                        "groups": len(groups.processes),
-                        "first_poll_cpu_ms": round(first, 1),
-                        "steady_poll_cpu_ms": median_ms(poller.poll, args.polls),
-                        "churn10_poll_cpu_ms": round(churn[len(churn) // 2] * 1000, 3),
-                        "census_poll_cpu_ms": median_ms(census.poll, args.polls),
-                    }
-                )
-            )
+            print(json.dumps(group_poll_costs(source, Settings(groups=rules), args.polls)))
         finally:
             source.close()
 
