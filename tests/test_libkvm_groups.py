@@ -118,17 +118,23 @@ def test_fake_getargv_refuses_a_crash_dump(getargv: Any) -> None:
 
 
 @pytest.fixture
-def source(fake_libkvm: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: Any) -> Any:  # noqa: F811
+def apps(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A scenario file of the host and the applications whose argv the rules read."""
     scenario = tmp_path / "apps.scenario"
     scenario.write_text(HOST + APPS)
-    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(scenario))
+    return scenario
+
+
+@pytest.fixture
+def source(fake_libkvm: pathlib.Path, apps: pathlib.Path, monkeypatch: Any) -> Any:  # noqa: F811
+    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(apps))
     opened = []
 
     def open_source(**config: Any) -> LibkvmSource:
         opened.append(LibkvmSource(LibkvmConfig(library=str(fake_libkvm), **config)))
         return opened[-1]
 
-    yield open_source, scenario
+    yield open_source, apps
     for s in opened:
         s.close()
 
@@ -171,11 +177,9 @@ groups:
 def test_exporter_groups_from_the_fakes_argv(
     exporter: Any,
     fake_libkvm: pathlib.Path,  # noqa: F811
-    tmp_path: pathlib.Path,
+    apps: pathlib.Path,
 ) -> None:
-    scenario = tmp_path / "apps.scenario"
-    scenario.write_text(HOST + APPS)
-    env = {"FAKE_KVM_SCENARIO": str(scenario), **fixed_passwd({0: "root", 80: "www"})}
+    env = {"FAKE_KVM_SCENARIO": str(apps), **fixed_passwd({0: "root", 80: "www"})}
     got = exporter(CONFIG.format(library=fake_libkvm), env=env).metrics()
 
     def per_group(name: str) -> dict[str, float]:
@@ -202,12 +206,10 @@ def test_exporter_groups_from_the_fakes_argv(
 def test_sighup_takes_new_rules_and_a_bad_one_keeps_the_old(
     exporter: Any,
     fake_libkvm: pathlib.Path,  # noqa: F811
-    tmp_path: pathlib.Path,
+    apps: pathlib.Path,
 ) -> None:
-    scenario = tmp_path / "apps.scenario"
-    scenario.write_text(HOST + APPS)
     base = f"source: libkvm\ninterval: 0\nlibkvm:\n  library: {fake_libkvm}\n"
-    e = exporter(base, env={"FAKE_KVM_SCENARIO": str(scenario)})
+    e = exporter(base, env={"FAKE_KVM_SCENARIO": str(apps)})
     assert "kvm_namegroup_processes" not in e.get()  # no rules, no group metrics
 
     def groups() -> set[str]:
