@@ -222,7 +222,7 @@ class Poller:
                 source.argv,
                 lambda uid: self._names(uid),
             )
-            spec = getattr(source, "usage_spec", None)  # stand-ins in tests may have none
+            spec = source.usage_spec
             self._group_usage = GroupUsage(spec, settings.max_series) if spec else None
             self._grouper_made = made
         return self._grouper
@@ -263,9 +263,8 @@ class Poller:
             census = census_of(listed)
         else:
             census = source.census()
-        jail_name = getattr(source, "jail_name", str)  # stand-ins in tests may have none
         counts = aggregate(
-            census, settings.labels, settings.max_series, names, source.states, jail_name
+            census, settings.labels, settings.max_series, names, source.states, source.jail_name
         )
         return counts, resources, survey, listed
 

@@ -310,7 +310,7 @@ def accounting_for(
     """``current`` if it still fits ``source`` and the settings, else a new accounting (its
     counters start afresh: Prometheus sees a counter reset); None where no resources are
     asked for (``labels`` None) or the source has none."""
-    spec: UsageSpec | None = getattr(source, "usage_spec", None)  # test stand-ins have none
+    spec = source.usage_spec
     if labels is None or spec is None:
         return None
     if (
