@@ -57,7 +57,9 @@ def _utf8_keys(counts: dict[Key, N]) -> dict[Key, N]:
     return out
 
 
-def _counts(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, int]) -> Metric:
+def labelled_gauge(name: str, doc: str, labels: tuple[str, ...], counts: dict[Key, N]) -> Metric:
+    """A gauge of one series per key (label values in ``labels`` order), sorted, its label
+    values made UTF-8; ``doc`` gets "as of the last poll"."""
     family = GaugeMetricFamily(name, doc + AS_OF, labels=labels)
     counts = _utf8_keys(counts)
     for key in sorted(counts):  # a stable order, whatever order the source listed processes
@@ -105,7 +107,7 @@ def _resources(res: Resources) -> Iterator[Metric]:
             res.virtual_bytes,
         ),
     ):
-        yield _counts(name, doc, labels, values)
+        yield labelled_gauge(name, doc, labels, values)
     families: dict[str, CounterMetricFamily] = {}
     for (metric, value), series in res.counters.items():
         name, doc, label = COUNTERS[metric]
@@ -154,8 +156,10 @@ class KvmCollector(Collector):
     def _data(self, snap: Snapshot) -> Iterator[Metric]:
         if snap.counts is not None:
             c = snap.counts
-            yield _counts("kvm_processes", "Processes per label group", c.labels, c.processes)
-            yield _counts(
+            yield labelled_gauge(
+                "kvm_processes", "Processes per label group", c.labels, c.processes
+            )
+            yield labelled_gauge(
                 "kvm_threads", "Threads of the processes per label group", c.labels, c.threads
             )
             yield _gauge(

@@ -30,7 +30,7 @@ class GroupCounts(NamedTuple):
 
     processes: dict[str, int]
     threads: dict[str, int]
-    states: dict[tuple[str, str], int]
+    states: dict[tuple[str, ...], int]
     """Processes per (group, state)."""
     resident_bytes: dict[str, int]
     virtual_bytes: dict[str, int]
@@ -153,7 +153,7 @@ class GroupUsage:
 def _count(procs: list[Proc], group: dict[ProcKey, str]) -> GroupCounts:
     processes: dict[str, int] = {}
     threads: dict[str, int] = {}
-    states: dict[tuple[str, str], int] = {}
+    states: dict[tuple[str, ...], int] = {}
     resident: dict[str, int] = {}
     virtual: dict[str, int] = {}
     oldest: dict[str, float] = {}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF, COUNTED, COUNTERS, label_value
+from .collector import AS_OF, COUNTED, COUNTERS, label_value, labelled_gauge
 from .grouping import GroupCounts
 from .poller import Poller
 
@@ -36,12 +36,8 @@ def _utf8(values: dict[str, int] | dict[str, float]) -> dict[str, float]:
 
 def _per_group(
     name: str, doc: str, label: str, values: dict[str, int] | dict[str, float]
-) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc + AS_OF, labels=[label])
-    merged = _utf8(values)
-    for group in sorted(merged):
-        family.add_metric([group], merged[group])
-    return family
+) -> Metric:
+    return labelled_gauge(name, doc, (label,), {(group,): v for group, v in values.items()})
 
 
 def _counters(counters: dict[tuple[str, str], dict[str, float]]) -> Iterator[Metric]:
@@ -69,18 +65,12 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
     yield _per_group(
         "kvm_namegroup_threads", "Threads of the processes per named group", "group", groups.threads
     )
-    states = GaugeMetricFamily(
+    yield labelled_gauge(
         "kvm_namegroup_state_processes",
-        "Processes per named group and state (states with processes only)" + AS_OF,
-        labels=["group", "state"],
+        "Processes per named group and state (states with processes only)",
+        ("group", "state"),
+        groups.states,
     )
-    merged: dict[tuple[str, str], int] = {}
-    for (group, state), count in groups.states.items():
-        key = (label_value(group), state)
-        merged[key] = merged.get(key, 0) + count
-    for key in sorted(merged):
-        states.add_metric(key, merged[key])
-    yield states
     yield _per_group(
         "kvm_namegroup_resident_memory_bytes",
         "Resident memory of the processes per named group, summed",
