@@ -13,16 +13,23 @@ count without bound.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .aggregate import OTHER
 from .groups import Argv, Rule, name_of
-from .records import USAGE_PID, Proc, Survey, UsageSpec
+from .records import (
+    USAGE_COMM,
+    USAGE_PID,
+    USAGE_PPID,
+    USAGE_STATE,
+    USAGE_UID,
+    Survey,
+    UsageRow,
+    UsageSpec,
+    comm_of,
+)
 from .states import STATES
-from .usage import Accounts, Grouping, Tracker
-
-ProcKey = tuple[int, float | None]
-"""(pid, start time): one process, whatever later reuses its pid."""
+from .usage import Accounts, Grouping, GroupKey, Tracker
 
 
 class GroupCounts(NamedTuple):
@@ -47,7 +54,9 @@ class GroupCounts(NamedTuple):
 
 
 class Grouper:
-    """Names processes and counts them per group; holds the names between polls."""
+    """Names processes and counts them per group, from a survey's usage records: a
+    :class:`~kvm_exporter.usage.Tracker` whose groups are (name, state), so a poll costs only
+    the records that changed since the last; holds the names between polls."""
 
     def __init__(
         self,
@@ -56,133 +65,134 @@ class Grouper:
         max_series: int,
         argv: Callable[[int], tuple[str, ...] | None],
         user_name: Callable[[int], str],
+        spec: UsageSpec,
     ) -> None:
         self._rules = rules
         self._children = children
         self._max_series = max_series
         self._argv = argv
         self._user_name = user_name
-        self._names: dict[ProcKey, str | None] = {}
+        self._spec = spec
         self._unreadable = 0
-        self.group_of: dict[ProcKey, str] = {}
-        """The group (after folding) of each process of the last poll that has one."""
+        self._tracker = Tracker(Grouping(self._key, self._names), spec.decode, oldest=True)
+        self._accounts = Accounts(("group",), max_series, spec) if spec.counters else None
 
-    def update(self, procs: list[Proc]) -> GroupCounts:
+    def update(self, survey: Survey) -> GroupCounts:
         """Name the processes not seen before, forget those gone, count per group."""
-        by_pid = {p.pid: p for p in procs}
-        names: dict[ProcKey, str | None] = {}
-        for proc in procs:
-            self._decide(proc, by_pid, names)
-        self._names = names  # processes gone are forgotten: pid reuse starts afresh
-        group = {key: name for key, name in names.items() if name is not None}
-        counts = _count(procs, group)
-        kept = _kept(counts, self._max_series)
+        tally = self._tracker.update(survey.usage, survey.clock)
+        named = cast(
+            dict[tuple[str, str], list[int]],
+            {key: v for key, v in tally.gauges.items() if key is not None},
+        )
+        processes: dict[str, int] = {}
+        for (name, _), (n, *_) in named.items():
+            processes[name] = processes.get(name, 0) + n
+        kept = _kept(processes, named, self._max_series)
+
+        def group(key: tuple[str, str]) -> str:
+            return key[0] if kept is None or key[0] in kept else OTHER
+
+        counts = self._count(named, tally.oldest, group)
         if kept is not None:
-            group = {key: name if name in kept else OTHER for key, name in group.items()}
-            folded = len(counts.processes) - len(kept)
-            counts = _count(procs, group)._replace(folded=folded)
-        self.group_of = group
-        return counts._replace(unreadable=self._unreadable)
+            counts = counts._replace(folded=len(processes) - len(kept))
+        if self._accounts is None:
+            return counts
+        increments: dict[GroupKey, list[int]] = {}
+        for key, grew in tally.increments.items():
+            if key is not None:
+                total = increments.setdefault(group(cast(tuple[str, str], key)), [0] * len(grew))
+                for i, amount in enumerate(grew):
+                    total[i] += amount
+        gauges: dict[GroupKey, list[int]] = {n: [k, 0, 0, 0] for n, k in counts.processes.items()}
+        totals = self._accounts.add(tally._replace(gauges=gauges, increments=increments), _one)
+        counters = {
+            column: {key[0]: total for key, total in series.items()}
+            for column, series in totals.counters.items()
+        }
+        return counts._replace(counters=counters)
 
-    def _decide(
-        self, proc: Proc, by_pid: dict[int, Proc], names: dict[ProcKey, str | None]
-    ) -> None:
-        """Name ``proc``, and the new ancestors its name depends on, into ``names``."""
-        chain: dict[ProcKey, None] = {}  # new processes no rule names, each the child of the
-        # next (a dict: a long chain, a hostile one, must not cost its square)
-        current: Proc | None = proc
-        name: str | None = None
-        while current is not None:
-            key = (current.pid, current.start_time)
-            if key in names:
-                name = names[key]
-                break
-            if key in self._names:
-                name = names[key] = self._names[key]
-                break
-            name = self._name(current)
-            if name is not None or not self._children:
-                names[key] = name
-                break
-            chain[key] = None
-            parent = by_pid.get(current.ppid)
-            visited = parent is not None and (parent.pid, parent.start_time) in chain
-            current = None if parent is None or parent.pid < 1 or visited else parent
-        for key in chain:
-            names[key] = name
+    def _count(
+        self,
+        named: dict[tuple[str, str], list[int]],
+        oldest: dict[Any, tuple[int, int]],
+        group: Callable[[tuple[str, str]], str],
+    ) -> GroupCounts:
+        """The per-group values of the tracker's (name, state) gauges, ``group`` naming each."""
+        counts = GroupCounts({}, {}, {}, {}, {}, {}, 0, self._unreadable)
+        page, start_time = self._spec.page_size, self._spec.start_time
+        for key, (n, rss, vsize, threads) in named.items():
+            name = group(key)
+            counts.processes[name] = counts.processes.get(name, 0) + n
+            counts.threads[name] = counts.threads.get(name, 0) + threads
+            counts.states[name, key[1]] = counts.states.get((name, key[1]), 0) + n
+            counts.resident_bytes[name] = counts.resident_bytes.get(name, 0) + rss * page
+            counts.virtual_bytes[name] = counts.virtual_bytes.get(name, 0) + vsize
+            start = start_time(*oldest[key])
+            if start is not None and start < counts.oldest_start.get(name, float("inf")):
+                counts.oldest_start[name] = start
+        return counts
 
-    def _name(self, proc: Proc) -> str | None:
-        def argv() -> tuple[str, ...] | None:
-            return self._argv(proc.pid)
+    def _key(self, row: UsageRow, name: str | None) -> tuple[str, str] | None:
+        return None if name is None else (name, self._spec.state(row[USAGE_STATE]))
 
-        name, unreadable = name_of(self._rules, Argv(proc.comm, self._user_name(proc.uid), argv))
+    def _names(self, new: dict[int, bytes], earlier: Callable[[int], Any]) -> dict[int, Any]:
+        """The group of each new process (its usage record by pid): from the rules, else
+        (``children``) its nearest ancestor's; ``earlier`` gives a process seen before's."""
+        decode = self._spec.decode
+        names: dict[int, str | None] = {}
+        for record in new.values():
+            chain: dict[int, None] = {}  # new processes no rule names, each the child of the
+            # next (a dict: a long chain, a hostile one, must not cost its square)
+            current: UsageRow | None = decode(record)
+            name: str | None = None
+            while current is not None:
+                pid = current[USAGE_PID]
+                if pid in names:
+                    name = names[pid]
+                    break
+                name = self._name(current)
+                if name is not None or not self._children:
+                    names[pid] = name
+                    break
+                chain[pid] = None
+                ppid = current[USAGE_PPID]
+                parent = new.get(ppid)
+                if ppid < 1 or ppid in chain:
+                    current = None
+                elif parent is None:  # a process seen before: its group, if any
+                    current, name = None, earlier(ppid)
+                else:
+                    current = decode(parent)
+            for pid in chain:
+                names[pid] = name
+        return names
+
+    def _name(self, row: UsageRow) -> str | None:
+        pid = row[USAGE_PID]
+        comm, user = comm_of(row[USAGE_COMM]), self._user_name(row[USAGE_UID])
+        name, unreadable = name_of(self._rules, Argv(comm, user, lambda: self._argv(pid)))
         self._unreadable += unreadable
         return name
 
 
-class GroupUsage:
-    """The named groups' counters, kept by ``usage.py``'s rules: increments per process (pid
-    and start time), totals per series that never go down through exits, pid reuse or a
-    group folding into ``other``."""
-
-    def __init__(self, spec: UsageSpec, max_series: int) -> None:
-        self._group_of_pid: dict[int, str] = {}
-        self._tracker = Tracker(
-            Grouping(lambda row, _: self._group_of_pid.get(row[USAGE_PID])), spec.decode
-        )
-        self._accounts = Accounts(("group",), max_series, spec)
-
-    def update(
-        self, survey: Survey, group_of_pid: dict[int, str]
-    ) -> dict[tuple[str, str], dict[str, float]]:
-        """Each group's counter totals after this poll's usage read; ``group_of_pid`` is the
-        group of each grouped process (the rest count nowhere)."""
-        self._group_of_pid = group_of_pid
-        tally = self._tracker.update(survey.usage, survey.clock)
-        grouped = tally._replace(
-            gauges={g: v for g, v in tally.gauges.items() if g is not None},
-            increments={g: v for g, v in tally.increments.items() if g is not None},
-        )
-        totals = self._accounts.add(grouped, lambda group: (str(group),)).counters
-        return {
-            column: {key[0]: total for key, total in series.items()}
-            for column, series in totals.items()
-        }
+def _one(name: GroupKey) -> tuple[str, ...]:
+    return (str(name),)
 
 
-def _count(procs: list[Proc], group: dict[ProcKey, str]) -> GroupCounts:
-    processes: dict[str, int] = {}
-    threads: dict[str, int] = {}
-    states: dict[tuple[str, ...], int] = {}
-    resident: dict[str, int] = {}
-    virtual: dict[str, int] = {}
-    oldest: dict[str, float] = {}
-    for p in procs:
-        name = group.get((p.pid, p.start_time))
-        if name is None:
-            continue
-        processes[name] = processes.get(name, 0) + 1
-        threads[name] = threads.get(name, 0) + max(p.threads, 1)
-        states[name, p.state] = states.get((name, p.state), 0) + 1
-        resident[name] = resident.get(name, 0) + p.rss_bytes
-        virtual[name] = virtual.get(name, 0) + p.vsize_bytes
-        if p.start_time is not None and p.start_time < oldest.get(name, float("inf")):
-            oldest[name] = p.start_time
-    return GroupCounts(processes, threads, states, resident, virtual, oldest, 0, 0)
-
-
-def _kept(counts: GroupCounts, max_series: int) -> set[str] | None:
+def _kept(
+    processes: dict[str, int], states: dict[tuple[str, str], Any], max_series: int
+) -> set[str] | None:
     """The groups that keep their name so no metric has more than ``max_series`` series (the
     most processes first, name breaking ties), or None if all fit. ``other`` takes one series,
     and one per state in the per-state metric."""
-    if len(counts.processes) <= max_series and len(counts.states) <= max_series:
+    if len(processes) <= max_series and len(states) <= max_series:
         return None
     state_count: dict[str, int] = {}
-    for name, _ in counts.states:
+    for name, _ in states:
         state_count[name] = state_count.get(name, 0) + 1
     kept: set[str] = set()
     room = max_series - len(STATES)
-    for name in sorted(counts.processes, key=lambda g: (-counts.processes[g], g)):
+    for name in sorted(processes, key=lambda g: (-processes[g], g)):
         room -= state_count[name]
         if room < 0 or len(kept) + 1 >= max_series:
             break

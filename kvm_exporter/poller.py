@@ -1,7 +1,9 @@
 """The poller: owns the source, polls it, publishes immutable snapshots.
 
-The HTTP side only ever reads :meth:`Poller.snapshot`; it never touches the source
-except when ``interval`` is 0, where each scrape runs one poll (serialised by a lock).
+The HTTP side only ever reads :meth:`Poller.snapshot`; it never touches the source. When
+``interval`` is 0, a scrape asks the poller's thread for a poll and waits for it: polls run
+on that one thread whatever the mode (glibc gives each thread that allocates its own heap,
+and a poll's megabytes in every web worker's would stay there).
 """
 
 from __future__ import annotations
@@ -16,19 +18,16 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
-from .grouping import GroupCounts, Grouper, GroupUsage
+from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
 from .records import (
-    Census,
     HostLimits,
     LoadAvg,
-    Proc,
     Source,
     SourceError,
     Survey,
     SwapDevice,
-    census_of,
 )
 from .usage import Accounting, Resources, accounting_for
 
@@ -56,7 +55,7 @@ class Settings:
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
     groups: tuple[Rule, ...] = ()
-    """Named process groups (``grouping.py``); none: no groups, and no full process list."""
+    """Named process groups (``grouping.py``); none: no groups."""
     children: bool = True
     resources: tuple[str, ...] | None = ("user",)
     """Labels of the resource metrics; None: not collected."""
@@ -118,9 +117,11 @@ class Poller:
         not in :meth:`start`: the server listens before the poller starts, and a scrape in
         between must wait too."""
         self._thread: threading.Thread | None = None
+        self._asks = threading.Condition()
+        self._asked = self._answered = 0
+        """Polls scrapes asked for (``interval`` 0), and of them those a poll has answered."""
         self._names, self._names_since = user_names(), time.monotonic()
         self._grouper: Grouper | None = None
-        self._group_usage: GroupUsage | None = None
         self._grouper_made: tuple[object, ...] = ()
         self._accounting: Accounting | None = None
 
@@ -136,11 +137,22 @@ class Poller:
             self._polled.wait(self._first_poll_due - time.monotonic())
         interval = self.settings.interval
         if interval == 0:
-            return self.poll()
+            return self._asked_poll()
         snap = self._snapshot
         if time.time() - snap.polled_at > 2 * interval + 1.0:
             return snap.expired()
         return snap
+
+    def _asked_poll(self) -> Snapshot:
+        """A poll begun after this call, run by the poller's thread (here if not started)."""
+        if self._thread is None:
+            return self.poll()
+        with self._asks:
+            self._asked += 1
+            ask = self._asked
+            self._wake.set()
+            self._asks.wait_for(lambda: self._answered >= ask or self._stop.is_set())
+            return self._snapshot
 
     def scraped(self) -> Snapshot:
         """The snapshot this scrape's first collector got: with ``interval`` 0 the one it
@@ -150,6 +162,8 @@ class Poller:
     def poll(self) -> Snapshot:
         """Poll every part once, publish and return the snapshot."""
         with self._poll_lock:
+            with self._asks:
+                asked = self._asked  # what this poll answers
             settings, previous = self.settings, self._snapshot
             success: dict[str, bool] = {}
             duration: dict[str, float] = {}
@@ -177,13 +191,13 @@ class Poller:
             source, names = self.source, self._names
             grouper = self._grouper_for(source, settings)
             procs = timed("procs", lambda: self._procs(source, settings, names, grouper))
-            counts, resources, survey, listed = procs or (None, None, None, None)
+            counts, resources, survey = procs or (None, None, None)
             groups = None
             if grouper is not None:
-                if listed is None:
+                if survey is None:
                     success["groups"] = False  # the process list failed: logged as procs
                 else:
-                    groups = timed("groups", lambda: self._groups(grouper, listed, survey))
+                    groups = timed("groups", lambda: grouper.update(survey))
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -204,14 +218,20 @@ class Poller:
                 resources=resources,
             )
             self._polled.set()
+            self._answer(asked)
             return self._snapshot
+
+    def _answer(self, asked: int) -> None:
+        with self._asks:
+            self._answered = max(self._answered, asked)
+            self._asks.notify_all()
 
     def _grouper_for(self, source: Source, settings: Settings) -> Grouper | None:
         """The grouper of these settings: kept across polls (it remembers each process's
-        group), made afresh when the rules, the cap or the source change; with it the
-        groups' counters, where the source has usage to give."""
+        group and keeps the groups' counters), made afresh when the rules, the cap or the
+        source change."""
         if not settings.groups:
-            self._grouper = self._group_usage = None
+            self._grouper = None
             return None
         made = (source, settings.groups, settings.children, settings.max_series)
         if self._grouper is None or self._grouper_made != made:
@@ -221,19 +241,10 @@ class Poller:
                 settings.max_series,
                 source.argv,
                 lambda uid: self._names(uid),
+                source.usage_spec,
             )
-            spec = source.usage_spec
-            self._group_usage = GroupUsage(spec, settings.max_series) if spec else None
             self._grouper_made = made
         return self._grouper
-
-    def _groups(self, grouper: Grouper, listed: list[Proc], survey: Survey | None) -> GroupCounts:
-        """This poll's groups, with their counters where the poll read usage."""
-        counts = grouper.update(listed)
-        if survey is None or self._group_usage is None:
-            return counts
-        by_pid = {pid: name for (pid, _), name in grouper.group_of.items()}
-        return counts._replace(counters=self._group_usage.update(survey, by_pid))
 
     def _procs(
         self,
@@ -241,32 +252,25 @@ class Poller:
         settings: Settings,
         names: Callable[[int], str],
         grouper: Grouper | None,
-    ) -> tuple[Counts, Resources | None, Survey | None, list[Proc] | None]:
-        """Counts, and resources where asked for and the source has them, from one read; with
-        groups, every process too, and the usage read for their counters."""
+    ) -> tuple[Counts, Resources | None, Survey | None]:
+        """Counts, and resources where asked for, from one read; with them or with groups,
+        the survey (every process's usage record) the groups are counted from."""
         accounting = self._accounting = accounting_for(
             self._accounting, source, settings.resources, settings.max_series
         )
+        survey = source.survey() if accounting is not None or grouper is not None else None
         resources = None
-        wants_usage = accounting is not None or self._group_usage is not None
-        # One walk of the process table: groups' records come with the survey where it is read.
-        survey = source.survey(procs=grouper is not None) if wants_usage else None
         if accounting is not None and survey is not None:
             resources = accounting.poll(survey, names)
-        listed = survey.procs if survey is not None else None
-        if listed is None and grouper is not None:
-            listed = source.procs(real_uid=False)
-        census: Census
-        if survey is not None:
-            census = survey.census
-        elif listed is not None:
-            census = census_of(listed)
-        else:
-            census = source.census()
         counts = aggregate(
-            census, settings.labels, settings.max_series, names, source.states, source.jail_name
+            survey.census if survey is not None else source.census(),
+            settings.labels,
+            settings.max_series,
+            names,
+            source.states,
+            source.jail_name,
         )
-        return counts, resources, survey, listed
+        return counts, resources, survey
 
     def start(self) -> None:
         """Poll now, then every interval, on a background thread."""
@@ -291,7 +295,7 @@ class Poller:
         next_due = time.monotonic() + self.settings.interval
         while True:
             interval = self.settings.interval
-            # Collect-on-scrape mode (0) polls from the HTTP side: sleep until reconfigured.
+            # Collect-on-scrape mode (0) polls when a scrape asks: sleep until then.
             timeout = max(next_due - time.monotonic(), 0.0) if interval > 0 else None
             self._wake.wait(timeout)
             self._wake.clear()
@@ -299,6 +303,8 @@ class Poller:
                 return
             interval = self.settings.interval
             if interval == 0:
+                if self._asked > self._answered:
+                    self.poll()
                 continue
             started = time.monotonic()
             self.poll()
@@ -309,5 +315,6 @@ class Poller:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._answer(self._asked)  # a scrape waiting for a poll gets the last one
         if self._thread is not None:
             self._thread.join(timeout=0.5)  # a hung poll must not hold up the exit

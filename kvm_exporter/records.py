@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 NO_TTY = "none"
 """The ``tty`` of a process without a controlling terminal (ps shows ``?`` or ``-``)."""
@@ -27,7 +27,7 @@ class Proc(NamedTuple):
     uid: int
     """Effective uid: the one ``ps -o uid`` shows."""
     ruid: int
-    """Real uid; -1 where not read (``Source.procs(real_uid=False)``)."""
+    """Real uid."""
     tty: str
     """Controlling terminal as ``ps`` names it (``pts/3``, ``ttyv0``), or :data:`NO_TTY`."""
     state: str
@@ -70,19 +70,27 @@ def census_of(procs: Iterable[Proc]) -> Census:
     return Counter(map(_KIND, procs))
 
 
-UsageRow = tuple[int, ...]
-"""What one process has consumed, as of the read: integers in the source's own units, laid out
-as the ``USAGE_*`` indexes say; the counters follow from :data:`USAGE_COUNTERS` on. A survey
-carries each as its packed bytes (a *usage record*), decoded by :attr:`UsageSpec.decode`
-only where it changed since the last poll."""
+UsageRow = tuple[Any, ...]
+"""What one process is and has consumed, as of the read: integers in the source's own units
+(and its comm as bytes), laid out as the ``USAGE_*`` indexes say; the counters follow from
+:data:`USAGE_COUNTERS` on. A survey carries each as its packed bytes (a *usage record*),
+decoded by :attr:`UsageSpec.decode` only where it changed since the last poll."""
 
 USAGE_PID, USAGE_START, USAGE_START_FRACTION, USAGE_UID, USAGE_JID = range(5)
 """Identity (pid and start time, in the units of :attr:`Survey.clock`; a fraction of that
 unit where the source has one, else 0), effective uid and jail id (0: the reader's own)."""
 USAGE_RSS_PAGES, USAGE_VSIZE = 5, 6
 """Resident pages and virtual bytes: gauges."""
-USAGE_COUNTERS = 7
+USAGE_PPID, USAGE_THREADS, USAGE_STATE, USAGE_COMM = 7, 8, 9, 10
+"""Parent pid, threads, the state as the source codes it (:attr:`UsageSpec.state` names it)
+and comm (NUL-padded bytes): what named groups need of a process."""
+USAGE_COUNTERS = 11
 """Where the cumulative counters start; :attr:`UsageSpec.counters` names each of them."""
+
+
+def comm_of(field: bytes) -> str:
+    """A NUL-padded comm field of a usage row as text."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 class UsageSpec(NamedTuple):
@@ -94,6 +102,11 @@ class UsageSpec(NamedTuple):
     Columns with the same metric and value add up (FreeBSD's seconds and microseconds)."""
     decode: Callable[[bytes], UsageRow]
     """A usage record's row."""
+    state: Callable[[int], str]
+    """The state word (:data:`kvm_exporter.states.STATES`) of a row's state code."""
+    start_time: Callable[[int, int], float | None]
+    """Seconds since the epoch of a row's (start, fraction); None where the source has no
+    start times (a crash dump)."""
 
 
 class Survey(NamedTuple):
@@ -105,8 +118,6 @@ class Survey(NamedTuple):
     clock: int
     """When the read began, in the units of a row's start: a process whose start is at or
     after it was born during or after the read."""
-    procs: list[Proc] | None = None
-    """Every process's record, where the survey was asked for them (``procs=True``)."""
 
 
 class LoadAvg(NamedTuple):
@@ -160,9 +171,8 @@ class Source(Protocol):
     states: tuple[str, ...]
     """The states this source can tell apart; each is reported, as 0 if no process has it."""
 
-    def procs(self, real_uid: bool = True) -> list[Proc]:
-        """Every process, each with all its fields; ``real_uid=False`` allows ``ruid`` -1
-        where the real uid costs another read (Linux's ``status``)."""
+    def procs(self) -> list[Proc]:
+        """Every process, each with all its fields."""
         ...
 
     def census(self) -> Census:
@@ -174,13 +184,12 @@ class Source(Protocol):
         cannot be read (gone, a zombie or kernel process on FreeBSD, not permitted)."""
         ...
 
-    def survey(self, procs: bool = False) -> Survey:
-        """The census and every process's usage row, from one read; with ``procs``, every
-        process's record from it too (as :meth:`procs` with ``real_uid=False``)."""
+    def survey(self) -> Survey:
+        """The census and every process's usage row, from one read."""
         ...
 
-    usage_spec: UsageSpec | None
-    """What :meth:`survey` rows hold; None where the source has no usage to give."""
+    usage_spec: UsageSpec
+    """What :meth:`survey` rows hold."""
 
     def jail_name(self, jid: int) -> str:
         """The name of jail ``jid`` as the reader sees it (``host`` for 0)."""

@@ -29,6 +29,7 @@ from .records import (
     USAGE_RSS_PAGES,
     USAGE_START,
     USAGE_START_FRACTION,
+    USAGE_THREADS,
     USAGE_UID,
     USAGE_VSIZE,
     Source,
@@ -46,26 +47,42 @@ class Grouping(NamedTuple):
     """Which group a process belongs to."""
 
     key: Callable[[UsageRow, Any], GroupKey]
-    """The group of a row, given what :attr:`attach` gave that process; asked every poll, so a
-    process that changes uid or jail moves its future increments to its new group."""
-    attach: Callable[[UsageRow], Any] | None = None
-    """Read once per process (pid and start time) when first seen: a cgroup, a group name."""
+    """The group of a row, given what :attr:`attach` gave that process; asked whenever its
+    row changes, so a process that changes uid or jail moves its future increments to its
+    new group."""
+    attach: Callable[[dict[int, bytes], Callable[[int], Any]], dict[int, Any]] | None = None
+    """Asked once per poll, with the usage records by pid of the processes (pid and start
+    time) first seen in it, and never again for them: what each has for good (a cgroup, a
+    group name), by pid. Its second argument gives what a process seen before and still
+    alive got, by pid (None if none)."""
 
 
 class Tally(NamedTuple):
     """One poll of :class:`Tracker`: per group, gauges and counter increments."""
 
     gauges: dict[GroupKey, list[int]]
-    """[processes, resident pages, virtual bytes] of each group that has processes."""
+    """[processes, resident pages, virtual bytes, threads] of each group that has processes
+    (a process counts at least one thread: a zombie has none)."""
     increments: dict[GroupKey, list[int]]
     """Per group, each counter column's increase since the previous poll (only groups with one)."""
     jids: set[int]
     """The jails that have processes."""
+    oldest: dict[GroupKey, tuple[int, int]]
+    """(start, fraction) of each group's oldest process, where the tracker keeps them."""
 
 
 class _Seen(NamedTuple):
     attached: Any
     group: GroupKey
+
+
+_FRACTIONS = 1 << 32
+"""More than any start's fraction (FreeBSD's microseconds)."""
+
+
+def _start(row: UsageRow) -> int:
+    """A row's start and its fraction as one int that sorts as they do."""
+    return int(row[USAGE_START] * _FRACTIONS + row[USAGE_START_FRACTION])
 
 
 class Tracker:
@@ -76,14 +93,24 @@ class Tracker:
     idle between polls costs little more than the read.
     """
 
-    def __init__(self, grouping: Grouping, decode: Callable[[bytes], UsageRow]) -> None:
+    def __init__(
+        self, grouping: Grouping, decode: Callable[[bytes], UsageRow], oldest: bool = False
+    ) -> None:
         self.grouping = grouping
         self.decode = decode
         self._records: set[bytes] = set()
         self._seen: dict[int, _Seen] = {}
+        self._shared: dict[_Seen, _Seen] = {}
+        """One object per distinct :class:`_Seen`: processes share theirs (a few kinds for
+        thousands of processes), which holds the memory per process to its dict entry."""
+        self._shared_kept = 0
+        """Kinds in ``_shared`` when it was last rebuilt from the live processes."""
         self._gauges: dict[GroupKey, list[int]] = {}
         self._jids: dict[int, int] = {}
         """Processes per jail."""
+        self._starts: dict[GroupKey, dict[int, int]] | None = {} if oldest else None
+        """With ``oldest``: processes per start of each group, a start and its fraction as
+        one int (:func:`_start`)."""
         self._clock: int | None = None
         """The clock of the previous poll; None before the first."""
 
@@ -95,33 +122,32 @@ class Tracker:
         previous poll's clock: then it adds all it has used (no spike: at most one interval's
         worth). Vanished processes are dropped, their gauges taken off their group.
         """
-        key, attach = self.grouping
-        decode, born_since = self.decode, self._clock
+        key, decode, born_since = self.grouping.key, self.decode, self._clock
+        # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
+        # of a first poll's at once would be megabytes the allocator keeps); what must last
+        # until the next pass is kept as the record bytes, alive anyway.
         current = set(records)
-        left: dict[int, tuple[UsageRow, _Seen]] = {}  # changed or gone, by pid
+        left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
         for record in self._records - current:
             row = decode(record)
             seen = self._seen.pop(row[USAGE_PID])
-            left[row[USAGE_PID]] = (row, seen)
+            left[row[USAGE_PID]] = (record, seen)
             self._take(row, seen)
+        fresh = current - self._records
+        attached = self._attach(fresh, left)
         increments: dict[GroupKey, list[int]] = {}
-        for record in current - self._records:
+        base: UsageRow | None
+        for record in fresh:
             row = decode(record)
             pid = row[USAGE_PID]
-            attached, base = None, None
             last = left.pop(pid, None)
-            if (
-                last is not None
-                and last[0][USAGE_START : USAGE_START_FRACTION + 1]
-                == row[USAGE_START : USAGE_START_FRACTION + 1]
-            ):
-                base, attached = last[0], last[1].attached
+            if last is not None and pid not in attached:  # the same process, changed
+                base, this = decode(last[0]), last[1].attached
             else:  # new, or the pid was reused by a new process
-                attached = attach(row) if attach is not None else None
                 born = born_since is not None and row[USAGE_START] >= born_since
-                base = None if born else row
-            seen = _Seen(attached, key(row, attached))
-            self._seen[pid] = seen
+                base, this = (None if born else row), attached[pid]
+            seen = _Seen(this, key(row, this))
+            seen = self._seen[pid] = self._shared.setdefault(seen, seen)
             self._put(row, seen)
             if base is not row:
                 grew = increments.get(seen.group)
@@ -130,30 +156,74 @@ class Tracker:
                 for i in range(len(grew)):
                     grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
         self._records, self._clock = current, clock
+        if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
+            self._shared = {seen: seen for seen in self._seen.values()}
+            self._shared_kept = len(self._shared)
         gauges = {group: list(totals) for group, totals in self._gauges.items()}
-        return Tally(gauges, increments, set(self._jids))
+        oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
+        return Tally(gauges, increments, set(self._jids), oldest)
+
+    def _attach(self, fresh: set[bytes], left: dict[int, tuple[bytes, _Seen]]) -> dict[int, Any]:
+        """What :attr:`Grouping.attach` gives each new process of ``fresh``, by pid (the
+        changed records of processes seen before, same pid and start, are not new)."""
+        decode = self.decode
+        new: dict[int, bytes] = {}
+        changed: set[int] = set()
+        for record in fresh:
+            row = decode(record)
+            pid = row[USAGE_PID]
+            last = left.get(pid)
+            if last is not None and _start(decode(last[0])) == _start(row):
+                changed.add(pid)
+            else:
+                new[pid] = record
+        attach = self.grouping.attach
+        if attach is None or not new:
+            return dict.fromkeys(new)
+
+        def earlier(pid: int) -> Any:
+            seen = self._seen.get(pid)  # unchanged since the last poll
+            if seen is None and pid in changed:
+                seen = left[pid][1]
+            return None if seen is None else seen.attached
+
+        return attach(new, earlier)
 
     def _put(self, row: UsageRow, seen: _Seen) -> None:
         totals = self._gauges.get(seen.group)
         if totals is None:
-            totals = self._gauges[seen.group] = [0, 0, 0]
+            totals = self._gauges[seen.group] = [0, 0, 0, 0]
         totals[0] += 1
         totals[1] += row[USAGE_RSS_PAGES]
         totals[2] += row[USAGE_VSIZE]
+        totals[3] += max(row[USAGE_THREADS], 1)
         jid = row[USAGE_JID]
         self._jids[jid] = self._jids.get(jid, 0) + 1
+        if self._starts is not None:
+            starts = self._starts.setdefault(seen.group, {})
+            start = _start(row)
+            starts[start] = starts.get(start, 0) + 1
 
     def _take(self, row: UsageRow, seen: _Seen) -> None:
         totals = self._gauges[seen.group]
         totals[0] -= 1
         totals[1] -= row[USAGE_RSS_PAGES]
         totals[2] -= row[USAGE_VSIZE]
+        totals[3] -= max(row[USAGE_THREADS], 1)
         if totals[0] == 0:
             del self._gauges[seen.group]
         jid = row[USAGE_JID]
         self._jids[jid] -= 1
         if self._jids[jid] == 0:
             del self._jids[jid]
+        if self._starts is not None:
+            starts = self._starts[seen.group]
+            start = _start(row)
+            starts[start] -= 1
+            if starts[start] == 0:
+                del starts[start]
+                if not starts:
+                    del self._starts[seen.group]
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -202,7 +272,7 @@ class Accounts:
         self._polls += 1
         named: dict[Key, list[int]] = {}
         key_of: dict[GroupKey, Key] = {}
-        for group, (procs, rss, vsize) in tally.gauges.items():
+        for group, (procs, rss, vsize, _) in tally.gauges.items():
             key = key_of[group] = name(group)
             totals = named.setdefault(key, [0, 0, 0])  # two uids may share a name
             totals[0] += procs
@@ -258,6 +328,11 @@ class Accounts:
             del self._idle[oldest], self._totals[oldest]
 
 
+def _per_pid(read: Callable[[int], Any]) -> Callable[[dict[int, bytes], Any], dict[int, Any]]:
+    """A :attr:`Grouping.attach` that reads each new process by its pid."""
+    return lambda new, _: {pid: read(pid) for pid in new}
+
+
 class Accounting:
     """Resources per ``labels`` group of one source: a tracker, its accounts and the naming."""
 
@@ -277,7 +352,7 @@ class Accounting:
             }[label]
             for label in labels
         ]
-        attach = (lambda row: cgroup(row[USAGE_PID])) if cgroup and "cgroup" in labels else None
+        attach = _per_pid(cgroup) if cgroup is not None and "cgroup" in labels else None
         grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
         self.tracker = Tracker(grouping, spec.decode)
         # A metric with two values per group (cpu user/system) keeps within the series cap.
@@ -309,9 +384,8 @@ def accounting_for(
 ) -> Accounting | None:
     """``current`` if it still fits ``source`` and the settings, else a new accounting (its
     counters start afresh: Prometheus sees a counter reset); None where no resources are
-    asked for (``labels`` None) or the source has none."""
-    spec = source.usage_spec
-    if labels is None or spec is None:
+    asked for (``labels`` None)."""
+    if labels is None:
         return None
     if (
         current is not None
@@ -320,4 +394,4 @@ def accounting_for(
         and current.max_series == max_series
     ):
         return current
-    return Accounting(source, labels, max_series, spec)
+    return Accounting(source, labels, max_series, source.usage_spec)

@@ -5,6 +5,7 @@ tests/test_groups_process_exporter.py."""
 from __future__ import annotations
 
 import secrets
+import struct
 import subprocess
 from typing import Any
 
@@ -12,9 +13,10 @@ import pytest
 from conftest import wait_until
 
 from kvm_exporter.config import ConfigError, parse_config
-from kvm_exporter.grouping import Grouper
+from kvm_exporter.grouping import GroupCounts, Grouper
 from kvm_exporter.groups import Argv, Rule, RuleError, go_base, name_of, parse_process_names
-from kvm_exporter.records import Proc
+from kvm_exporter.records import Survey, UsageSpec
+from kvm_exporter.states import STATES
 
 
 def rules(*entries: dict[str, Any]) -> tuple[Rule, ...]:
@@ -170,23 +172,30 @@ def test_an_error_in_process_exporters_file_names_that_file(tmp_path: Any) -> No
     assert str(err.value).startswith(f"{pe}: process_names.0.cmdline.0: bad regex")
 
 
-def proc(pid: int, ppid: int, comm: str, start: float = 1.0, **kw: Any) -> Proc:
-    fields: dict[str, Any] = dict(
-        pid=pid,
-        ppid=ppid,
-        uid=1000,
-        ruid=1000,
-        tty="none",
-        state="sleeping",
-        comm=comm,
-        threads=1,
-        rss_bytes=4096,
-        vsize_bytes=8192,
-        cpu_seconds=0.0,
-        start_time=start,
-    )
-    fields.update(kw)
-    return Proc(**fields)
+ROW = struct.Struct("=10q16s")
+"""Usage records as the tests write them: no counters, the state an index of STATES."""
+SPEC = UsageSpec(
+    page_size=1,
+    counters=(),
+    decode=ROW.unpack,
+    state=STATES.__getitem__,
+    start_time=lambda start, _: None if start < 0 else float(start),  # -1: unknown
+)
+
+
+def proc(
+    pid: int,
+    ppid: int,
+    comm: str,
+    start: int = 1,
+    state: str = "sleeping",
+    threads: int = 1,
+    rss_bytes: int = 4096,
+    vsize_bytes: int = 8192,
+) -> bytes:
+    """A process's usage record (uid 1000, no jail)."""
+    fields = (pid, start, 0, 1000, 0, rss_bytes, vsize_bytes, ppid, threads, STATES.index(state))
+    return ROW.pack(*fields, comm.encode())
 
 
 class Argvs:
@@ -201,8 +210,16 @@ class Argvs:
         return self.table.get(pid)
 
 
-def grouper(rs: tuple[Rule, ...], argvs: Argvs, children: bool = True, cap: int = 100) -> Grouper:
-    return Grouper(rs, children, cap, argvs, str)
+class Groups:
+    """A Grouper over the test's records, polled with a list of them."""
+
+    def __init__(
+        self, rs: tuple[Rule, ...], argvs: Argvs, children: bool = True, cap: int = 100
+    ) -> None:
+        self._grouper = Grouper(rs, children, cap, argvs, str, SPEC)
+
+    def update(self, procs: list[bytes]) -> GroupCounts:
+        return self._grouper.update(Survey({}, procs, 0))
 
 
 def test_children_join_the_nearest_named_ancestor_unless_named_themselves() -> None:
@@ -220,31 +237,51 @@ def test_children_join_the_nearest_named_ancestor_unless_named_themselves() -> N
         proc(14, 13, "cat"),  # child of the perl group
         proc(20, 1, "cron"),  # parent init is unnamed: out
     ]
-    got = grouper(rs, argvs).update(procs)
+    got = Groups(rs, argvs).update(procs)
     assert got.processes == {"web": 3, "perl": 2}
-    without = grouper(rs, Argvs(argvs.table), children=False).update(procs)
+    without = Groups(rs, Argvs(argvs.table), children=False).update(procs)
     assert without.processes == {"web": 1, "perl": 1}
+
+
+def test_a_new_child_joins_the_group_its_parent_got_in_an_earlier_poll() -> None:
+    rs = rules({"name": "web", "comm": ["nginx"]})
+    g = Groups(rs, Argvs({}))
+    assert g.update([proc(10, 1, "nginx"), proc(20, 1, "cron")]).processes == {"web": 1}
+    # Next poll: a worker of the unchanged master, one of the master's after its record
+    # changed, and a child of pid 20, which is now another, new process of no group.
+    got = g.update(
+        [
+            proc(10, 1, "nginx", rss_bytes=8192),
+            proc(11, 10, "sh"),
+            proc(12, 11, "worker"),
+            proc(20, 1, "cron", start=7),
+            proc(21, 20, "sh"),
+        ]
+    )
+    assert got.processes == {"web": 3}
+    got = g.update([proc(10, 1, "nginx", rss_bytes=8192), proc(13, 10, "sh")])
+    assert got.processes == {"web": 2} and got.resident_bytes == {"web": 8192 + 4096}
 
 
 def test_arguments_are_read_once_per_process_and_again_after_pid_reuse() -> None:
     rs = rules({"name": "{{.ExeBase}}", "cmdline": ["."]})
     argvs = Argvs({5: ("/usr/bin/app",), 6: None})
-    g = grouper(rs, argvs)
+    g = Groups(rs, argvs)
     first = g.update([proc(5, 1, "app"), proc(6, 1, "gone")])
     for _ in range(3):
         again = g.update([proc(5, 1, "app"), proc(6, 1, "gone")])
-    assert argvs.reads == [5, 6]  # a steady state reads nothing more
+    assert sorted(argvs.reads) == [5, 6]  # a steady state reads nothing more
     assert first.processes == again.processes == {"app": 1}  # "." never matches an empty line
     assert again.unreadable == 1
     argvs.table[5] = ("/usr/bin/other",)
-    reused = g.update([proc(5, 1, "other", start=99.0)])  # same pid, a new process
-    assert argvs.reads == [5, 6, 5]
+    reused = g.update([proc(5, 1, "other", start=99)])  # same pid, a new process
+    assert sorted(argvs.reads) == [5, 5, 6]
     assert reused.processes == {"other": 1}
 
 
 def test_an_unreadable_process_is_counted_under_its_comm() -> None:
     rs = rules({"name": "{{.ExeBase}}", "comm": ["zomb"]})
-    got = grouper(rs, Argvs({})).update([proc(7, 1, "zomb", state="zombie", threads=0)])
+    got = Groups(rs, Argvs({})).update([proc(7, 1, "zomb", state="zombie", threads=0)])
     assert got.processes == {"zomb": 1}
     assert got.threads == {"zomb": 1}  # a zombie has no threads; it counts as one, as kvm_threads
     assert got.states == {("zomb", "zombie"): 1}
@@ -254,11 +291,11 @@ def test_an_unreadable_process_is_counted_under_its_comm() -> None:
 def test_per_group_values() -> None:
     rs = rules({"name": "{{.Comm}}", "comm": ["a", "b"]})
     procs = [
-        proc(2, 1, "a", start=50.0, threads=3, rss_bytes=100, vsize_bytes=1000),
-        proc(3, 1, "a", start=40.0, state="running", rss_bytes=10, vsize_bytes=20),
-        proc(4, 1, "b", start=None),
+        proc(2, 1, "a", start=50, threads=3, rss_bytes=100, vsize_bytes=1000),
+        proc(3, 1, "a", start=40, state="running", rss_bytes=10, vsize_bytes=20),
+        proc(4, 1, "b", start=-1),
     ]
-    got = grouper(rs, Argvs({})).update(procs)
+    got = Groups(rs, Argvs({})).update(procs)
     assert got.processes == {"a": 2, "b": 1}
     assert got.threads == {"a": 4, "b": 1}
     assert got.resident_bytes == {"a": 110, "b": 4096}
@@ -277,7 +314,7 @@ def test_a_hostile_user_cannot_grow_groups_past_the_cap() -> None:
     for i in range(1000):
         table[100 + i] = ("evil", f"--id={i}")
         procs.append(proc(100 + i, 1, "evil", state="running" if i % 2 else "sleeping"))
-    got = grouper(rs, Argvs(table), cap=cap).update(procs)
+    got = Groups(rs, Argvs(table), cap=cap).update(procs)
     assert len(got.processes) <= cap and len(got.states) <= cap
     assert got.processes["job-main"] == 5  # the biggest group keeps its name
     assert sum(got.processes.values()) == 1005  # folding loses no process
@@ -310,7 +347,6 @@ def test_live_processes_naming_their_own_groups_fold_under_the_cap(exporter: Any
 def test_group_counters_under_both_names() -> None:
     from prometheus_client.core import Metric
 
-    from kvm_exporter.grouping import GroupCounts
     from kvm_exporter.groupmetrics import kvm_metrics, process_exporter_metrics
 
     counters = {
@@ -354,7 +390,7 @@ def test_group_counters_under_both_names() -> None:
 def test_a_long_chain_of_new_unnamed_processes_all_join_the_named_ancestor() -> None:
     rs = rules({"name": "root", "comm": ["top"]})
     procs = [proc(2, 1, "top")] + [proc(3 + i, 2 + i, "sh") for i in range(20000)]
-    got = grouper(rs, Argvs({})).update(list(reversed(procs)))
+    got = Groups(rs, Argvs({})).update(list(reversed(procs)))
     assert got.processes == {"root": 20001}
 
 

@@ -13,7 +13,15 @@ from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture
 from kvm_exporter.aggregate import user_names
 from kvm_exporter.groups import parse_process_names
 from kvm_exporter.poller import Poller, Settings
-from kvm_exporter.records import USAGE_COUNTERS, USAGE_JID, USAGE_PID, SourceError
+from kvm_exporter.records import (
+    USAGE_COUNTERS,
+    USAGE_JID,
+    USAGE_PID,
+    USAGE_START,
+    USAGE_START_FRACTION,
+    USAGE_STATE,
+    SourceError,
+)
 from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.usage import Accounting
 
@@ -36,7 +44,11 @@ def test_usage_rows_carry_ki_rusage_and_the_jail(
     source = jailed(open_libkvm, fake_libkvm, JAILS01)
     rows = {row[USAGE_PID]: row for row in rows_of(source)}
     # pid 1201: utime=4000000 stime=2500000 (us) minflt=120000 majflt=40 nvcsw=90000
-    # nivcsw=3000 inblock=91000 oublock=72000, start=1793001710.5, uid 770, jail 7.
+    # nivcsw=3000 inblock=91000 oublock=72000, start=1793001710.5, uid 770, jail 7, ppid 1200,
+    # one thread, SSLEEP with TDF_SINTR (sleeping), comm postgres (ki_comm: 20 bytes).
+    spec = source.usage_spec
+    assert spec.state(rows[1201][USAGE_STATE]) == "sleeping"
+    assert spec.start_time(*rows[1201][USAGE_START : USAGE_START_FRACTION + 1]) == 1793001710.5
     assert rows[1201] == (
         1201,
         1793001710,
@@ -45,6 +57,10 @@ def test_usage_rows_carry_ki_rusage_and_the_jail(
         7,
         12000,
         412000256,
+        1200,
+        1,
+        rows[1201][USAGE_STATE],
+        b"postgres".ljust(20, b"\0"),
         *(4, 0, 2, 500000),
         *(120000, 40, 90000, 3000, 91000, 72000),
     )
@@ -65,9 +81,10 @@ def test_thread_rows_add_up_to_the_process(
         mine = procs[row[USAGE_PID]]
         assert row[:USAGE_COUNTERS] == mine[:USAGE_COUNTERS] and len(row) == spec
         # seconds and microseconds of each time add up to the process's, and every count
-        seconds = [row[i] + row[i + 1] / 1e6 for i in (7, 9)]
-        assert seconds == [mine[i] + mine[i + 1] / 1e6 for i in (7, 9)]
-        assert row[11:] == mine[11:]
+        times = (USAGE_COUNTERS, USAGE_COUNTERS + 2)
+        seconds = [row[i] + row[i + 1] / 1e6 for i in times]
+        assert seconds == [mine[i] + mine[i + 1] / 1e6 for i in times]
+        assert row[USAGE_COUNTERS + 4 :] == mine[USAGE_COUNTERS + 4 :]
 
 
 def test_per_jail_resources_and_jail_names(
@@ -180,4 +197,4 @@ def test_a_poll_with_groups_and_resources_makes_one_kvm_getprocs(
     assert snap.groups is not None and snap.groups.processes == {"nginx": 3}
     assert snap.groups.counters and snap.resources is not None
     with pytest.raises(SourceError, match="a second walk"):
-        source.survey(procs=True)
+        source.survey()

@@ -284,74 +284,92 @@ def test_live_proc(sleepers: list[subprocess.Popen[Any]]) -> None:
     assert all(k[2] in "RSDZTtXxIPKWw" and k[3] >= 0 for k in rows)
 
 
-# --- kvm_procs: one record per process, the same reads (named groups) ---
+# --- kvm_survey: the census and one usage row per process, the same reads ---
 
 
-def procs_of(root: Path, cap: int = 2) -> dict[int, tuple[Any, ...]]:
-    """kvm_procs as procfs.py calls it: grow while the count exceeds the room."""
+def survey_of(root: Path, cap: int = 2) -> dict[int, tuple[Any, ...]]:
+    """kvm_survey as procfs.py calls it: grow while the processes exceed the room."""
     fd = open_root(root)
+    kinds, nprocs = ffi.new("struct kvm_census_row[]", 64), ffi.new("int *")
     try:
         while True:
-            rows = ffi.new("struct kvm_proc_row[]", cap)
-            n = lib.kvm_procs(fd, rows, cap)
+            rows = ffi.new("struct kvm_usage_row[]", cap)
+            n = lib.kvm_survey(fd, kinds, 64, rows, cap, nprocs)
             assert n >= 0, n
-            if n <= cap:
+            if nprocs[0] <= cap:
                 break
-            cap = n
+            cap = nprocs[0]
     finally:
         os.close(fd)
     return {
-        r.pid: (r.ppid, r.uid, r.tty_nr, r.state, ffi.string(r.comm), r.threads)
-        + (r.utime, r.stime, r.starttime, r.vsize, r.rss)
-        for r in rows[0:n]
+        r.pid: (r.ppid, r.uid, r.state, ffi.string(r.comm), r.threads)
+        + (r.utime, r.stime, r.start, r.vsize, r.rss)
+        for r in rows[0 : nprocs[0]]
     }
 
 
-def test_procs_reads_each_process_of_the_hostile_tree(tree: Path) -> None:
-    got = procs_of(tree)
+def test_survey_reads_each_process_of_the_hostile_tree(tree: Path) -> None:
+    got = survey_of(tree)
     assert len(got) == sum(EXPECTED.values())
     # stat_bytes: ppid 1, utime 3, stime 2, starttime 4242, vsize 8556544, rss 220.
-    assert got[100] == (1, 1000, 0, b"S", b"a) (b c", 1, 3, 2, 4242, 8556544, 220)
-    assert got[104][4] == b"x) Z 9 9 9 5 " and got[104][2] == PTS3  # fake fields in comm
-    assert got[200][5] == 57 and got[4000000][1] == 4294967294
-    assert got[101][4] == b"\n"
+    assert got[100] == (1, 1000, ord("S"), b"a) (b c", 1, 3, 2, 4242, 8556544, 220)
+    assert got[104][3] == b"x) Z 9 9 9 5 " and got[104][2] == ord("S")  # fake fields in comm
+    assert got[200][4] == 57 and got[4000000][1] == 4294967294
+    assert got[101][3] == b"\n" and got[105][2] == ord("Z")
 
 
-def test_procs_and_census_refuse_the_same_malformed_stat(tmp_path: Path) -> None:
+def test_a_comm_is_cut_at_63_bytes_and_padded_with_nuls(tmp_path: Path) -> None:
+    add(tmp_path, 1, stat_bytes(1, b"k" * 70, "S"))
+    add(tmp_path, 2, stat_bytes(2, b"ab", "S"))
+    fd = open_root(tmp_path)
+    try:
+        rows, nprocs = ffi.new("struct kvm_usage_row[]", 2), ffi.new("int *")
+        assert lib.kvm_survey(fd, ffi.new("struct kvm_census_row[]", 4), 4, rows, 2, nprocs) == 1
+    finally:
+        os.close(fd)
+    comms = sorted(bytes(ffi.buffer(r.comm)) for r in rows)
+    assert comms == [b"ab" + b"\0" * 62, b"k" * 63 + b"\0"]  # equal processes, equal bytes
+
+
+def test_survey_and_census_refuse_the_same_malformed_stat(tmp_path: Path) -> None:
     for content in MALFORMED:
         add(tmp_path, 1, stat_bytes(1, b"init", "S"))
         add(tmp_path, 7, content)
         fd = open_root(tmp_path)
         try:
-            assert lib.kvm_procs(fd, ffi.new("struct kvm_proc_row[]", 4), 4) == -2, content
+            rows, nprocs = ffi.new("struct kvm_usage_row[]", 4), ffi.new("int *")
+            kinds = ffi.new("struct kvm_census_row[]", 4)
+            assert lib.kvm_survey(fd, kinds, 4, rows, 4, nprocs) == -2, content
         finally:
             os.close(fd)
         shutil.rmtree(tmp_path / "1")
         shutil.rmtree(tmp_path / "7")
 
 
-def test_compiled_and_python_records_agree(tree: Path, monkeypatch: Any) -> None:
+def test_compiled_and_python_surveys_agree(tree: Path, monkeypatch: Any) -> None:
     from kvm_exporter.sources import procfs
 
-    (tree / "stat").write_bytes(b"cpu 1 2 3\nbtime 1700000000\n")
     source = procfs.ProcfsSource(str(tree))
-    assert procfs._PROC_ROW.size == ffi.sizeof("struct kvm_proc_row")
-    compiled = source.procs(real_uid=False)
+    assert procfs._USAGE_ROW.size == ffi.sizeof("struct kvm_usage_row")
+    compiled = source.survey()
     monkeypatch.setattr(procfs, "_lib", None)
-    assert source.procs(real_uid=False) == compiled
-    assert {p.pid for p in compiled} == {int(d.name) for d in tree.iterdir() if d.name.isdigit()}
+    python = source.survey()
+    assert sorted(python.usage) == sorted(compiled.usage) and python.census == compiled.census
+    pids = {source.usage_spec.decode(record)[0] for record in compiled.usage}
+    assert pids == {int(d.name) for d in tree.iterdir() if d.name.isdigit()}
 
 
-def test_procs_on_random_garbage_never_crashes(tmp_path: Path) -> None:
+def test_survey_on_random_garbage_never_crashes(tmp_path: Path) -> None:
     rng = random.Random(14)
     alphabet = b"() 0123456789-SZ\n\0x"
     d = add(tmp_path, 1, b"")
-    rows = ffi.new("struct kvm_proc_row[]", 2)
+    rows, nprocs = ffi.new("struct kvm_usage_row[]", 2), ffi.new("int *")
+    kinds = ffi.new("struct kvm_census_row[]", 2)
     for size in list(range(0, 64)) + [300, 4095, 4096, 4097, 9000] * 4:
         for _ in range(20 if size < 64 else 2):
             (d / "stat").write_bytes(bytes(rng.choice(alphabet) for _ in range(size)))
             fd = open_root(tmp_path)
             try:
-                assert lib.kvm_procs(fd, rows, 2) in (-2, 0, 1)
+                assert lib.kvm_survey(fd, kinds, 2, rows, 2, nprocs) in (-2, 0, 1)
             finally:
                 os.close(fd)

@@ -14,16 +14,18 @@ from conftest import copy_proc_fixture
 from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.groups import parse_process_names
 from kvm_exporter.poller import Poller, Settings
-from kvm_exporter.records import UsageSpec
+from kvm_exporter.records import USAGE_STATE, UsageSpec
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker, accounting_for
 
-ROW = struct.Struct("=9q")
+ROW = struct.Struct("=10q16s2q")
 SPEC = UsageSpec(
     page_size=4096,
     counters=(("cpu", "user", 0.01), ("page_faults", "minor", 1.0)),
     decode=ROW.unpack,
+    state=chr,
+    start_time=lambda start, _: float(start),
 )
 BY_UID = Grouping(lambda row, _: (row[3],))
 CPU = ("cpu", "user")
@@ -31,8 +33,9 @@ T = TypeVar("T")
 
 
 def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> bytes:
-    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, user ticks, faults."""
-    return ROW.pack(pid, start, 0, uid, 0, rss, rss * 2, ticks, faults)
+    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, ppid 1, one thread,
+    state S, comm t, user ticks, faults."""
+    return ROW.pack(pid, start, 0, uid, 0, rss, rss * 2, 1, 1, ord("S"), b"t", ticks, faults)
 
 
 class Run:
@@ -111,9 +114,9 @@ def test_vanished_processes_are_forgotten() -> None:
 def test_attach_runs_once_per_process() -> None:
     asked: list[int] = []
 
-    def attach(r: Any) -> str:
-        asked.append(r[0])
-        return f"slice{r[0] % 2}"
+    def attach(new: dict[int, bytes], _: Any) -> dict[int, str]:
+        asked.extend(new)
+        return {pid: f"slice{pid % 2}" for pid in new}
 
     run = Run(grouping=Grouping(lambda r, attached: (attached,), attach))
     run.poll(row(1, 0, 0), row(2, 0, 0))
@@ -193,19 +196,17 @@ def test_compiled_and_python_surveys_read_the_same_rows(
 ) -> None:
     source = ProcfsSource(str(copy_proc_fixture(tmp_path / "proc")))
     assert procfs._lib is not None, "the README's test command builds kvm_exporter/_procscan"
-    compiled = source.survey(procs=True)
-    assert sorted(compiled.procs or []) == sorted(source.procs(real_uid=False))
+    compiled = source.survey()
     monkeypatch.setattr(procfs, "_lib", None)
-    python = source.survey(procs=True)
+    python = source.survey()
     assert compiled.census == python.census
     assert sorted(compiled.usage) == sorted(python.usage)
-    assert sorted(compiled.procs or []) == sorted(python.procs or [])
-    assert source.survey() == python._replace(clock=source.survey().clock, procs=None)
-    # 1 (init) S ... minflt 100 ... utime 250 stime 150 ... starttime 12345 vsize 10485760
-    # rss 512, in a directory owned by root
-    assert source.usage_spec is not None
+    # 1 (init) S 0 ... minflt 100 ... utime 250 stime 150 ... num_threads 1 ... starttime 12345
+    # vsize 10485760 rss 512, in a directory owned by root
     init = next(r for r in map(source.usage_spec.decode, compiled.usage) if r[0] == 1)
-    assert init == (1, 12345, 0, 0, 0, 512, 10485760, 250, 150, 100, 0)
+    comm = b"init".ljust(64, b"\0")
+    assert init == (1, 12345, 0, 0, 0, 512, 10485760, 0, 1, ord("S"), comm, 250, 150, 100, 0)
+    assert source.usage_spec.state(init[USAGE_STATE]) == "sleeping"
 
 
 def test_resource_labels_are_checked() -> None:

@@ -27,6 +27,7 @@ from ..records import (
     NO_TTY,
     UNKNOWN_TTY,
     USAGE_COUNTERS,
+    USAGE_THREADS,
     Census,
     HostLimits,
     Kind,
@@ -117,58 +118,60 @@ class LibkvmSource:
         except SourceError:
             self.close()
             raise
-        # A crash dump has no ki_rusage (kvm_proclist leaves it unfilled): memory only.
-        self.usage_spec: UsageSpec | None = USAGE_SPEC._replace(page_size=self._pagesize)
+        self.usage_spec = USAGE_SPEC._replace(page_size=self._pagesize)
         if self.crash_dump:
-            self.usage_spec = self.usage_spec._replace(counters=(), decode=_dump_row)
+            # No ki_rusage and no ki_start (kvm_proclist leaves them unfilled): memory only;
+            # the state is read from ki_stat alone.
+            self.usage_spec = self.usage_spec._replace(
+                counters=(), decode=_dump_row, state=freebsd_dump_state, start_time=_unknown
+            )
 
-    def procs(self, real_uid: bool = True) -> list[Proc]:
+    def procs(self) -> list[Proc]:
         """Every process the predicate selects (one record per process)."""
-        listed = self._survey(usage=False, listing=True).procs
-        assert listed is not None
-        return listed
+        with self._lock:
+            base, count = self._getprocs()
+            return self._listed(base, count) if count else []
 
     def census(self) -> Census:
         """The census of :meth:`procs`, read without a Python object per process."""
         return self._survey(usage=False).census
 
-    def survey(self, procs: bool = False) -> Survey:
-        """The census and every process's usage row, from one kvm_getprocs; with ``procs``,
-        every process's record from it too."""
-        return self._survey(usage=True, listing=procs)
+    def survey(self) -> Survey:
+        """The census and every process's usage row, from one kvm_getprocs."""
+        return self._survey(usage=True)
 
-    def _survey(self, usage: bool, listing: bool = False) -> Survey:
+    def _survey(self, usage: bool) -> Survey:
         clock = int(time.time())  # ki_start's seconds are wall-clock time
+        census: Census
         with self._lock:
             base, count = self._getprocs()
             if count == 0:
-                return Survey({}, [], clock, [] if listing else None)
+                return Survey({}, [], clock)
             record_type = self._record_type(base)
             records: list[bytes] = []
             if usage:
                 with memoryview(ffi.buffer(base, count * ffi.sizeof(record_type))) as array:
-                    records = _usage_records(array, count, record_type)
-            census: Census
-            procs: list[Proc] | None = None
-            if listing or self._per_thread or self.crash_dump:
+                    records = _usage_records(array, count, record_type, self.crash_dump)
+            if self._per_thread or self.crash_dump:
                 # Thread rows fold into one process per pid with its visible threads; a
                 # crash dump's records need the per-record care of _proc (read once).
-                # The array belongs to libkvm and the next call frees it: copy out now.
-                # tty names are cached per poll, because a pts device number can be reused.
-                kinfo = ffi.cast(record_type + " *", base)
-                ttys: dict[int, str] = {}
-                procs = [self._proc(kinfo[i], ttys) for i in range(count)]
+                census = census_of(self._listed(base, count))
             else:
                 census = self._census_locked(base, count, record_type)
-        if procs is not None:
-            if self._per_thread:
-                # Live thread rows carry each thread's ki_runtime; a crash dump's carry the
-                # process's (p_rux) in every row.
-                procs = _fold_threads(procs, sum_cpu=not self.crash_dump)
-            census = census_of(procs)
-        if self._per_thread and not self.crash_dump:
-            records = _fold_thread_usage(records)
-        return Survey(census, records, clock, procs if listing else None)
+        if self._per_thread:
+            records = _fold_thread_usage(records, sum_counters=not self.crash_dump)
+        return Survey(census, records, clock)
+
+    def _listed(self, base: Any, count: int) -> list[Proc]:
+        """The ``count`` records at ``base`` as one record per process (the caller holds the
+        lock: the array belongs to libkvm and the next call frees it, so it is copied out
+        now). tty names are cached per call: a pts device number can be reused."""
+        kinfo = ffi.cast(self._record_type(base) + " *", base)
+        ttys: dict[int, str] = {}
+        procs = [self._proc(kinfo[i], ttys) for i in range(count)]
+        # Live thread rows carry each thread's ki_runtime; a crash dump's carry the process's
+        # (p_rux) in every row.
+        return _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
 
     def _census_locked(self, base: Any, count: int, record_type: str) -> Census:
         """The census of ``count`` process records at ``base`` (the caller holds the lock).
@@ -600,44 +603,59 @@ def _census_layout(record_type: str) -> _CensusLayout:
     return layout
 
 
-def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> bytearray:
-    """One :data:`_ROW` per record of ``records`` (``count`` records of ``layout``).
+def _column(records: memoryview, count: int, size: int, offset: int, fmt: _IntFormat) -> Any:
+    """The field at ``offset`` of each of ``count`` records of ``size`` bytes: one strided
+    view, no copy."""
+    width = struct.calcsize(fmt)
+    return records[offset : offset + (count - 1) * size + width].cast(fmt)[:: size // width]
 
-    Each field is one strided copy between memoryviews, and the state comes from
-    translation tables and one OR of the columns as integers: no Python object per record.
-    """
-    size = layout.structsize
-    rows = bytearray(count * _ROW.size)
-    out = memoryview(rows)
 
-    def column(offset: int, fmt: _IntFormat) -> memoryview:
-        width = struct.calcsize(fmt)
-        return records[offset : offset + (count - 1) * size + width].cast(fmt)[:: size // width]
+def _state_codes(records: memoryview, count: int, layout: _CensusLayout) -> bytes:
+    """Each record's state as an index of :data:`_STATE_WORDS`, from translation tables and
+    one OR of the columns as integers: no Python object per record."""
 
-    def put(position: int, fmt: _IntFormat, values: Any) -> None:
-        width = struct.calcsize(fmt)
-        out.cast(fmt)[position // width :: _ROW.size // width] = values
+    def column(offset: int, fmt: _IntFormat) -> Any:
+        return _column(records, count, layout.structsize, offset, fmt)
 
     def bits(column: bytes) -> int:
         return int.from_bytes(column, "little")
 
-    put(0, "Q", column(layout.tdev, "Q"))
-    put(8, "I", column(layout.uid, "I"))
-    put(12, "i", column(layout.numthreads, "i"))
-    put(20, "i", column(layout.jid, "i"))
     slept = bytes(map(MAXSLP.__le__, column(layout.slptime, "I").tolist()))
     states = (
         bits(column(layout.stat, "B").tobytes().translate(_STAT_CODE))
         | bits(column(layout.tdflags_low, "B").tobytes().translate(_SINTR))
         | bits(slept)
     )
-    put(16, "B", states.to_bytes(count, "little").translate(_WORD_OF))
+    return states.to_bytes(count, "little").translate(_WORD_OF)
+
+
+def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> bytearray:
+    """One :data:`_ROW` per record of ``records`` (``count`` records of ``layout``), each
+    field one strided copy between memoryviews."""
+    rows = bytearray(count * _ROW.size)
+    out = memoryview(rows)
+
+    def put(position: int, fmt: _IntFormat, values: Any) -> None:
+        width = struct.calcsize(fmt)
+        out.cast(fmt)[position // width :: _ROW.size // width] = values
+
+    columns: tuple[tuple[int, int, _IntFormat], ...] = (
+        (0, layout.tdev, "Q"),
+        (8, layout.uid, "I"),
+        (12, layout.numthreads, "i"),
+        (20, layout.jid, "i"),
+    )
+    for position, offset, fmt in columns:
+        put(position, fmt, _column(records, count, layout.structsize, offset, fmt))
+    put(16, "B", _state_codes(records, count, layout))
     return rows
 
 
-_USAGE_ROW = struct.Struct("=i4xqqIiqQ10q")
-"""A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width."""
+_USAGE_ROW = struct.Struct("=i4xqqIiqQiiB7x20s4x10q")
+"""A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width;
+the state is an index of :data:`_STATE_WORDS` (a crash dump's: ki_stat), comm is ki_comm."""
 _USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
+_USAGE_STATE_AT, _USAGE_COMM_AT, _USAGE_COMM_SIZE = 56, 64, 20
 _USAGE_FIELDS = (
     ("ki_pid",),
     ("ki_start", "tv_sec"),
@@ -646,6 +664,8 @@ _USAGE_FIELDS = (
     ("ki_jid",),
     ("ki_rssize",),
     ("ki_size",),
+    ("ki_ppid",),
+    ("ki_numthreads",),
     ("ki_rusage", "ru_utime", "tv_sec"),
     ("ki_rusage", "ru_utime", "tv_usec"),
     ("ki_rusage", "ru_stime", "tv_sec"),
@@ -657,7 +677,13 @@ _USAGE_FIELDS = (
     ("ki_rusage", "ru_inblock"),
     ("ki_rusage", "ru_oublock"),
 )
-"""Where each field of a usage row comes from in a kinfo_proc."""
+"""Where each integer field of a usage row comes from in a kinfo_proc."""
+
+
+def _unknown(*_: int) -> None:
+    return None
+
+
 USAGE_SPEC = UsageSpec(
     page_size=0,  # hw.pagesize, set per source
     counters=(
@@ -673,6 +699,8 @@ USAGE_SPEC = UsageSpec(
         ("block_operations", "out", 1.0),
     ),
     decode=_USAGE_ROW.unpack,
+    state=_STATE_WORDS.__getitem__,
+    start_time=lambda sec, usec: sec + usec / 1e6,
 )
 """FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts."""
 _USAGE_SLOTS: list[tuple[int, _IntFormat]] = [
@@ -683,54 +711,65 @@ _USAGE_SLOTS: list[tuple[int, _IntFormat]] = [
     (28, "i"),
     (32, "q"),
     (40, "Q"),
-    *((48 + 8 * i, "q") for i in range(10)),
+    (48, "i"),
+    (52, "i"),
+    *((88 + 8 * i, "q") for i in range(10)),
 ]
-"""(offset, format) of each field in a :data:`_USAGE_ROW`."""
+"""(offset, format) of each integer field in a :data:`_USAGE_ROW`."""
 _FORMATS: dict[str, _IntFormat] = {"int32_t": "i", "uint32_t": "I", "int64_t": "q", "uint64_t": "Q"}
-_USAGE_LAYOUTS: dict[str, list[tuple[int, _IntFormat]]] = {}
+_USAGE_LAYOUTS: dict[str, tuple[list[tuple[int, _IntFormat]], int, int]] = {}
 
 
-def _usage_layout(record_type: str) -> list[tuple[int, _IntFormat]]:
-    """(offset, struct format) in ``record_type`` of each of :data:`_USAGE_FIELDS`."""
+def _usage_layout(record_type: str) -> tuple[list[tuple[int, _IntFormat]], int, int]:
+    """(offset, struct format) in ``record_type`` of each of :data:`_USAGE_FIELDS`, and the
+    offset and size of ki_comm."""
     layout = _USAGE_LAYOUTS.get(record_type)
     if layout is None:
-        layout = []
+        fields = []
         for path in _USAGE_FIELDS:
             ctype, offset = ffi.typeof(record_type), 0
             for name in path:
                 field = dict(ctype.fields)[name]
                 offset, ctype = offset + field.offset, field.type
-            layout.append((offset, _FORMATS[ctype.cname]))
-        _USAGE_LAYOUTS[record_type] = layout
+            fields.append((offset, _FORMATS[ctype.cname]))
+        comm = dict(ffi.typeof(record_type).fields)["ki_comm"]
+        layout = _USAGE_LAYOUTS[record_type] = (fields, comm.offset, ffi.sizeof(comm.type))
     return layout
 
 
-def _usage_records(records: memoryview, count: int, record_type: str) -> list[bytes]:
+def _usage_records(records: memoryview, count: int, record_type: str, dump: bool) -> list[bytes]:
     """One usage record per kinfo_proc, gathered column by column as :func:`_census_rows`
-    does: no Python object per record but its bytes."""
-    size = ffi.sizeof(record_type)
-    rows = bytearray(count * _USAGE_ROW.size)
+    does: no Python object per record but its bytes. A crash dump's state is ki_stat."""
+    size, row = ffi.sizeof(record_type), _USAGE_ROW.size
+    rows = bytearray(count * row)
     out = memoryview(rows)
-    for (offset, fmt), (at, slot) in zip(_usage_layout(record_type), _USAGE_SLOTS, strict=True):
+    fields, comm_at, comm_size = _usage_layout(record_type)
+    for (offset, fmt), (at, slot) in zip(fields, _USAGE_SLOTS, strict=True):
         width, slot_width = struct.calcsize(fmt), struct.calcsize(slot)
-        column: Any = records[offset : offset + (count - 1) * size + width].cast(fmt)[
-            :: size // width
-        ]
+        column = _column(records, count, size, offset, fmt)
         if width != slot_width or fmt.lower() != slot.lower():  # a 32-bit long: widen it
             column = array.array(slot, column)
-        out.cast(slot)[at // slot_width :: _USAGE_ROW.size // slot_width] = column
+        out.cast(slot)[at // slot_width :: row // slot_width] = column
+    layout = _census_layout(record_type)
+    states = _column(records, count, size, layout.stat, "B") if dump else None
+    out[_USAGE_STATE_AT::row] = _state_codes(records, count, layout) if states is None else states
+    for i in range(min(comm_size, _USAGE_COMM_SIZE)):  # a strided copy per byte
+        out[_USAGE_COMM_AT + i :: row] = records[comm_at + i :: size][:count]
     return list(map(itemgetter(0), _USAGE_RECORD.iter_unpack(rows)))
 
 
-def _fold_thread_usage(records: list[bytes]) -> list[bytes]:
-    """One usage record per process from thread rows: the first row, with the counters of
-    all (each thread row has its thread's)."""
-    first: dict[int, list[int]] = {}
+def _fold_thread_usage(records: list[bytes], sum_counters: bool) -> list[bytes]:
+    """One usage record per process from thread rows: the first row, with the number of rows
+    as its threads and, with ``sum_counters``, the counters of all (each live thread row has
+    its thread's; a crash dump's rows have none)."""
+    first: dict[int, list[Any]] = {}
     for row in map(_USAGE_ROW.unpack, records):
         kept = first.get(row[0])
         if kept is None:
-            first[row[0]] = list(row)
-        else:
+            first[row[0]] = [*row[:USAGE_THREADS], 1, *row[USAGE_THREADS + 1 :]]
+            continue
+        kept[USAGE_THREADS] += 1
+        if sum_counters:
             for i in range(USAGE_COUNTERS, len(row)):
                 kept[i] += row[i]
     return [_USAGE_ROW.pack(*row) for row in first.values()]

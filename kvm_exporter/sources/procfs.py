@@ -33,7 +33,6 @@ from ..records import (
     Survey,
     SwapDevice,
     UsageSpec,
-    census_of,
     split_argv,
 )
 from ..states import LINUX_STATES, STATES
@@ -41,8 +40,11 @@ from ..states import LINUX_STATES, STATES
 try:
     from ._procscan import ffi as _ffi  # type: ignore[import-not-found, unused-ignore]
     from ._procscan import lib as _lib  # type: ignore[import-not-found, unused-ignore]
+
+    _new_uncleared = _ffi.new_allocator(should_clear_after_alloc=False)
+    """C memory that only the rows written are resident of."""
 except ImportError:  # built only where pip found a C compiler and Python's headers
-    _ffi = _lib = None
+    _ffi = _lib = _new_uncleared = None
 
 T = TypeVar("T")
 RawKind = tuple[tuple[int, int, bytes, int], int]
@@ -56,23 +58,18 @@ _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in t
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
 _USAGE_FIELDS = 22  # split no further than rss
-_USAGE_ROW = struct.Struct("=qQQqqqQQQQQ")
+_USAGE_ROW = struct.Struct("=qQQqqqQqqq64sQQQQ")
 """struct kvm_usage_row of _procscan: the layout of a usage record (records.USAGE_*)."""
 _USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
-USAGE_SPEC = UsageSpec(
-    page_size=_PAGE_SIZE,
-    counters=(
-        ("cpu", "user", 1 / _CLK_TCK),
-        ("cpu", "system", 1 / _CLK_TCK),
-        ("page_faults", "minor", 1.0),
-        ("page_faults", "major", 1.0),
-    ),
-    decode=_USAGE_ROW.unpack,
-)
-"""Linux usage rows: utime and stime in clock ticks, minflt and majflt of PID/stat."""
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
-_PROC_ROW = struct.Struct("@5Ic64s5Q")
-"""struct kvm_proc_row of _procscan (native layout and alignment)."""
+_STATE_OF_CODE = {ord(letter): state for letter, state in _STATE_OF.items()}
+_USAGE_COUNTERS = (
+    ("cpu", "user", 1 / _CLK_TCK),
+    ("cpu", "system", 1 / _CLK_TCK),
+    ("page_faults", "minor", 1.0),
+    ("page_faults", "major", 1.0),
+)
+"""utime and stime in clock ticks, minflt and majflt of PID/stat."""
 
 
 def _read(path: str, dir_fd: int | None = None, size: int = 16384) -> bytes:
@@ -147,10 +144,11 @@ def _status_uids(data: bytes) -> tuple[int, int]:
     return int(ruid), int(uid)
 
 
-def _usage_record(pid: int, uid: int, f: list[bytes]) -> bytes:
-    """The usage record of process ``pid`` from the fields of its PID/stat after comm."""
-    fields = (int(f[19]), 0, uid, 0, int(f[21]), int(f[20]), int(f[11]), int(f[12]))
-    return _USAGE_ROW.pack(pid, *fields, int(f[7]), int(f[9]))
+def _usage_record(pid: int, uid: int, comm: bytes, f: list[bytes]) -> bytes:
+    """The usage record of process ``pid`` from its comm and the fields of its PID/stat after
+    comm, as ``_procscan`` makes it."""
+    fields = (int(f[19]), 0, uid, 0, int(f[21]), int(f[20]), int(f[1]), int(f[17]), f[0][0])
+    return _USAGE_ROW.pack(pid, *fields, comm[:63], int(f[11]), int(f[12]), int(f[7]), int(f[9]))
 
 
 def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
@@ -168,10 +166,11 @@ def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
             continue  # exited between listdir and read
         if not data:
             continue  # a pid being reaped can read as empty
-        f = data[data.rindex(b")") + 2 :].split(None, fields)
+        end = data.rindex(b")")
+        f = data[end + 2 :].split(None, fields)
         append((uid, f[4], f[0], f[17]))
         if usage is not None:
-            usage.append(_usage_record(int(pid), uid, f))
+            usage.append(_usage_record(int(pid), uid, data[data.index(b"(") + 1 : end], f))
     return [
         ((uid, int(tty), letter, int(n)), c) for (uid, tty, letter, n), c in Counter(kinds).items()
     ]
@@ -182,7 +181,6 @@ class ProcfsSource:
 
     name = "procfs"
     states = STATES
-    usage_spec: UsageSpec | None = USAGE_SPEC
 
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
@@ -192,16 +190,26 @@ class ProcfsSource:
         self._ttys: dict[bytes, str] = {}
         """tty name per raw ``tty_nr`` field of ``stat``: a few distinct values on any host."""
         self._rows: Any = _ffi.new("struct kvm_census_row[]", 256) if _ffi is not None else None
-        self._proc_rows: Any = None
-        """Room for kvm_procs' records, grown to fit."""
-        self._procs: Any = None
-        """Room for the usage rows of _procscan, grown to fit."""
+        self._room = 1024
+        """Usage rows _procscan gets room for: what the last survey needed, and some."""
+        self._boot: int | None = None
+        self.usage_spec = UsageSpec(
+            page_size=_PAGE_SIZE,
+            counters=_USAGE_COUNTERS,
+            decode=_USAGE_ROW.unpack,
+            state=lambda code: _STATE_OF_CODE.get(code, "unknown"),  # a state letter's
+            start_time=lambda ticks, _: self._boot_time() + ticks / _CLK_TCK,
+        )
 
     def _boot_time(self) -> int:
-        for line in _read_text(f"{self.root}/stat").splitlines():
-            if line.startswith("btime "):
-                return int(line.split()[1])
-        raise SourceError(f"no btime line in {self.root}/stat")
+        if self._boot is None:
+            for line in _read_text(f"{self.root}/stat").splitlines():
+                if line.startswith("btime "):
+                    self._boot = int(line.split()[1])
+                    break
+            else:
+                raise SourceError(f"no btime line in {self.root}/stat")
+        return self._boot
 
     def _tty(self, tty_nr: int) -> str:
         name = tty_name(tty_nr, self._dev_names or {})
@@ -210,90 +218,24 @@ class ProcfsSource:
             name = tty_name(tty_nr, self._dev_names)
         return name
 
-    def procs(self, real_uid: bool = True) -> list[Proc]:
-        """Every process; without ``real_uid``, ``status`` is not read (half the kernel's
-        work): the uid is the owner of ``/proc/PID``, as in the census, and ``ruid`` is -1;
-        the census's reads, in C where ``_procscan`` was built."""
+    def procs(self) -> list[Proc]:
+        """Every process, with its real uid from ``PID/status``, a read the census and the
+        survey do without (it about doubles the kernel's work per process)."""
         boot = self._boot_time()
-        if not real_uid and _lib is not None:
-            return self._in_proc_dir(lambda dir_fd: self._procs_c(dir_fd, boot))
-        return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot, real_uid))
-
-    def _procs_c(self, dir_fd: int, boot: int) -> list[Proc]:
-        assert _ffi is not None and _lib is not None
-        while True:
-            rows = self._proc_rows
-            if rows is None:
-                rows = self._proc_rows = _ffi.new("struct kvm_proc_row[]", 1024)
-            found = _lib.kvm_procs(dir_fd, rows, len(rows))
-            if found == -1:
-                raise OSError(_ffi.errno, os.strerror(_ffi.errno))
-            if found == -2:
-                raise ValueError("a PID/stat without its fields")
-            if found <= len(rows):
-                break
-            self._proc_rows = _ffi.new("struct kvm_proc_row[]", found + found // 8 + 64)
-        return self._records(rows, found, boot)
-
-    def _records(self, rows: Any, found: int, boot: int) -> list[Proc]:
-        """The first ``found`` of _procscan's ``kvm_proc_row`` array ``rows`` as records."""
-        assert _ffi is not None
-        size = _ffi.sizeof("struct kvm_proc_row")
-        ttys: dict[int, str] = {}
-        out = []
-        for (
-            pid,
-            ppid,
-            uid,
-            tty_nr,
-            threads,
-            letter,
-            comm,
-            utime,
-            stime,
-            start,
-            vsize,
-            rss,
-        ) in _PROC_ROW.iter_unpack(_ffi.buffer(rows, found * size)):
-            tty = ttys.get(tty_nr)
-            if tty is None:
-                tty = ttys[tty_nr] = self._tty(tty_nr)
-            out.append(
-                Proc(
-                    pid,
-                    ppid,
-                    uid,
-                    -1,
-                    tty,
-                    _STATE_OF.get(letter, "unknown"),
-                    comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                    threads,
-                    rss * _PAGE_SIZE,
-                    vsize,
-                    (utime + stime) / _CLK_TCK,
-                    boot + start / _CLK_TCK,
-                )
-            )
-        return out
+        return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot))
 
     def census(self) -> Census:
         return self._census(None)
 
-    def survey(self, procs: bool = False) -> Survey:
-        """The census and each process's usage row (PID/stat), from the same reads; with
-        ``procs``, every process's record too (as ``procs(real_uid=False)`` lists them)."""
+    def survey(self) -> Survey:
+        """The census and each process's usage row (PID/stat), from the same reads."""
         clock = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)  # starttime's clock
         usage: list[bytes] = []
-        listed: list[Proc] | None = [] if procs else None
-        return Survey(self._census(usage, listed), usage, clock, listed)
+        return Survey(self._census(usage), usage, clock)
 
-    def _census(self, usage: list[bytes] | None, listed: list[Proc] | None = None) -> Census:
-        if listed is not None and _lib is None:  # the Python walk that lists processes
-            boot = self._boot_time()
-            listed += self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot, False, usage))
-            census = census_of(listed)
-        elif _lib is not None:
-            census = self._in_proc_dir(lambda d: self._kinds(self._census_c(d, usage, listed)))
+    def _census(self, usage: list[bytes] | None) -> Census:
+        if _lib is not None:
+            census = self._in_proc_dir(lambda dir_fd: self._kinds(self._census_c(dir_fd, usage)))
         else:
             census = self._in_proc_dir(lambda dir_fd: self._kinds(_census_py(dir_fd, usage)))
         if not census:  # even hidepid=invisible shows the reader its own process
@@ -345,22 +287,15 @@ class ProcfsSource:
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
-    def _census_c(
-        self, dir_fd: int, usage: list[bytes] | None, listed: list[Proc] | None
-    ) -> list[RawKind]:
-        """The census in C; with ``usage``, each process's usage row; with ``listed``, each
-        process's record too, from the same walk."""
+    def _census_c(self, dir_fd: int, usage: list[bytes] | None) -> list[RawKind]:
+        """The census in C; with ``usage``, each process's usage row from the same walk."""
         assert _ffi is not None and _lib is not None
-        if usage is not None and self._procs is None:
-            self._procs = _ffi.new("struct kvm_usage_row[]", 1024)
-        procs = self._procs if usage is not None else _ffi.NULL
-        room = len(self._procs) if usage is not None else 0
-        if listed is not None and (self._proc_rows is None or len(self._proc_rows) < room):
-            self._proc_rows = _ffi.new("struct kvm_proc_row[]", room)
-        rows = self._proc_rows if listed is not None else _ffi.NULL
+        # Room for this walk only: freed with it, not kept between polls.
+        room = self._room if usage is not None else 0
+        procs = _new_uncleared("struct kvm_usage_row[]", room) if room else _ffi.NULL
         nprocs = _ffi.new("int *")
         while True:
-            found = _lib.kvm_survey(dir_fd, self._rows, len(self._rows), procs, rows, room, nprocs)
+            found = _lib.kvm_survey(dir_fd, self._rows, len(self._rows), procs, room, nprocs)
             if found == -1:
                 raise OSError(_ffi.errno, os.strerror(_ffi.errno))
             if found == -2:
@@ -368,41 +303,30 @@ class ProcfsSource:
             if found > len(self._rows):
                 self._rows = _ffi.new("struct kvm_census_row[]", 2 * found)  # many kinds: grow
             elif nprocs[0] > room:
-                room = 2 * nprocs[0]
-                procs = self._procs = _ffi.new("struct kvm_usage_row[]", room)
-                if listed is not None:
-                    rows = self._proc_rows = _ffi.new("struct kvm_proc_row[]", room)
+                room = self._room = nprocs[0] + nprocs[0] // 8 + 64
+                procs = _new_uncleared("struct kvm_usage_row[]", room)
             else:
                 break
         if usage is not None:
             records = _ffi.buffer(procs, nprocs[0] * _USAGE_ROW.size)
             usage.extend(map(itemgetter(0), _USAGE_RECORD.iter_unpack(records)))
-        if listed is not None:
-            listed += self._records(rows, nprocs[0], self._boot_time())
         return [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
 
-    def _scan(
-        self, dir_fd: int, boot: int, real_uid: bool, usage: list[bytes] | None = None
-    ) -> list[Proc]:
-        """Every process in Python; with ``usage``, each one's usage row too."""
+    def _scan(self, dir_fd: int, boot: int) -> list[Proc]:
+        """Every process in Python, from its PID/stat and PID/status."""
         out: list[Proc] = []
         for pid in os.listdir(dir_fd):
             if not pid.isdigit():
                 continue
             try:
                 stat = _read(pid + "/stat", dir_fd, _READ_SIZE)
-                if real_uid:
-                    status = _read(pid + "/status", dir_fd, _READ_SIZE)
-                    ruid, uid = _status_uids(status) if status else (-1, -1)
-                else:
-                    ruid, uid = -1, os.stat(pid, dir_fd=dir_fd).st_uid
+                status = _read(pid + "/status", dir_fd, _READ_SIZE)
             except _VANISHED:
                 continue  # exited between listdir and read
-            if not stat or uid < 0:
+            if not stat or not status:
                 continue  # a pid being reaped can read as empty
+            ruid, uid = _status_uids(status)
             comm, f = parse_stat(stat, _STAT_FIELDS)
-            if usage is not None:
-                usage.append(_usage_record(int(pid), uid, f))
             tty = self._ttys.get(f[4])
             if tty is None:
                 tty = self._ttys[f[4]] = self._tty(int(f[4]))

@@ -7,14 +7,11 @@ number of distinct rows (filling at most ``cap`` of them: call again with more r
 the result exceeds ``cap``), -1 with errno set on an I/O error, or -2 for a ``stat`` no
 kernel writes. Processes that exit during the scan are skipped.
 
-``kvm_procs(dir_fd, rows, cap)`` makes the same reads and returns one record per process
-instead (the same returns: the number of processes, of which at most ``cap`` were filled),
-for the named groups. ``kvm_survey(dir_fd, rows, cap, procs, listed, pcap, nprocs)`` does the
-same read as the census and also fills one
-``kvm_usage_row`` per process (pid, starttime, uid, rss, vsize, utime, stime, minflt, majflt
-of ``PID/stat``; at most ``pcap`` of them, their number in ``*nprocs``: call again with more
-room if it exceeds ``pcap``) and, where ``listed`` is not NULL, the process's ``kvm_proc_row``
-beside it: one walk for the census, the resource accounting and the named groups.
+``kvm_survey(dir_fd, rows, cap, procs, pcap, nprocs)`` does the same read as the census and
+also fills one ``kvm_usage_row`` per process (pid, uid, and of ``PID/stat`` starttime, rss,
+vsize, ppid, num_threads, state, comm, utime, stime, minflt, majflt; at most ``pcap`` of them,
+their number in ``*nprocs``: call again with more room if it exceeds ``pcap``): one walk for
+the census, the resource accounting and the named groups.
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -29,16 +26,12 @@ ROWS = """
 struct kvm_census_row {
     uint32_t uid; uint32_t tty_nr; uint32_t threads; uint32_t count; char state;
 };
-/* The layout of kvm_exporter.records' usage rows (USAGE_*), all 64-bit. */
+/* The layout of kvm_exporter.records' usage rows (USAGE_*): 64-bit numbers and comm as
+   the kernel prints it, at most 63 bytes (do_task_stat's tcomm[64] in fs/proc/array.c). */
 struct kvm_usage_row {
     int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
-    int64_t rss; uint64_t vsize; uint64_t utime; uint64_t stime; uint64_t minflt;
-    uint64_t majflt;
-};
-struct kvm_proc_row {
-    uint32_t pid; uint32_t ppid; uint32_t uid; uint32_t tty_nr; uint32_t threads; char state;
-    char comm[64]; uint64_t utime; uint64_t stime; uint64_t starttime; uint64_t vsize;
-    uint64_t rss;
+    int64_t rss; uint64_t vsize; int64_t ppid; int64_t threads; int64_t state; char comm[64];
+    uint64_t utime; uint64_t stime; uint64_t minflt; uint64_t majflt;
 };
 """
 """The row structs, declared once for cffi and the C source alike."""
@@ -48,9 +41,7 @@ CDEF = (
     + """
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
-               struct kvm_usage_row *procs, struct kvm_proc_row *listed, int pcap,
-               int *nprocs);
-int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap);
+               struct kvm_usage_row *procs, int pcap, int *nprocs);
 """
 )
 
@@ -191,30 +182,40 @@ static int census_usage(const char *p, const char *end, uint32_t *threads,
     if (v[12] > 0xFFFFFFFFull)
         return -1;
     *threads = (uint32_t)v[12];
-    u->minflt = v[2]; u->majflt = v[4]; u->utime = v[6]; u->stime = v[7];
+    u->threads = v[12]; u->minflt = v[2]; u->majflt = v[4]; u->utime = v[6]; u->stime = v[7];
     u->start = v[14]; u->vsize = v[15]; u->rss = (int64_t)v[16];
     return 0;
 }
 
 /* Parse one PID/stat: "pid (comm) S ppid pgrp session tty_nr ... num_threads ...";
-   with u, the usage fields too. */
+   with u, comm, ppid, the state and the usage fields too. */
 static int census_parse(const char *buf, size_t n, char *state, uint32_t *tty, uint32_t *threads,
                         struct kvm_usage_row *u)
 {
-    const char *end = buf + n, *rp = memrchr(buf, ')', n);
-    uint32_t ignored;
-    if (rp == NULL || memchr(buf, '(', (size_t)(rp - buf)) == NULL || end - rp < 4
+    const char *end = buf + n, *rp = memrchr(buf, ')', n), *lp;
+    uint32_t ppid, ignored;
+    if (rp == NULL || (lp = memchr(buf, '(', (size_t)(rp - buf))) == NULL || end - rp < 4
         || rp[1] != ' ' || rp[3] != ' ')
         return -1;
     *state = rp[2];
     const char *p = rp + 4;
-    for (int i = 0; i < 3; i++) /* ppid pgrp session */
+    if (census_number(&p, end, 0, &ppid) != 0)
+        return -1;
+    for (int i = 0; i < 2; i++) /* pgrp session */
         if (census_number(&p, end, 0, &ignored) != 0)
             return -1;
     if (census_number(&p, end, 1, tty) != 0)
         return -1;
-    if (u != NULL)
+    if (u != NULL) {
+        size_t len = (size_t)(rp - lp - 1);
+        if (len > sizeof u->comm - 1)
+            len = sizeof u->comm - 1;
+        memset(u->comm, 0, sizeof u->comm); /* equal processes, equal bytes */
+        memcpy(u->comm, lp + 1, len);
+        u->ppid = ppid;
+        u->state = (unsigned char)*state;
         return census_usage(p, end, threads, u);
+    }
     if (census_skip(&p, end, 12) != 0 || census_number(&p, end, 0, threads) != 0)
         return -1;
     return 0;
@@ -292,13 +293,9 @@ static int walk_procs(int dir_fd, proc_fn each, void *ctx)
     return ret;
 }
 
-static int procs_fill(struct kvm_proc_row *r, const char *pid, uint32_t uid, const char *stat,
-                      size_t n);
-
 struct survey_out {
     struct census_table t;
     struct kvm_usage_row *procs;
-    struct kvm_proc_row *listed;
     size_t pcap, np;
 };
 
@@ -317,8 +314,6 @@ static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *sta
             scratch.uid = uid;
             scratch.jid = 0;
             out->procs[out->np] = scratch;
-            if (out->listed != NULL && procs_fill(&out->listed[out->np], pid, uid, stat, n) != 0)
-                return -2;
         }
         out->np++;
     }
@@ -330,11 +325,10 @@ static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *sta
 }
 
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
-               struct kvm_usage_row *procs, struct kvm_proc_row *listed, int pcap,
-               int *nprocs)
+               struct kvm_usage_row *procs, int pcap, int *nprocs)
 {
     struct survey_out out = {
-        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, listed, (size_t)(pcap > 0 ? pcap : 0), 0
+        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, (size_t)(pcap > 0 ? pcap : 0), 0
     };
     int ret, saved;
 
@@ -360,63 +354,7 @@ int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
 
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 {
-    return kvm_survey(dir_fd, rows, cap, NULL, NULL, 0, NULL);
-}
-
-/* One PID/stat into a record: comm, state, ppid, tty_nr, and the usage fields census_usage
-   reads. comm fits: the kernel prints at most 63 bytes of it (do_task_stat's tcomm[64] in
-   fs/proc/array.c). */
-static int procs_parse(const char *buf, size_t n, struct kvm_proc_row *r)
-{
-    const char *end = buf + n, *rp = memrchr(buf, ')', n), *lp = memchr(buf, '(', n);
-    struct kvm_usage_row u;
-    uint32_t ignored;
-    if (rp == NULL || lp == NULL || lp > rp || end - rp < 4 || rp[1] != ' ' || rp[3] != ' ')
-        return -1;
-    size_t len = (size_t)(rp - lp - 1);
-    if (len > sizeof r->comm - 1)
-        len = sizeof r->comm - 1;
-    memcpy(r->comm, lp + 1, len);
-    r->comm[len] = '\0';
-    r->state = rp[2];
-    const char *p = rp + 4;
-    if (census_number(&p, end, 0, &r->ppid) != 0 || census_number(&p, end, 0, &ignored) != 0
-        || census_number(&p, end, 0, &ignored) != 0 || census_number(&p, end, 1, &r->tty_nr) != 0
-        || census_usage(p, end, &r->threads, &u) != 0)
-        return -1;
-    r->utime = u.utime; r->stime = u.stime; r->starttime = u.start; r->vsize = u.vsize;
-    r->rss = (uint64_t)u.rss;
-    return 0;
-}
-
-/* One process's record: its PID/stat, its pid and the owner of PID. */
-static int procs_fill(struct kvm_proc_row *r, const char *pid, uint32_t uid, const char *stat,
-                      size_t n)
-{
-    if (procs_parse(stat, n, r) != 0)
-        return -1;
-    r->pid = (uint32_t)strtoul(pid, NULL, 10);
-    r->uid = uid;
-    return 0;
-}
-
-struct procs_out { struct kvm_proc_row *rows; int cap, n; };
-
-static int procs_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
-{
-    struct procs_out *out = ctx;
-    if (out->n < out->cap && procs_fill(&out->rows[out->n], pid, uid, stat, n) != 0)
-        return -2;
-    if (out->n < 0x7FFFFFFF)
-        out->n++;
-    return 0;
-}
-
-int kvm_procs(int dir_fd, struct kvm_proc_row *rows, int cap)
-{
-    struct procs_out out = { rows, cap, 0 };
-    int ret = walk_procs(dir_fd, procs_each, &out);
-    return ret != 0 ? ret : out.n;
+    return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
 }
 """
 )
