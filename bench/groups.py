@@ -5,15 +5,17 @@ Starts N idle processes (``../shared/bench/idlekids.c``), then measures, with pr
 
 - in-process, the way ``floor.c`` times itself (median CPU of ``--polls`` polls): a whole
   ``Poller.poll()`` with groups at steady state (every process already named), the same with
-  10% of the processes new at each poll (their names forgotten before the poll, untimed: each
-  poll then reads those arguments again and names them, as for new processes), the first poll
-  (every process new), and a poll without groups; ``floor -s`` (stat + status per pid, what a
-  poll with groups reads) and ``floor`` (stat + stat(), the census) as the C floors;
+  10% of the processes new at each poll (``cputime.Churn``: their records' start moved, as
+  if each pid had been reused, so the poll names them and reads their arguments), the first
+  poll (every process new), and a poll without groups; and ``floor`` (stat + stat() per pid,
+  what a poll reads) as the C floor, in the same round: ``--rounds`` rounds alternate the
+  two, so a change of the machine's load shows in both;
 - as processes: process-exporter (``-threads=false -gather-smaps=false``, its leanest) and
   kvm_exporter with ``interval: 0`` (a poll per scrape), each scraped ``--scrapes`` times;
   CPU per scrape = utime+stime of the process over the scrapes; RSS after.
 
-Prints one JSON object. Usage: python bench/groups.py [--n 10000] [--polls 10] [--scrapes 5]
+Prints one JSON object. Usage:
+python bench/groups.py [--n 10000] [--polls 10] [--scrapes 5] [--rounds 3] [--no-resources]
 """
 
 from __future__ import annotations
@@ -86,16 +88,28 @@ def scrape_cpu(cmd: list[str], port: int, scrapes: int) -> dict[str, float]:
         proc.wait(timeout=30)
 
 
-def floor(binary: str, *args: str) -> float:
-    out = subprocess.run([binary, "20", *args], capture_output=True, text=True, check=True)
+def floor(binary: str) -> float:
+    out = subprocess.run([binary, "20"], capture_output=True, text=True, check=True)
     values = dict(kv.split("=") for kv in out.stdout.split())
     return float(values["cpu_med_ms"])
 
 
-def in_process(config: Path, polls: int) -> dict[str, float]:
-    settings = Settings(groups=load_config(str(config)).groups.process_names)
-    source = ProcfsSource()
-    return {"pids": len(source.procs()), **group_poll_costs(source, settings, polls)}
+def in_process(config: Path, polls: int, resources: bool) -> dict[str, float]:
+    rules = load_config(str(config)).groups.process_names
+    settings = Settings(groups=rules, resources=("user",) if resources else None)
+    return group_poll_costs(ProcfsSource(), settings, polls)
+
+
+def rounds(binary: str, config: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The C floor and the in-process polls, alternated ``args.rounds`` times."""
+    each = []
+    for _ in range(args.rounds):
+        floor_ms = floor(binary)
+        costs = in_process(config, args.polls, args.resources)
+        ratio = costs["steady_poll_cpu_ms"] / floor_ms
+        each.append({"floor_stat_cpu_ms": floor_ms, **costs, "steady_over_floor": round(ratio, 3)})
+    ratios = sorted(r["steady_over_floor"] for r in each)
+    return {"rounds": each, "steady_over_floor_median": ratios[len(ratios) // 2]}
 
 
 def main() -> None:
@@ -103,12 +117,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10000)
     parser.add_argument("--polls", type=int, default=10)
     parser.add_argument("--scrapes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-resources", dest="resources", action="store_false", help="groups alone"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvm-groups-bench."))
     pe_config = tmp / "pe-comm.yml"
     shutil.copy(SHARED / "pe-comm.yml", pe_config)
     kvm_config = tmp / "kvm.yml"
-    kvm_config.write_text(f"interval: 0\ngroups:\n  config_file: {pe_config}\n")
+    resources = "" if args.resources else "resources:\n  enabled: false\n"
+    kvm_config.write_text(f"interval: 0\ngroups:\n  config_file: {pe_config}\n{resources}")
     idle = build(tmp, "idlekids")
     floor_bin = build(tmp, "floor")
     uids = "0,65534" if os.getuid() == 0 else str(os.getuid())
@@ -118,9 +137,7 @@ def main() -> None:
     try:
         assert kids.stdout is not None and kids.stdout.readline().startswith("ready")
         result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
-        result["floor_stat_status_cpu_ms"] = floor(floor_bin, "-s")
-        result["floor_stat_cpu_ms"] = floor(floor_bin)
-        result.update(in_process(kvm_config, args.polls))
+        result.update(rounds(floor_bin, kvm_config, args))
         port = free_port()
         pe = [
             "/usr/bin/prometheus-process-exporter",

@@ -4,8 +4,9 @@ A generated scenario (``freebsd_aggregate.scenario``, plus an ``argv`` per proce
 programs, each with a ``--pool=`` argument) and process-exporter's ``cmdline`` catch-all with
 a capture. Prints one JSON object, median CPU in milliseconds of a whole ``Poller.poll()``:
 the first poll (every process new: one ``kvm_getargv`` each), a steady-state poll (no
-``kvm_getargv`` at all), one with 10% of the processes new (their names forgotten, untimed,
-before the poll), and a poll without groups (the census).
+``kvm_getargv`` at all), one with 10% of the processes new (``cputime.Churn``: their
+records' start moved, as if each pid had been reused), and a poll without groups (the
+census).
 """
 
 from __future__ import annotations
