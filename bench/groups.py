@@ -38,7 +38,12 @@ from kvm_exporter.config import load_config
 from kvm_exporter.poller import Settings
 from kvm_exporter.sources.procfs import ProcfsSource
 
-SHARED = Path(__file__).resolve().parent.parent.parent.parent / "shared" / "bench"
+SHARED = Path(
+    os.environ.get(
+        "SHARED_BENCH", Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+    )
+)
+"""``../shared/bench`` from the repository, as in ``run.sh``."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

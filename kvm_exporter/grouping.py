@@ -29,7 +29,7 @@ from .records import (
     comm_of,
 )
 from .states import STATES
-from .usage import Accounts, Grouping, GroupKey, Tracker
+from .usage import Accounts, Grouping, GroupKey, Tally, Tracker
 
 
 class GroupCounts(NamedTuple):
@@ -97,19 +97,25 @@ class Grouper:
             counts = counts._replace(folded=len(processes) - len(kept))
         if self._accounts is None:
             return counts
+        return counts._replace(counters=self._counters(tally, group, counts.processes))
+
+    def _counters(
+        self, tally: Tally, group: Callable[[tuple[str, str]], str], processes: dict[str, int]
+    ) -> dict[tuple[str, str], dict[str, float]]:
+        """Each group's counter totals, its (name, state) increments summed under ``group``."""
+        assert self._accounts is not None
         increments: dict[GroupKey, list[int]] = {}
         for key, grew in tally.increments.items():
             if key is not None:
                 total = increments.setdefault(group(cast(tuple[str, str], key)), [0] * len(grew))
                 for i, amount in enumerate(grew):
                     total[i] += amount
-        gauges: dict[GroupKey, list[int]] = {n: [k, 0, 0, 0] for n, k in counts.processes.items()}
+        gauges: dict[GroupKey, list[int]] = {g: [n, 0, 0, 0] for g, n in processes.items()}
         totals = self._accounts.add(tally._replace(gauges=gauges, increments=increments), _one)
-        counters = {
+        return {
             column: {key[0]: total for key, total in series.items()}
             for column, series in totals.counters.items()
         }
-        return counts._replace(counters=counters)
 
     def _count(
         self,

@@ -2,9 +2,10 @@
 
 Two steps, both pure (no Prometheus, no platform):
 
-- :class:`Tracker` keeps each process's last row, keyed by pid and start time, and turns a
-  poll's rows into per-group gauges and the counters' *increments* since the last poll. Which
-  group a process is in is one pluggable step, a :class:`Grouping` (user, jail, cgroup today).
+- :class:`Tracker` keeps each process's last record, keyed by pid and start time, and turns a
+  poll's records into per-group gauges and the counters' *increments* since the last poll.
+  Which group a process is in is one pluggable step, a :class:`Grouping` (user, jail, cgroup
+  here; the named groups of ``grouping.py``).
 - :class:`Accounts` names the groups, folds the smallest into ``other`` under the series cap
   and keeps each counter at the series level, so folding, pid reuse, a uid change or an exit
   never makes a counter go down or jump.
