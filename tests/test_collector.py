@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,37 @@ def test_collect_on_scrape_polls_each_time(fixture_root: Path) -> None:
     registry.get_sample_value("kvm_up")
     registry.get_sample_value("kvm_up")
     assert poller.snapshot().polls >= 3
+
+
+class ThreadsOf(ProcfsSource):
+    """A procfs source that notes the thread of each survey."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.threads: list[str] = []
+
+    def survey(self) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().survey()
+
+
+def test_collect_on_scrape_polls_on_the_pollers_thread(fixture_root: Path) -> None:
+    """A scrape asks the started poller's thread for a poll and waits: one thread allocates a
+    poll's memory, not every web worker (each would keep its own glibc heap)."""
+    source = ThreadsOf(str(fixture_root))
+    poller = Poller(source, Settings(interval=0))
+    poller.start()
+    try:
+        first = poller.snapshot().polls
+        scrapers = [threading.Thread(target=poller.snapshot, name=f"web{i}") for i in range(4)]
+        for scraper in scrapers:
+            scraper.start()
+        for scraper in scrapers:
+            scraper.join(timeout=30)
+        assert poller.snapshot().polls > first  # each scrape waited for a poll of its own
+    finally:
+        poller.stop()
+    assert source.threads and set(source.threads) == {"poller"}
 
 
 def test_cached_exposition_changes_with_each_poll(tmp_path: Path) -> None:
