@@ -52,12 +52,15 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=500, help="RSS sample period, in scrapes")
     parser.add_argument("--pool", type=int, default=200)
     parser.add_argument("--port", type=int, default=19182)
+    parser.add_argument("--groups", action="store_true", help="named groups too, one per comm")
     parser.add_argument(
         "--exporter", default=os.path.join(os.path.dirname(sys.executable), "kvm_exporter")
     )
     args = parser.parse_args()
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as config:
         config.write("interval: 0\n")
+        if args.groups:  # process-exporter's pe-comm.yml, inline
+            config.write("groups:\n  process_names: [{name: '{{.Comm}}', cmdline: ['.*']}]\n")
         config.flush()
         exporter = subprocess.Popen(
             [
@@ -100,7 +103,8 @@ def main() -> None:
                 churner.join()
             exporter.terminate()
             exporter.wait()
-    print(f"{args.scrapes} scrapes (= polls) in {elapsed:.0f} s, churn pool {args.pool}")
+    groups = ", named groups" if args.groups else ""
+    print(f"{args.scrapes} scrapes (= polls) in {elapsed:.0f} s, churn pool {args.pool}{groups}")
     print("| scrapes | RSS MiB |\n|---:|---:|")
     for i, rss in samples:
         print(f"| {i} | {rss:.1f} |")
