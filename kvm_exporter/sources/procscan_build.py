@@ -412,6 +412,7 @@ void kvm_gather(const char *records, int count, int size, const struct kvm_field
     for (int i = 0; i < count; i++) {
         const char *r = records + (size_t)i * (size_t)size;
         char *row = rows + (size_t)i * (size_t)rowsize;
+        int state = -1; /* computed once per record, for however many fields want it */
         for (int f = 0; f < nfields; f++) {
             const struct kvm_field *d = &fields[f];
             char *to = row + d->dst;
@@ -435,7 +436,9 @@ void kvm_gather(const char *records, int count, int size, const struct kvm_field
                 memcpy(to, &u, sizeof u);
                 break;
             case KVM_STATE:
-                *to = (char)gather_state(r, states);
+                if (state < 0)
+                    state = gather_state(r, states);
+                *to = (char)state;
                 break;
             }
         }
