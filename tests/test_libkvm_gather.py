@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import random
 import re
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -189,12 +190,19 @@ def test_census_rows_of_every_layout(record_type: str, gather_path: str) -> None
     assert {row[3] for row in expected} >= {"idle", "sleeping", "uninterruptible", "unknown"}
     usage = libkvm._gather(array, n, libkvm._gather_of(record_type, True, False, False))
     both = libkvm._gather(array, n, libkvm._gather_of(record_type, True, True, False))
+    u, c = libkvm._USAGE_ROW.size, libkvm._ROW.size
     assert both == b"".join(
-        u + c
-        for (u,), (c,) in zip(
-            libkvm._USAGE_RECORD.iter_unpack(usage), libkvm._ROWS.iter_unpack(rows), strict=True
-        )
+        usage[i * u : (i + 1) * u] + rows[i * c : (i + 1) * c] for i in range(n)
     )
+    gather = libkvm._gather_of(record_type, True, True, False)
+    assert libkvm._usage_records(both, gather) == [usage[i * u : (i + 1) * u] for i in range(n)]
+    # The census rows counted: each distinct one once, in the order first seen.
+    counted = Counter(bytes(rows[i * c : (i + 1) * c]) for i in range(n))
+    assert 1 < len(counted) < n
+    expected_counts = (b"".join(counted), list(counted.values()))
+    assert libkvm._counted(both, n, gather) == expected_counts
+    census_only = libkvm._gather_of(record_type, False, True, False)
+    assert libkvm._counted(rows, n, census_only) == expected_counts
 
 
 def test_no_records_gather_no_rows(gather_path: str) -> None:

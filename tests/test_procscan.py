@@ -14,6 +14,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -456,3 +457,27 @@ def test_kvm_gather_state_comes_from_the_tables() -> None:
     for (stat, tdflags, slptime), r in zip(cases, struct.iter_unpack("4B", rows), strict=True):
         code = 4 * (stat % 3) | (2 if tdflags & 8 else 0) | (slptime >= 20)
         assert r == ((code * 7 + 1) % 256, 0, 0, (code * 7 + 1) % 256)
+
+
+def count_keys(rows: bytes, count: int, rowsize: int, keyoff: int, keysize: int) -> list[Any]:
+    """kvm_count's distinct keys (in the order first seen) and their counts."""
+    keys, counts = bytearray(max(count, 1) * keysize), ffi.new("uint32_t[]", max(count, 1))
+    n = lib.kvm_count(
+        ffi.from_buffer(rows), count, rowsize, keyoff, keysize, ffi.from_buffer(keys), counts
+    )
+    assert n >= 0
+    return [(bytes(keys[i * keysize : (i + 1) * keysize]), counts[i]) for i in range(n)]
+
+
+def test_kvm_count_counts_equal_keys_in_the_order_first_seen() -> None:
+    rng = random.Random(13)
+    for keysize in (1, 5, 8, 24, 27):
+        keys = [bytes(rng.getrandbits(8) for _ in range(keysize)) for _ in range(40)]
+        keys += [k[:-1] + bytes([k[-1] ^ 1]) for k in keys[:5]]  # differ in the last byte only
+        chosen = [rng.choice(keys) for _ in range(3000)]
+        # each key between 3 bytes of noise before and 2 after, which the count must ignore
+        rows = b"".join(os.urandom(3) + k + os.urandom(2) for k in chosen)
+        expected = list(Counter(chosen).items())
+        assert count_keys(rows, len(chosen), keysize + 5, 3, keysize) == expected
+    assert count_keys(b"", 0, 24, 0, 24) == []
+    assert count_keys(b"\0" * 24 * 1000, 1000, 24, 0, 24) == [(b"\0" * 24, 1000)]

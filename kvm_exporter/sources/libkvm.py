@@ -165,14 +165,10 @@ class LibkvmSource:
                 # The array belongs to libkvm and the next call frees it: the rows are a copy.
                 with memoryview(ffi.buffer(base, count * gather.size)) as array:
                     rows = _gather(array, count, gather)
-                if listed:
-                    records = list(map(itemgetter(0), _USAGE_RECORD.iter_unpack(rows)))
-                elif usage:
-                    pairs = list(_PAIR.iter_unpack(rows))
-                    records = list(map(itemgetter(0), pairs))
-                    census = self._census_of(Counter(map(itemgetter(1), pairs)))
-                else:
-                    census = self._census_of(Counter(map(itemgetter(0), _ROWS.iter_unpack(rows))))
+                if usage:
+                    records = _usage_records(rows, gather)
+                if not listed:
+                    census = self._census_of(*_counted(rows, count, gather))
         if self._per_thread:
             records = _fold_thread_usage(records, sum_counters=not self.crash_dump)
         return Survey(census, records, clock)
@@ -188,11 +184,11 @@ class LibkvmSource:
         # (p_rux) in every row.
         return _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
 
-    def _census_of(self, counts: Counter[bytes]) -> Census:
-        """The census of process records counted by their census :data:`_ROW` (the caller
-        holds the lock): only each distinct row becomes a
-        :data:`~kvm_exporter.records.Kind`."""
-        distinct = list(_ROW.iter_unpack(b"".join(counts)))
+    def _census_of(self, rows: bytes, counts: list[int]) -> Census:
+        """The census of process records from their distinct census :data:`_ROW` ``rows``
+        and how many records have each (the caller holds the lock): only each distinct row
+        becomes a :data:`~kvm_exporter.records.Kind`."""
+        distinct = list(_ROW.iter_unpack(rows))
         # A tty name once per device, not per process; devname_r writes self._devname,
         # so the caller holds the lock.
         ttys: dict[int, str] = {}
@@ -208,10 +204,10 @@ class LibkvmSource:
                 strict=True,
             )
         )
-        census = dict(zip(kinds, counts.values(), strict=True))
+        census = dict(zip(kinds, counts, strict=True))
         if len(census) < len(kinds):  # two devices with one name, or both without one
             census = {}
-            for kind, n in zip(kinds, counts.values(), strict=True):
+            for kind, n in zip(kinds, counts, strict=True):
                 census[kind] = census.get(kind, 0) + n
         return census
 
@@ -637,10 +633,6 @@ _CENSUS_COLUMNS: Columns = (
     (("ki_jid",), 20, "i"),
 )
 """Each field of a census :data:`_ROW`, as :data:`_USAGE_COLUMNS` for a usage row."""
-_ROWS = struct.Struct(f"{_ROW.size}s")
-_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
-_PAIR = struct.Struct(f"{_USAGE_ROW.size}s{_ROW.size}s")
-"""A usage record and a census row, gathered side by side in one pass."""
 _FORMATS: dict[str, str] = {
     "uint8_t": "B",
     "int32_t": "i",
@@ -681,8 +673,8 @@ _GATHERS: dict[tuple[str, bool, bool, bool], _Gather] = {}
 
 def _gather_of(record_type: str, usage: bool, census: bool, dump: bool) -> _Gather:
     """The gather of ``record_type`` into usage records, census rows or both side by side
-    (:data:`_PAIR`), from its cffi declaration (once per kind). A crash dump's usage state
-    is ki_stat as it is."""
+    (a usage record, then a census row), from its cffi declaration (once per kind). A crash
+    dump's usage state is ki_stat as it is."""
     key = (record_type, usage, census, dump)
     gather = _GATHERS.get(key)
     if gather is not None:
@@ -791,6 +783,36 @@ def _gather(records: memoryview, count: int, gather: _Gather) -> bytearray:
             width = struct.calcsize(write)
             out.cast(write)[field.at // width :: gather.row // width] = column
     return rows
+
+
+def _usage_records(rows: bytearray, gather: _Gather) -> list[bytes]:
+    """The usage record of each row: its first :data:`_USAGE_ROW` bytes (a census row may
+    follow)."""
+    record = struct.Struct(f"{_USAGE_ROW.size}s{gather.row - _USAGE_ROW.size}x")
+    return list(map(itemgetter(0), record.iter_unpack(rows)))
+
+
+def _counted(rows: bytearray, count: int, gather: _Gather) -> tuple[bytes, list[int]]:
+    """The census rows (the last :data:`_ROW` bytes of each row) counted: each distinct one
+    once, in the order first seen, and how many rows have it."""
+    at = gather.row - _ROW.size
+    if _gather_lib is None:
+        counter = Counter(map(itemgetter(0), struct.Struct(f"{at}x{_ROW.size}s").iter_unpack(rows)))
+        return b"".join(counter), list(counter.values())
+    keys = bytearray(count * _ROW.size)
+    counts = _gather_ffi.new("uint32_t[]", count)
+    n = _gather_lib.kvm_count(
+        _gather_ffi.from_buffer(rows),
+        count,
+        gather.row,
+        at,
+        _ROW.size,
+        _gather_ffi.from_buffer(keys),
+        counts,
+    )
+    if n < 0:
+        raise MemoryError("kvm_count: out of memory")
+    return bytes(keys[: n * _ROW.size]), list(counts[0:n])
 
 
 def _column(records: memoryview, count: int, size: int, offset: int, fmt: _IntFormat) -> Any:

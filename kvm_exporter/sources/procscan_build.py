@@ -20,6 +20,9 @@ the records: each ``kvm_field`` names a source offset and width, a destination o
 what to do (copy the bytes, widen a signed or unsigned integer to 64 bits, or write the
 record's state, an index that ``states``' translation tables give). It knows no kernel
 header: the offsets come from the caller, so it compiles on Linux and FreeBSD alike.
+``kvm_count(rows, count, rowsize, keyoff, keysize, keys, counts)`` then counts equal keys
+(``keysize`` bytes at ``keyoff`` of each row): each distinct key once in ``keys``, in the
+order first seen, its number of rows in ``counts``; it returns how many (-1 if out of memory).
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -58,6 +61,8 @@ CDEF = (
     + """
 void kvm_gather(const char *records, int count, int size, const struct kvm_field *fields,
                 int nfields, const struct kvm_states *states, char *rows, int rowsize);
+int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize, char *keys,
+              uint32_t *counts);
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, int pcap, int *nprocs);
@@ -443,6 +448,50 @@ void kvm_gather(const char *records, int count, int size, const struct kvm_field
             }
         }
     }
+}
+
+/* Keys of up to any size, compared whole; a hash of their 8-byte words (and any rest). */
+static uint64_t count_hash(const char *key, int keysize)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull, w;
+    int i = 0;
+    for (; i + 8 <= keysize; i += 8) {
+        memcpy(&w, key + i, 8);
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4Full;
+        h ^= h >> 31;
+    }
+    for (; i < keysize; i++)
+        h = (h ^ (unsigned char)key[i]) * 0x165667B19E3779F9ull;
+    return h ^ (h >> 29);
+}
+
+int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize, char *keys,
+              uint32_t *counts)
+{
+    size_t cap = 16, n = 0;
+    while (cap < 2 * (size_t)(count > 0 ? count : 0))
+        cap *= 2;
+    uint32_t *slots = calloc(cap, sizeof *slots); /* 0 free, else the key's index + 1 */
+    if (slots == NULL)
+        return -1;
+    for (int i = 0; i < count; i++) {
+        const char *key = rows + (size_t)i * (size_t)rowsize + keyoff;
+        for (size_t j = count_hash(key, keysize) & (cap - 1);; j = (j + 1) & (cap - 1)) {
+            uint32_t s = slots[j];
+            if (s == 0) {
+                memcpy(keys + n * (size_t)keysize, key, (size_t)keysize);
+                counts[n++] = 1;
+                slots[j] = (uint32_t)n;
+                break;
+            }
+            if (memcmp(keys + (size_t)(s - 1) * (size_t)keysize, key, (size_t)keysize) == 0) {
+                counts[s - 1]++;
+                break;
+            }
+        }
+    }
+    free(slots);
+    return (int)n;
 }
 """
 )
