@@ -592,8 +592,8 @@ USAGE_SPEC = UsageSpec(
 
 _STATE = ("state",)
 """In a column list: the record's state (an index of :data:`_STATE_WORDS`), one byte."""
-Columns = tuple[tuple[tuple[str, ...], int, str], ...]
-_USAGE_COLUMNS: Columns = (
+_Columns = tuple[tuple[tuple[str, ...], int, str], ...]
+_USAGE_COLUMNS: _Columns = (
     (("ki_pid",), 0, "i"),
     (("ki_start", "tv_sec"), 8, "q"),
     (("ki_start", "tv_usec"), 16, "q"),
@@ -625,7 +625,7 @@ _USAGE_COLUMNS: Columns = (
 )
 """Each field of a :data:`_USAGE_ROW`: where it comes from in a kinfo_proc (a path of
 member names), its offset in the row and its struct format there."""
-_CENSUS_COLUMNS: Columns = (
+_CENSUS_COLUMNS: _Columns = (
     (("ki_tdev",), 0, "Q"),
     (("ki_uid",), 8, "I"),
     (("ki_numthreads",), 12, "i"),
