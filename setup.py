@@ -1,8 +1,9 @@
-"""Adds the optional compiled /proc census (cffi API mode); everything else is in pyproject.toml.
+"""Adds the optional compiled loops (cffi API mode); everything else is in pyproject.toml.
 
-Linux only: it reads /proc, and FreeBSD installs stay compiler-free. Without a compiler or
-Python's headers the extension is skipped (``optional``) and the exporter uses its
-pure-Python path. The builder is loaded by file path: the package's own dependencies do not
+Linux and FreeBSD: the /proc census on the one, the gather of kinfo_proc records on the
+other (the C knows no FreeBSD header). Without a compiler or Python's headers the extension
+is skipped (``optional``) and the exporter uses its pure-Python path, so an install needs no
+compiler. The builder is loaded by file path: the package's own dependencies do not
 exist yet at build time.
 """
 
@@ -16,7 +17,7 @@ from setuptools.command.build_py import build_py
 
 
 def _extensions() -> list[object]:
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith(("linux", "freebsd")):
         return []
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location(

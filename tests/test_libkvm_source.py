@@ -756,38 +756,6 @@ def test_census_of_a_random_host(
 RECORD_TYPES = sorted({t for types in KINFO_PROC_TYPES.values() for t in types.values()})
 
 
-@pytest.mark.parametrize("record_type", RECORD_TYPES)
-def test_census_rows_of_every_layout(record_type: str) -> None:
-    """The rows of any kinfo_proc layout (32-bit ones too) hold what cffi reads."""
-    rng = random.Random(record_type)
-    n = 500
-    records = ffi.new(f"{record_type}[]", n)
-    tdflags_bits = ffi.sizeof(ffi.typeof(records[0]).fields[-1][1].type) * 8
-    expected = []
-    for kp in records:
-        kp.ki_structsize = ffi.sizeof(record_type)
-        kp.ki_pid = rng.randrange(2**31)  # not read: noise around what is
-        kp.ki_uid = rng.choice([0, 1001, 2**32 - 1, rng.randrange(2**32)])
-        kp.ki_tdev = rng.choice([2**64 - 1, 0x95, rng.randrange(2**64)])
-        kp.ki_stat = rng.choice([3, 3, 3, 1, 2, 4, 5, 6, 7, 0, 8, 255])
-        kp.ki_tdflags = rng.choice([0, 8, -8, rng.randrange(-(2 ** (tdflags_bits - 1)), 0)])
-        kp.ki_slptime = rng.choice([0, MAXSLP - 1, MAXSLP, 255, 256, rng.randrange(2**32)])
-        kp.ki_numthreads = rng.choice([1, 4, -1, 2**31 - 1, -(2**31)])
-        kp.ki_jid = rng.choice([0, 0, 3, 2**31 - 1])
-        kp.ki_comm = b"x" * 19
-        state = freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime)
-        expected.append((kp.ki_tdev, kp.ki_uid, kp.ki_numthreads, state, kp.ki_jid))
-    layout = libkvm._census_layout(record_type)
-    assert layout.structsize == ffi.sizeof(record_type)
-    rows = libkvm._census_rows(memoryview(ffi.buffer(records)), n, layout)
-    got = [
-        (tdev, uid, threads, libkvm._STATE_WORDS[state], jid)
-        for tdev, uid, threads, state, jid in libkvm._ROW.iter_unpack(rows)
-    ]
-    assert got == expected
-    assert {row[3] for row in expected} >= {"idle", "sleeping", "uninterruptible", "unknown"}
-
-
 def test_state_tables_agree_with_freebsd_state() -> None:
     for stat in range(256):
         for tdflags in (0, 8, 0x7F7, -1, 2**40):

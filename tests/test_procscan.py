@@ -10,9 +10,11 @@ import errno
 import os
 import random
 import shutil
+import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,3 +375,109 @@ def test_survey_on_random_garbage_never_crashes(tmp_path: Path) -> None:
                 assert lib.kvm_survey(fd, kinds, 2, rows, 2, nprocs) in (-2, 0, 1)
             finally:
                 os.close(fd)
+
+
+def gather(
+    records: bytes,
+    count: int,
+    size: int,
+    fields: list[tuple[int, ...]],
+    rowsize: int,
+    states: Any = ffi.NULL,
+) -> bytes:
+    """kvm_gather of ``count`` records into zeroed rows; fields as (src, dst, width, kind)."""
+    table = ffi.new("struct kvm_field[]", max(len(fields), 1))
+    for entry, (src, dst, width, kind) in zip(table, fields, strict=False):  # a spare one if none
+        entry.src, entry.dst, entry.width, entry.kind = src, dst, width, kind
+    rows = bytearray(count * rowsize)
+    lib.kvm_gather(
+        ffi.from_buffer(records),
+        count,
+        size,
+        table,
+        len(fields),
+        states,
+        ffi.from_buffer(rows),
+        rowsize,
+    )
+    return bytes(rows)
+
+
+def test_kvm_gather_copies_widens_and_keeps_the_rest_zero() -> None:
+    record = struct.Struct("=bhi q 5s B I Q")  # 1+2+4+8+5+1+4+8 = 33 bytes, packed
+    values = [
+        (-1, -2, -3, -4, b"ab\0cd", 0xFF, 0xFFFFFFFF, 2**64 - 1),
+        (127, 32767, 2**31 - 1, 2**63 - 1, b"\xff" * 5, 1, 7, 0),
+        (-128, -32768, -(2**31), -(2**63), b"\0" * 5, 0, 2**31, 2**63),
+    ]
+    size = record.size + 3  # records need not be aligned, nor rows
+    records = b"".join(record.pack(*v) + b"\x5a" * 3 for v in values)
+    copy, signed, unsigned = lib.KVM_COPY, lib.KVM_SIGNED, lib.KVM_UNSIGNED
+    # each field to the next 8 bytes of a row: (source offset, width, kind)
+    sources = (0, 1, 3, 7, 15, 20, 21, 25, 0, 3, 21, 3)
+    widths = (1, 2, 4, 8, 5, 1, 4, 8, 1, 4, 4, 4)
+    kinds = (signed, signed, signed, copy, copy, unsigned, unsigned, copy, unsigned, unsigned)
+    kinds += (signed, copy)
+    fields = list(zip(sources, range(0, 96, 8), widths, kinds, strict=True))
+    row = struct.Struct("=qqqq5s3xqqQQQq4s4x")
+    got = list(row.iter_unpack(gather(records, 3, size, fields, row.size)))
+    expected = [
+        (
+            b,
+            h,
+            i,
+            q,
+            s,
+            ub,
+            ui,
+            uq,
+            b & 0xFF,
+            i & 0xFFFFFFFF,
+            ui - (ui >> 31 << 32),
+            struct.pack("=i", i),
+        )
+        for b, h, i, q, s, ub, ui, uq in values
+    ]
+    assert got == expected
+    assert gather(records, 0, size, fields, row.size) == b""  # count 0: nothing touched
+    assert gather(records, 2, size, [], 8) == b"\0" * 16  # no fields: rows stay zero
+
+
+def test_kvm_gather_state_comes_from_the_tables() -> None:
+    """state = word_of[stat_code[stat] | sintr[tdflags byte] | (slptime >= maxslp)]."""
+    states = ffi.new("struct kvm_states *")
+    states.stat, states.tdflags_low, states.slptime, states.maxslp = 0, 1, 4, 20
+    states.stat_code = [4 * (i % 3) for i in range(256)]
+    states.sintr = [2 if i & 8 else 0 for i in range(256)]
+    states.word_of = [(i * 7 + 1) % 256 for i in range(256)]
+    cases = [(0, 0, 0), (1, 8, 19), (2, 0x18, 20), (5, 0xF7, 2**32 - 1), (255, 0xFF, 21)]
+    records = b"".join(struct.pack("=BB2xI", s, t, slp) for s, t, slp in cases)
+    fields = [(0, 0, 1, lib.KVM_STATE), (0, 3, 1, lib.KVM_STATE)]
+    rows = gather(records, len(cases), 8, fields, 4, states)
+    for (stat, tdflags, slptime), r in zip(cases, struct.iter_unpack("4B", rows), strict=True):
+        code = 4 * (stat % 3) | (2 if tdflags & 8 else 0) | (slptime >= 20)
+        assert r == ((code * 7 + 1) % 256, 0, 0, (code * 7 + 1) % 256)
+
+
+def count_keys(rows: bytes, count: int, rowsize: int, keyoff: int, keysize: int) -> list[Any]:
+    """kvm_count's distinct keys (in the order first seen) and their counts."""
+    keys, counts = bytearray(max(count, 1) * keysize), ffi.new("uint32_t[]", max(count, 1))
+    n = lib.kvm_count(
+        ffi.from_buffer(rows), count, rowsize, keyoff, keysize, ffi.from_buffer(keys), counts
+    )
+    assert n >= 0
+    return [(bytes(keys[i * keysize : (i + 1) * keysize]), counts[i]) for i in range(n)]
+
+
+def test_kvm_count_counts_equal_keys_in_the_order_first_seen() -> None:
+    rng = random.Random(13)
+    for keysize in (1, 5, 8, 24, 27):
+        keys = [bytes(rng.getrandbits(8) for _ in range(keysize)) for _ in range(40)]
+        keys += [k[:-1] + bytes([k[-1] ^ 1]) for k in keys[:5]]  # differ in the last byte only
+        chosen = [rng.choice(keys) for _ in range(3000)]
+        # each key between 3 bytes of noise before and 2 after, which the count must ignore
+        rows = b"".join(os.urandom(3) + k + os.urandom(2) for k in chosen)
+        expected = list(Counter(chosen).items())
+        assert count_keys(rows, len(chosen), keysize + 5, 3, keysize) == expected
+    assert count_keys(b"", 0, 24, 0, 24) == []
+    assert count_keys(b"\0" * 24 * 1000, 1000, 24, 0, 24) == [(b"\0" * 24, 1000)]

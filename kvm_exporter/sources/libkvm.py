@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from operator import itemgetter
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 from ..config import LibkvmConfig
 from ..records import (
@@ -52,6 +52,12 @@ from ..states import (
 )
 from . import kvm_cdef
 from .kvm_cdef import ffi
+
+try:
+    from ._procscan import ffi as _gather_ffi  # type: ignore[import-not-found, unused-ignore]
+    from ._procscan import lib as _gather_lib  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # built only where pip found a C compiler: the gather is then Python's
+    _gather_ffi = _gather_lib = None
 
 # kvm_getprocs(3) ops, sys/sys/sysctl.h.
 KERN_PROC_OPS: dict[str, int] = {
@@ -143,21 +149,26 @@ class LibkvmSource:
     def _survey(self, usage: bool) -> Survey:
         clock = int(time.time())  # ki_start's seconds are wall-clock time
         census: Census
+        records: list[bytes] = []
         with self._lock:
             base, count = self._getprocs()
             if count == 0:
                 return Survey({}, [], clock)
             record_type = self._record_type(base)
-            records: list[bytes] = []
-            if usage:
-                with memoryview(ffi.buffer(base, count * ffi.sizeof(record_type))) as array:
-                    records = _usage_records(array, count, record_type, self.crash_dump)
-            if self._per_thread or self.crash_dump:
-                # Thread rows fold into one process per pid with its visible threads; a
-                # crash dump's records need the per-record care of _proc (read once).
+            # Thread rows fold into one process per pid with its visible threads; a crash
+            # dump's records need the per-record care of _proc (read once).
+            listed = self._per_thread or self.crash_dump
+            if listed:
                 census = census_of(self._listed(base, count))
-            else:
-                census = self._census_locked(base, count, record_type)
+            if usage or not listed:
+                gather = _gather_of(record_type, usage, not listed, self.crash_dump)
+                # The array belongs to libkvm and the next call frees it: the rows are a copy.
+                with memoryview(ffi.buffer(base, count * gather.size)) as array:
+                    rows = _gather(array, count, gather)
+                if usage:
+                    records = _usage_records(rows, gather)
+                if not listed:
+                    census = self._census_of(*_counted(rows, count, gather))
         if self._per_thread:
             records = _fold_thread_usage(records, sum_counters=not self.crash_dump)
         return Survey(census, records, clock)
@@ -173,19 +184,11 @@ class LibkvmSource:
         # (p_rux) in every row.
         return _fold_threads(procs, sum_cpu=not self.crash_dump) if self._per_thread else procs
 
-    def _census_locked(self, base: Any, count: int, record_type: str) -> Census:
-        """The census of ``count`` process records at ``base`` (the caller holds the lock).
-
-        The six fields a kind needs are gathered from the kinfo_proc array into rows of
-        their own at C speed (strided memoryview copies), equal rows are counted as bytes,
-        and only each distinct row becomes a :data:`~kvm_exporter.records.Kind`.
-        """
-        layout = _census_layout(record_type)
-        # The array belongs to libkvm and the next call frees it: the rows are a copy.
-        with memoryview(ffi.buffer(base, count * layout.structsize)) as array:
-            rows = _census_rows(array, count, layout)
-        counts = Counter(_ROWS.iter_unpack(rows))
-        distinct = list(_ROW.iter_unpack(b"".join(map(itemgetter(0), counts))))
+    def _census_of(self, rows: bytes, counts: list[int]) -> Census:
+        """The census of process records from their distinct census :data:`_ROW` ``rows``
+        and how many records have each (the caller holds the lock): only each distinct row
+        becomes a :data:`~kvm_exporter.records.Kind`."""
+        distinct = list(_ROW.iter_unpack(rows))
         # A tty name once per device, not per process; devname_r writes self._devname,
         # so the caller holds the lock.
         ttys: dict[int, str] = {}
@@ -201,10 +204,10 @@ class LibkvmSource:
                 strict=True,
             )
         )
-        census = dict(zip(kinds, counts.values(), strict=True))
+        census = dict(zip(kinds, counts, strict=True))
         if len(census) < len(kinds):  # two devices with one name, or both without one
             census = {}
-            for kind, n in zip(kinds, counts.values(), strict=True):
+            for kind, n in zip(kinds, counts, strict=True):
                 census[kind] = census.get(kind, 0) + n
         return census
 
@@ -525,25 +528,9 @@ def op_and_argument(config: LibkvmConfig) -> tuple[int, int]:
     return op, argument
 
 
-class _CensusLayout(NamedTuple):
-    """Where a record type keeps what :meth:`LibkvmSource.census` reads: byte offsets."""
-
-    structsize: int
-    tdev: int
-    uid: int
-    numthreads: int
-    stat: int
-    tdflags_low: int
-    """The byte of ki_tdflags that holds TDF_SINTR (0x8): its least significant byte."""
-    slptime: int
-    jid: int
-
-
 _ROW = struct.Struct("=QIiB3xi")
 """A census row: ki_tdev, ki_uid, ki_numthreads, the state (an index of
 :data:`_STATE_WORDS`) and ki_jid; 24 bytes, every field aligned in it."""
-_ROWS = struct.Struct(f"{_ROW.size}s")
-_CENSUS_LAYOUTS: dict[str, _CensusLayout] = {}
 _IntFormat = Literal["B", "i", "I", "q", "Q"]
 
 
@@ -551,14 +538,14 @@ def _state_tables() -> tuple[bytes, bytes, bytes, tuple[str, ...]]:
     """Translation tables that give each record its state word at C speed.
 
     ``freebsd_state`` reads ki_stat, the TDF_SINTR bit of ki_tdflags (0x8, in its low
-    byte) and whether ki_slptime reaches MAXSLP, nothing else. Per record the census
+    byte) and whether ki_slptime reaches MAXSLP, nothing else. Per record the gather
     computes ``stat_code[ki_stat] | sintr[low byte of ki_tdflags] | slept`` (slept: 1 if
     ki_slptime >= MAXSLP), where ``stat_code`` gives every ki_stat value that behaves alike
     one code (a multiple of 4); ``word_of[that]`` is then the state's index in ``words``.
     The tables come from ``freebsd_state`` itself, so they cannot disagree with it.
     """
     if not 0 < TDF_SINTR < 0x100:
-        raise AssertionError("the census reads TDF_SINTR from the low byte of ki_tdflags")
+        raise AssertionError("the gather reads TDF_SINTR from the low byte of ki_tdflags")
     flags = [(tdflags, slptime) for tdflags in (0, TDF_SINTR) for slptime in (0, MAXSLP)]
     behaviours = [tuple(freebsd_state(stat, *f) for f in flags) for stat in range(256)]
     distinct = list(dict.fromkeys(behaviours))
@@ -574,110 +561,9 @@ def _state_tables() -> tuple[bytes, bytes, bytes, tuple[str, ...]]:
 
 _STAT_CODE, _SINTR, _WORD_OF, _STATE_WORDS = _state_tables()
 
-
-def _census_layout(record_type: str) -> _CensusLayout:
-    """The census offsets of ``record_type``, from its cffi declaration (once per type)."""
-    layout = _CENSUS_LAYOUTS.get(record_type)
-    if layout is None:
-        fields = dict(ffi.typeof(record_type).fields)
-
-        def offset(name: str, ctype: str) -> int:
-            field = fields[name]
-            if field.type.cname != ctype:  # what _census_rows copies it as
-                raise SourceError(f"{record_type}.{name} is {field.type.cname}, not {ctype}")
-            return int(field.offset)
-
-        tdflags = fields["ki_tdflags"]
-        low = 0 if sys.byteorder == "little" else ffi.sizeof(tdflags.type) - 1
-        layout = _CensusLayout(
-            structsize=ffi.sizeof(record_type),
-            tdev=offset("ki_tdev", "uint64_t"),
-            uid=offset("ki_uid", "uint32_t"),
-            numthreads=offset("ki_numthreads", "int32_t"),
-            stat=offset("ki_stat", "uint8_t"),
-            tdflags_low=int(tdflags.offset) + low,
-            slptime=offset("ki_slptime", "uint32_t"),
-            jid=offset("ki_jid", "int32_t"),
-        )
-        _CENSUS_LAYOUTS[record_type] = layout
-    return layout
-
-
-def _column(records: memoryview, count: int, size: int, offset: int, fmt: _IntFormat) -> Any:
-    """The field at ``offset`` of each of ``count`` records of ``size`` bytes: one strided
-    view, no copy."""
-    width = struct.calcsize(fmt)
-    return records[offset : offset + (count - 1) * size + width].cast(fmt)[:: size // width]
-
-
-def _state_codes(records: memoryview, count: int, layout: _CensusLayout) -> bytes:
-    """Each record's state as an index of :data:`_STATE_WORDS`, from translation tables and
-    one OR of the columns as integers: no Python object per record."""
-
-    def column(offset: int, fmt: _IntFormat) -> Any:
-        return _column(records, count, layout.structsize, offset, fmt)
-
-    def bits(column: bytes) -> int:
-        return int.from_bytes(column, "little")
-
-    slept = bytes(map(MAXSLP.__le__, column(layout.slptime, "I").tolist()))
-    states = (
-        bits(column(layout.stat, "B").tobytes().translate(_STAT_CODE))
-        | bits(column(layout.tdflags_low, "B").tobytes().translate(_SINTR))
-        | bits(slept)
-    )
-    return states.to_bytes(count, "little").translate(_WORD_OF)
-
-
-def _census_rows(records: memoryview, count: int, layout: _CensusLayout) -> bytearray:
-    """One :data:`_ROW` per record of ``records`` (``count`` records of ``layout``), each
-    field one strided copy between memoryviews."""
-    rows = bytearray(count * _ROW.size)
-    out = memoryview(rows)
-
-    def put(position: int, fmt: _IntFormat, values: Any) -> None:
-        width = struct.calcsize(fmt)
-        out.cast(fmt)[position // width :: _ROW.size // width] = values
-
-    columns: tuple[tuple[int, int, _IntFormat], ...] = (
-        (0, layout.tdev, "Q"),
-        (8, layout.uid, "I"),
-        (12, layout.numthreads, "i"),
-        (20, layout.jid, "i"),
-    )
-    for position, offset, fmt in columns:
-        put(position, fmt, _column(records, count, layout.structsize, offset, fmt))
-    put(16, "B", _state_codes(records, count, layout))
-    return rows
-
-
 _USAGE_ROW = struct.Struct("=i4xqqIiqQiiB7x20s4x10q")
 """A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width;
 the state is an index of :data:`_STATE_WORDS` (a crash dump's: ki_stat), comm is ki_comm."""
-_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
-_USAGE_STATE_AT, _USAGE_COMM_AT, _USAGE_COMM_SIZE = 56, 64, 20
-_USAGE_FIELDS = (
-    ("ki_pid",),
-    ("ki_start", "tv_sec"),
-    ("ki_start", "tv_usec"),
-    ("ki_uid",),
-    ("ki_jid",),
-    ("ki_rssize",),
-    ("ki_size",),
-    ("ki_ppid",),
-    ("ki_numthreads",),
-    ("ki_rusage", "ru_utime", "tv_sec"),
-    ("ki_rusage", "ru_utime", "tv_usec"),
-    ("ki_rusage", "ru_stime", "tv_sec"),
-    ("ki_rusage", "ru_stime", "tv_usec"),
-    ("ki_rusage", "ru_minflt"),
-    ("ki_rusage", "ru_majflt"),
-    ("ki_rusage", "ru_nvcsw"),
-    ("ki_rusage", "ru_nivcsw"),
-    ("ki_rusage", "ru_inblock"),
-    ("ki_rusage", "ru_oublock"),
-)
-"""Where each integer field of a usage row comes from in a kinfo_proc."""
 
 
 def _unknown(*_: int) -> None:
@@ -703,59 +589,257 @@ USAGE_SPEC = UsageSpec(
     start_time=lambda sec, usec: sec + usec / 1e6,
 )
 """FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts."""
-_USAGE_SLOTS: list[tuple[int, _IntFormat]] = [
-    (0, "i"),
-    (8, "q"),
-    (16, "q"),
-    (24, "I"),
-    (28, "i"),
-    (32, "q"),
-    (40, "Q"),
-    (48, "i"),
-    (52, "i"),
-    *((88 + 8 * i, "q") for i in range(10)),
-]
-"""(offset, format) of each integer field in a :data:`_USAGE_ROW`."""
-_FORMATS: dict[str, _IntFormat] = {"int32_t": "i", "uint32_t": "I", "int64_t": "q", "uint64_t": "Q"}
-_USAGE_LAYOUTS: dict[str, tuple[list[tuple[int, _IntFormat]], int, int]] = {}
+
+_STATE = ("state",)
+"""In a column list: the record's state (an index of :data:`_STATE_WORDS`), one byte."""
+_Columns = tuple[tuple[tuple[str, ...], int, str], ...]
+_USAGE_COLUMNS: _Columns = (
+    (("ki_pid",), 0, "i"),
+    (("ki_start", "tv_sec"), 8, "q"),
+    (("ki_start", "tv_usec"), 16, "q"),
+    (("ki_uid",), 24, "I"),
+    (("ki_jid",), 28, "i"),
+    (("ki_rssize",), 32, "q"),
+    (("ki_size",), 40, "Q"),
+    (("ki_ppid",), 48, "i"),
+    (("ki_numthreads",), 52, "i"),
+    (_STATE, 56, "B"),
+    (("ki_comm",), 64, "20s"),
+    *(
+        (("ki_rusage", *path), 88 + 8 * i, "q")
+        for i, path in enumerate(
+            [
+                ("ru_utime", "tv_sec"),
+                ("ru_utime", "tv_usec"),
+                ("ru_stime", "tv_sec"),
+                ("ru_stime", "tv_usec"),
+                ("ru_minflt",),
+                ("ru_majflt",),
+                ("ru_nvcsw",),
+                ("ru_nivcsw",),
+                ("ru_inblock",),
+                ("ru_oublock",),
+            ]
+        )
+    ),
+)
+"""Each field of a :data:`_USAGE_ROW`: where it comes from in a kinfo_proc (a path of
+member names), its offset in the row and its struct format there."""
+_CENSUS_COLUMNS: _Columns = (
+    (("ki_tdev",), 0, "Q"),
+    (("ki_uid",), 8, "I"),
+    (("ki_numthreads",), 12, "i"),
+    (_STATE, 16, "B"),
+    (("ki_jid",), 20, "i"),
+)
+"""Each field of a census :data:`_ROW`, as :data:`_USAGE_COLUMNS` for a usage row."""
+_FORMATS: dict[str, str] = {
+    "uint8_t": "B",
+    "int32_t": "i",
+    "uint32_t": "I",
+    "int64_t": "q",
+    "uint64_t": "Q",
+}
 
 
-def _usage_layout(record_type: str) -> tuple[list[tuple[int, _IntFormat]], int, int]:
-    """(offset, struct format) in ``record_type`` of each of :data:`_USAGE_FIELDS`, and the
-    offset and size of ki_comm."""
-    layout = _USAGE_LAYOUTS.get(record_type)
-    if layout is None:
-        fields = []
-        for path in _USAGE_FIELDS:
-            ctype, offset = ffi.typeof(record_type), 0
-            for name in path:
-                field = dict(ctype.fields)[name]
-                offset, ctype = offset + field.offset, field.type
-            fields.append((offset, _FORMATS[ctype.cname]))
-        comm = dict(ffi.typeof(record_type).fields)["ki_comm"]
-        layout = _USAGE_LAYOUTS[record_type] = (fields, comm.offset, ffi.sizeof(comm.type))
-    return layout
+class _Field(NamedTuple):
+    """One field of a gathered row: read as the struct format ``read`` at ``offset`` of a
+    record, written as ``write`` at ``at`` of the row: the same bytes, or an integer widened
+    to 64 bits; ``read`` ``"state"`` writes the record's state (one byte)."""
+
+    offset: int
+    at: int
+    read: str
+    write: str
 
 
-def _usage_records(records: memoryview, count: int, record_type: str, dump: bool) -> list[bytes]:
-    """One usage record per kinfo_proc, gathered column by column as :func:`_census_rows`
-    does: no Python object per record but its bytes. A crash dump's state is ki_stat."""
-    size, row = ffi.sizeof(record_type), _USAGE_ROW.size
-    rows = bytearray(count * row)
+class _Gather(NamedTuple):
+    """How to gather rows of ``row`` bytes from records of ``size`` bytes: the one
+    description that the compiled and the Python gather read."""
+
+    size: int
+    row: int
+    fields: tuple[_Field, ...]
+    state: tuple[int, int, int]
+    """Offsets of ki_stat, of the low byte of ki_tdflags (TDF_SINTR) and of ki_slptime."""
+    c_fields: Any
+    """The fields as ``struct kvm_field[]`` for ``kvm_gather``, None without ``_procscan``."""
+    c_states: Any
+    """``struct kvm_states`` for ``kvm_gather``, None without ``_procscan``."""
+
+
+_GATHERS: dict[tuple[str, bool, bool, bool], _Gather] = {}
+
+
+def _gather_of(record_type: str, usage: bool, census: bool, dump: bool) -> _Gather:
+    """The gather of ``record_type`` into usage records, census rows or both side by side
+    (a usage record, then a census row), from its cffi declaration (once per kind). A crash
+    dump's usage state is ki_stat as it is."""
+    key = (record_type, usage, census, dump)
+    gather = _GATHERS.get(key)
+    if gather is not None:
+        return gather
+    columns: list[tuple[tuple[str, ...], int, str]] = []
+    if usage:
+        columns += (
+            (("ki_stat",) if path == _STATE and dump else path, at, fmt)
+            for path, at, fmt in _USAGE_COLUMNS
+        )
+    if census:
+        shift = _USAGE_ROW.size if usage else 0
+        columns += ((path, at + shift, fmt) for path, at, fmt in _CENSUS_COLUMNS)
+    fields = tuple(_field(record_type, *column) for column in columns)
+    tdflags = dict(ffi.typeof(record_type).fields)["ki_tdflags"]
+    low = 0 if sys.byteorder == "little" else ffi.sizeof(tdflags.type) - 1
+    state = (
+        _field(record_type, ("ki_stat",), 0, "B").offset,
+        int(tdflags.offset) + low,
+        _field(record_type, ("ki_slptime",), 0, "I").offset,
+    )
+    row = (_USAGE_ROW.size if usage else 0) + (_ROW.size if census else 0)
+    c_fields, c_states = _c_gather(fields, state)
+    gather = _Gather(ffi.sizeof(record_type), row, fields, state, c_fields, c_states)
+    _GATHERS[key] = gather
+    return gather
+
+
+def _field(record_type: str, path: tuple[str, ...], at: int, write: str) -> _Field:
+    """The field of ``record_type`` at ``path`` to write as ``write`` at ``at`` of a row."""
+    if path == _STATE:
+        return _Field(0, at, "state", write)
+    ctype, offset = ffi.typeof(record_type), 0
+    for name in path:
+        member = dict(ctype.fields)[name]
+        offset, ctype = offset + member.offset, member.type
+    if ctype.kind == "array":
+        read = f"{ffi.sizeof(ctype)}s"
+    else:
+        read = _FORMATS.get(ctype.cname, ctype.cname)
+    widens = read in _FORMATS.values() and write in "qQ" and struct.calcsize(read) < 8
+    if read != write and not widens:
+        name = ".".join(path)
+        raise SourceError(f"{record_type}.{name} is {ctype.cname}: it cannot be read as {write!r}")
+    return _Field(int(offset), at, read, write)
+
+
+def _c_gather(fields: tuple[_Field, ...], state: tuple[int, int, int]) -> tuple[Any, Any]:
+    """``fields`` and the state tables as ``kvm_gather`` reads them (None, None without it)."""
+    if _gather_ffi is None:
+        return None, None
+    table = _gather_ffi.new("struct kvm_field[]", len(fields))
+    for entry, field in zip(table, fields, strict=True):
+        entry.src, entry.dst = field.offset, field.at
+        if field.read == "state":
+            entry.width, entry.kind = 1, _gather_ffi.integer_const("KVM_STATE")
+            continue
+        entry.width = struct.calcsize(field.read)
+        if field.read == field.write:
+            entry.kind = _gather_ffi.integer_const("KVM_COPY")
+        elif field.read.islower():
+            entry.kind = _gather_ffi.integer_const("KVM_SIGNED")
+        else:
+            entry.kind = _gather_ffi.integer_const("KVM_UNSIGNED")
+    states = _gather_ffi.new("struct kvm_states *")
+    states.stat, states.tdflags_low, states.slptime = state
+    states.maxslp = MAXSLP
+    states.stat_code, states.sintr, states.word_of = list(_STAT_CODE), list(_SINTR), list(_WORD_OF)
+    return table, states
+
+
+def _gather(records: memoryview, count: int, gather: _Gather) -> bytearray:
+    """One row per record of ``records`` (``count`` records), in one compiled pass over them
+    when ``_procscan`` is there, else field by field with strided memoryview copies: the
+    same bytes either way, padding zero."""
+    rows = bytearray(count * gather.row)
+    if count == 0:
+        return rows
+    if _gather_lib is not None and gather.c_fields is not None:
+        _gather_lib.kvm_gather(
+            _gather_ffi.from_buffer(records),
+            count,
+            gather.size,
+            gather.c_fields,
+            len(gather.fields),
+            gather.c_states,
+            _gather_ffi.from_buffer(rows),
+            gather.row,
+        )
+        return rows
     out = memoryview(rows)
-    fields, comm_at, comm_size = _usage_layout(record_type)
-    for (offset, fmt), (at, slot) in zip(fields, _USAGE_SLOTS, strict=True):
-        width, slot_width = struct.calcsize(fmt), struct.calcsize(slot)
-        column = _column(records, count, size, offset, fmt)
-        if width != slot_width or fmt.lower() != slot.lower():  # a 32-bit long: widen it
-            column = array.array(slot, column)
-        out.cast(slot)[at // slot_width :: row // slot_width] = column
-    layout = _census_layout(record_type)
-    states = _column(records, count, size, layout.stat, "B") if dump else None
-    out[_USAGE_STATE_AT::row] = _state_codes(records, count, layout) if states is None else states
-    for i in range(min(comm_size, _USAGE_COMM_SIZE)):  # a strided copy per byte
-        out[_USAGE_COMM_AT + i :: row] = records[comm_at + i :: size][:count]
-    return list(map(itemgetter(0), _USAGE_RECORD.iter_unpack(rows)))
+    states: bytes | None = None
+    for field in gather.fields:
+        if field.read == "state":
+            if states is None:  # once for the census and the usage alike
+                states = _state_codes(records, count, gather)
+            out[field.at :: gather.row] = states
+        elif field.read.endswith("s"):  # bytes as they are: a strided copy per byte
+            for i in range(struct.calcsize(field.read)):
+                out[field.at + i :: gather.row] = records[field.offset + i :: gather.size][:count]
+        else:
+            read, write = cast(_IntFormat, field.read), cast(_IntFormat, field.write)
+            column = _column(records, count, gather.size, field.offset, read)
+            if read != write:  # a 32-bit long: widen it
+                column = array.array(write, column)
+            width = struct.calcsize(write)
+            out.cast(write)[field.at // width :: gather.row // width] = column
+    return rows
+
+
+def _usage_records(rows: bytearray, gather: _Gather) -> list[bytes]:
+    """The usage record of each row: its first :data:`_USAGE_ROW` bytes (a census row may
+    follow)."""
+    record = struct.Struct(f"{_USAGE_ROW.size}s{gather.row - _USAGE_ROW.size}x")
+    return list(map(itemgetter(0), record.iter_unpack(rows)))
+
+
+def _counted(rows: bytearray, count: int, gather: _Gather) -> tuple[bytes, list[int]]:
+    """The census rows (the last :data:`_ROW` bytes of each row) counted: each distinct one
+    once, in the order first seen, and how many rows have it."""
+    at = gather.row - _ROW.size
+    if _gather_lib is None:
+        counter = Counter(map(itemgetter(0), struct.Struct(f"{at}x{_ROW.size}s").iter_unpack(rows)))
+        return b"".join(counter), list(counter.values())
+    keys = bytearray(count * _ROW.size)
+    counts = _gather_ffi.new("uint32_t[]", count)
+    n = _gather_lib.kvm_count(
+        _gather_ffi.from_buffer(rows),
+        count,
+        gather.row,
+        at,
+        _ROW.size,
+        _gather_ffi.from_buffer(keys),
+        counts,
+    )
+    if n < 0:
+        raise MemoryError("kvm_count: out of memory")
+    return bytes(keys[: n * _ROW.size]), list(counts[0:n])
+
+
+def _column(records: memoryview, count: int, size: int, offset: int, fmt: _IntFormat) -> Any:
+    """The field at ``offset`` of each of ``count`` records of ``size`` bytes: one strided
+    view, no copy."""
+    width = struct.calcsize(fmt)
+    return records[offset : offset + (count - 1) * size + width].cast(fmt)[:: size // width]
+
+
+def _state_codes(records: memoryview, count: int, gather: _Gather) -> bytes:
+    """Each record's state as an index of :data:`_STATE_WORDS`, from translation tables and
+    one OR of the columns as integers: no Python object per record."""
+    stat, tdflags_low, slptime = gather.state
+
+    def column(offset: int, fmt: _IntFormat) -> Any:
+        return _column(records, count, gather.size, offset, fmt)
+
+    def bits(column: bytes) -> int:
+        return int.from_bytes(column, "little")
+
+    slept = bytes(map(MAXSLP.__le__, column(slptime, "I").tolist()))
+    states = (
+        bits(column(stat, "B").tobytes().translate(_STAT_CODE))
+        | bits(column(tdflags_low, "B").tobytes().translate(_SINTR))
+        | bits(slept)
+    )
+    return states.to_bytes(count, "little").translate(_WORD_OF)
 
 
 def _fold_thread_usage(records: list[bytes], sum_counters: bool) -> list[bytes]:

@@ -1,4 +1,5 @@
-"""cffi builder (API mode) of ``kvm_exporter.sources._procscan``: a compiled /proc census.
+"""cffi builder (API mode) of ``kvm_exporter.sources._procscan``: a compiled /proc census and
+the gather of the FreeBSD source's kinfo_proc records.
 
 ``kvm_census(dir_fd, rows, cap)`` reads ``PID/stat`` and the owner of ``PID`` for every
 process under the procfs root open as ``dir_fd`` and counts them per distinct
@@ -12,6 +13,16 @@ also fills one ``kvm_usage_row`` per process (pid, uid, and of ``PID/stat`` star
 vsize, ppid, num_threads, state, comm, utime, stime, minflt, majflt; at most ``pcap`` of them,
 their number in ``*nprocs``: call again with more room if it exceeds ``pcap``): one walk for
 the census, the resource accounting and the named groups.
+
+``kvm_gather(records, count, size, fields, nfields, states, rows, rowsize)`` copies chosen
+fields of ``count`` records of ``size`` bytes into rows of ``rowsize`` bytes, one pass over
+the records: each ``kvm_field`` names a source offset and width, a destination offset and
+what to do (copy the bytes, widen a signed or unsigned integer to 64 bits, or write the
+record's state, an index that ``states``' translation tables give). It knows no kernel
+header: the offsets come from the caller, so it compiles on Linux and FreeBSD alike.
+``kvm_count(rows, count, rowsize, keyoff, keysize, keys, counts)`` then counts equal keys
+(``keysize`` bytes at ``keyoff`` of each row): each distinct key once in ``keys``, in the
+order first seen, its number of rows in ``counts``; it returns how many (-1 if out of memory).
 
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
@@ -33,12 +44,25 @@ struct kvm_usage_row {
     int64_t rss; uint64_t vsize; int64_t ppid; int64_t threads; int64_t state; char comm[64];
     uint64_t utime; uint64_t stime; uint64_t minflt; uint64_t majflt;
 };
+/* kvm_gather: what a field does; the source is a native-endian integer of width bytes. */
+enum kvm_field_kind { KVM_COPY, KVM_SIGNED, KVM_UNSIGNED, KVM_STATE };
+struct kvm_field { int32_t src; int32_t dst; int32_t width; int32_t kind; };
+/* A FreeBSD state: word_of[stat_code[ki_stat] | sintr[low byte of ki_tdflags]
+   | (ki_slptime >= maxslp)]; offsets in a record. */
+struct kvm_states {
+    int32_t stat; int32_t tdflags_low; int32_t slptime; uint32_t maxslp;
+    uint8_t stat_code[256]; uint8_t sintr[256]; uint8_t word_of[256];
+};
 """
-"""The row structs, declared once for cffi and the C source alike."""
+"""The row and field structs, declared once for cffi and the C source alike."""
 
 CDEF = (
     ROWS
     + """
+void kvm_gather(const char *records, int count, int size, const struct kvm_field *fields,
+                int nfields, const struct kvm_states *states, char *rows, int rowsize);
+int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize, char *keys,
+              uint32_t *counts);
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, int pcap, int *nprocs);
@@ -355,6 +379,119 @@ int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 {
     return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
+}
+
+static int64_t gather_signed(const char *p, int width)
+{
+    int32_t i32;
+    int16_t i16;
+    switch (width) {
+    case 1: return (int8_t)*p;
+    case 2: memcpy(&i16, p, 2); return i16;
+    default: memcpy(&i32, p, 4); return i32;
+    }
+}
+
+static uint64_t gather_unsigned(const char *p, int width)
+{
+    uint32_t u32;
+    uint16_t u16;
+    switch (width) {
+    case 1: return (unsigned char)*p;
+    case 2: memcpy(&u16, p, 2); return u16;
+    default: memcpy(&u32, p, 4); return u32;
+    }
+}
+
+static uint8_t gather_state(const char *r, const struct kvm_states *s)
+{
+    uint32_t slptime;
+    memcpy(&slptime, r + s->slptime, sizeof slptime);
+    return s->word_of[s->stat_code[(unsigned char)r[s->stat]]
+                      | s->sintr[(unsigned char)r[s->tdflags_low]] | (slptime >= s->maxslp)];
+}
+
+void kvm_gather(const char *records, int count, int size, const struct kvm_field *fields,
+                int nfields, const struct kvm_states *states, char *rows, int rowsize)
+{
+    for (int i = 0; i < count; i++) {
+        const char *r = records + (size_t)i * (size_t)size;
+        char *row = rows + (size_t)i * (size_t)rowsize;
+        int state = -1; /* computed once per record, for however many fields want it */
+        for (int f = 0; f < nfields; f++) {
+            const struct kvm_field *d = &fields[f];
+            char *to = row + d->dst;
+            int64_t s;
+            uint64_t u;
+            switch (d->kind) {
+            case KVM_COPY:
+                if (d->width == 8)
+                    memcpy(to, r + d->src, 8);
+                else if (d->width == 4)
+                    memcpy(to, r + d->src, 4);
+                else
+                    memcpy(to, r + d->src, (size_t)d->width);
+                break;
+            case KVM_SIGNED:
+                s = gather_signed(r + d->src, d->width);
+                memcpy(to, &s, sizeof s);
+                break;
+            case KVM_UNSIGNED:
+                u = gather_unsigned(r + d->src, d->width);
+                memcpy(to, &u, sizeof u);
+                break;
+            case KVM_STATE:
+                if (state < 0)
+                    state = gather_state(r, states);
+                *to = (char)state;
+                break;
+            }
+        }
+    }
+}
+
+/* Keys of up to any size, compared whole; a hash of their 8-byte words (and any rest). */
+static uint64_t count_hash(const char *key, int keysize)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull, w;
+    int i = 0;
+    for (; i + 8 <= keysize; i += 8) {
+        memcpy(&w, key + i, 8);
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4Full;
+        h ^= h >> 31;
+    }
+    for (; i < keysize; i++)
+        h = (h ^ (unsigned char)key[i]) * 0x165667B19E3779F9ull;
+    return h ^ (h >> 29);
+}
+
+int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize, char *keys,
+              uint32_t *counts)
+{
+    size_t cap = 16, n = 0;
+    while (cap < 2 * (size_t)(count > 0 ? count : 0))
+        cap *= 2;
+    uint32_t *slots = calloc(cap, sizeof *slots); /* 0 free, else the key's index + 1 */
+    if (slots == NULL)
+        return -1;
+    for (int i = 0; i < count; i++) {
+        const char *key = rows + (size_t)i * (size_t)rowsize + keyoff;
+        for (size_t j = count_hash(key, keysize) & (cap - 1);; j = (j + 1) & (cap - 1)) {
+            uint32_t s = slots[j];
+            if (s == 0) {
+                memcpy(keys + n * (size_t)keysize, key, (size_t)keysize);
+                counts[n++] = 1;
+                slots[j] = (uint32_t)n;
+                break;
+            }
+            if (memcmp(keys + (size_t)(s - 1) * (size_t)keysize, key, (size_t)keysize) == 0) {
+                counts[s - 1]++;
+                break;
+            }
+        }
+    }
+    free(slots);
+    return (int)n;
 }
 """
 )
