@@ -3,8 +3,10 @@
 Linux and FreeBSD: the /proc census on the one, the gather of kinfo_proc records on the
 other (the C knows no FreeBSD header). Without a compiler or Python's headers the extension
 is skipped (``optional``) and the exporter uses its pure-Python path, so an install needs no
-compiler. The builder is loaded by file path: the package's own dependencies do not
-exist yet at build time.
+compiler. On FreeBSD cffi is not a build requirement (pip would compile cffi itself in its
+isolated build environment): the extension is built where cffi is already there, as in the
+port (``BUILD_DEPENDS``) or with ``pip install --no-build-isolation``. The builder is loaded
+by file path: the package's own dependencies do not exist yet at build time.
 """
 
 import importlib.util
@@ -18,6 +20,8 @@ from setuptools.command.build_py import build_py
 
 def _extensions() -> list[object]:
     if not sys.platform.startswith(("linux", "freebsd")):
+        return []
+    if sys.platform.startswith("freebsd") and importlib.util.find_spec("cffi") is None:
         return []
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location(
