@@ -250,3 +250,14 @@ def test_a_poll_with_groups_and_resources_walks_the_process_table_once(
         assert snap.success["procs"] and snap.success["groups"]
         assert snap.groups is not None and snap.groups.processes["sshd"] == 1
         assert snap.resources is not None and snap.resources.processes
+
+
+def test_the_shared_kinds_of_gone_processes_are_let_go() -> None:
+    """Each poll a process of a uid never seen before replaces the last: the tracker's table
+    of the kinds processes share stays bounded by the kinds alive, and each process keeps its
+    own kind."""
+    run = Run()
+    for uid in range(1000):
+        res = run.poll(row(1, 0, 0), row(2 + uid, uid + 1, 0))
+        assert res.processes == {("u0",): 1, (f"u{uid + 1}",): 1}
+    assert len(run.tracker._shared) <= 2 * 2 + 64
