@@ -344,3 +344,29 @@ def test_help_texts_follow_one_style(fixture_root: Path) -> None:
             assert "Seconds" in text, name
         if name.endswith("_bytes"):
             assert "bytes" in text.lower(), name
+
+
+def test_once_with_interval_0_exits_by_the_poll_it_printed(
+    fixture_root: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--once`` prints a poll and says by its exit status whether that poll succeeded: the
+    status must not come from yet another poll (here one whose load average fails)."""
+    from kvm_exporter import cli, service
+    from kvm_exporter.config import parse_config
+    from kvm_exporter.records import LoadAvg, SourceError
+
+    reads: list[int] = []
+
+    class LoadFailsLater(ProcfsSource):
+        def loadavg(self) -> LoadAvg:
+            reads.append(1)
+            if len(reads) > 2:
+                raise SourceError("loadavg: gone")
+            return super().loadavg()
+
+    source = LoadFailsLater(str(fixture_root))
+    config = parse_config("interval: 0\n")
+    monkeypatch.setattr(service, "prepare", lambda *_: (config, None, source))
+    status = cli.once(cli.build_parser().parse_args(["--once"]))
+    assert b"\nkvm_up 1.0\n" in capsysbinary.readouterr().out
+    assert status == 0
