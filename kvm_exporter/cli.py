@@ -122,7 +122,7 @@ def once(args: argparse.Namespace) -> int:
         poller.poll()
         sys.stdout.buffer.write(generate_latest(build_registry(poller)))
         sys.stdout.flush()
-        return 0 if poller.snapshot().up else 1
+        return 0 if poller.scraped().up else 1  # the poll printed (interval 0: no new one)
     finally:
         source.close()
 

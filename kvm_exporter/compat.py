@@ -107,4 +107,4 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if NODE_EXPORTER in self._poller.settings.compat:
             freebsd = self._poller.source.name in FREEBSD_SOURCES
-            yield from node_metrics(self._poller.snapshot(), freebsd)
+            yield from node_metrics(self._poller.scraped(), freebsd)

@@ -12,6 +12,7 @@ count without bound.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -76,6 +77,9 @@ class Grouper:
         self._unreadable = 0
         self._tracker = Tracker(Grouping(self._key, self._names), spec.decode, oldest=True)
         self._accounts = Accounts(("group",), max_series, spec) if spec.counters else None
+        columns = dict.fromkeys((metric, value) for metric, value, _ in spec.counters)
+        self._values = max(Counter(metric for metric, _ in columns).values(), default=1)
+        """Most label values a counter metric has per group (cpu: user and system)."""
 
     def update(self, survey: Survey) -> GroupCounts:
         """Name the processes not seen before, forget those gone, count per group."""
@@ -87,7 +91,7 @@ class Grouper:
         processes: dict[str, int] = {}
         for (name, _), (n, *_) in named.items():
             processes[name] = processes.get(name, 0) + n
-        kept = _kept(processes, named, self._max_series)
+        kept = _kept(processes, named, self._max_series, self._values)
 
         def group(key: tuple[str, str]) -> str:
             return key[0] if kept is None or key[0] in kept else OTHER
@@ -186,12 +190,12 @@ def _one(name: GroupKey) -> tuple[str, ...]:
 
 
 def _kept(
-    processes: dict[str, int], states: dict[tuple[str, str], Any], max_series: int
+    processes: dict[str, int], states: dict[tuple[str, str], Any], max_series: int, values: int
 ) -> set[str] | None:
     """The groups that keep their name so no metric has more than ``max_series`` series (the
     most processes first, name breaking ties), or None if all fit. ``other`` takes one series,
-    and one per state in the per-state metric."""
-    if len(processes) <= max_series and len(states) <= max_series:
+    one per state in the per-state metric, and ``values`` in a counter metric (as each group)."""
+    if len(processes) * values <= max_series and len(states) <= max_series:
         return None
     state_count: dict[str, int] = {}
     for name, _ in states:
@@ -200,7 +204,7 @@ def _kept(
     room = max_series - len(STATES)
     for name in sorted(processes, key=lambda g: (-processes[g], g)):
         room -= state_count[name]
-        if room < 0 or len(kept) + 1 >= max_series:
+        if room < 0 or (len(kept) + 2) * values > max_series:
             break
         kept.add(name)
     return kept

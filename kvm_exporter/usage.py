@@ -99,6 +99,11 @@ class Tracker:
     ) -> None:
         self.grouping = grouping
         self.decode = decode
+        self._oldest = oldest
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every process: the next update is a first poll (a baseline)."""
         self._records: set[bytes] = set()
         self._seen: dict[int, _Seen] = {}
         self._shared: dict[_Seen, _Seen] = {}
@@ -109,7 +114,7 @@ class Tracker:
         self._gauges: dict[GroupKey, list[int]] = {}
         self._jids: dict[int, int] = {}
         """Processes per jail."""
-        self._starts: dict[GroupKey, dict[int, int]] | None = {} if oldest else None
+        self._starts: dict[GroupKey, dict[int, int]] | None = {} if self._oldest else None
         """With ``oldest``: processes per start of each group, a start and its fraction as
         one int (:func:`_start`)."""
         self._clock: int | None = None
@@ -123,6 +128,13 @@ class Tracker:
         previous poll's clock: then it adds all it has used (no spike: at most one interval's
         worth). Vanished processes are dropped, their gauges taken off their group.
         """
+        try:
+            return self._update(records, clock)
+        except BaseException:
+            self._reset()  # half updated, the state would fail every later update
+            raise
+
+    def _update(self, records: Iterable[bytes], clock: int) -> Tally:
         key, decode, born_since = self.grouping.key, self.decode, self._clock
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last

@@ -12,7 +12,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 from conftest import copy_proc_fixture, wait_until
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kvm_exporter.app import make_app
 from kvm_exporter.poller import Poller, Settings
@@ -179,6 +179,85 @@ def test_collect_on_scrape_polls_on_the_pollers_thread(fixture_root: Path) -> No
     assert source.threads and set(source.threads) == {"poller"}
 
 
+def test_collect_on_scrape_polls_once_per_scrape_whatever_names_are_served(
+    fixture_root: Path,
+) -> None:
+    """node_exporter's names come from the poll the kvm_* ones did, not a second poll."""
+    compat = ("node_exporter", "process_exporter")
+    poller, registry = polled(fixture_root, interval=0, compat=compat)
+    before = poller.scraped().polls
+    body = generate_latest(registry)
+    assert b"node_processes_pids" in body
+    assert poller.scraped().polls == before + 1
+
+
+class Gated(ProcfsSource):
+    """A procfs source whose census waits while its gate is closed: a poll that hangs."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def census(self) -> Any:
+        self.entered.set()
+        self.gate.wait(30)
+        return super().census()
+
+
+def scrapes(poller: Poller, n: int) -> list[threading.Thread]:
+    threads = [threading.Thread(target=poller.snapshot, daemon=True) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_scrapes_waiting_for_a_poll_are_answered_when_interval_0_becomes_15s(
+    fixture_root: Path,
+) -> None:
+    source = Gated(str(fixture_root))
+    poller = Poller(source, Settings(interval=0, resources=None))
+    poller.start()
+    try:
+        poller.snapshot()
+        source.gate.clear()
+        source.entered.clear()
+        first = scrapes(poller, 1)
+        source.entered.wait(10)  # the poller's thread is in that scrape's poll
+        later = scrapes(poller, 3)  # these need a poll begun after they asked
+        swap = threading.Thread(
+            target=poller.reconfigure, args=(source, Settings(interval=15, resources=None))
+        )
+        swap.start()  # waits for the poll in progress
+        source.gate.set()
+        for thread in [*first, *later, swap]:
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        assert poller.snapshot().polls >= 3
+    finally:
+        source.gate.set()
+        poller.stop()
+
+
+def test_stop_answers_a_scrape_waiting_on_a_hung_poll(fixture_root: Path) -> None:
+    source = Gated(str(fixture_root))
+    poller = Poller(source, Settings(interval=0, resources=None))
+    poller.start()
+    try:
+        polls = poller.snapshot().polls
+        source.gate.clear()
+        source.entered.clear()
+        waiting = scrapes(poller, 2)
+        source.entered.wait(10)
+        poller.stop()
+        for thread in waiting:
+            thread.join(timeout=10)
+            assert not thread.is_alive()  # the poll still hangs: they got the last snapshot
+        assert poller.snapshot().polls == polls
+    finally:
+        source.gate.set()
+
+
 def test_cached_exposition_changes_with_each_poll(tmp_path: Path) -> None:
     root = tmp_path / "proc"
     copy_proc_fixture(root)
@@ -265,3 +344,29 @@ def test_help_texts_follow_one_style(fixture_root: Path) -> None:
             assert "Seconds" in text, name
         if name.endswith("_bytes"):
             assert "bytes" in text.lower(), name
+
+
+def test_once_with_interval_0_exits_by_the_poll_it_printed(
+    fixture_root: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--once`` prints a poll and says by its exit status whether that poll succeeded: the
+    status must not come from yet another poll (here one whose load average fails)."""
+    from kvm_exporter import cli, service
+    from kvm_exporter.config import parse_config
+    from kvm_exporter.records import LoadAvg, SourceError
+
+    reads: list[int] = []
+
+    class LoadFailsLater(ProcfsSource):
+        def loadavg(self) -> LoadAvg:
+            reads.append(1)
+            if len(reads) > 2:
+                raise SourceError("loadavg: gone")
+            return super().loadavg()
+
+    source = LoadFailsLater(str(fixture_root))
+    config = parse_config("interval: 0\n")
+    monkeypatch.setattr(service, "prepare", lambda *_: (config, None, source))
+    status = cli.once(cli.build_parser().parse_args(["--once"]))
+    assert b"\nkvm_up 1.0\n" in capsysbinary.readouterr().out
+    assert status == 0

@@ -4,6 +4,7 @@ tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
+import random
 import secrets
 import struct
 import subprocess
@@ -418,3 +419,96 @@ def test_a_spinning_groups_cpu_counter_grows_under_both_names(exporter: Any) -> 
     finally:
         spin.kill()
         spin.wait()
+
+
+COUNTED = struct.Struct("=10q16s2q")
+"""Usage records with two counters: user and system CPU ticks."""
+COUNTED_SPEC = SPEC._replace(
+    counters=(("cpu", "user", 1.0), ("cpu", "system", 1.0)), decode=COUNTED.unpack
+)
+
+
+def counted(
+    pid: int,
+    ppid: int,
+    comm: str,
+    user: int,
+    start: int = 1,
+    state: str = "sleeping",
+    uid: int = 1000,
+) -> bytes:
+    """A process's usage record with its CPU ticks (system: a tenth of user)."""
+    fields = (pid, start, 0, uid, 0, 1, 1, ppid, 1, STATES.index(state))
+    return COUNTED.pack(*fields, comm.encode(), user, user // 10)
+
+
+def test_a_counter_metric_with_two_values_per_group_stays_under_the_cap() -> None:
+    rs = rules({"name": "{{.Comm}}", "comm": [f"c{i}" for i in range(150)]})
+    grouper = Grouper(rs, True, 100, Argvs({}), str, COUNTED_SPEC)
+    got = grouper.update(Survey({}, [counted(10 + i, 1, f"c{i}", 0) for i in range(150)], 5))
+    cpu_series = sum(len(got.counters["cpu", mode]) for mode in ("user", "system"))
+    assert cpu_series <= 100 and len(got.processes) <= 100 and len(got.states) <= 100
+    assert sum(got.processes.values()) == 150
+
+
+def test_a_reused_pid_joins_its_new_parents_group_and_no_counter_drops_or_jumps() -> None:
+    """Between two polls, pid 30 (group app) exits and a child of web's master takes its pid;
+    web's master meanwhile changes state, uid and comm (an exec): it stays in web."""
+    rs = rules({"name": "web", "comm": ["nginx"]}, {"name": "app", "comm": ["app"]})
+    grouper = Grouper(rs, True, 100, Argvs({}), str, COUNTED_SPEC)
+
+    def poll(clock: int, *records: bytes) -> GroupCounts:
+        return grouper.update(Survey({}, list(records), clock))
+
+    first = poll(100, counted(10, 1, "nginx", 500), counted(30, 1, "app", 900))
+    assert first.counters["cpu", "user"] == {"web": 0.0, "app": 0.0}  # the baseline
+    second = poll(
+        110,
+        counted(10, 1, "perl", 520, state="running", uid=0),  # +20 ticks, same process
+        counted(30, 10, "sh", 7, start=105),  # born after the first poll: all of it counts
+    )
+    assert second.processes == {"web": 2}
+    assert second.states == {("web", "running"): 1, ("web", "sleeping"): 1}
+    assert second.counters["cpu", "user"] == {"web": 27.0}
+    third = poll(120, counted(10, 1, "perl", 530), counted(30, 10, "sh", 9, start=105))
+    assert third.counters["cpu", "user"] == {"web": 39.0}
+    back = poll(130, counted(10, 1, "perl", 530), counted(31, 1, "app", 1, start=125))
+    assert back.counters["cpu", "user"] == {"web": 39.0, "app": 1.0}  # app goes on from 0
+
+
+def test_the_oldest_start_moves_on_when_the_oldest_process_exits() -> None:
+    rs = rules({"name": "g", "comm": ["a"]})
+    g = Groups(rs, Argvs({}))
+    both = [proc(2, 1, "a", start=40), proc(3, 1, "a", start=50, state="running")]
+    assert g.update(both).oldest_start == {"g": 40.0}
+    assert g.update(both[1:]).oldest_start == {"g": 50.0}
+    assert g.update([proc(3, 1, "a", start=50), proc(2, 1, "a", start=60)]).oldest_start == {
+        "g": 50.0
+    }
+
+
+def test_group_counters_never_go_down_as_groups_fold_and_come_back() -> None:
+    """Nine groups, room for three of their own; processes come and go, and each group's
+    counter, while it is served, only grows."""
+    rs = rules({"name": "{{.Comm}}", "comm": list("abcdefghi")})
+    grouper = Grouper(rs, True, len(STATES) + 3, Argvs({}), str, COUNTED_SPEC)
+    rng = random.Random(5)
+    procs: dict[int, list[Any]] = {}  # pid: [comm, start, ticks]
+    last: dict[str, float] = {}
+    served = dict.fromkeys("abcdefghi", "")
+    for clock in range(100, 1100, 10):
+        for pid in list(procs):
+            if rng.random() < 0.2:
+                del procs[pid]
+            else:
+                procs[pid][2] += rng.randrange(10)
+        for _ in range(rng.randrange(8)):
+            procs[clock * 10 + len(procs)] = [rng.choice("abcdefghi"), clock, rng.randrange(10)]
+        records = [counted(pid, 1, c, t, start=s) for pid, (c, s, t) in procs.items()]
+        got = grouper.update(Survey({}, records, clock))
+        for group, total in got.counters["cpu", "user"].items():
+            assert total >= last.get(group, 0.0), (group, total, last[group])
+            last[group] = total
+        for group in served:
+            served[group] += "k" if group in got.counters["cpu", "user"] else "-"
+    assert any("k" in h[h.index("k-") + 1 :] for h in served.values() if "k-" in h)

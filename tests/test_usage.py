@@ -250,3 +250,35 @@ def test_a_poll_with_groups_and_resources_walks_the_process_table_once(
         assert snap.success["procs"] and snap.success["groups"]
         assert snap.groups is not None and snap.groups.processes["sshd"] == 1
         assert snap.resources is not None and snap.resources.processes
+
+
+def test_the_shared_kinds_of_gone_processes_are_let_go() -> None:
+    """Each poll a process of a uid never seen before replaces the last: the tracker's table
+    of the kinds processes share stays bounded by the kinds alive, and each process keeps its
+    own kind."""
+    run = Run()
+    for uid in range(1000):
+        res = run.poll(row(1, 0, 0), row(2 + uid, uid + 1, 0))
+        assert res.processes == {("u0",): 1, (f"u{uid + 1}",): 1}
+    assert len(run.tracker._shared) <= 2 * 2 + 64
+
+
+def test_a_poll_that_fails_half_way_leaves_the_next_one_working() -> None:
+    """An error inside an update (here the grouping's, for a new process) fails that poll
+    only: the next starts afresh, as a baseline, and no series goes down."""
+    failing = [True]
+
+    def attach(new: dict[int, bytes], _: Any) -> dict[int, None]:
+        if 3 in new and failing:
+            failing.clear()
+            raise RuntimeError("unforeseen")
+        return dict.fromkeys(new)
+
+    run = Run(grouping=Grouping(lambda r, _: (r[3],), attach))
+    run.poll(row(1, 0, 0), row(2, 0, 0))
+    assert cpu(run.poll(row(1, 0, 100), row(2, 0, 0))) == {"u0": 1.0}
+    with pytest.raises(RuntimeError):
+        run.poll(row(1, 0, 200), row(3, 0, 0))
+    res = run.poll(row(1, 0, 300), row(3, 0, 0))
+    assert res.processes == {("u0",): 2} and cpu(res) == {"u0": 1.0}
+    assert cpu(run.poll(row(1, 0, 350), row(3, 0, 0))) == {"u0": 1.5}
