@@ -34,7 +34,8 @@ LOG_FORMATS = tuple(FORMATS)
 RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
 """The landing page and the health endpoints (app.py): no telemetry path may hide them."""
 RESOURCE_LABELS = ("user", "jail", "cgroup")
-COMPAT = ("node_exporter", "process_exporter")
+PROCESS_EXPORTER = "process_exporter"
+COMPAT = ("node_exporter", PROCESS_EXPORTER)
 """Other exporters whose metric names can be served too (``compat``)."""
 PREDICATES = ("proc", "all", "pid", "pgrp", "session", "tty", "uid", "ruid")
 """kvm_getprocs(3) selections by name: ``proc`` is every process (kernel ones included),

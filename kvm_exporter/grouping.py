@@ -67,7 +67,10 @@ class Grouper:
         argv: Callable[[int], tuple[str, ...] | None],
         user_name: Callable[[int], str],
         spec: UsageSpec,
+        series_per_group: int = 1,
     ) -> None:
+        """``series_per_group``: what a group has in the metrics served besides ours (with
+        process-exporter's names, one per state it knows, every group)."""
         self._rules = rules
         self._children = children
         self._max_series = max_series
@@ -78,8 +81,9 @@ class Grouper:
         self._tracker = Tracker(Grouping(self._key, self._names), spec.decode, oldest=True)
         self._accounts = Accounts(("group",), max_series, spec) if spec.counters else None
         columns = dict.fromkeys((metric, value) for metric, value, _ in spec.counters)
-        self._values = max(Counter(metric for metric, _ in columns).values(), default=1)
-        """Most label values a counter metric has per group (cpu: user and system)."""
+        self._values = max([*Counter(metric for metric, _ in columns).values(), series_per_group])
+        """Most series a group has in one metric but the per-state one: a counter's label
+        values (cpu: user and system), or ``series_per_group``."""
 
     def update(self, survey: Survey) -> GroupCounts:
         """Name the processes not seen before, forget those gone, count per group."""

@@ -10,19 +10,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .collector import AS_OF, COUNTED, COUNTERS, label_value, labelled_gauge
+from .config import PROCESS_EXPORTER
 from .grouping import GroupCounts
 from .poller import Poller
-
-PROCESS_EXPORTER = "process_exporter"
-
-PE_STATES = ("Running", "Sleeping", "Waiting", "Zombie", "Other")
-"""process-exporter's ``state`` values (``proc/read.go`` GetStates: R, S, D, Z, the rest)."""
-_PE_STATE = {
-    "running": "Running",
-    "sleeping": "Sleeping",
-    "uninterruptible": "Waiting",
-    "zombie": "Zombie",
-}
+from .states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
 
 
 def _utf8(values: dict[str, int] | dict[str, float]) -> dict[str, float]:
@@ -138,10 +129,10 @@ def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
     )
     by_state: dict[tuple[str, str], int] = {}
     for group in groups.processes:
-        for pe_state in PE_STATES:
+        for pe_state in PROCESS_EXPORTER_STATES:
             by_state[label_value(group), pe_state] = 0
     for (group, state), count in groups.states.items():
-        key = (label_value(group), _PE_STATE.get(state, "Other"))
+        key = (label_value(group), PROCESS_EXPORTER_STATE.get(state, "Other"))
         by_state[key] += count
     for key in sorted(by_state):
         states.add_metric(key, by_state[key])

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
+from .config import PROCESS_EXPORTER
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
@@ -29,6 +30,7 @@ from .records import (
     Survey,
     SwapDevice,
 )
+from .states import PROCESS_EXPORTER_STATES
 from .usage import Accounting, Resources, accounting_for
 
 log = logging.getLogger(__name__)
@@ -233,8 +235,10 @@ class Poller:
         if not settings.groups:
             self._grouper = None
             return None
-        made = (source, settings.groups, settings.children, settings.max_series)
+        made = (source, settings.groups, settings.children, settings.max_series, settings.compat)
         if self._grouper is None or self._grouper_made != made:
+            # process-exporter's names show every group in each state it knows.
+            pe = len(PROCESS_EXPORTER_STATES) if PROCESS_EXPORTER in settings.compat else 1
             self._grouper = Grouper(
                 settings.groups,
                 settings.children,
@@ -242,6 +246,7 @@ class Poller:
                 source.argv,
                 lambda uid: self._names(uid),
                 source.usage_spec,
+                pe,
             )
             self._grouper_made = made
         return self._grouper

@@ -61,6 +61,17 @@ DUMP_STATES: tuple[str, ...] = tuple(
 is known to be idle or uninterruptible, so those two are not reported (not even as 0)."""
 
 
+PROCESS_EXPORTER_STATES = ("Running", "Sleeping", "Waiting", "Zombie", "Other")
+"""process-exporter's ``state`` values (``proc/read.go`` GetStates: R, S, D, Z, the rest)."""
+PROCESS_EXPORTER_STATE = {
+    "running": "Running",
+    "sleeping": "Sleeping",
+    "uninterruptible": "Waiting",
+    "zombie": "Zombie",
+}
+"""The process-exporter state of each of ours that it names; the rest are ``Other``."""
+
+
 def linux_state(letter: str) -> str:
     """Map a ``/proc/PID/stat`` state letter to the shared vocabulary."""
     return LINUX_STATES.get(letter, "unknown")

@@ -8,6 +8,7 @@ import random
 import secrets
 import struct
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -322,27 +323,49 @@ def test_a_hostile_user_cannot_grow_groups_past_the_cap() -> None:
     assert got.folded == 1001 - (len(got.processes) - 1)
 
 
-def test_live_processes_naming_their_own_groups_fold_under_the_cap(exporter: Any) -> None:
-    """30 real processes whose arguments each ask for a group of their own; the cap is 14."""
+@pytest.fixture
+def own_groups() -> Iterator[str]:
+    """30 real processes whose arguments each ask for a group of their own: the rules."""
     token = "h" + secrets.token_hex(4)
     kids = [subprocess.Popen(["bash", "-c", f"exec -a {token}-{i} sleep 600"]) for i in range(30)]
     try:
-        rules = f"[{{name: 'g-{{{{.Matches.n}}}}', cmdline: ['^{token}-(?P<n>\\d+) 600$']}}]"
-        e = exporter(f"interval: 0\nmax_series: 14\ngroups:\n  process_names: {rules}\n")
-
-        def groups() -> dict[str, float]:
-            got = e.metrics()
-            return {
-                dict(k)["group"]: v for (n, k), v in got.items() if n == "kvm_namegroup_processes"
-            }
-
-        seen = wait_until(lambda: sum(groups().values()) == 30 and groups(), what="30 processes")
-        assert len(seen) <= 14 and seen["other"] >= 30 - 13
-        assert e.metrics()["kvm_namegroup_folded_groups", frozenset()] == 30 - (len(seen) - 1)
+        yield f"[{{name: 'g-{{{{.Matches.n}}}}', cmdline: ['^{token}-(?P<n>\\d+) 600$']}}]"
     finally:
         for kid in kids:
             kid.kill()
             kid.wait()
+
+
+def group_processes(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float],
+) -> dict[str, float]:
+    return {dict(k)["group"]: v for (n, k), v in metrics.items() if n == "kvm_namegroup_processes"}
+
+
+def test_live_processes_naming_their_own_groups_fold_under_the_cap(
+    exporter: Any, own_groups: str
+) -> None:
+    e = exporter(f"interval: 0\nmax_series: 14\ngroups:\n  process_names: {own_groups}\n")
+    seen = wait_until(
+        lambda: sum(group_processes(e.metrics()).values()) == 30 and group_processes(e.metrics()),
+        what="30 processes",
+    )
+    assert len(seen) <= 14 and seen["other"] >= 30 - 13
+    assert e.metrics()["kvm_namegroup_folded_groups", frozenset()] == 30 - (len(seen) - 1)
+
+
+def test_process_exporters_names_stay_under_the_cap_too(exporter: Any, own_groups: str) -> None:
+    """process-exporter's names show each group in each of its 5 states: the groups kept must
+    leave room for that (with room for 2 per group, 19 groups would make 95 series of 40)."""
+    config = "interval: 0\nmax_series: 40\ncompat: [process_exporter]\n"
+    e = exporter(config + f"groups:\n  process_names: {own_groups}\n")
+    wait_until(lambda: sum(group_processes(e.metrics()).values()) == 30, what="30 processes")
+    series: dict[str, int] = {}
+    for name, _ in e.metrics():
+        if name.startswith(("kvm_namegroup_", "namedprocess_namegroup_")):
+            series[name] = series.get(name, 0) + 1
+    assert series["namedprocess_namegroup_states"] > 5  # more than one group: some were kept
+    assert max(series.values()) <= 40, series
 
 
 def test_group_counters_under_both_names() -> None:
