@@ -115,8 +115,9 @@ class Tracker:
         self._jids: dict[int, int] = {}
         """Processes per jail."""
         self._starts: dict[GroupKey, dict[int, int]] | None = {} if self._oldest else None
-        """With ``oldest``: processes per start of each group, a start and its fraction as
-        one int (:func:`_start`)."""
+        """With ``oldest``: processes per start of each group but None (no group: most
+        processes, where only a few are named), a start and its fraction as one int
+        (:func:`_start`)."""
         self._clock: int | None = None
         """The clock of the previous poll; None before the first."""
 
@@ -212,7 +213,7 @@ class Tracker:
         totals[3] += max(row[USAGE_THREADS], 1)
         jid = row[USAGE_JID]
         self._jids[jid] = self._jids.get(jid, 0) + 1
-        if self._starts is not None:
+        if self._starts is not None and seen.group is not None:
             starts = self._starts.setdefault(seen.group, {})
             start = _start(row)
             starts[start] = starts.get(start, 0) + 1
@@ -229,7 +230,7 @@ class Tracker:
         self._jids[jid] -= 1
         if self._jids[jid] == 0:
             del self._jids[jid]
-        if self._starts is not None:
+        if self._starts is not None and seen.group is not None:
             starts = self._starts[seen.group]
             start = _start(row)
             starts[start] -= 1
