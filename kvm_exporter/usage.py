@@ -136,7 +136,7 @@ class Tracker:
             raise
 
     def _update(self, records: Iterable[bytes], clock: int) -> Tally:
-        key, decode, born_since = self.grouping.key, self.decode, self._clock
+        decode, born_since = self.decode, self._clock
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
@@ -147,28 +147,20 @@ class Tracker:
             seen = self._seen.pop(row[USAGE_PID])
             left[row[USAGE_PID]] = (record, seen)
             self._take(row, seen)
-        fresh = current - self._records
-        attached = self._attach(fresh, left)
         increments: dict[GroupKey, list[int]] = {}
-        base: UsageRow | None
-        for record in fresh:
+        new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
+        for record in current - self._records:
             row = decode(record)
-            pid = row[USAGE_PID]
-            last = left.pop(pid, None)
-            if last is not None and pid not in attached:  # the same process, changed
-                base, this = decode(last[0]), last[1].attached
+            last = left.get(row[USAGE_PID])
+            if last is not None and _start(base := decode(last[0])) == _start(row):
+                self._add(row, base, last[1].attached, increments)  # the same process, changed
             else:  # new, or the pid was reused by a new process
-                born = born_since is not None and row[USAGE_START] >= born_since
-                base, this = (None if born else row), attached[pid]
-            seen = _Seen(this, key(row, this))
-            seen = self._seen[pid] = self._shared.setdefault(seen, seen)
-            self._put(row, seen)
-            if base is not row:
-                grew = increments.get(seen.group)
-                if grew is None:
-                    grew = increments[seen.group] = [0] * (len(row) - USAGE_COUNTERS)
-                for i in range(len(grew)):
-                    grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
+                new[row[USAGE_PID]] = record
+        attached = self._attached(new)
+        for pid, record in new.items():
+            row = decode(record)
+            born = born_since is not None and row[USAGE_START] >= born_since
+            self._add(row, None if born else row, attached[pid], increments)
         self._records, self._clock = current, clock
         if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
@@ -177,28 +169,35 @@ class Tracker:
         oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
         return Tally(gauges, increments, set(self._jids), oldest)
 
-    def _attach(self, fresh: set[bytes], left: dict[int, tuple[bytes, _Seen]]) -> dict[int, Any]:
-        """What :attr:`Grouping.attach` gives each new process of ``fresh``, by pid (the
-        changed records of processes seen before, same pid and start, are not new)."""
-        decode = self.decode
-        new: dict[int, bytes] = {}
-        changed: set[int] = set()
-        for record in fresh:
-            row = decode(record)
-            pid = row[USAGE_PID]
-            last = left.get(pid)
-            if last is not None and _start(decode(last[0])) == _start(row):
-                changed.add(pid)
-            else:
-                new[pid] = record
+    def _add(
+        self,
+        row: UsageRow,
+        base: UsageRow | None,
+        attached: Any,
+        increments: dict[GroupKey, list[int]],
+    ) -> None:
+        """Put the process of ``row`` in its group, adding to ``increments`` what its
+        counters grew by since ``base`` (all they hold if None; nothing if ``row`` itself)."""
+        seen = _Seen(attached, self.grouping.key(row, attached))
+        seen = self._seen[row[USAGE_PID]] = self._shared.setdefault(seen, seen)
+        self._put(row, seen)
+        if base is row:
+            return
+        grew = increments.get(seen.group)
+        if grew is None:
+            grew = increments[seen.group] = [0] * (len(row) - USAGE_COUNTERS)
+        for i in range(len(grew)):
+            grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
+
+    def _attached(self, new: dict[int, bytes]) -> dict[int, Any]:
+        """What :attr:`Grouping.attach` gives each new process, by pid. Processes seen
+        before are all back in ``_seen`` by now, those whose record changed included."""
         attach = self.grouping.attach
         if attach is None or not new:
             return dict.fromkeys(new)
 
         def earlier(pid: int) -> Any:
-            seen = self._seen.get(pid)  # unchanged since the last poll
-            if seen is None and pid in changed:
-                seen = left[pid][1]
+            seen = self._seen.get(pid)
             return None if seen is None else seen.attached
 
         return attach(new, earlier)
