@@ -194,9 +194,10 @@ def proc(
     threads: int = 1,
     rss_bytes: int = 4096,
     vsize_bytes: int = 8192,
+    uid: int = 1000,
 ) -> bytes:
-    """A process's usage record (uid 1000, no jail)."""
-    fields = (pid, start, 0, 1000, 0, rss_bytes, vsize_bytes, ppid, threads, STATES.index(state))
+    """A process's usage record (no jail)."""
+    fields = (pid, start, 0, uid, 0, rss_bytes, vsize_bytes, ppid, threads, STATES.index(state))
     return ROW.pack(*fields, comm.encode())
 
 
@@ -444,8 +445,9 @@ def test_a_spinning_groups_cpu_counter_grows_under_both_names(exporter: Any) -> 
         spin.wait()
 
 
-COUNTED = struct.Struct("=10q16s2q")
-"""Usage records with two counters: user and system CPU ticks."""
+CPU_TICKS = struct.Struct("=2q")
+COUNTED = struct.Struct(ROW.format + "2q")
+"""Usage records with two counters (:data:`ROW`, then user and system CPU ticks)."""
 COUNTED_SPEC = SPEC._replace(
     counters=(("cpu", "user", 1.0), ("cpu", "system", 1.0)), decode=COUNTED.unpack
 )
@@ -461,8 +463,8 @@ def counted(
     uid: int = 1000,
 ) -> bytes:
     """A process's usage record with its CPU ticks (system: a tenth of user)."""
-    fields = (pid, start, 0, uid, 0, 1, 1, ppid, 1, STATES.index(state))
-    return COUNTED.pack(*fields, comm.encode(), user, user // 10)
+    record = proc(pid, ppid, comm, start, state, rss_bytes=1, vsize_bytes=1, uid=uid)
+    return record + CPU_TICKS.pack(user, user // 10)
 
 
 def test_a_counter_metric_with_two_values_per_group_stays_under_the_cap() -> None:

@@ -173,6 +173,13 @@ def query(url: str, expr: str, min_samples: int = 1) -> list[dict[str, Any]]:
     return [s for s in result if len(s.get("values", [s.get("value")])) >= min_samples]
 
 
+def assert_panel_has_data(url: str, panel: str, expr: str) -> None:
+    """A dashboard panel's query answers on the Prometheus at ``url``, no value negative."""
+    result = query(url, expr)
+    assert result, f"{panel}: {expr} returned nothing"
+    assert all(float(s["value"][1]) >= 0 for s in result)
+
+
 @contextmanager
 def scraped_exporter(
     tmp: Path, config: Path, env: dict[str, str], job: str
