@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
-from .records import OwnUsage, Source, SourceError
+from .records import HostUsage, OwnUsage, Source, SourceError
 from .usage import Resources
 
 AS_OF = ", as of the last poll."
@@ -71,24 +71,60 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+COUNTED = (
+    " between the polls that saw them (README: what counters include) since the exporter started."
+)
 COUNTERS: dict[str, tuple[str, str, str]] = {
-    "cpu": ("kvm_cpu_seconds", "Seconds of CPU time the group's processes used, by mode,", "mode"),
-    "page_faults": ("kvm_page_faults", "Page faults of the group's processes, by type,", "type"),
+    "cpu": (
+        "kvm_cpu_seconds",
+        "Seconds of CPU time the group's processes used, by mode," + COUNTED,
+        "mode",
+    ),
+    "page_faults": (
+        "kvm_page_faults",
+        "Page faults of the group's processes, by type," + COUNTED,
+        "type",
+    ),
     "context_switches": (
         "kvm_context_switches",
-        "Context switches of the group's processes, by type,",
+        "Context switches of the group's processes, by type," + COUNTED,
         "type",
     ),
     "block_operations": (
         "kvm_block_operations",
-        "Block input and output operations of the group's processes,",
+        "Block input and output operations of the group's processes," + COUNTED,
         "direction",
     ),
+    "processes_started": (
+        "kvm_processes_started",
+        "Processes of the group first seen by a poll after the first, since the exporter started.",
+        "",
+    ),
 }
-"""Family name, HELP and label of each counter metric of :class:`~kvm_exporter.usage.Resources`."""
-COUNTED = (
-    " between the polls that saw them (README: what counters include) since the exporter started."
-)
+"""Family name, HELP and label of each counter metric of :class:`~kvm_exporter.usage.Resources`
+(no label: one series per group)."""
+
+
+def counter_families(
+    counters: dict[tuple[str, str], dict[Key, float]], labels: tuple[str, ...], whose: str = ""
+) -> Iterator[Metric]:
+    """One counter family per metric of ``counters`` (:data:`COUNTERS`), its series per group
+    (label values in ``labels`` order) and value; ``whose`` names the kind of group in the
+    family names and HELP (``namegroup``: ``kvm_namegroup_cpu_seconds_total``)."""
+    families: dict[str, CounterMetricFamily] = {}
+    for (metric, value), series in counters.items():
+        name, doc, label = COUNTERS[metric]
+        family = families.get(metric)
+        if family is None:
+            if whose:
+                name = name.replace("kvm_", f"kvm_{whose}_", 1)
+                doc = doc.replace("group's", "named group's")
+            family = families[metric] = CounterMetricFamily(
+                name, doc, labels=(*labels, label) if label else labels
+            )
+        for key, total in sorted(_utf8_keys(series).items()):
+            family.add_metric((*key, value) if label else key, total)
+    yield from families.values()
 
 
 def _resources(res: Resources) -> Iterator[Metric]:
@@ -108,17 +144,7 @@ def _resources(res: Resources) -> Iterator[Metric]:
         ),
     ):
         yield labelled_gauge(name, doc, labels, values)
-    families: dict[str, CounterMetricFamily] = {}
-    for (metric, value), series in res.counters.items():
-        name, doc, label = COUNTERS[metric]
-        family = families.get(metric)
-        if family is None:
-            family = families[metric] = CounterMetricFamily(
-                name, doc + COUNTED, labels=(*labels, label)
-            )
-        for key, total in sorted(_utf8_keys(series).items()):
-            family.add_metric((*key, value), total)
-    yield from families.values()
+    yield from counter_families(res.counters, labels)
     yield _gauge(
         "kvm_resource_folded_groups",
         "Resource groups folded into 'other' to stay under max_series" + AS_OF,
@@ -132,6 +158,33 @@ def _resources(res: Resources) -> Iterator[Metric]:
     for jid, jail in sorted(res.jails.items()):
         jails.add_metric([str(jid), label_value(jail)], 1)
     yield jails
+
+
+def _host(host: HostUsage) -> Iterator[Metric]:
+    """The host's own counters, which the groups' add up to (or say what they miss)."""
+    for name, doc, label, values in (
+        (
+            "kvm_host_cpu_seconds",
+            "Seconds of CPU time the host spent since boot, by mode",
+            "mode",
+            host.cpu_seconds,
+        ),
+        (
+            "kvm_host_page_faults",
+            "Page faults of the host since boot, by type",
+            "type",
+            host.page_faults,
+        ),
+    ):
+        if values:
+            family = CounterMetricFamily(name, doc + AS_OF, labels=[label])
+            for value, total in values.items():
+                family.add_metric([value], total)
+            yield family
+    if host.forks is not None:
+        yield CounterMetricFamily(
+            "kvm_forks", "Processes created on the host since boot" + AS_OF, value=host.forks
+        )
 
 
 class KvmCollector(Collector):
@@ -169,6 +222,8 @@ class KvmCollector(Collector):
             )
         if snap.resources is not None:
             yield from _resources(snap.resources)
+        if snap.host is not None:
+            yield from _host(snap.host)
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
                 yield _gauge(

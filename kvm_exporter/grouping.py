@@ -30,7 +30,7 @@ from .records import (
     comm_of,
 )
 from .states import STATES
-from .usage import Accounts, Grouping, GroupKey, Tally, Tracker
+from .usage import STARTED, Accounts, Grouping, GroupKey, Tally, Tracker
 
 
 class GroupCounts(NamedTuple):
@@ -50,8 +50,8 @@ class GroupCounts(NamedTuple):
     """Processes, since the exporter started, whose arguments a rule needed and no read gave
     (named as if they had none: ExeBase is their comm)."""
     counters: dict[tuple[str, str], dict[str, float]] = {}
-    """Per (metric, label value) of the source's usage counters (``cpu``/``user``...), each
-    group's total since the exporter started; empty where the source has no usage."""
+    """Per (metric, label value) of the source's usage counters (``cpu``/``user``...) and
+    :data:`~kvm_exporter.usage.STARTED`, each group's total since the exporter started."""
 
 
 class Grouper:
@@ -78,12 +78,12 @@ class Grouper:
         self._user_name = user_name
         self._spec = spec
         self._unreadable = 0
-        self._tracker = Tracker(Grouping(self._key, self._names), spec.decode, oldest=True)
-        self._accounts = Accounts(("group",), max_series, spec) if spec.counters else None
+        self._tracker = Tracker(Grouping(self._key, self._names), spec, oldest=True)
         columns = dict.fromkeys((metric, value) for metric, value, _ in spec.counters)
         self._values = max([*Counter(metric for metric, _ in columns).values(), series_per_group])
         """Most series a group has in one metric but the per-state one: a counter's label
         values (cpu: user and system), or ``series_per_group``."""
+        self._accounts = Accounts(("group",), max_series // self._values, spec)
 
     def update(self, survey: Survey) -> GroupCounts:
         """Name the processes not seen before, forget those gone, count per group."""
@@ -103,15 +103,18 @@ class Grouper:
         counts = self._count(named, tally.oldest, group)
         if kept is not None:
             counts = counts._replace(folded=len(processes) - len(kept))
-        if self._accounts is None:
-            return counts
-        return counts._replace(counters=self._counters(tally, group, counts.processes))
+        counters = self._counters(tally, group, counts.processes)
+        for name in counters[STARTED]:  # every group served: live, or gone while there is room
+            for gauge in (counts.processes, counts.threads, counts.resident_bytes):
+                gauge.setdefault(name, 0)
+            counts.virtual_bytes.setdefault(name, 0)
+        return counts._replace(counters=counters)
 
     def _counters(
         self, tally: Tally, group: Callable[[tuple[str, str]], str], processes: dict[str, int]
     ) -> dict[tuple[str, str], dict[str, float]]:
-        """Each group's counter totals, its (name, state) increments summed under ``group``."""
-        assert self._accounts is not None
+        """Each group's counter totals, its (name, state) increments summed under ``group``;
+        groups whose processes are gone are there too, while the cap has room."""
         increments: dict[GroupKey, list[int]] = {}
         for key, grew in tally.increments.items():
             if key is not None:

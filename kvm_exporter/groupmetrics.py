@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF, COUNTED, COUNTERS, label_value, labelled_gauge
+from .collector import AS_OF, counter_families, label_value, labelled_gauge
 from .config import PROCESS_EXPORTER
 from .grouping import GroupCounts
 from .poller import Poller
@@ -29,24 +29,6 @@ def _per_group(
     name: str, doc: str, label: str, values: dict[str, int] | dict[str, float]
 ) -> Metric:
     return labelled_gauge(name, doc, (label,), {(group,): v for group, v in values.items()})
-
-
-def _counters(counters: dict[tuple[str, str], dict[str, float]]) -> Iterator[Metric]:
-    families: dict[str, CounterMetricFamily] = {}
-    for (metric, value), totals in counters.items():
-        if metric not in COUNTERS:
-            continue
-        name, doc, label = COUNTERS[metric]  # the resource metrics' own, renamed
-        family = families.get(metric)
-        if family is None:
-            family = families[metric] = CounterMetricFamily(
-                name.replace("kvm_", "kvm_namegroup_", 1),
-                doc.replace("group's", "named group's") + COUNTED,
-                labels=["group", label],
-            )
-        for group, total in sorted(_utf8(totals).items()):
-            family.add_metric([group, value], total)
-    yield from families.values()
 
 
 def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
@@ -80,7 +62,11 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
         "group",
         groups.oldest_start,
     )
-    yield from _counters(groups.counters)
+    yield from counter_families(
+        {c: {(g,): v for g, v in totals.items()} for c, totals in groups.counters.items()},
+        ("group",),
+        "namegroup",
+    )
     yield GaugeMetricFamily(
         "kvm_namegroup_folded_groups",
         "Named groups folded into 'other' to stay under max_series" + AS_OF,

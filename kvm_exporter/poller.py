@@ -24,6 +24,7 @@ from .groups import Rule
 from .logs import crash
 from .records import (
     HostLimits,
+    HostUsage,
     LoadAvg,
     Source,
     SourceError,
@@ -41,7 +42,7 @@ NAMES_TTL = 300.0
 FIRST_POLL_WAIT = 5.0
 """Until this many seconds after the poller is made, a scrape waits for its first poll."""
 
-COLLECTORS = ("procs", "loadavg", "swap", "limits")
+COLLECTORS = ("procs", "host", "loadavg", "swap", "limits")
 """The parts of a poll, each timed and reported on its own."""
 
 T = TypeVar("T")
@@ -80,6 +81,8 @@ class Snapshot:
     errors: Mapping[str, int] = field(default_factory=dict)
     groups: GroupCounts | None = None
     resources: Resources | None = None
+    host: HostUsage | None = None
+    """The host's own counters, read right after the processes."""
 
     @property
     def up(self) -> bool:
@@ -97,6 +100,7 @@ class Snapshot:
             success=failed,
             groups=None,
             resources=None,
+            host=None,
         )
 
 
@@ -194,6 +198,7 @@ class Poller:
             grouper = self._grouper_for(source, settings)
             procs = timed("procs", lambda: self._procs(source, settings, names, grouper))
             counts, resources, survey = procs or (None, None, None)
+            host = timed("host", source.host_usage)  # beside the processes' read
             groups = None
             if grouper is not None:
                 if survey is None:
@@ -218,6 +223,7 @@ class Poller:
                 errors=MappingProxyType(errors),
                 groups=groups,
                 resources=resources,
+                host=host,
             )
             self._polled.set()
             self._answer(asked)

@@ -27,9 +27,11 @@ from .records import (
     USAGE_COUNTERS,
     USAGE_JID,
     USAGE_PID,
+    USAGE_PPID,
     USAGE_RSS_PAGES,
     USAGE_START,
     USAGE_START_FRACTION,
+    USAGE_STATE,
     USAGE_THREADS,
     USAGE_UID,
     USAGE_VSIZE,
@@ -65,7 +67,8 @@ class Tally(NamedTuple):
     """[processes, resident pages, virtual bytes, threads] of each group that has processes
     (a process counts at least one thread: a zombie has none)."""
     increments: dict[GroupKey, list[int]]
-    """Per group, each counter column's increase since the previous poll (only groups with one)."""
+    """Per group, each counter column's increase since the previous poll, then the number of
+    processes first seen in it after the first poll (only groups with one)."""
     jids: set[int]
     """The jails that have processes."""
     oldest: dict[GroupKey, tuple[int, int]]
@@ -76,6 +79,9 @@ class _Seen(NamedTuple):
     attached: Any
     group: GroupKey
 
+
+_EXITED = frozenset(("zombie", "dead"))
+"""States of a process that has exited and waits to be reaped."""
 
 _FRACTIONS = 1 << 32
 """More than any start's fraction (FreeBSD's microseconds)."""
@@ -92,13 +98,25 @@ class Tracker:
     A poll's usage records are compared with the last poll's as bytes, in sets (C speed):
     only a record that changed is decoded and looked at, so a host whose processes mostly
     idle between polls costs little more than the read.
+
+    Reaped children: what a process's children's usage grew by is what it reaped in the
+    interval, each child's final totals (own plus its children's). Of that, the totals each
+    reaped child had at its last poll were counted already (or, for a child first seen mid-life,
+    were its baseline): they are taken off, so what is left, the children's use since their
+    last poll and children no poll saw, goes to the reaper's group. A gone child's totals are
+    taken off its nearest ancestor still alive (its parent, or through gone parents, the one
+    that reaped them); where that leaves too little, off the next ancestor up (an orphan that
+    init or a subreaper reaped). A zombie is as good as gone: its row adds nothing and its
+    totals are those of its last live row (FreeBSD adds its children's usage into a zombie's
+    own, kern_exit.c exit1).
     """
 
-    def __init__(
-        self, grouping: Grouping, decode: Callable[[bytes], UsageRow], oldest: bool = False
-    ) -> None:
+    def __init__(self, grouping: Grouping, spec: UsageSpec, oldest: bool = False) -> None:
         self.grouping = grouping
-        self.decode = decode
+        self.decode = spec.decode
+        self._state = spec.state
+        self._width = len(spec.counters)
+        """Counter columns of each kind: a row has as many again for the reaped children."""
         self._oldest = oldest
         self._reset()
 
@@ -118,16 +136,27 @@ class Tracker:
         """With ``oldest``: processes per start of each group but None (no group: most
         processes, where only a few are named), a start and its fraction as one int
         (:func:`_start`)."""
+        self._frozen: dict[int, list[int]] = {}
+        """The counters each zombie is taken to have (own, then children's), by pid: its last
+        live row's, plus what it reaped after that poll of children a poll saw."""
+        self._exited_ch: dict[int, UsageRow] = {}
+        """Each zombie's children's counters as its row shows them (after it exited)."""
+        self._owed: dict[int, list[int]] = {}
+        """What a reaper was short of at the last poll, by pid: taken off its next growth
+        only. The walk of the process table is not atomic: it may read a reaper before, and
+        miss the child it reaps after."""
         self._clock: int | None = None
         """The clock of the previous poll; None before the first."""
 
     def update(self, records: Iterable[bytes], clock: int) -> Tally:
         """Take one poll's usage records (read when the clock said ``clock``).
 
-        A process seen before (same pid and start) adds what its counters grew by. A new one
-        adds nothing (its counters are its baseline), unless it started at or after the
-        previous poll's clock: then it adds all it has used (no spike: at most one interval's
-        worth). Vanished processes are dropped, their gauges taken off their group.
+        A process seen before (same pid and start) adds what its counters grew by, and what
+        its reaped children grew by less what was counted of them already. A new one adds
+        nothing (its counters are its baseline), unless it started at or after the previous
+        poll's clock: then it adds all it and its reaped children have used (no spike: at most
+        one interval's worth). Vanished processes are dropped, their gauges taken off their
+        group.
         """
         try:
             return self._update(records, clock)
@@ -148,19 +177,40 @@ class Tracker:
             left[row[USAGE_PID]] = (record, seen)
             self._take(row, seen)
         increments: dict[GroupKey, list[int]] = {}
+        reaped: dict[int, list[int]] = {}  # per reaper pid: its children's usage growth
         new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
         for record in current - self._records:
             row = decode(record)
-            last = left.get(row[USAGE_PID])
+            pid = row[USAGE_PID]
+            last = left.get(pid)
             if last is not None and _start(base := decode(last[0])) == _start(row):
-                self._add(row, base, last[1].attached, increments)  # the same process, changed
+                del left[pid]  # the same process, changed
+                self._add(self._continued(row, base), last[1].attached, increments, reaped)
             else:  # new, or the pid was reused by a new process
-                new[row[USAGE_PID]] = record
+                new[pid] = record
+        if left:  # what is left is gone: its counted totals off its reaper's growth
+            self._net({pid: decode(record) for pid, (record, _) in left.items()}, reaped, current)
+            for pid in left:
+                self._frozen.pop(pid, None)
+                self._exited_ch.pop(pid, None)
+        owed = self._owed
+        self._owed = {pid: [min(a, 0) for a in g] for pid, g in reaped.items() if min(g) < 0}
+        for pid, debt in owed.items():  # last poll's shortfall: the reap it read too early
+            if pid in reaped and pid in self._seen:
+                reaped[pid] = [a + b for a, b in zip(reaped[pid], debt, strict=True)]
         attached = self._attached(new)
         for pid, record in new.items():
             row = decode(record)
             born = born_since is not None and row[USAGE_START] >= born_since
-            self._add(row, None if born else row, attached[pid], increments)
+            counters = self._first(row, born)
+            self._add((row, counters), attached[pid], increments, reaped)
+            if born_since is not None:  # a process started since the first poll
+                increments[self._seen[pid].group][-1] += 1
+        for pid, grew in reaped.items():
+            if max(grew) > 0:
+                group = increments.setdefault(self._seen[pid].group, [0] * (self._width + 1))
+                for i, amount in enumerate(grew):
+                    group[i] += max(amount, 0)
         self._records, self._clock = current, clock
         if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
@@ -169,25 +219,126 @@ class Tracker:
         oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
         return Tally(gauges, increments, set(self._jids), oldest)
 
+    def _zombie(self, row: UsageRow) -> bool:
+        """Whether ``row``'s process has exited: a zombie, or Linux's dead (being reaped)."""
+        return self._state(row[USAGE_STATE]) in _EXITED
+
+    def _counted(self, row: UsageRow) -> list[int] | UsageRow:
+        """The counters the tracker takes ``row``'s process to have: a zombie's are frozen."""
+        frozen = self._frozen.get(row[USAGE_PID])
+        return frozen if frozen is not None else row[USAGE_COUNTERS:]
+
+    def _continued(self, row: UsageRow, base: UsageRow) -> tuple[UsageRow, list[int]]:
+        """``row`` and what its process's counters grew by since ``base``: own columns, then
+        the children's (a zombie: nothing; its counters freeze at ``base``'s)."""
+        before = self._counted(base)
+        if self._zombie(row):
+            self._frozen.setdefault(row[USAGE_PID], list(before))
+            self._exited_ch[row[USAGE_PID]] = row[USAGE_COUNTERS + self._width :]
+            return row, [0] * len(before)
+        return row, [now - then for now, then in zip(row[USAGE_COUNTERS:], before, strict=True)]
+
+    def _first(self, row: UsageRow, born: bool) -> list[int]:
+        """What a process first seen adds: all its counters if ``born`` since the last poll,
+        else nothing (a baseline). A zombie adds nothing and is taken to have nothing if born
+        (its reaper's growth is all it used), else all its row shows."""
+        counters = list(row[USAGE_COUNTERS:])
+        if self._zombie(row):
+            self._frozen[row[USAGE_PID]] = [0] * len(counters) if born else counters
+            self._exited_ch[row[USAGE_PID]] = row[USAGE_COUNTERS + self._width :]
+            return [0] * len(counters)
+        return counters if born else [0] * len(counters)
+
     def _add(
         self,
-        row: UsageRow,
-        base: UsageRow | None,
+        grown: tuple[UsageRow, list[int]],
         attached: Any,
         increments: dict[GroupKey, list[int]],
+        reaped: dict[int, list[int]],
     ) -> None:
-        """Put the process of ``row`` in its group, adding to ``increments`` what its
-        counters grew by since ``base`` (all they hold if None; nothing if ``row`` itself)."""
+        """Put the process of a row in its group; its own counters' growth goes to that
+        group's ``increments``, its children's to ``reaped`` (to be netted)."""
+        row, grew = grown
+        pid = row[USAGE_PID]
         seen = _Seen(attached, self.grouping.key(row, attached))
-        seen = self._seen[row[USAGE_PID]] = self._shared.setdefault(seen, seen)
+        seen = self._seen[pid] = self._shared.setdefault(seen, seen)
         self._put(row, seen)
-        if base is row:
-            return
-        grew = increments.get(seen.group)
-        if grew is None:
-            grew = increments[seen.group] = [0] * (len(row) - USAGE_COUNTERS)
-        for i in range(len(grew)):
-            grew[i] += row[USAGE_COUNTERS + i] - (base[USAGE_COUNTERS + i] if base else 0)
+        n = self._width
+        group = increments.get(seen.group)
+        if group is None:
+            group = increments[seen.group] = [0] * (n + 1)  # and processes started
+        for i in range(n):
+            group[i] += grew[i]
+        if any(grew[n:]):
+            reaped[pid] = grew[n:]
+
+    def _net(
+        self, gone: dict[int, UsageRow], reaped: dict[int, list[int]], current: set[bytes]
+    ) -> None:
+        """Take each gone process's counted totals (own plus children's) off the children's
+        growth of the process that reaped it: its parent, if alive. Else (its parent gone or a
+        zombie now) the nearest ancestor whose growth holds them whole: the one its parent
+        reaped it through, or one its parent's exit gave it to (init, a subreaper). A zombie
+        holds what it reaped after its last live poll (its children's usage since), and what
+        is taken off it waits in its frozen children's, for its own reaper to take off in turn.
+        Where a reaper is left short, the rest comes off its ancestors' growth, nearest first.
+        """
+        n, hops = self._width, len(current) + len(gone)  # hops: a pid loop cannot hang it
+        parents: dict[int, int] = {}
+
+        def parent(pid: int) -> int | None:
+            if not parents:  # only orphans and short reapers need the live processes' parents
+                parents.update((r[USAGE_PID], r[USAGE_PPID]) for r in map(self.decode, current))
+            return parents.get(pid)
+
+        def holds(pid: int, totals: list[int]) -> bool:
+            frozen = self._frozen.get(pid)
+            if frozen is None:
+                grew = reaped.get(pid)
+                return grew is not None and all(map(int.__ge__, grew, totals))
+            reaped_since = [a - b for a, b in zip(self._exited_ch[pid], frozen[n:], strict=True)]
+            return all(map(int.__ge__, reaped_since, totals))
+
+        def take(pid: int, totals: list[int]) -> None:
+            frozen = self._frozen.get(pid)
+            for i, amount in enumerate(totals):
+                if frozen is None:
+                    reaped.setdefault(pid, [0] * n)[i] -= amount
+                else:
+                    frozen[n + i] += amount
+
+        orphans: list[tuple[int, list[int]]] = []
+        for row in gone.values():
+            counted = self._counted(row)
+            totals = [counted[i] + counted[n + i] for i in range(n)]
+            ancestor, walked = row[USAGE_PPID], 0
+            while ancestor in gone and walked < hops:
+                ancestor, walked = gone[ancestor][USAGE_PPID], walked + 1
+            if not any(totals) or ancestor not in self._seen:
+                continue  # nothing counted, or its reaper is out of sight (ppid 0, hidden)
+            if ancestor == row[USAGE_PPID] and ancestor not in self._frozen:
+                take(ancestor, totals)  # its live parent: only it can have reaped it
+            else:
+                orphans.append((ancestor, totals))
+        for ancestor, totals in orphans:
+            reaper: int | None = ancestor
+            for _ in range(hops):
+                if reaper is None or holds(reaper, totals):
+                    break
+                reaper = parent(reaper)
+            take(ancestor if reaper is None else reaper, totals)
+        for pid in [pid for pid, grew in reaped.items() if min(grew) < 0]:
+            grew, ancestor = reaped[pid], parent(pid)
+            for _ in range(hops):
+                if ancestor is None or min(grew) >= 0:
+                    break
+                above = reaped.get(ancestor, grew)
+                for i, amount in enumerate(grew):
+                    if amount < 0 < above[i]:
+                        moved = min(-amount, above[i])
+                        above[i] -= moved
+                        grew[i] += moved
+                ancestor = parent(ancestor)
 
     def _attached(self, new: dict[int, bytes]) -> dict[int, Any]:
         """What :attr:`Grouping.attach` gives each new process, by pid. Processes seen
@@ -261,23 +412,33 @@ IDLE_KEPT = 10
 """Idle series kept, per series of the cap."""
 
 
+STARTED = ("processes_started", "")
+"""The counter column of processes first seen after the first poll (:attr:`Tally.increments`'
+last)."""
+
+
 class Accounts:
     """Series-level counters: named, folded under the cap, never going down.
 
-    Each series keeps its total while it is folded or has no process, so when it returns it
-    goes on from where it was; of such idle series, the :data:`IDLE_KEPT` times ``max_groups``
-    most recently live are kept (memory stays bounded). One idle for longer starts again
-    from 0, which Prometheus takes for a counter reset: no spike, its rate stays right.
+    A series that has been seen stays, after its last process is gone, with no processes and
+    its counters at their totals (process-exporter's ``num_procs 0``, the usual "service down"
+    alert, and the last increments within reach of ``increase()``), as long as the cap leaves
+    room beside the live series: the series idle longest go first, never a live one. Each
+    series keeps its total while it is folded or idle, so when it returns it goes on from where
+    it was; of idle series, the :data:`IDLE_KEPT` times ``max_groups`` most recently live are
+    remembered (memory stays bounded). One idle for longer starts again from 0, which
+    Prometheus takes for a counter reset: no spike, its rate stays right.
     """
 
     def __init__(self, labels: tuple[str, ...], max_groups: int, spec: UsageSpec) -> None:
         self.labels = labels
         self.max_groups = max(max_groups, 1)
         self.spec = spec
-        self._columns = list(dict.fromkeys((m, v) for m, v, _ in spec.counters))
+        self._columns = list(dict.fromkeys((m, v) for m, v, _ in spec.counters)) + [STARTED]
         self._totals: dict[Key, dict[tuple[str, str], float]] = {}
+        """Every series seen and not forgotten, live or idle: its counters' totals."""
         self._idle: dict[Key, int] = {}
-        """Series with a total but no processes: the poll number they went idle."""
+        """Series with no processes: the poll number they went idle."""
         self._polls = 0
 
     def add(self, tally: Tally, name: Callable[[GroupKey], Key]) -> Resources:
@@ -302,7 +463,12 @@ class Accounts:
         for group, grew in tally.increments.items():
             key = key_of.get(group) or name(group)
             self._grow(other if key in fold or key not in series else key, grew)
-        self._forget(series)
+        for key in series:
+            self._totals.setdefault(key, {})
+        self._forget(named, series)
+        room = self.max_groups - len(series)
+        idle = sorted(self._idle, key=lambda k: (-self._idle[k], k))[: max(room, 0)]
+        series.update((key, [0, 0, 0]) for key in idle if key not in series)
         page = self.spec.page_size
         return Resources(
             labels=self.labels,
@@ -310,7 +476,7 @@ class Accounts:
             resident_bytes={k: v[1] * page for k, v in series.items()},
             virtual_bytes={k: v[2] for k, v in series.items()},
             counters={
-                column: {k: self._totals.get(k, {}).get(column, 0.0) for k in series}
+                column: {k: self._totals[k].get(column, 0.0) for k in series}
                 for column in self._columns
             },
             folded=len(fold),
@@ -320,8 +486,8 @@ class Accounts:
     def _grow(self, key: Key, grew: list[int]) -> None:
         """Add a group's increments to series ``key``; a metric whose sum would go down (a
         counter the kernel reset) adds nothing."""
-        step: dict[tuple[str, str], float] = {}
-        for (metric, value, scale), amount in zip(self.spec.counters, grew, strict=True):
+        step: dict[tuple[str, str], float] = {STARTED: float(grew[-1])}
+        for (metric, value, scale), amount in zip(self.spec.counters, grew, strict=False):
             if amount:
                 step[metric, value] = step.get((metric, value), 0.0) + amount * scale
         totals = self._totals.setdefault(key, {})
@@ -329,13 +495,16 @@ class Accounts:
             if seconds_or_events > 0:
                 totals[column] = totals.get(column, 0.0) + seconds_or_events
 
-    def _forget(self, live: dict[Key, list[int]]) -> None:
-        """Keep the totals of the IDLE_KEPT * max_groups most recently live idle series."""
-        for key in live:
+    def _forget(self, live: dict[Key, list[int]], served: dict[Key, list[int]]) -> None:
+        """Mark the series with no process idle (a folded group is live: its processes are
+        in ``other``), and keep the IDLE_KEPT * max_groups most recently live of them."""
+        for key in served:
             self._idle.pop(key, None)
         for key in self._totals:
-            if key not in live:
+            if key not in live and key not in served:
                 self._idle.setdefault(key, self._polls)
+            elif key in live:
+                self._idle.pop(key, None)
         while len(self._idle) > IDLE_KEPT * self.max_groups:
             oldest = min(self._idle, key=self._idle.__getitem__)
             del self._idle[oldest], self._totals[oldest]
@@ -367,7 +536,7 @@ class Accounting:
         ]
         attach = _per_pid(cgroup) if cgroup is not None and "cgroup" in labels else None
         grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
-        self.tracker = Tracker(grouping, spec.decode)
+        self.tracker = Tracker(grouping, spec)
         # A metric with two values per group (cpu user/system) keeps within the series cap.
         self.accounts = Accounts(labels, max_series // 2, spec)
 

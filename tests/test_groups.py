@@ -279,7 +279,7 @@ def test_arguments_are_read_once_per_process_and_again_after_pid_reuse() -> None
     argvs.table[5] = ("/usr/bin/other",)
     reused = g.update([proc(5, 1, "other", start=99)])  # same pid, a new process
     assert sorted(argvs.reads) == [5, 5, 6]
-    assert reused.processes == {"other": 1}
+    assert reused.processes == {"other": 1, "app": 0}  # app's process is gone: app at 0
 
 
 def test_an_unreadable_process_is_counted_under_its_comm() -> None:
@@ -445,9 +445,10 @@ def test_a_spinning_groups_cpu_counter_grows_under_both_names(exporter: Any) -> 
         spin.wait()
 
 
-CPU_TICKS = struct.Struct("=2q")
-COUNTED = struct.Struct(ROW.format + "2q")
-"""Usage records with two counters (:data:`ROW`, then user and system CPU ticks)."""
+CPU_TICKS = struct.Struct("=4q")
+COUNTED = struct.Struct(ROW.format + "4q")
+"""Usage records with two counters (:data:`ROW`, then user and system CPU ticks, then the same
+of reaped children)."""
 COUNTED_SPEC = SPEC._replace(
     counters=(("cpu", "user", 1.0), ("cpu", "system", 1.0)), decode=COUNTED.unpack
 )
@@ -464,7 +465,7 @@ def counted(
 ) -> bytes:
     """A process's usage record with its CPU ticks (system: a tenth of user)."""
     record = proc(pid, ppid, comm, start, state, rss_bytes=1, vsize_bytes=1, uid=uid)
-    return record + CPU_TICKS.pack(user, user // 10)
+    return record + CPU_TICKS.pack(user, user // 10, 0, 0)
 
 
 def test_a_counter_metric_with_two_values_per_group_stays_under_the_cap() -> None:
@@ -492,11 +493,11 @@ def test_a_reused_pid_joins_its_new_parents_group_and_no_counter_drops_or_jumps(
         counted(10, 1, "perl", 520, state="running", uid=0),  # +20 ticks, same process
         counted(30, 10, "sh", 7, start=105),  # born after the first poll: all of it counts
     )
-    assert second.processes == {"web": 2}
+    assert second.processes == {"web": 2, "app": 0}  # app's last process is gone: 0, kept
     assert second.states == {("web", "running"): 1, ("web", "sleeping"): 1}
-    assert second.counters["cpu", "user"] == {"web": 27.0}
+    assert second.counters["cpu", "user"] == {"web": 27.0, "app": 0.0}
     third = poll(120, counted(10, 1, "perl", 530), counted(30, 10, "sh", 9, start=105))
-    assert third.counters["cpu", "user"] == {"web": 39.0}
+    assert third.counters["cpu", "user"] == {"web": 39.0, "app": 0.0}
     back = poll(130, counted(10, 1, "perl", 530), counted(31, 1, "app", 1, start=125))
     assert back.counters["cpu", "user"] == {"web": 39.0, "app": 1.0}  # app goes on from 0
 

@@ -17,14 +17,16 @@ from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import USAGE_STATE, UsageSpec
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
+from kvm_exporter.states import LINUX_STATES
 from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker, accounting_for
 
-ROW = struct.Struct("=10q16s2q")
+ROW = struct.Struct("=10q16s4q")
+"""Usage records as the tests write them: two counters, then the same of reaped children."""
 SPEC = UsageSpec(
     page_size=4096,
     counters=(("cpu", "user", 0.01), ("page_faults", "minor", 1.0)),
     decode=ROW.unpack,
-    state=chr,
+    state=lambda code: LINUX_STATES[chr(code)],
     start_time=lambda start, _: float(start),
 )
 BY_UID = Grouping(lambda row, _: (row[3],))
@@ -32,17 +34,28 @@ CPU = ("cpu", "user")
 T = TypeVar("T")
 
 
-def row(pid: int, uid: int, ticks: int, faults: int = 0, start: int = 100, rss: int = 1) -> bytes:
-    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, ppid 1, one thread,
-    state S, comm t, user ticks, faults."""
-    return ROW.pack(pid, start, 0, uid, 0, rss, rss * 2, 1, 1, ord("S"), b"t", ticks, faults)
+def row(
+    pid: int,
+    uid: int,
+    ticks: int,
+    faults: int = 0,
+    start: int = 100,
+    rss: int = 1,
+    ppid: int = 1,
+    state: str = "S",
+    children: int = 0,
+) -> bytes:
+    """A usage record: pid, start, fraction, uid, jid, rss pages, vsize, ppid, one thread,
+    state, comm t, user ticks, faults, reaped children's user ticks, no children's faults."""
+    fields = (pid, start, 0, uid, 0, rss, rss * 2, ppid, 1, ord(state))
+    return ROW.pack(*fields, b"t", ticks, faults, children, 0)
 
 
 class Run:
     """A tracker and accounts polled in turn, as the poller does."""
 
     def __init__(self, max_groups: int = 100, grouping: Grouping = BY_UID) -> None:
-        self.tracker = Tracker(grouping, ROW.unpack)
+        self.tracker = Tracker(grouping, SPEC)
         self.accounts = Accounts(("user",), max_groups, SPEC)
         self.clock = 1000
 
@@ -98,9 +111,10 @@ def test_a_uid_change_moves_future_growth_and_the_old_group_keeps_its_total() ->
     run.poll(row(1, 0, 0), row(2, 7, 0))
     run.poll(row(1, 0, 100), row(2, 7, 0))
     res = run.poll(row(1, 7, 300), row(2, 7, 0))  # pid 1 became uid 7 and used 2 s more
-    assert cpu(res) == {"u7": 2.0}  # u0 has no process left: not served...
+    assert cpu(res) == {"u0": 1.0, "u7": 2.0}  # u0 has no process left: served at its total
+    assert res.processes == {("u0",): 0, ("u7",): 2}
     res = run.poll(row(1, 7, 300), row(2, 7, 0), row(5, 0, 0, start=1015))
-    assert cpu(res) == {"u0": 1.0, "u7": 2.0}  # ...and comes back with its total
+    assert cpu(res) == {"u0": 1.0, "u7": 2.0} and res.processes[("u0",)] == 1
 
 
 def test_vanished_processes_are_forgotten() -> None:
@@ -205,7 +219,8 @@ def test_compiled_and_python_surveys_read_the_same_rows(
     # vsize 10485760 rss 512, in a directory owned by root
     init = next(r for r in map(source.usage_spec.decode, compiled.usage) if r[0] == 1)
     comm = b"init".ljust(64, b"\0")
-    assert init == (1, 12345, 0, 0, 0, 512, 10485760, 0, 1, ord("S"), comm, 250, 150, 100, 0)
+    own, children = (250, 150, 100, 0), (40, 20, 7, 3)  # cutime cstime cminflt cmajflt
+    assert init == (1, 12345, 0, 0, 0, 512, 10485760, 0, 1, ord("S"), comm, *own, *children)
     assert source.usage_spec.state(init[USAGE_STATE]) == "sleeping"
 
 
@@ -259,7 +274,8 @@ def test_the_shared_kinds_of_gone_processes_are_let_go() -> None:
     run = Run()
     for uid in range(1000):
         res = run.poll(row(1, 0, 0), row(2 + uid, uid + 1, 0))
-        assert res.processes == {("u0",): 1, (f"u{uid + 1}",): 1}
+        live = {key: n for key, n in res.processes.items() if n}  # the gone stay at 0
+        assert live == {("u0",): 1, (f"u{uid + 1}",): 1}
     assert len(run.tracker._shared) <= 2 * 2 + 64
 
 

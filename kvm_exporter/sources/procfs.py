@@ -27,6 +27,7 @@ from ..records import (
     NO_TTY,
     Census,
     HostLimits,
+    HostUsage,
     LoadAvg,
     Proc,
     SourceError,
@@ -58,18 +59,21 @@ _READ_SIZE = 4096  # stat is ~300 bytes, status ~1.5 KiB; the uid lines are in t
 _STAT_FIELDS = 22  # split no further than rss, the last field read
 _CENSUS_FIELDS = 18  # split no further than num_threads
 _USAGE_FIELDS = 22  # split no further than rss
-_USAGE_ROW = struct.Struct("=qQQqqqQqqq64sQQQQ")
+_USAGE_ROW = struct.Struct("=qQQqqqQqqq64sQQQQQQQQ")
 """struct kvm_usage_row of _procscan: the layout of a usage record (records.USAGE_*)."""
 _USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
 _STATE_OF_CODE = {ord(letter): state for letter, state in _STATE_OF.items()}
+_CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+"""The first columns of stat's ``cpu`` line, in node_exporter's words."""
 _USAGE_COUNTERS = (
     ("cpu", "user", 1 / _CLK_TCK),
     ("cpu", "system", 1 / _CLK_TCK),
     ("page_faults", "minor", 1.0),
     ("page_faults", "major", 1.0),
 )
-"""utime and stime in clock ticks, minflt and majflt of PID/stat."""
+"""utime and stime in clock ticks, minflt and majflt of PID/stat; a row holds them, then the
+same of the reaped children: cutime, cstime, cminflt, cmajflt."""
 
 
 def _read(path: str, dir_fd: int | None = None, size: int = 16384) -> bytes:
@@ -79,6 +83,16 @@ def _read(path: str, dir_fd: int | None = None, size: int = 16384) -> bytes:
         return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def _read_lines(path: str) -> list[bytes]:
+    """The non-empty lines of ``path``, which may be longer than one read (``stat`` has a
+    line per CPU)."""
+    try:
+        with open(path, "rb") as file:
+            return [line for line in file.read().splitlines() if line.strip()]
+    except OSError as err:
+        raise SourceError(f"cannot read {path}: {err.strerror}") from None
 
 
 def _read_text(path: str) -> str:
@@ -148,7 +162,9 @@ def _usage_record(pid: int, uid: int, comm: bytes, f: list[bytes]) -> bytes:
     """The usage record of process ``pid`` from its comm and the fields of its PID/stat after
     comm, as ``_procscan`` makes it."""
     fields = (int(f[19]), 0, uid, 0, int(f[21]), int(f[20]), int(f[1]), int(f[17]), f[0][0])
-    return _USAGE_ROW.pack(pid, *fields, comm[:63], int(f[11]), int(f[12]), int(f[7]), int(f[9]))
+    own = (int(f[11]), int(f[12]), int(f[7]), int(f[9]))
+    children = (int(f[13]), int(f[14]), int(f[8]), int(f[10]))
+    return _USAGE_ROW.pack(pid, *fields, comm[:63], *own, *children)
 
 
 def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
@@ -398,6 +414,26 @@ class ProcfsSource:
         return HostLimits(
             cpus=cpus, max_procs=tasks, max_threads=tasks, memory_bytes=self._memory_bytes()
         )
+
+    def host_usage(self) -> HostUsage:
+        """The ``cpu`` line (guest time is already in user and nice) and ``processes`` of
+        ``stat``; ``pgfault`` (all faults) and ``pgmajfault`` of ``vmstat``."""
+        path = f"{self.root}/stat"
+        try:
+            lines = {line.split(None, 1)[0]: line.split()[1:] for line in _read_lines(path)}
+            ticks = [int(v) for v in lines[b"cpu"][: len(_CPU_MODES)]]
+            forks = int(lines[b"processes"][0])
+        except (KeyError, ValueError, IndexError):
+            raise SourceError(f"{path}: no cpu or processes line as Linux writes them") from None
+        faults: dict[str, int] = {}
+        try:
+            counts = dict(line.split()[:2] for line in _read_lines(f"{self.root}/vmstat"))
+            major = int(counts[b"pgmajfault"])
+            faults = {"minor": int(counts[b"pgfault"]) - major, "major": major}
+        except (SourceError, KeyError, ValueError):
+            pass  # a kernel without these counts: no host faults, the rest stands
+        cpu = {mode: t / _CLK_TCK for mode, t in zip(_CPU_MODES, ticks, strict=False)}
+        return HostUsage(cpu, faults, forks)
 
     def close(self) -> None:
         """Nothing to release: every read opens and closes its own file."""

@@ -10,7 +10,8 @@ kernel writes. Processes that exit during the scan are skipped.
 
 ``kvm_survey(dir_fd, rows, cap, procs, pcap, nprocs)`` does the same read as the census and
 also fills one ``kvm_usage_row`` per process (pid, uid, and of ``PID/stat`` starttime, rss,
-vsize, ppid, num_threads, state, comm, utime, stime, minflt, majflt; at most ``pcap`` of them,
+vsize, ppid, num_threads, state, comm, utime, stime, minflt, majflt and the same of its reaped
+children: cutime, cstime, cminflt, cmajflt; at most ``pcap`` of them,
 their number in ``*nprocs``: call again with more room if it exceeds ``pcap``): one walk for
 the census, the resource accounting and the named groups.
 
@@ -43,6 +44,7 @@ struct kvm_usage_row {
     int64_t pid; uint64_t start; uint64_t start_fraction; int64_t uid; int64_t jid;
     int64_t rss; uint64_t vsize; int64_t ppid; int64_t threads; int64_t state; char comm[64];
     uint64_t utime; uint64_t stime; uint64_t minflt; uint64_t majflt;
+    uint64_t cutime; uint64_t cstime; uint64_t cminflt; uint64_t cmajflt;
 };
 /* kvm_gather: what a field does; the source is a native-endian integer of width bytes. */
 enum kvm_field_kind { KVM_COPY, KVM_SIGNED, KVM_UNSIGNED, KVM_STATE };
@@ -207,6 +209,7 @@ static int census_usage(const char *p, const char *end, uint32_t *threads,
         return -1;
     *threads = (uint32_t)v[12];
     u->threads = v[12]; u->minflt = v[2]; u->majflt = v[4]; u->utime = v[6]; u->stime = v[7];
+    u->cminflt = v[3]; u->cmajflt = v[5]; u->cutime = v[8]; u->cstime = v[9];
     u->start = v[14]; u->vsize = v[15]; u->rss = (int64_t)v[16];
     return 0;
 }
