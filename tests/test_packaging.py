@@ -270,26 +270,69 @@ def test_port_installs_what_the_wheel_and_sdist_carry(dists: dict[str, Path]) ->
     assert {"rc.d/kvm_exporter", "packaging/freebsd/files/kvm_exporter.in"} <= names
 
 
-def test_port_writes_its_prefix_into_the_manual(tmp_path: Path) -> None:
-    # USE_RC_SUBR substitutes %%PREFIX%% in the rc.d script; the manual is wheel data, so the
-    # port substitutes it in ${WRKSRC} before the build (post-patch), with REINPLACE_CMD,
-    # which is sed -i (Mk/bsd.commands.mk).
+def port_post_patch(wrksrc: Path, prefix: str) -> Path:
+    """Runs the port's one-line post-patch recipe in ``wrksrc`` with ``prefix`` as PREFIX and
+    REINPLACE_CMD as sed -i (Mk/bsd.commands.mk); returns the file it edits."""
     recipe = re.search(r"^post-patch:\n\t@?(.*)\n(?!\t)", (PORT / "Makefile").read_text(), re.M)
     assert recipe, "no one-line post-patch target"
     command, *expressions, target = shlex.split(recipe.group(1))
-    assert command == "${REINPLACE_CMD}" and expressions == ["-e", "s|%%PREFIX%%|${PREFIX}|g"]
+    assert command == "${REINPLACE_CMD}" and target.startswith("${WRKSRC}/")
+    edited = wrksrc / target.removeprefix("${WRKSRC}/")
+    expressions = [word.replace("${PREFIX}", prefix) for word in expressions]
+    subprocess.run(["sed", "-i", *expressions, str(edited)], check=True)
+    return edited
+
+
+def test_port_writes_its_prefix_into_the_manual(tmp_path: Path) -> None:
+    # USE_RC_SUBR substitutes %%PREFIX%% in the rc.d script; the manual is wheel data, so the
+    # port substitutes it in ${WRKSRC} before the build.
+    page = tmp_path / MAN_SOURCE.relative_to(REPO)
+    page.parent.mkdir()
+    page.write_text(MAN_SOURCE.read_text())
+    assert port_post_patch(tmp_path, "/opt/pkg") == page
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["data-files"]["share/man/man8"] == [
-        target.removeprefix("${WRKSRC}/")
+        str(page.relative_to(tmp_path))
     ]
-    page = tmp_path / "kvm_exporter.8"
-    page.write_text((REPO / target.removeprefix("${WRKSRC}/")).read_text())
-    sed = ["sed", "-i", "-e", expressions[1].replace("${PREFIX}", "/opt/pkg"), str(page)]
-    subprocess.run(sed, check=True)
     installed = page.read_text()
     assert "%%" not in installed
     assert "\n.It Pa /opt/pkg/etc/kvm_exporter.yml\n" in installed
     assert mandoc_lint(page) == []
+
+
+def test_port_builds_the_sdist_with_its_build_depends(
+    dists: dict[str, Path], tmp_path: Path
+) -> None:
+    """The port's build on Linux: the sdist after post-patch, built by Mk/Uses/python.mk's
+    PEP517_BUILD_CMD (``python -m build --no-isolation --wheel``) where only BUILD_DEPENDS and
+    py-build are installed. ``build`` checks the build requirements itself; a setuptools
+    older than 77 refuses pyproject's SPDX ``license``."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    env = {**os.environ, "PIP_NO_CACHE_DIR": "1"}
+    env.pop("PYTHONPATH", None)
+    depends = port_depends(PORT_VARS["BUILD_DEPENDS"])
+    wanted = [f"{name}>={minimum}" for name, minimum in depends.items()]
+    pip = [python, "-m", "pip", "install", "-q", "build", *wanted]
+    install = subprocess.run(pip, capture_output=True, text=True, env=env, timeout=300)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    with tarfile.open(dists["sdist"]) as tar:
+        tar.extractall(tmp_path)
+    wrksrc = tmp_path / dists["sdist"].name.removesuffix(".tar.gz")
+    port_post_patch(wrksrc, "/opt/pkg")
+    out = tmp_path / "dist"
+    build = [python, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(out), str(wrksrc)]
+    built = subprocess.run(build, capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    version = source_version()
+    with zipfile.ZipFile(wheel) as whl:
+        man = whl.read(f"kvm_exporter-{version}.data/data/{MAN_PAGE}").decode()
+    assert "%%" not in man and "/usr/local" not in man
+    assert "\n.It Pa /opt/pkg/etc/rc.d/kvm_exporter\n" in man
+    # cffi came from BUILD_DEPENDS: the optional C loops were built.
+    assert any("/_procscan" in name for name in wheel_record(wheel))
 
 
 # --- the wheel and the sdist ---
