@@ -7,6 +7,10 @@ compiler. On FreeBSD cffi is not a build requirement (pip would compile cffi its
 isolated build environment): the extension is built where cffi is already there, as in the
 port (``BUILD_DEPENDS``) or with ``pip install --no-build-isolation``. The builder is loaded
 by file path: the package's own dependencies do not exist yet at build time.
+
+The manual's paths are written ``%%PREFIX%%/...`` for the FreeBSD port, which substitutes its
+PREFIX before it builds (``post-patch``); any other build writes /usr/local, FreeBSD's default
+prefix, where the README's pip route puts the rc.d script and the configuration.
 """
 
 import importlib.util
@@ -14,8 +18,11 @@ import os
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
+
+MAN_PREFIX = "/usr/local"
+"""What ``%%PREFIX%%`` in the manual becomes outside the port."""
 
 
 def _extensions() -> list[object]:
@@ -60,4 +67,23 @@ class BuildPyWithRevision(build_py):
             f.write((commit or "unknown") + "\n")
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_py": BuildPyWithRevision})
+install_data = Distribution().get_command_class("install_data")  # setuptools has none of its own
+
+
+class InstallDataWithPrefix(install_data):
+    """Installs the manual with ``%%PREFIX%%`` replaced by MAN_PREFIX."""
+
+    def run(self) -> None:
+        super().run()
+        for path in self.get_outputs():
+            if path.endswith(".8"):
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text.replace("%%PREFIX%%", MAN_PREFIX))
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_py": BuildPyWithRevision, "install_data": InstallDataWithPrefix},
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from test_manpage import mandoc_lint
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = REPO / "packaging" / "freebsd"
@@ -27,9 +29,33 @@ RC_D = REPO / "rc.d" / "kvm_exporter"
 MAN_PAGE = "share/man/man8/kvm_exporter.8"
 """Where the wheel's data puts the manual, relative to the prefix: FreeBSD ports install
 manuals under ${PREFIX}/share/man, so the port's autoplist (the wheel's RECORD) has it there."""
+MAN_SOURCE = REPO / "packaging" / "kvm_exporter.8"
 
-PORT_NAMES = {"prometheus_client": "prometheus-client", "PyYAML": "yaml"}
-"""PyPI names whose FreeBSD port (py-NAME) is named differently."""
+PORTS = {
+    "bcrypt": ("security/py-bcrypt", "bcrypt"),
+    "cffi": ("devel/py-cffi", "cffi"),
+    "google-re2": ("devel/py-google-re2", "google-re2"),
+    "prometheus_client": ("net-mgmt/py-prometheus-client", "prometheus-client"),
+    "PyYAML": ("devel/py-pyyaml", "pyyaml"),
+    "setuptools": ("devel/py-setuptools", "setuptools"),
+}
+"""The FreeBSD port of each PyPI project the port depends on: its origin and its PORTNAME
+(the package is ${PYTHON_PKGNAMEPREFIX}PORTNAME, e.g. py311-pyyaml), as read in
+freebsd/freebsd-ports: security/py-bcrypt/Makefile at 2c43c071, devel/py-cffi/Makefile at
+39f21abd, devel/py-google-re2/Makefile at 966ecd67, net-mgmt/py-prometheus-client/Makefile at
+6f0d28be, devel/py-pyyaml/Makefile at a029be09, devel/py-setuptools/Makefile at 32e58a9d."""
+
+MOVED = {"devel/py-yaml": "devel/py-pyyaml"}
+"""Origins the ports tree has moved (MOVED at 00007dfa8db4:
+``devel/py-yaml|devel/py-pyyaml|2024-07-07|Move devel/py-yaml to devel/py-pyyaml``): a
+dependency on the old origin is never met, as the package it names is no longer built."""
+
+DEPENDS_ENTRY = re.compile(
+    r"\$\{PYTHON_PKGNAMEPREFIX\}([a-z0-9-]+)>([=0-9.]+):([a-z0-9-]+/[a-z0-9-]+)@\$\{PY_FLAVOR\}"
+)
+"""One flavoured dependency: package name, ``=MINIMUM`` or ``0``, origin."""
+
+README = REPO / "README.md"
 
 
 def source_version() -> str:
@@ -135,25 +161,77 @@ def test_port_substitutes_every_file_it_names() -> None:
     assert "%%PREFIX%%/etc/kvm_exporter.yml" in (PORT / "files" / "pkg-message.in").read_text()
 
 
+def minimums(requirements: list[str]) -> dict[str, str]:
+    """``{PyPI name: minimum version}`` of PEP 508 requirements ``NAME>=X[; marker]``."""
+    found = {}
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)(;.*)?", requirement)
+        assert match, f"requirement without a minimum version: {requirement}"
+        found[match.group(1)] = match.group(2)
+    return found
+
+
+def port_depends(entries: str) -> dict[str, str]:
+    """``{PyPI name: minimum version}`` of the value of a *_DEPENDS variable, each entry
+    checked against the origin and package name the ports tree has for it (PORTS)."""
+    origins = {origin: (pypi, name) for pypi, (origin, name) in PORTS.items()}
+    found = {}
+    for entry in entries.split():
+        match = DEPENDS_ENTRY.fullmatch(entry)
+        assert match, f"entry not in the flavoured form: {entry}"
+        name, minimum, origin = match.groups()
+        assert origin not in MOVED, f"{origin} has moved to {MOVED.get(origin)}"
+        assert origin in origins, f"{origin}: no such port in the facts read (PORTS)"
+        pypi, portname = origins[origin]
+        assert name == portname, f"{origin} builds {portname}, not {name}"
+        found[pypi] = minimum.removeprefix("=")
+    return found
+
+
+def test_port_dependency_check_refuses_a_moved_or_misnamed_origin() -> None:
+    moved = "${PYTHON_PKGNAMEPREFIX}yaml>=5.4:devel/py-yaml@${PY_FLAVOR}"
+    misnamed = "${PYTHON_PKGNAMEPREFIX}yaml>=5.4:devel/py-pyyaml@${PY_FLAVOR}"
+    for entry, error in ((moved, "has moved to devel/py-pyyaml"), (misnamed, "not yaml")):
+        with pytest.raises(AssertionError, match=error):
+            port_depends(entry)
+
+
 def test_port_run_depends_are_the_package_dependencies() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    wanted = {}
-    for requirement in pyproject["project"]["dependencies"]:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
-        assert match, f"dependency without a minimum version: {requirement}"
-        name, minimum = match.groups()
-        wanted[PORT_NAMES.get(name, name)] = minimum
-    found = {}
-    for dep in PORT_VARS["RUN_DEPENDS"].split():
-        match = re.fullmatch(
-            r"\$\{PYTHON_PKGNAMEPREFIX\}([a-z-]+)>=([0-9.]+):[a-z-]+/py-([a-z-]+)@\$\{PY_FLAVOR\}",
-            dep,
-        )
-        assert match, f"RUN_DEPENDS entry not in the flavoured form: {dep}"
-        name, minimum, port = match.groups()
-        assert name == port
-        found[name] = minimum
-    assert found == wanted
+    assert port_depends(PORT_VARS["RUN_DEPENDS"]) == minimums(pyproject["project"]["dependencies"])
+
+
+def test_port_build_depends_are_the_build_requirements() -> None:
+    # setuptools >= 77 reads pyproject's SPDX ``license`` and ``license-files``. cffi is a
+    # build requirement on Linux only (pip would build it from source on FreeBSD), but the
+    # port has it as a package, and setup.py then builds the C gather of kinfo_proc records.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = minimums(pyproject["build-system"]["requires"])
+    assert wanted["setuptools"] == "77"
+    assert port_depends(PORT_VARS["BUILD_DEPENDS"]) == wanted
+
+
+def test_readme_pip_route_installs_pip_and_every_dependency_as_a_package() -> None:
+    # pip comes in a package of its own, py3XX-pip (devel/py-pip, PORTNAME=pip, at e9fefdb2).
+    freebsd = README.read_text().split("\n## FreeBSD\n")[1]
+    (line,) = re.findall(r"^ *(pkg install python3\d+ .*)$", freebsd, re.M)
+    words = line.split()
+    python = words[2].removeprefix("python")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = {
+        f"py{python}-{PORTS[name][1]}" for name in minimums(pyproject["project"]["dependencies"])
+    }
+    assert set(words[3:]) == wanted | {f"py{python}-pip"}
+    assert f"python{python[0]}.{python[1:]} -m pip install kvm_exporter" in freebsd
+
+
+def test_port_builds_one_flavor_per_python_without_concurrent() -> None:
+    # USE_PYTHON=concurrent (Mk/Uses/python.mk at 008c7801) makes flavours installable side by side
+    # by renaming bin/kvm_exporter to bin/kvm_exporter-3.X (uniquefiles), but each flavour
+    # would still install the same rc.d script, sample config and user: they conflict, and
+    # the rc.d script's %%PREFIX%%/bin/kvm_exporter is only a link for the default flavour.
+    assert PORT_VARS["USE_PYTHON"].split() == ["autoplist", "pep517"]
+    assert "%%PREFIX%%/bin/kvm_exporter" in RC_IN.read_text()
 
 
 def test_port_installs_the_rc_script_as_the_service_user_it_creates() -> None:
@@ -178,7 +256,8 @@ def test_port_installs_what_the_wheel_and_sdist_carry(dists: dict[str, Path]) ->
     with zipfile.ZipFile(dists["wheel"]) as whl:
         man = whl.read(f"kvm_exporter-{version}.data/data/{MAN_PAGE}").decode()
         entry_points = whl.read(f"kvm_exporter-{version}.dist-info/entry_points.txt").decode()
-    assert man == (REPO / "packaging" / "kvm_exporter.8").read_text()
+    # Outside the port %%PREFIX%% is /usr/local (setup.py), the README's pip route.
+    assert man == MAN_SOURCE.read_text().replace("%%PREFIX%%", "/usr/local")
     assert "kvm_exporter = kvm_exporter.cli:main" in entry_points
     # The port builds from the sdist (MASTER_SITES=PYPI, DISTNAME kvm_exporter-VERSION) and
     # copies files out of ${WRKSRC}: each must be in it, and equal to the repository's.
@@ -189,6 +268,71 @@ def test_port_installs_what_the_wheel_and_sdist_carry(dists: dict[str, Path]) ->
     assert "config/kvm_exporter.yml" in copied
     assert set(copied) <= names, "the port reads files the sdist lacks (MANIFEST.in)"
     assert {"rc.d/kvm_exporter", "packaging/freebsd/files/kvm_exporter.in"} <= names
+
+
+def port_post_patch(wrksrc: Path, prefix: str) -> Path:
+    """Runs the port's one-line post-patch recipe in ``wrksrc`` with ``prefix`` as PREFIX and
+    REINPLACE_CMD as sed -i (Mk/bsd.commands.mk); returns the file it edits."""
+    recipe = re.search(r"^post-patch:\n\t@?(.*)\n(?!\t)", (PORT / "Makefile").read_text(), re.M)
+    assert recipe, "no one-line post-patch target"
+    command, *expressions, target = shlex.split(recipe.group(1))
+    assert command == "${REINPLACE_CMD}" and target.startswith("${WRKSRC}/")
+    edited = wrksrc / target.removeprefix("${WRKSRC}/")
+    expressions = [word.replace("${PREFIX}", prefix) for word in expressions]
+    subprocess.run(["sed", "-i", *expressions, str(edited)], check=True)
+    return edited
+
+
+def test_port_writes_its_prefix_into_the_manual(tmp_path: Path) -> None:
+    # USE_RC_SUBR substitutes %%PREFIX%% in the rc.d script; the manual is wheel data, so the
+    # port substitutes it in ${WRKSRC} before the build.
+    page = tmp_path / MAN_SOURCE.relative_to(REPO)
+    page.parent.mkdir()
+    page.write_text(MAN_SOURCE.read_text())
+    assert port_post_patch(tmp_path, "/opt/pkg") == page
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["data-files"]["share/man/man8"] == [
+        str(page.relative_to(tmp_path))
+    ]
+    installed = page.read_text()
+    assert "%%" not in installed
+    assert "\n.It Pa /opt/pkg/etc/kvm_exporter.yml\n" in installed
+    assert mandoc_lint(page) == []
+
+
+def test_port_builds_the_sdist_with_its_build_depends(
+    dists: dict[str, Path], tmp_path: Path
+) -> None:
+    """The port's build on Linux: the sdist after post-patch, built by Mk/Uses/python.mk's
+    PEP517_BUILD_CMD (``python -m build --no-isolation --wheel``) where only BUILD_DEPENDS and
+    py-build are installed. ``build`` checks the build requirements itself; a setuptools
+    older than 77 refuses pyproject's SPDX ``license``."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    env = {**os.environ, "PIP_NO_CACHE_DIR": "1"}
+    env.pop("PYTHONPATH", None)
+    depends = port_depends(PORT_VARS["BUILD_DEPENDS"])
+    wanted = [f"{name}>={minimum}" for name, minimum in depends.items()]
+    pip = [python, "-m", "pip", "install", "-q", "build", *wanted]
+    install = subprocess.run(pip, capture_output=True, text=True, env=env, timeout=300)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    with tarfile.open(dists["sdist"]) as tar:
+        tar.extractall(tmp_path)
+    wrksrc = tmp_path / dists["sdist"].name.removesuffix(".tar.gz")
+    port_post_patch(wrksrc, "/opt/pkg")
+    out = tmp_path / "dist"
+    build = [python, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(out), str(wrksrc)]
+    built = subprocess.run(build, capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    version = source_version()
+    with zipfile.ZipFile(wheel) as whl:
+        man = whl.read(f"kvm_exporter-{version}.data/data/{MAN_PAGE}").decode()
+    assert "%%" not in man and "/usr/local" not in man
+    assert "\n.It Pa /opt/pkg/etc/rc.d/kvm_exporter\n" in man
+    # cffi came from BUILD_DEPENDS: the optional C loops were built.
+    assert any("/_procscan" in name for name in wheel_record(wheel))
 
 
 # --- the wheel and the sdist ---
