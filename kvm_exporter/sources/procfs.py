@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any, TypeVar
 
+from .. import visibility
 from ..records import (
     ARGV_BYTES,
     HOST_JAIL,
@@ -255,6 +256,10 @@ class ProcfsSource:
     def jail_name(self, jid: int) -> str:
         """Linux has no jails: every process is the host's."""
         return HOST_JAIL
+
+    def visibility(self) -> dict[str, bool]:
+        """hidepid and PID namespace of the procfs read."""
+        return visibility.procfs(self.root)
 
     def _memory_bytes(self) -> int | None:
         """MemTotal of meminfo; None without one."""
