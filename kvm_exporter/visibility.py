@@ -91,6 +91,25 @@ def _capabilities(status: str) -> int:
     return int(line.split()[1], 16)
 
 
+def _proc_mount(root: str, mountinfo: str) -> dict[str, str] | None:
+    """The options of the procfs mounted at or above ``root``; None if that mount is not a
+    procfs. Raises OSError, ValueError or IndexError for a mountinfo that cannot be read."""
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as file:
+        mount = mount_of(os.path.realpath(root), file.read())
+    return mount[2] if mount is not None and mount[1] == "proc" else None
+
+
+def procfs_subset(root: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The ``subset=`` option of the procfs at ``root`` (``pid``: ``fs/proc/root.c``
+    proc_parse_subset_param, which hides every entry but the process directories); None
+    without one, or where the mounts cannot be read."""
+    try:
+        options = _proc_mount(root, mountinfo)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if options is None else options.get("subset")
+
+
 def procfs(root: str, mountinfo: str = "/proc/self/mountinfo") -> dict[str, bool]:
     """The restrictions of the procfs at ``root``: ``hidepid`` and ``pid_namespace``.
 
@@ -101,12 +120,11 @@ def procfs(root: str, mountinfo: str = "/proc/self/mountinfo") -> dict[str, bool
     (proc_pid_readdir walks ``proc_pid_ns(sb)``).
     """
     try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as file:
-            mount = mount_of(os.path.realpath(root), file.read())
+        options = _proc_mount(root, mountinfo)
     except (OSError, ValueError, IndexError) as err:
         log.warning("cannot tell whether %s hides processes: %s: %s", root, mountinfo, err)
         return {}
-    if mount is None or mount[1] != "proc":
+    if options is None:
         log.info("%s is not a procfs mount: process visibility not checked", root)
         return {}
     found: dict[str, bool] = {}
@@ -114,9 +132,9 @@ def procfs(root: str, mountinfo: str = "/proc/self/mountinfo") -> dict[str, bool
         with open(os.path.join(root, "self/status"), encoding="ascii", errors="replace") as f:
             status = f.read()
         ptrace = bool(_capabilities(status) >> CAP_SYS_PTRACE & 1)
-        hidepid = mount[2].get("hidepid", "off")
+        hidepid = options.get("hidepid", "off")
         hidepid = _HIDEPID_NAMES.get(hidepid, hidepid)
-        in_group = int(mount[2].get("gid", "0")) in (os.getegid(), *os.getgroups())
+        in_group = int(options.get("gid", "0")) in (os.getegid(), *os.getgroups())
         found["hidepid"] = (
             hidepid != "off" and not ptrace and (hidepid == "ptraceable" or not in_group)
         )

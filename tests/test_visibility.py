@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from attack_support import import_path, world_dir
-from conftest import SYSTEM_PYTHON, samples
+from conftest import SYSTEM_PYTHON, free_port, listens, samples, wait_until
 from fakelib import SCENARIOS, build_fake_libkvm
 
 from kvm_exporter import visibility
@@ -105,17 +107,77 @@ def test_hidepid_is_reported_where_it_hides_processes(
         assert "level=warn" not in result.stderr, result.stderr
 
 
-def test_a_pid_namespace_of_its_own_is_reported() -> None:
-    """In a PID namespace with its own /proc the exporter sees that namespace's processes
-    alone (proc_pid_readdir lists the mount's namespace): pid_namespace 1. Outside, 0 (the
-    hidepid test above)."""
-    prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+@pytest.mark.parametrize("own_proc", [True, False])
+def test_a_pid_namespace_is_reported_where_its_proc_is_read(own_proc: bool) -> None:
+    """In a PID namespace with its own /proc (``--mount-proc``) the exporter sees that
+    namespace's processes alone (``fs/proc/base.c`` proc_pid_readdir lists the mount's
+    namespace): pid_namespace 1. In one that still reads the host's /proc, its ``NSpid``
+    has two entries (``fs/proc/array.c`` task_state: one per namespace from the mount's
+    down) and it sees the host's processes: 0. Outside any, 0 (the hidepid tests)."""
+    host = len(ProcfsSource().procs())
+    prefix = ["unshare", "--pid", "--fork", *(["--mount-proc"] if own_proc else []), "--"]
     result = once(prefix)
     assert result.returncode == 0, result.stderr
     metrics = samples(result.stdout)
-    assert restricted(metrics) == {"hidepid": 0, "pid_namespace": 1}
-    assert processes(metrics) <= 2
-    assert "pid_namespace: run the exporter in the host's PID namespace" in result.stderr
+    assert restricted(metrics) == {"hidepid": 0, "pid_namespace": own_proc}
+    if own_proc:
+        assert processes(metrics) <= 2
+        assert "pid_namespace: run the exporter in the host's PID namespace" in result.stderr
+    else:
+        assert processes(metrics) > host / 2, (processes(metrics), host)
+        assert "level=warn" not in result.stderr, result.stderr
+
+
+def test_a_proc_with_only_the_process_directories_is_named_as_such() -> None:
+    """``subset=pid`` (systemd ProcSubset=pid; ``fs/proc/root.c`` proc_parse_subset_param)
+    leaves loadavg and the rest out: the start fails with a message naming the option."""
+    result = once(in_proc_mount("subset=pid"))
+    assert result.returncode == 1
+    assert "/proc is mounted with subset=pid (systemd ProcSubset=pid)" in result.stderr
+
+
+def test_a_reload_checks_again() -> None:
+    """A running exporter (as the reader, in a mount namespace of its own) sees /proc
+    remounted with hidepid=invisible on the next SIGHUP."""
+    port = free_port()
+    become = ["setpriv", f"--reuid={READER}", f"--regid={READER}", "--clear-groups", "--"]
+    exporter = [SYSTEM_PYTHON, "-m", "kvm_exporter", f"--web.listen-address=127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        [*in_proc_mount(""), *become, *exporter],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": import_path()},
+    )
+    # unshare --fork waits for its one child: the shell that became the exporter.
+    child = wait_until(
+        lambda: Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split(),
+        what="unshare's child",
+    )
+    child = int(child[0])
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def hidden() -> dict[str, float] | None:
+            if not listens(child, port):
+                return None
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return restricted(samples(response.read().decode()))
+
+        assert wait_until(hidden, timeout=30, what="the exporter") == {
+            "hidepid": 0,
+            "pid_namespace": 0,
+        }
+        remount = ["nsenter", f"--mount=/proc/{child}/ns/mnt", "--"]
+        subprocess.run([*remount, "mount", "-o", "remount,hidepid=invisible", "/proc"], check=True)
+        os.kill(child, signal.SIGHUP)
+        wait_until(lambda: (hidden() or {}).get("hidepid") == 1, what="hidepid after SIGHUP")
+    finally:
+        os.kill(child, signal.SIGTERM)  # unshare waits for it and exits with it
+        _, stderr = proc.communicate(timeout=15)
+    assert stderr.count("hidepid: mount /proc with gid=GROUP") == 1, stderr
 
 
 def test_unreadable_mountinfo_leaves_hidepid_out_and_says_why(

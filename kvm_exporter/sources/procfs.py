@@ -186,6 +186,12 @@ class ProcfsSource:
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
         if not os.path.isfile(os.path.join(root, "loadavg")):
+            if visibility.procfs_subset(root) == "pid":
+                raise SourceError(
+                    f"{root} is mounted with subset=pid (systemd ProcSubset=pid), which leaves"
+                    " out loadavg, swaps and the rest of /proc but the process directories:"
+                    " mount it without subset=pid (ProcSubset=all)"
+                )
             raise SourceError(f"{root} does not look like procfs: no {root}/loadavg")
         self._dev_names: dict[int, str] | None = None
         self._ttys: dict[bytes, str] = {}
