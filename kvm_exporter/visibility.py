@@ -162,7 +162,8 @@ def freebsd(sysctl: Callable[[str], int | None]) -> dict[str, bool]:
     policies' cred_check_visible, then cr_canseeotheruids(), cr_canseeothergids() and
     cr_canseejailproc(), each lifted by priv_check_cred(), which grants root
     (``kern_priv.c``: uid 0 while security.bsd.suser_enabled; ``kern_jail.c``
-    prison_priv_check() grants PRIV_SEEOTHERUIDS and PRIV_SEEOTHERGIDS to jailed root).
+    prison_priv_check() grants PRIV_SEEOTHERUIDS and PRIV_SEEOTHERGIDS to jailed root, not
+    PRIV_SEEJAILPROC).
     """
     found: dict[str, bool] = {}
     try:
@@ -172,8 +173,10 @@ def freebsd(sysctl: Callable[[str], int | None]) -> dict[str, bool]:
         root = os.geteuid() == 0 and sysctl("security.bsd.suser_enabled") != 0
         for reason in ("see_other_uids", "see_other_gids", "see_jail_proc"):
             value = _known(sysctl, f"security.bsd.{reason}", reason)
+            # prison_priv_check() does not grant jailed root PRIV_SEEJAILPROC.
+            exempt = root and not (reason == "see_jail_proc" and jailed)
             if value is not None:
-                found[reason] = value == 0 and not root
+                found[reason] = value == 0 and not exempt
         enabled = sysctl("security.mac.seeotheruids.enabled")  # None: the module is not loaded
         found["mac_seeotheruids"] = bool(enabled) and not _seeotheruids_exempt(sysctl, root)
     except SourceError as err:
@@ -182,6 +185,8 @@ def freebsd(sysctl: Callable[[str], int | None]) -> dict[str, bool]:
 
 
 def _known(sysctl: Callable[[str], int | None], name: str, reason: str) -> int | None:
+    """Sysctl ``name``, or None with a warning that ``reason`` is left out: a node every
+    kernel of this exporter's era has, so its absence is worth saying."""
     value = sysctl(name)
     if value is None:
         log.warning("sysctl %s does not exist on this kernel: %s not checked", name, reason)

@@ -40,10 +40,11 @@ def once(
     reader: bool = True,
     groups: int | None = None,
     env: dict[str, str] | None = None,
+    caps: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """``kvm_exporter --once`` run by ``prefix``, as :data:`READER` (in ``groups`` too) or,
-    without ``reader``, as root."""
-    become = ["setpriv", f"--reuid={READER}", f"--regid={READER}"]
+    """``kvm_exporter --once`` run by ``prefix``, as :data:`READER` (in ``groups`` too, with
+    the setpriv capability options ``caps``) or, without ``reader``, as root."""
+    become = ["setpriv", f"--reuid={READER}", f"--regid={READER}", *caps]
     become.append(f"--groups={groups}" if groups is not None else "--clear-groups")
     return subprocess.run(
         [*prefix, *(become if reader else []), SYSTEM_PYTHON, "-m", "kvm_exporter", "--once"]
@@ -105,6 +106,19 @@ def test_hidepid_is_reported_where_it_hides_processes(
     else:
         assert seen > host / 2, (seen, host)
         assert "level=warn" not in result.stderr, result.stderr
+
+
+def test_a_reader_with_cap_sys_ptrace_sees_through_hidepid() -> None:
+    """ptrace_may_access() lets a reader with CAP_SYS_PTRACE read any process
+    (``kernel/ptrace.c`` __ptrace_may_access: ptrace_has_cap), so hidepid does not restrict
+    it, whatever its uid and groups."""
+    host = len(ProcfsSource().procs())
+    ptrace = ("--inh-caps=+sys_ptrace", "--ambient-caps=+sys_ptrace")
+    result = once(in_proc_mount("hidepid=invisible"), caps=ptrace)
+    assert result.returncode == 0, result.stderr
+    metrics = samples(result.stdout)
+    assert restricted(metrics) == {"hidepid": 0, "pid_namespace": 0}
+    assert processes(metrics) > host / 2, (processes(metrics), host)
 
 
 @pytest.mark.parametrize("own_proc", [True, False])
@@ -295,6 +309,18 @@ def freebsd_once(
             False,
             None,
             CLEAR_ALL,
+        ),
+        # Jailed root: kern_jail.c prison_priv_check() grants PRIV_SEEOTHERUIDS, not
+        # PRIV_SEEJAILPROC.
+        (
+            {
+                "security.jail.jailed": 1,
+                "security.bsd.see_other_uids": 0,
+                "security.bsd.see_jail_proc": 0,
+            },
+            False,
+            None,
+            {**CLEAR_ALL, "jail": 1, "see_jail_proc": 1},
         ),
         (
             {"security.bsd.see_other_uids": 0, "security.bsd.suser_enabled": 0},
