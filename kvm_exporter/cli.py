@@ -115,12 +115,14 @@ def check(args: argparse.Namespace) -> int:
 def once(args: argparse.Namespace) -> int:
     """Poll once and print the exposition; non-zero if any part of the poll failed."""
     from .service import build_registry, prepare, settings_of
+    from .visibility import check
 
     config, _, source = prepare(args.config_file, flags_of(args))
     try:
         poller = Poller(source, settings_of(config))
+        found = check(source)
         poller.poll()
-        sys.stdout.buffer.write(generate_latest(build_registry(poller)))
+        sys.stdout.buffer.write(generate_latest(build_registry(poller, visibility=lambda: found)))
         sys.stdout.flush()
         return 0 if poller.scraped().up else 1  # the poll printed (interval 0: no new one)
     finally:

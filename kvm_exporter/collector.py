@@ -16,6 +16,7 @@ from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
 from .records import HostUsage, OwnUsage, Source, SourceError
 from .usage import Resources
+from .visibility import Visibility
 
 AS_OF = ", as of the last poll."
 """Ends the HELP text of every value read from the system (the snapshot may be a poll old)."""
@@ -324,6 +325,27 @@ class KvmCollector(Collector):
             "Unix time in seconds of the last successful configuration load.",
             status.last_success,
         )
+
+
+class VisibilityCollector(Collector):
+    """``kvm_process_visibility_restricted``: the restrictions found at start or last reload."""
+
+    def __init__(self, visibility: Callable[[], Visibility]) -> None:
+        self._visibility = visibility
+
+    def collect(self) -> Iterator[Metric]:
+        found = self._visibility()
+        if not found:  # nothing checked: a procfs copy, a crash dump
+            return
+        family = GaugeMetricFamily(
+            "kvm_process_visibility_restricted",
+            "1 if this kernel restriction hides processes from the exporter (its counts are"
+            " short), 0 if it was checked and does not; checked at start and on reload.",
+            labels=["reason"],
+        )
+        for reason, applies in sorted(found.items()):
+            family.add_metric([reason], applies)
+        yield family
 
 
 class OwnUsageCollector(Collector):

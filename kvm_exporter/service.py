@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .app import make_app
-from .collector import KvmCollector, OwnUsageCollector, ReloadStatus
+from .collector import KvmCollector, OwnUsageCollector, ReloadStatus, VisibilityCollector
 from .compat import NodeCollector
 from .config import Config, ConfigError, format_duration, load_config
 from .groupmetrics import GroupCollector
@@ -21,6 +21,7 @@ from .poller import Poller, Settings
 from .records import Source, SourceError
 from .sources import open_source
 from .version import revision
+from .visibility import Visibility, check
 from .web import Server, listen_target, serve
 from .webconfig import WebSettings, load_web_config
 
@@ -45,7 +46,9 @@ def source_key(config: Config) -> tuple[Any, ...]:
 
 
 def build_registry(
-    poller: Poller, reload_status: Callable[[], ReloadStatus] | None = None
+    poller: Poller,
+    reload_status: Callable[[], ReloadStatus] | None = None,
+    visibility: Callable[[], Visibility] = dict,
 ) -> CollectorRegistry:
     """A private registry holding only this exporter's collector (no reloads: ``--once``)."""
     registry = CollectorRegistry()
@@ -56,6 +59,7 @@ def build_registry(
             reload_status or (lambda: ReloadStatus(True, 0, time.time())),
         )
     )
+    registry.register(VisibilityCollector(visibility))
     registry.register(NodeCollector(poller))  # serves nothing unless compat asks for it
     registry.register(GroupCollector(poller))  # serves nothing unless groups are configured
     return registry
@@ -94,7 +98,8 @@ class Service:
         self.servers: list[Server] = []
         try:
             self.poller = Poller(source, settings_of(self.config))
-            registry = build_registry(self.poller, lambda: self._reload)
+            self.visibility = check(source)
+            registry = build_registry(self.poller, lambda: self._reload, lambda: self.visibility)
             registry.register(OwnUsageCollector(lambda: self.poller.source))  # not in --once
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             for address in web.listen_address:  # one server per address, all with one app
@@ -148,6 +153,7 @@ class Service:
         if source is not None:
             old.close()
         configure(config.log.level, config.log.format)
+        self.visibility = check(self.poller.source)
         self.config = config
         self._reload = ReloadStatus(True, self._reload.failures, time.time())
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")

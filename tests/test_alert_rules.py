@@ -73,7 +73,7 @@ def test_alert_has_severity_summary_and_description(rule: dict[str, Any]) -> Non
     assert set(annotations) >= {"summary", "description"}
     for key in ("summary", "description"):
         assert "$labels.instance" in annotations[key], f"{key} must name the instance"
-    if not rule["expr"].rstrip().endswith("== 0"):
+    if not rule["expr"].rstrip().endswith(("== 0", "== 1")):
         # A threshold alert says how far over it is; a 0/1 health alert's value says nothing.
         assert "$value" in annotations["summary"] + annotations["description"]
 

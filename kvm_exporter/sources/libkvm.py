@@ -20,6 +20,7 @@ from collections import Counter
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, cast
 
+from .. import visibility
 from ..config import LibkvmConfig
 from ..records import (
     ARGV_BYTES,
@@ -331,6 +332,11 @@ class LibkvmSource:
         finally:
             self._lib.free(name)
 
+    def visibility(self) -> dict[str, bool]:
+        """The security sysctls of the running kernel; none for a crash dump, whose
+        processes libkvm reads from kernel memory with no p_cansee()."""
+        return {} if self.crash_dump else visibility.freebsd(self._sysctl_if_any)
+
     def _physmem(self) -> int | None:
         """hw.physmem, an unsigned long; None if the sysctl cannot be read."""
         value = ffi.new("unsigned long *")
@@ -400,9 +406,18 @@ class LibkvmSource:
         return SourceError(f"{call} failed: {reason}")
 
     def _sysctl_int(self, name: str) -> int:
+        value = self._sysctl_if_any(name)
+        if value is None:
+            raise SourceError(f"sysctl {name}: {os.strerror(errno.ENOENT)}")
+        return value
+
+    def _sysctl_if_any(self, name: str) -> int | None:
+        """The ``int`` sysctl ``name``; None where the kernel has no such node (ENOENT)."""
         value = ffi.new("int *")
         size = ffi.new("size_t *", ffi.sizeof("int"))
         if self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0) != 0:
+            if ffi.errno == errno.ENOENT:
+                return None
             raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
         return int(value[0])
 

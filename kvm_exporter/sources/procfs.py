@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any, TypeVar
 
+from .. import visibility
 from ..records import (
     ARGV_BYTES,
     HOST_JAIL,
@@ -201,6 +202,12 @@ class ProcfsSource:
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
         if not os.path.isfile(os.path.join(root, "loadavg")):
+            if visibility.procfs_subset(root) == "pid":
+                raise SourceError(
+                    f"{root} is mounted with subset=pid (systemd ProcSubset=pid), which leaves"
+                    " out loadavg, swaps and the rest of /proc but the process directories:"
+                    " mount it without subset=pid (ProcSubset=all)"
+                )
             raise SourceError(f"{root} does not look like procfs: no {root}/loadavg")
         self._dev_names: dict[int, str] | None = None
         self._ttys: dict[bytes, str] = {}
@@ -271,6 +278,10 @@ class ProcfsSource:
     def jail_name(self, jid: int) -> str:
         """Linux has no jails: every process is the host's."""
         return HOST_JAIL
+
+    def visibility(self) -> dict[str, bool]:
+        """hidepid and PID namespace of the procfs read."""
+        return visibility.procfs(self.root)
 
     def _memory_bytes(self) -> int | None:
         """MemTotal of meminfo; None without one."""
