@@ -85,7 +85,10 @@ USAGE_PPID, USAGE_THREADS, USAGE_STATE, USAGE_COMM = 7, 8, 9, 10
 """Parent pid, threads, the state as the source codes it (:attr:`UsageSpec.state` names it)
 and comm (NUL-padded bytes): what named groups need of a process."""
 USAGE_COUNTERS = 11
-"""Where the cumulative counters start; :attr:`UsageSpec.counters` names each of them."""
+"""Where the cumulative counters start; :attr:`UsageSpec.counters` names each of them. They
+come twice, column for column: first what the process itself used, then what its reaped
+children used (the kernel's children's usage, which grows when the process reaps a child by
+that child's own usage plus its children's: Linux ``cutime``..., FreeBSD ``ki_rusage_ch``)."""
 
 
 def comm_of(field: bytes) -> str:
@@ -99,7 +102,8 @@ class UsageSpec(NamedTuple):
     page_size: int
     counters: tuple[tuple[str, str, float], ...]
     """(metric, label value, seconds or events per unit) of each counter column in order.
-    Columns with the same metric and value add up (FreeBSD's seconds and microseconds)."""
+    Columns with the same metric and value add up (FreeBSD's seconds and microseconds). A row
+    holds them twice: its own usage, then its reaped children's (:data:`USAGE_COUNTERS`)."""
     decode: Callable[[bytes], UsageRow]
     """A usage record's row."""
     state: Callable[[int], str]
@@ -141,6 +145,18 @@ class HostLimits(NamedTuple):
     ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
     memory_bytes: int | None = None
     """Physical memory (``hw.physmem``, ``MemTotal``); None where the source cannot tell."""
+
+
+class HostUsage(NamedTuple):
+    """The host's own counters, beside which the groups' add up (or say what they miss)."""
+
+    cpu_seconds: dict[str, float]
+    """CPU time since boot per mode, in node_exporter's words (``user``, ``nice``, ``system``,
+    ``idle``, Linux also ``iowait``, ``irq``, ``softirq``, ``steal``; FreeBSD ``interrupt``)."""
+    page_faults: dict[str, int]
+    """Page faults since boot, ``minor`` and ``major``, where the kernel counts them."""
+    forks: int | None
+    """Processes created since boot; None where the source cannot tell."""
 
 
 class OwnUsage(NamedTuple):
@@ -200,5 +216,9 @@ class Source(Protocol):
     def swap(self) -> list[SwapDevice]: ...
 
     def limits(self) -> HostLimits: ...
+
+    def host_usage(self) -> HostUsage:
+        """The host's CPU time, page faults and forks since boot."""
+        ...
 
     def close(self) -> None: ...
