@@ -63,6 +63,7 @@ def test_usage_rows_carry_ki_rusage_and_the_jail(
         b"postgres".ljust(20, b"\0"),
         *(4, 0, 2, 500000),
         *(120000, 40, 90000, 3000, 91000, 72000),
+        *(0,) * 10,  # no reaped children
     )
     assert {row[USAGE_JID] for row in rows.values()} == {0, 3, 7}
     assert (source.jail_name(0), source.jail_name(3), source.jail_name(7)) == ("host", "www", "db")
@@ -187,8 +188,10 @@ def test_a_poll_with_groups_and_resources_makes_one_kvm_getprocs(
     tmp_path: pathlib.Path,
     threads: bool,
 ) -> None:
-    # The fake fails the handle's second kvm_getprocs: a poll reading twice loses a part.
-    second = "fail getprocs 2 kvm_getprocs: a second walk\n"
+    """One read, or with threads two: the thread rows for the census, the process rows for
+    the usage (an exited thread's usage is in no thread row)."""
+    # The fake fails the handle's next kvm_getprocs: a poll reading more loses a part.
+    second = f"fail getprocs {2 + threads} kvm_getprocs: a second walk\n"
     scenario = write(tmp_path, JAILS01.read_text() + second)
     source = jailed(open_libkvm, fake_libkvm, scenario, threads=threads)
     rules = parse_process_names([{"name": "{{.Comm}}", "comm": ["nginx"]}])
