@@ -430,12 +430,12 @@ class LibkvmSource:
         return SourceError(f"{call} failed: {reason}")
 
     def _sysctl_int(self, name: str) -> int:
-        return int(self._sysctl_value(name, "int"))
+        return int(self._sysctl_value(name, "int")[0])
 
     def _sysctl_value(self, name: str, ctype: str) -> Any:
-        """sysctlbyname ``name`` read as one ``ctype``: the kernel must answer exactly its
-        size (an older or other kernel's layout is refused, not misread)."""
-        value = ffi.new(ctype + " *")
+        """sysctlbyname ``name`` read as one ``ctype``, as a pointer that owns it: the kernel
+        must answer exactly its size (another kernel's layout is refused, not misread)."""
+        value = ffi.new(ffi.getctype(ctype, "*"))
         size = ffi.new("size_t *", ffi.sizeof(ctype))
         if self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0) != 0:
             raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
@@ -444,7 +444,7 @@ class LibkvmSource:
                 f"sysctl {name}: the kernel answered {size[0]} bytes, not the"
                 f" {ffi.sizeof(ctype)} of {ctype}"
             )
-        return value[0]
+        return value
 
     def host_usage(self) -> HostUsage:
         """CPU time per mode (kern.cp_time in stathz ticks of kern.clockrate), page faults
@@ -454,10 +454,12 @@ class LibkvmSource:
         if self.crash_dump:
             return HostUsage({}, {}, None)
         with self._lock:
-            ticks = self._sysctl_value("kern.cp_time", f"long[{len(CP_MODES)}]")
+            cp_time = self._sysctl_value("kern.cp_time", f"long[{len(CP_MODES)}]")
+            ticks = list(cp_time[0])
             clock = self._sysctl_value("kern.clockrate", "struct clockinfo")
             counts = {
-                name: int(self._sysctl_value(VM_STATS + name, "uint64_t")) for name in VM_COUNTERS
+                name: int(self._sysctl_value(VM_STATS + name, "uint64_t")[0])
+                for name in VM_COUNTERS
             }
         stathz = clock.stathz or clock.hz  # sysctl_kern_clockrate gives hz without stathz
         if stathz <= 0:

@@ -12,7 +12,8 @@
  * environment variable FAKE_KVM_SCENARIO; a crash-dump open reads the core
  * file itself as the scenario. The kernel argument is not read.
  * sysctlbyname() and devname_r() answer from the scenario of the newest handle
- * still open, or with none open from FAKE_KVM_SCENARIO, read afresh.
+ * still open, or with none open from FAKE_KVM_SCENARIO, read afresh. A live handle
+ * reads its scenario again when the file changed.
  * A crash dump's kernel variables are its scenario's sysctls: kvm_nlist2()
  * knows _mp_ncpus (hw.ncpu), _maxproc (kern.maxproc) and _maxthread
  * (kern.maxthread), and kvm_read2() reads them as ints; on a live handle
@@ -36,8 +37,14 @@
  *                              byte, e.g. %20 a space; none: NULL, like a kernel process)
  *                              jid (its jail; 0 = none) utime stime (microseconds; without
  *                              either, utime = runtime) minflt majflt nvcsw nivcsw inblock
- *                              oublock (ki_rusage counts)
+ *                              oublock (ki_rusage counts), each also as ch_X (reaped
+ *                              children's: p_cru) and exited_X (of X, what exited threads
+ *                              used: in no thread row)
  *   sysctl NAME VALUE        hw.physmem, hw.realmem, hw.usermem are unsigned longs (8 bytes)
+ *   counter NAME VALUE       a 64-bit vm_cnt counter (vm.stats.vm.v_forks, ...)
+ *   boottime SECONDS         kern.boottime (default 0)
+ *   cp_time U N S I IDLE     kern.cp_time (long[5])
+ *   clockrate HZ TICK STATHZ PROFHZ  kern.clockrate (struct clockinfo)
  *   jail JID NAME            a jail that jail_getname(3) names (libjail)
  *   reader_jail JID          the exporter runs inside jail JID: a live read lists only that
  *                            jail's processes, each with ki_jid 0; it can name no jail
