@@ -197,7 +197,8 @@ class Source(Protocol):
 
     def argv(self, pid: int) -> tuple[str, ...] | None:
         """The arguments of the process ``pid`` now is, up to :data:`ARGV_BYTES`; None if they
-        cannot be read (gone, a zombie or kernel process on FreeBSD, not permitted)."""
+        cannot be read (gone, not permitted; on FreeBSD a kernel process, or a zombie whose
+        arguments the kernel did not cache: a zombie keeps its cached ones until reaped)."""
         ...
 
     def survey(self) -> Survey:

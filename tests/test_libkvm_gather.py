@@ -116,11 +116,12 @@ def random_records(record_type: str, n: int) -> Any:
         kp.ki_numthreads = signed(32)
         kp.ki_rssize = signed(bits["ki_rssize"])
         kp.ki_size = rng.choice([0, 2 ** bits["ki_size"] - 1, 2 ** (bits["ki_size"] - 1)])
-        ru = kp.ki_rusage
-        for tv in (kp.ki_start, ru.ru_utime, ru.ru_stime):
+        ru, ch = kp.ki_rusage, kp.ki_rusage_ch
+        for tv in (kp.ki_start, ru.ru_utime, ru.ru_stime, ch.ru_utime, ch.ru_stime):
             tv.tv_sec, tv.tv_usec = signed(sec_bits), signed(usec_bits)
         for counter in ("minflt", "majflt", "nvcsw", "nivcsw", "inblock", "oublock"):
-            setattr(ru, f"ru_{counter}", signed(bits["ki_rssize"]))  # longs, as ki_rssize
+            for usage in (ru, ch):
+                setattr(usage, f"ru_{counter}", signed(bits["ki_rssize"]))  # longs
         kp.ki_comm = b"x" * rng.randrange(20)
     return records
 
@@ -133,16 +134,21 @@ def test_usage_records_of_every_layout(record_type: str, gather_path: str) -> No
     records = random_records(record_type, n)
     expected = []
     for kp in records:
-        ru = kp.ki_rusage
         state = freebsd_state(kp.ki_stat, kp.ki_tdflags, kp.ki_slptime)
         expected.append(
             (
                 *(kp.ki_pid, kp.ki_start.tv_sec, kp.ki_start.tv_usec, kp.ki_uid, kp.ki_jid),
                 *(kp.ki_rssize, kp.ki_size, kp.ki_ppid, kp.ki_numthreads, state),
                 bytes(ffi.buffer(kp.ki_comm)),
-                *(ru.ru_utime.tv_sec, ru.ru_utime.tv_usec, ru.ru_stime.tv_sec),
-                *(ru.ru_stime.tv_usec, ru.ru_minflt, ru.ru_majflt, ru.ru_nvcsw),
-                *(ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock),
+                *(
+                    value
+                    for ru in (kp.ki_rusage, kp.ki_rusage_ch)  # own, then reaped children's
+                    for value in (
+                        *(ru.ru_utime.tv_sec, ru.ru_utime.tv_usec, ru.ru_stime.tv_sec),
+                        *(ru.ru_stime.tv_usec, ru.ru_minflt, ru.ru_majflt, ru.ru_nvcsw),
+                        *(ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock),
+                    )
+                ),
             )
         )
     gather = libkvm._gather_of(record_type, usage=True, census=False, dump=False)
@@ -162,6 +168,29 @@ def test_usage_records_of_every_layout(record_type: str, gather_path: str) -> No
         )
     ]
     assert states == [kp.ki_stat for kp in records]
+
+
+@pytest.mark.parametrize("record_type", RECORD_TYPES)
+def test_starts_are_gathered_since_boot(record_type: str, gather_path: str) -> None:
+    """ki_start less kern.boottime, the microseconds kept in [0, 1000000) by borrowing a
+    second: a clock step moves both alike (fill_kinfo_proc_only adds getboottime() to
+    p_start), so the rows do not change."""
+    records = ffi.new(f"{record_type}[]", 4)
+    starts = [(1000, 700000), (1001, 0), (1000, 699999), (5000, 999999)]
+    for kp, (sec, usec) in zip(records, starts, strict=True):
+        kp.ki_start.tv_sec, kp.ki_start.tv_usec = sec, usec
+    gather = libkvm._gather_of(record_type, usage=True, census=False, dump=False)
+
+    def since(boot: tuple[int, int]) -> list[tuple[int, int]]:
+        rows = libkvm._gather(memoryview(ffi.buffer(records)), 4, gather, boot)
+        return [row[1:3] for row in libkvm._USAGE_ROW.iter_unpack(rows)]
+
+    expected = [(0, 0), (0, 300000), (-1, 999999), (4000, 299999)]
+    assert since((1000, 700000)) == expected
+    for kp in records:  # a step of +3600.5 s: every start and the boot time move
+        kp.ki_start.tv_sec += 3600 + (kp.ki_start.tv_usec >= 500000)
+        kp.ki_start.tv_usec = (kp.ki_start.tv_usec + 500000) % 1000000
+    assert since((4601, 200000)) == expected
 
 
 @pytest.mark.parametrize("record_type", RECORD_TYPES)

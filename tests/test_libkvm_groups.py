@@ -1,6 +1,8 @@
 """Named groups on the FreeBSD path: kvm_getargv through the fake libkvm, whose kvm_getargv
 follows lib/libkvm/kvm_proc.c (kvm_argv): one static buffer that only grows, nchr truncation,
-NULL for zombies, kernel processes, gone pids and crash dumps."""
+NULL for kernel processes, gone pids and crash dumps; a zombie's cached arguments, as
+sys/kern/kern_proc.c sysctl_kern_proc_args returns p_args before looking at P_WEXIT (they are
+freed in proc_reap)."""
 
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def getargv(fake_libkvm: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[Any]:
         HOST + "proc pid=50 ppid=1 stat=SSLEEP comm=a argv=a|bb|ccc\n"
         "proc pid=51 ppid=1 stat=SSLEEP comm=z argv=zz\n"
         "proc pid=52 ppid=1 stat=SZOMB comm=z argv=zombie\n"
+        "proc pid=53 ppid=1 stat=SZOMB comm=z\n"
     )
     errbuf = ffi.new("char[]", 2048)
     handles = []
@@ -101,10 +104,17 @@ def test_fake_getargv_reuses_one_vector_the_next_call_overwrites(getargv: Any) -
     assert strings(first) == [b"zz"]  # the first answer is gone
 
 
-def test_fake_getargv_returns_null_without_error_text_for_zombie_kernel_and_gone(
+def test_fake_getargv_gives_a_zombie_its_cached_arguments(getargv: Any) -> None:
+    """sysctl_kern_proc_args: a zombie's p_args until proc_reap frees them; kvm_argv itself
+    looks at no ki_stat (lib/libkvm/kvm_proc.c: only ki_pid is read)."""
+    lib, kd, vector = getargv(52, 0)
+    assert vector != ffi.NULL and ffi.string(vector[0]) == b"zombie" and vector[1] == ffi.NULL
+
+
+def test_fake_getargv_returns_null_without_error_text_for_uncached_zombie_kernel_and_gone(
     getargv: Any,
 ) -> None:
-    for pid in (52, 0, 4242):
+    for pid in (53, 0, 4242):  # 53: a zombie whose arguments were not cached
         lib, kd, vector = getargv(pid, 0)
         assert vector == ffi.NULL
         assert ffi.string(lib.kvm_geterr(kd)) == b""
@@ -143,7 +153,8 @@ def test_source_argv_reads_arguments_cut_at_argv_bytes(source: Any) -> None:
     open_source, _ = source
     live = open_source()
     assert live.argv(701) == ("nginx: worker process",)
-    assert live.argv(802) is None and live.argv(0) is None and live.argv(4242) is None
+    assert live.argv(802) == ("php-fpm: pool api",)  # a zombie keeps its cached p_args
+    assert live.argv(0) is None and live.argv(4242) is None
     cut = live.argv(900)
     assert cut is not None and sum(len(a) + 1 for a in cut) == ARGV_BYTES
     assert cut[0] == "/usr/local/bin/app" and cut[1].startswith("--pad=xxx") and len(cut) == 2
@@ -188,8 +199,7 @@ def test_exporter_groups_from_the_fakes_argv(
     assert per_group("kvm_namegroup_processes") == {
         "nginx": 2,  # the worker joins its master (children)
         "php-www": 1,
-        "php-api": 1,
-        "php-fpm-www": 1,  # the zombie's argv is unreadable: ExeBase is its comm
+        "php-api": 2,  # the zombie is named as it was alive: its p_args are still cached
         "tail-yes": 1,
         "cut-app": 1,  # its --tail=yes lies past the 4096 bytes read
         "kernel-root": 1,  # a kernel process has no argv: named by comm
@@ -197,7 +207,7 @@ def test_exporter_groups_from_the_fakes_argv(
     assert per_group("kvm_namegroup_threads")["nginx"] == 3
     assert per_group("kvm_namegroup_resident_memory_bytes")["nginx"] == 300 * 4096
     assert per_group("kvm_namegroup_oldest_start_time_seconds")["nginx"] == 1100.0
-    assert got["kvm_namegroup_argv_unreadable_total", frozenset()] == 2  # pid 0 and the zombie
+    assert got["kvm_namegroup_argv_unreadable_total", frozenset()] == 1  # pid 0
     assert got[
         "kvm_namegroup_state_processes", frozenset({("group", "nginx"), ("state", "running")})
     ]

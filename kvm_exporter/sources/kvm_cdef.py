@@ -183,6 +183,8 @@ struct kvm_swap {
     unsigned int ksw_reserved1;
     unsigned int ksw_reserved2;
 };
+/* kern.clockrate (sys/sys/time.h); the third int was tickadj, now spare. */
+struct clockinfo { int hz; int tick; int spare; int stathz; int profhz; };
 struct kvm_nlist {
     const char *n_name;
     unsigned char n_type;

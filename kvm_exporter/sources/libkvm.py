@@ -31,6 +31,7 @@ from ..records import (
     USAGE_THREADS,
     Census,
     HostLimits,
+    HostUsage,
     Kind,
     LoadAvg,
     OwnUsage,
@@ -83,6 +84,12 @@ DEVNAME_SIZE = 256  # SPECNAMELEN + 1
 MAX_SWAP_DEVICES = 256  # per-device entries asked for; the grand total counts every device
 CLOSE_WAIT = 0.5  # seconds close() waits for a call in progress
 RECORD_BUFFER = 2048  # bytes: more than any struct kinfo_proc
+CP_MODES = ("user", "nice", "system", "interrupt", "idle")
+"""kern.cp_time's CPUSTATES in order (CP_USER .. CP_IDLE, sys/sys/resource.h), named as
+node_exporter's FreeBSD cpu collector names them."""
+VM_STATS = "vm.stats.vm."
+VM_COUNTERS = ("v_vm_faults", "v_io_faults", "v_forks", "v_vforks", "v_rforks")
+"""vm_cnt counters read for the host's usage: 64-bit (sysctl_handle_vmstat, sys/vm/vm_meter.c)."""
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,10 @@ class LibkvmSource:
         self._by_pid = config.predicate == "pid"
         # KERN_PROC_ALL returns one row per thread even without the modifier.
         self._per_thread = bool(self._op & KERN_PROC_INC_THREAD) or self._op == 0
+        # Thread rows carry each live thread's usage (fill_kinfo_thread: rufetchtd); what
+        # exited threads used is only in the process's (thread_exit folds it into p_ru):
+        # usage is read from process rows of the same selection.
+        self._usage_op = self._op & ~KERN_PROC_INC_THREAD or KERN_PROC_OPS["proc"]
         self._lock = threading.Lock()
         self._devname = ffi.new("char[]", DEVNAME_SIZE)
         errbuf = ffi.new("char[]", ERRBUF_SIZE)
@@ -118,14 +129,20 @@ class LibkvmSource:
             raise SourceError(f"kvm_openfiles cannot open {where}: {reason}")
         self._kd: Any = kd
         self.crash_dump = config.core is not None
-        self._argv_record: Any = ffi.new(_record_type(kvm_cdef.native_kinfo_proc_size()) + " *")
+        native = _record_type(kvm_cdef.native_kinfo_proc_size())
+        self._argv_record: Any = ffi.new(native + " *")
+        self._timeval = str(dict(ffi.typeof(native).fields)["ki_start"].type.cname)
+        """This ABI's struct timeval, which kern.boottime answers."""
         self.states = DUMP_STATES if self.crash_dump else STATES
         try:
             self._pagesize = self._sysctl_int("hw.pagesize")
         except SourceError:
             self.close()
             raise
-        self.usage_spec = USAGE_SPEC._replace(page_size=self._pagesize)
+        self._boottime = (0, 0)
+        """kern.boottime (seconds, microseconds) as of the last survey: starts are kept
+        relative to it, as a clock step moves it and every ki_start alike."""
+        self.usage_spec = USAGE_SPEC._replace(page_size=self._pagesize, start_time=self._epoch)
         if self.crash_dump:
             # No ki_rusage and no ki_start (kvm_proclist leaves them unfilled): memory only;
             # the state is read from ki_stat alone.
@@ -148,31 +165,40 @@ class LibkvmSource:
         return self._survey(usage=True)
 
     def _survey(self, usage: bool) -> Survey:
-        clock = int(time.time())  # ki_start's seconds are wall-clock time
-        census: Census
+        census: Census = {}
         records: list[bytes] = []
         with self._lock:
-            base, count = self._getprocs()
-            if count == 0:
-                return Survey({}, [], clock)
-            record_type = self._record_type(base)
+            # Starts are seconds since boot: ki_start is p_start + boottime
+            # (fill_kinfo_proc_only), and a clock step moves boottime (tc_setclock).
+            # A crash dump has no ki_start: its rows keep 0.
+            if usage and not self.crash_dump:
+                boot = self._sysctl_required("kern.boottime", self._timeval)
+                self._boottime = (int(boot.tv_sec), int(boot.tv_usec))
+            clock = int(time.time() - self._boottime[0] - self._boottime[1] / 1e6)
+            base, count = self._getprocs(self._op)
             # Thread rows fold into one process per pid with its visible threads; a crash
             # dump's records need the per-record care of _proc (read once).
             listed = self._per_thread or self.crash_dump
-            if listed:
+            if listed and count:
                 census = census_of(self._listed(base, count))
-            if usage or not listed:
-                gather = _gather_of(record_type, usage, not listed, self.crash_dump)
+                if usage and self._per_thread and not self.crash_dump:
+                    base, count = self._getprocs(self._usage_op)
+            if count and (usage or not listed):
+                gather = _gather_of(self._record_type(base), usage, not listed, self.crash_dump)
                 # The array belongs to libkvm and the next call frees it: the rows are a copy.
                 with memoryview(ffi.buffer(base, count * gather.size)) as array:
-                    rows = _gather(array, count, gather)
+                    rows = _gather(array, count, gather, self._boottime)
                 if usage:
                     records = _usage_records(rows, gather)
                 if not listed:
                     census = self._census_of(*_counted(rows, count, gather))
-        if self._per_thread:
-            records = _fold_thread_usage(records, sum_counters=not self.crash_dump)
+        if self._per_thread and self.crash_dump:
+            records = _fold_thread_usage(records)
         return Survey(census, records, clock)
+
+    def _epoch(self, start: int, fraction: int) -> float:
+        """Seconds since the epoch of a row's start (seconds and microseconds since boot)."""
+        return self._boottime[0] + start + (self._boottime[1] + fraction) / 1e6
 
     def _listed(self, base: Any, count: int) -> list[Proc]:
         """The ``count`` records at ``base`` as one record per process (the caller holds the
@@ -213,9 +239,12 @@ class LibkvmSource:
         return census
 
     def argv(self, pid: int) -> tuple[str, ...] | None:
-        """kvm_getargv (sysctl kern.proc.args.PID): None for a process that has gone, a zombie,
-        a kernel process, one the exporter may not see, and every process of a crash dump
-        (a core holds no user memory to read arguments from)."""
+        """kvm_getargv (sysctl kern.proc.args.PID): None for a process that has gone, a kernel
+        process, a zombie whose arguments were not cached (longer than
+        kern.ps_arg_cache_limit), one the exporter may not see, and every process of a crash
+        dump (a core holds no user memory to read arguments from). A zombie keeps its cached
+        arguments until it is reaped (sysctl_kern_proc_args returns p_args before looking at
+        P_WEXIT), so it is named as it was alive."""
         if self.crash_dump:
             return None
         record = self._argv_record
@@ -367,15 +396,16 @@ class LibkvmSource:
             raise SourceError("the libkvm source is closed")
         return self._kd
 
-    def _getprocs(self) -> tuple[Any, int]:
-        """kvm_getprocs (the caller holds the lock): the array and its record count.
+    def _getprocs(self, op: int | None = None) -> tuple[Any, int]:
+        """kvm_getprocs of ``op`` (the configured one by default; the caller holds the lock):
+        the array and its record count.
 
         The array is libkvm's until its next call; a pid that has gone is no records.
         """
         kd = self._handle()
         self._clear_error(kd)
         count = ffi.new("int *", -1)
-        base = self._lib.kvm_getprocs(kd, self._op, self._arg, count)
+        base = self._lib.kvm_getprocs(kd, self._op if op is None else op, self._arg, count)
         if base == ffi.NULL:
             if ffi.errno == errno.ESRCH and self._by_pid:
                 return base, 0  # KERN_PROC_PID of a process that has gone, as ps treats it
@@ -406,20 +436,61 @@ class LibkvmSource:
         return SourceError(f"{call} failed: {reason}")
 
     def _sysctl_int(self, name: str) -> int:
-        value = self._sysctl_if_any(name)
+        return int(self._sysctl_required(name, "int")[0])
+
+    def _sysctl_required(self, name: str, ctype: str) -> Any:
+        """:meth:`_sysctl_value`, a missing node an error."""
+        value = self._sysctl_value(name, ctype)
         if value is None:
             raise SourceError(f"sysctl {name}: {os.strerror(errno.ENOENT)}")
         return value
 
     def _sysctl_if_any(self, name: str) -> int | None:
         """The ``int`` sysctl ``name``; None where the kernel has no such node (ENOENT)."""
-        value = ffi.new("int *")
-        size = ffi.new("size_t *", ffi.sizeof("int"))
+        value = self._sysctl_value(name, "int")
+        return None if value is None else int(value[0])
+
+    def _sysctl_value(self, name: str, ctype: str) -> Any:
+        """sysctlbyname ``name`` read as one ``ctype``, as a pointer that owns it, or None where
+        the kernel has no such node (ENOENT): the kernel must answer exactly its size
+        (another kernel's layout is refused, not misread)."""
+        value = ffi.new(ffi.getctype(ctype, "*"))
+        size = ffi.new("size_t *", ffi.sizeof(ctype))
         if self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0) != 0:
             if ffi.errno == errno.ENOENT:
                 return None
             raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
-        return int(value[0])
+        if size[0] != ffi.sizeof(ctype):
+            raise SourceError(
+                f"sysctl {name}: the kernel answered {size[0]} bytes, not the"
+                f" {ffi.sizeof(ctype)} of {ctype}"
+            )
+        return value
+
+    def host_usage(self) -> HostUsage:
+        """CPU time per mode (kern.cp_time in stathz ticks of kern.clockrate), page faults
+        (vm.stats.vm.v_vm_faults, of which v_io_faults needed I/O: major) and forks
+        (v_forks + v_vforks + v_rforks). A crash dump's are per-CPU counters of the dead
+        kernel (DPCPU cp_time, counter(9)): not read."""
+        if self.crash_dump:
+            return HostUsage({}, {}, None)
+        with self._lock:
+            cp_time = self._sysctl_required("kern.cp_time", f"long[{len(CP_MODES)}]")
+            ticks = list(cp_time[0])
+            clock = self._sysctl_required("kern.clockrate", "struct clockinfo")
+            counts = {
+                name: int(self._sysctl_required(VM_STATS + name, "uint64_t")[0])
+                for name in VM_COUNTERS
+            }
+        stathz = clock.stathz or clock.hz  # sysctl_kern_clockrate gives hz without stathz
+        if stathz <= 0:
+            raise SourceError(f"sysctl kern.clockrate: no clock rate (hz {clock.hz})")
+        faults, major = counts["v_vm_faults"], counts["v_io_faults"]
+        return HostUsage(
+            cpu_seconds={mode: ticks[i] / stathz for i, mode in enumerate(CP_MODES)},
+            page_faults={"minor": faults - major, "major": major},
+            forks=counts["v_forks"] + counts["v_vforks"] + counts["v_rforks"],
+        )
 
     def _kernel_ints(self, symbols: tuple[str, ...]) -> list[int]:
         """The ``int`` kernel variables ``symbols`` of a crash dump (kvm_nlist2, kvm_read2)."""
@@ -576,9 +647,10 @@ def _state_tables() -> tuple[bytes, bytes, bytes, tuple[str, ...]]:
 
 _STAT_CODE, _SINTR, _WORD_OF, _STATE_WORDS = _state_tables()
 
-_USAGE_ROW = struct.Struct("=i4xqqIiqQiiB7x20s4x10q")
+_USAGE_ROW = struct.Struct("=i4xqqIiqQiiB7x20s4x20q")
 """A usage record as gathered (the layout of records.USAGE_*), every field aligned to its width;
-the state is an index of :data:`_STATE_WORDS` (a crash dump's: ki_stat), comm is ki_comm."""
+the start is seconds and microseconds since boot, the state an index of :data:`_STATE_WORDS`
+(a crash dump's: ki_stat), comm is ki_comm; ki_rusage's counters, then ki_rusage_ch's."""
 
 
 def _unknown(*_: int) -> None:
@@ -601,17 +673,32 @@ USAGE_SPEC = UsageSpec(
     ),
     decode=_USAGE_ROW.unpack,
     state=_STATE_WORDS.__getitem__,
-    start_time=lambda sec, usec: sec + usec / 1e6,
+    start_time=_unknown,  # per source: LibkvmSource._epoch adds the boot time it last read
 )
-"""FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts."""
+"""FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts (ki_rusage_ch's
+follow: fill_kinfo_proc_only fills only its times, by calccru; its counts stay 0)."""
 
 _STATE = ("state",)
 """In a column list: the record's state (an index of :data:`_STATE_WORDS`), one byte."""
+_SINCE_SEC, _SINCE_USEC = "since_sec", "since_usec"
+"""As a column's format: a timeval's seconds and microseconds less the boot time, 64-bit."""
+_RUSAGE_COLUMNS = (
+    ("ru_utime", "tv_sec"),
+    ("ru_utime", "tv_usec"),
+    ("ru_stime", "tv_sec"),
+    ("ru_stime", "tv_usec"),
+    ("ru_minflt",),
+    ("ru_majflt",),
+    ("ru_nvcsw",),
+    ("ru_nivcsw",),
+    ("ru_inblock",),
+    ("ru_oublock",),
+)
 _Columns = tuple[tuple[tuple[str, ...], int, str], ...]
 _USAGE_COLUMNS: _Columns = (
     (("ki_pid",), 0, "i"),
-    (("ki_start", "tv_sec"), 8, "q"),
-    (("ki_start", "tv_usec"), 16, "q"),
+    (("ki_start", "tv_sec"), 8, _SINCE_SEC),
+    (("ki_start", "tv_usec"), 16, _SINCE_USEC),
     (("ki_uid",), 24, "I"),
     (("ki_jid",), 28, "i"),
     (("ki_rssize",), 32, "q"),
@@ -621,20 +708,9 @@ _USAGE_COLUMNS: _Columns = (
     (_STATE, 56, "B"),
     (("ki_comm",), 64, "20s"),
     *(
-        (("ki_rusage", *path), 88 + 8 * i, "q")
-        for i, path in enumerate(
-            [
-                ("ru_utime", "tv_sec"),
-                ("ru_utime", "tv_usec"),
-                ("ru_stime", "tv_sec"),
-                ("ru_stime", "tv_usec"),
-                ("ru_minflt",),
-                ("ru_majflt",),
-                ("ru_nvcsw",),
-                ("ru_nivcsw",),
-                ("ru_inblock",),
-                ("ru_oublock",),
-            ]
+        ((rusage, *path), 88 + 8 * i, "q")
+        for i, (rusage, path) in enumerate(
+            (rusage, path) for rusage in ("ki_rusage", "ki_rusage_ch") for path in _RUSAGE_COLUMNS
         )
     ),
 )
@@ -731,7 +807,8 @@ def _field(record_type: str, path: tuple[str, ...], at: int, write: str) -> _Fie
     else:
         read = _FORMATS.get(ctype.cname, ctype.cname)
     widens = read in _FORMATS.values() and write in "qQ" and struct.calcsize(read) < 8
-    if read != write and not widens:
+    since = write in (_SINCE_SEC, _SINCE_USEC) and read in "iq"
+    if read != write and not widens and not since:
         name = ".".join(path)
         raise SourceError(f"{record_type}.{name} is {ctype.cname}: it cannot be read as {write!r}")
     return _Field(int(offset), at, read, write)
@@ -748,7 +825,11 @@ def _c_gather(fields: tuple[_Field, ...], state: tuple[int, int, int]) -> tuple[
             entry.width, entry.kind = 1, _gather_ffi.integer_const("KVM_STATE")
             continue
         entry.width = struct.calcsize(field.read)
-        if field.read == field.write:
+        if field.write == _SINCE_SEC:
+            entry.kind = _gather_ffi.integer_const("KVM_SINCE_SEC")
+        elif field.write == _SINCE_USEC:
+            entry.kind = _gather_ffi.integer_const("KVM_SINCE_USEC")
+        elif field.read == field.write:
             entry.kind = _gather_ffi.integer_const("KVM_COPY")
         elif field.read.islower():
             entry.kind = _gather_ffi.integer_const("KVM_SIGNED")
@@ -761,21 +842,26 @@ def _c_gather(fields: tuple[_Field, ...], state: tuple[int, int, int]) -> tuple[
     return table, states
 
 
-def _gather(records: memoryview, count: int, gather: _Gather) -> bytearray:
+def _gather(
+    records: memoryview, count: int, gather: _Gather, boot: tuple[int, int] = (0, 0)
+) -> bytearray:
     """One row per record of ``records`` (``count`` records), in one compiled pass over them
     when ``_procscan`` is there, else field by field with strided memoryview copies: the
-    same bytes either way, padding zero."""
+    same bytes either way, padding zero. Starts are written less ``boot`` (a timeval)."""
     rows = bytearray(count * gather.row)
     if count == 0:
         return rows
     if _gather_lib is not None and gather.c_fields is not None:
+        c_states = _gather_ffi.new("struct kvm_states *")  # the shared tables, this boot
+        _gather_ffi.memmove(c_states, gather.c_states, _gather_ffi.sizeof("struct kvm_states"))
+        c_states.boot_sec, c_states.boot_usec = boot
         _gather_lib.kvm_gather(
             _gather_ffi.from_buffer(records),
             count,
             gather.size,
             gather.c_fields,
             len(gather.fields),
-            gather.c_states,
+            c_states,
             _gather_ffi.from_buffer(rows),
             gather.row,
         )
@@ -787,6 +873,14 @@ def _gather(records: memoryview, count: int, gather: _Gather) -> bytearray:
             if states is None:  # once for the census and the usage alike
                 states = _state_codes(records, count, gather)
             out[field.at :: gather.row] = states
+        elif field.write in (_SINCE_SEC, _SINCE_USEC):
+            _write_since(
+                out,
+                gather.row,
+                field,
+                _column(records, count, gather.size, field.offset, cast(_IntFormat, field.read)),
+                boot,
+            )
         elif field.read.endswith("s"):  # bytes as they are: a strided copy per byte
             for i in range(struct.calcsize(field.read)):
                 out[field.at + i :: gather.row] = records[field.offset + i :: gather.size][:count]
@@ -798,6 +892,30 @@ def _gather(records: memoryview, count: int, gather: _Gather) -> bytearray:
             width = struct.calcsize(write)
             out.cast(write)[field.at // width :: gather.row // width] = column
     return rows
+
+
+def _write_since(
+    out: memoryview, row: int, field: _Field, column: Any, boot: tuple[int, int]
+) -> None:
+    """Write a start's seconds (or microseconds, borrowing a second from the seconds just
+    before them where ``boot`` took them below 0) less ``boot``, wrapping at 64 bits: what
+    ``kvm_gather`` does."""
+    words = out.cast("q")
+    at, step = field.at // 8, row // 8
+    if field.write == _SINCE_SEC:
+        words[at::step] = array.array("q", [_wrap(value - boot[0]) for value in column])
+        return
+    borrow = [value >= 0 and value - boot[1] < 0 for value in column]
+    seconds = words[at - 1 :: step]
+    seconds[:] = array.array("q", [_wrap(s - b) for s, b in zip(seconds, borrow, strict=True)])
+    words[at::step] = array.array(
+        "q", [_wrap(v - boot[1] + 1_000_000 * b) for v, b in zip(column, borrow, strict=True)]
+    )
+
+
+def _wrap(value: int) -> int:
+    """``value`` as a two's complement int64 (C's wrapping arithmetic)."""
+    return (value + 2**63) % 2**64 - 2**63
 
 
 def _usage_records(rows: bytearray, gather: _Gather) -> list[bytes]:
@@ -857,20 +975,16 @@ def _state_codes(records: memoryview, count: int, gather: _Gather) -> bytes:
     return states.to_bytes(count, "little").translate(_WORD_OF)
 
 
-def _fold_thread_usage(records: list[bytes], sum_counters: bool) -> list[bytes]:
-    """One usage record per process from thread rows: the first row, with the number of rows
-    as its threads and, with ``sum_counters``, the counters of all (each live thread row has
-    its thread's; a crash dump's rows have none)."""
+def _fold_thread_usage(records: list[bytes]) -> list[bytes]:
+    """One usage record per process from a crash dump's thread rows (which carry no
+    counters): the first row, with the number of rows as its threads."""
     first: dict[int, list[Any]] = {}
     for row in map(_USAGE_ROW.unpack, records):
         kept = first.get(row[0])
         if kept is None:
             first[row[0]] = [*row[:USAGE_THREADS], 1, *row[USAGE_THREADS + 1 :]]
-            continue
-        kept[USAGE_THREADS] += 1
-        if sum_counters:
-            for i in range(USAGE_COUNTERS, len(row)):
-                kept[i] += row[i]
+        else:
+            kept[USAGE_THREADS] += 1
     return [_USAGE_ROW.pack(*row) for row in first.values()]
 
 

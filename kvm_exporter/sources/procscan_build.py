@@ -46,14 +46,18 @@ struct kvm_usage_row {
     uint64_t utime; uint64_t stime; uint64_t minflt; uint64_t majflt;
     uint64_t cutime; uint64_t cstime; uint64_t cminflt; uint64_t cmajflt;
 };
-/* kvm_gather: what a field does; the source is a native-endian integer of width bytes. */
-enum kvm_field_kind { KVM_COPY, KVM_SIGNED, KVM_UNSIGNED, KVM_STATE };
+/* kvm_gather: what a field does; the source is a native-endian integer of width bytes.
+   KVM_SINCE_SEC and KVM_SINCE_USEC write a timeval less the states' boot time (seconds, then
+   microseconds that borrow from the 8-byte seconds just before them in the row). */
+enum kvm_field_kind { KVM_COPY, KVM_SIGNED, KVM_UNSIGNED, KVM_STATE, KVM_SINCE_SEC,
+                      KVM_SINCE_USEC };
 struct kvm_field { int32_t src; int32_t dst; int32_t width; int32_t kind; };
 /* A FreeBSD state: word_of[stat_code[ki_stat] | sintr[low byte of ki_tdflags]
    | (ki_slptime >= maxslp)]; offsets in a record. */
 struct kvm_states {
     int32_t stat; int32_t tdflags_low; int32_t slptime; uint32_t maxslp;
     uint8_t stat_code[256]; uint8_t sintr[256]; uint8_t word_of[256];
+    int64_t boot_sec; int64_t boot_usec;
 };
 """
 """The row and field structs, declared once for cffi and the C source alike."""
@@ -386,11 +390,13 @@ int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 
 static int64_t gather_signed(const char *p, int width)
 {
+    int64_t i64;
     int32_t i32;
     int16_t i16;
     switch (width) {
     case 1: return (int8_t)*p;
     case 2: memcpy(&i16, p, 2); return i16;
+    case 8: memcpy(&i64, p, 8); return i64;
     default: memcpy(&i32, p, 4); return i32;
     }
 }
@@ -442,6 +448,23 @@ void kvm_gather(const char *records, int count, int size, const struct kvm_field
             case KVM_UNSIGNED:
                 u = gather_unsigned(r + d->src, d->width);
                 memcpy(to, &u, sizeof u);
+                break;
+            case KVM_SINCE_SEC: /* wrapping, as the Python gather does */
+                s = (int64_t)((uint64_t)gather_signed(r + d->src, d->width)
+                              - (uint64_t)states->boot_sec);
+                memcpy(to, &s, sizeof s);
+                break;
+            case KVM_SINCE_USEC:
+                u = (uint64_t)gather_signed(r + d->src, d->width);
+                s = (int64_t)(u - (uint64_t)states->boot_usec);
+                if ((int64_t)u >= 0 && s < 0) { /* borrow a second: stay in [0, 1000000) */
+                    uint64_t sec;
+                    memcpy(&sec, to - 8, sizeof sec);
+                    sec -= 1;
+                    memcpy(to - 8, &sec, sizeof sec);
+                    s += 1000000;
+                }
+                memcpy(to, &s, sizeof s);
                 break;
             case KVM_STATE:
                 if (state < 0)

@@ -12,7 +12,8 @@
  * environment variable FAKE_KVM_SCENARIO; a crash-dump open reads the core
  * file itself as the scenario. The kernel argument is not read.
  * sysctlbyname() and devname_r() answer from the scenario of the newest handle
- * still open, or with none open from FAKE_KVM_SCENARIO, read afresh.
+ * still open, or with none open from FAKE_KVM_SCENARIO, read afresh. A live handle
+ * reads its scenario again when the file changed.
  * A crash dump's kernel variables are its scenario's sysctls: kvm_nlist2()
  * knows _mp_ncpus (hw.ncpu), _maxproc (kern.maxproc) and _maxthread
  * (kern.maxthread), and kvm_read2() reads them as ints; on a live handle
@@ -36,8 +37,14 @@
  *                              byte, e.g. %20 a space; none: NULL, like a kernel process)
  *                              jid (its jail; 0 = none) utime stime (microseconds; without
  *                              either, utime = runtime) minflt majflt nvcsw nivcsw inblock
- *                              oublock (ki_rusage counts)
+ *                              oublock (ki_rusage counts), each also as ch_X (reaped
+ *                              children's: p_cru) and exited_X (of X, what exited threads
+ *                              used: in no thread row)
  *   sysctl NAME VALUE        hw.physmem, hw.realmem, hw.usermem are unsigned longs (8 bytes)
+ *   counter NAME VALUE       a 64-bit vm_cnt counter (vm.stats.vm.v_forks, ...)
+ *   boottime SECONDS         kern.boottime (default 0)
+ *   cp_time U N S I IDLE     kern.cp_time (long[5])
+ *   clockrate HZ TICK STATHZ PROFHZ  kern.clockrate (struct clockinfo)
  *   jail JID NAME            a jail that jail_getname(3) names (libjail)
  *   reader_jail JID          the exporter runs inside jail JID: a live read lists only that
  *                            jail's processes, each with ki_jid 0; it can name no jail
@@ -69,6 +76,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -251,6 +259,13 @@ static const char *const call_names[NCALLS] = {"open", "getprocs", "swapinfo", "
 #define MAXSYMBOL 16
 #define MAXJAIL 16
 
+/* The ki_rusage members a scenario sets, in this order, with or without a prefix. */
+enum { RU_UTIME, RU_STIME, NRU = 8 };
+static const char *const ru_keys[NRU] = {"utime", "stime", "minflt", "majflt",
+					 "nvcsw", "nivcsw", "inblock", "oublock"};
+/* Their place among rusage's 14 longs after the two timevals (sys/sys/resource.h). */
+static const int ru_long_at[NRU] = {-1, -1, 4, 5, 12, 13, 7, 8};
+
 struct fake_proc {
 	fb_pid_t pid, ppid, pgid, sid;
 	fb_uid_t uid, ruid;
@@ -265,8 +280,10 @@ struct fake_proc {
 	char *args; /* p_args: NUL-separated, NUL-terminated; NULL when the scenario gives none */
 	size_t argslen;
 	int jid, have_times;
-	uint64_t utime, stime;
-	long minflt, majflt, nvcsw, nivcsw, inblock, oublock;
+	/* ki_rusage's times (microseconds) and counts, in the order of ru_keys: the process's
+	   own (own), its reaped children's (ch: p_cru and p_crux) and, of own, what its exited
+	   threads used (exited: folded into p_ru by thread_exit, in no thread row) */
+	uint64_t own[NRU], ch[NRU], exited[NRU];
 };
 
 struct failure {
@@ -288,7 +305,12 @@ struct scenario {
 	struct {
 		char name[64];
 		long long value;
+		int u64; /* a vm_cnt counter (sysctl_handle_vmstat), not an int */
 	} sysctls[MAXSYSCTL], symbols[MAXSYMBOL];
+	double boottime;      /* kern.boottime, seconds since the epoch */
+	long cp_time[5];      /* kern.cp_time */
+	int clockrate[5];     /* kern.clockrate: hz, tick, spare, stathz, profhz */
+	int have_cp_time, have_clockrate;
 	struct {
 		int jid;
 		char name[256];
@@ -304,6 +326,9 @@ struct scenario {
 
 struct __kvm {
 	struct scenario sc;
+	char path[4096];           /* a live handle's scenario, read again when it changes */
+	struct timespec mtime;
+	off_t size;
 	char errbuf[ERRBUF_SIZE];
 	struct kinfo_proc *procbase;
 	int nprocbase;
@@ -351,6 +376,25 @@ static int parse_argv(struct fake_proc *p, const char *v)
 	p->args = out;
 	p->argslen = (size_t)(o - out);
 	return 0;
+}
+
+/* A usage key: utime, ch_utime, exited_utime, ... (ru_keys with no prefix, ch_ or exited_). */
+static int parse_ru(struct fake_proc *p, const char *k, const char *v)
+{
+	uint64_t *into = p->own;
+
+	if (!strncmp(k, "ch_", 3))
+		into = p->ch, k += 3;
+	else if (!strncmp(k, "exited_", 7))
+		into = p->exited, k += 7;
+	for (int i = 0; i < NRU; i++) {
+		if (strcmp(k, ru_keys[i]) != 0)
+			continue;
+		into[i] = strtoull(v, NULL, 0);
+		p->have_times |= into == p->own && i <= RU_STIME;
+		return 0;
+	}
+	return -1;
 }
 
 static int parse_proc(struct fake_proc *p, char *rest)
@@ -404,23 +448,7 @@ static int parse_proc(struct fake_proc *p, char *rest)
 				return -1;
 		} else if (!strcmp(k, "jid"))
 			p->jid = (int)strtol(v, NULL, 0);
-		else if (!strcmp(k, "utime"))
-			p->utime = strtoull(v, NULL, 0), p->have_times = 1;
-		else if (!strcmp(k, "stime"))
-			p->stime = strtoull(v, NULL, 0), p->have_times = 1;
-		else if (!strcmp(k, "minflt"))
-			p->minflt = strtol(v, NULL, 0);
-		else if (!strcmp(k, "majflt"))
-			p->majflt = strtol(v, NULL, 0);
-		else if (!strcmp(k, "nvcsw"))
-			p->nvcsw = strtol(v, NULL, 0);
-		else if (!strcmp(k, "nivcsw"))
-			p->nivcsw = strtol(v, NULL, 0);
-		else if (!strcmp(k, "inblock"))
-			p->inblock = strtol(v, NULL, 0);
-		else if (!strcmp(k, "oublock"))
-			p->oublock = strtol(v, NULL, 0);
-		else
+		else if (parse_ru(p, k, v) != 0)
 			return -1;
 	}
 	if (!have_pgid)
@@ -506,6 +534,21 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 			bad = sscanf(rest, "%63s %lld", sc->sysctls[sc->nsysctls].name,
 				     &sc->sysctls[sc->nsysctls].value) != 2;
 			sc->nsysctls++;
+		} else if (!strcmp(kw, "counter") && sc->nsysctls < MAXSYSCTL) {
+			bad = sscanf(rest, "%63s %lld", sc->sysctls[sc->nsysctls].name,
+				     &sc->sysctls[sc->nsysctls].value) != 2;
+			sc->sysctls[sc->nsysctls++].u64 = 1;
+		} else if (!strcmp(kw, "boottime")) {
+			bad = sscanf(rest, "%lf", &sc->boottime) != 1;
+		} else if (!strcmp(kw, "cp_time")) {
+			bad = sscanf(rest, "%ld %ld %ld %ld %ld", &sc->cp_time[0], &sc->cp_time[1],
+				     &sc->cp_time[2], &sc->cp_time[3], &sc->cp_time[4]) != 5;
+			sc->have_cp_time = 1;
+		} else if (!strcmp(kw, "clockrate")) {
+			/* HZ TICK STATHZ PROFHZ; the spare int stays 0 */
+			bad = sscanf(rest, "%d %d %d %d", &sc->clockrate[0], &sc->clockrate[1],
+				     &sc->clockrate[3], &sc->clockrate[4]) != 4;
+			sc->have_clockrate = 1;
 		} else if (!strcmp(kw, "symbol") && sc->nsymbols < MAXSYMBOL) {
 			bad = sscanf(rest, "%63s %lld", sc->symbols[sc->nsymbols].name,
 				     &sc->symbols[sc->nsymbols].value) != 2;
@@ -611,6 +654,12 @@ kvm_t *kvm_openfiles(const char *kernel, const char *core, const char *swapfile,
 		return NULL;
 	}
 	kd->live = live;
+	if (live) {
+		struct stat st;
+		snprintf(kd->path, sizeof(kd->path), "%s", path);
+		if (stat(path, &st) == 0)
+			kd->mtime = st.st_mtim, kd->size = st.st_size;
+	}
 	if (nopen < MAXOPEN)
 		open_handles[nopen++] = kd;
 	return kd;
@@ -764,28 +813,56 @@ static uint64_t share(uint64_t v, int t, int rows)
 	return v / (uint64_t)rows + (t == 0 ? v % (uint64_t)rows : 0);
 }
 
-/* ki_rusage of a live record: process-wide in a process row, the thread's in a thread row
-   (fill_kinfo_thread with preferthread); the thread rows add up to the process. */
-static void fill_rusage(struct fb_rusage *ru, const struct fake_proc *p, int t, int rows)
+/* Sets a struct timeval from microseconds. */
+static void set_timeval(struct fb_timeval *tv, uint64_t usec)
 {
-	uint64_t utime = share(p->have_times ? p->utime : p->runtime, t, rows);
-	uint64_t stime = share(p->stime, t, rows);
-	/* ru_minflt, ru_majflt at 4, 5; ru_inblock, ru_oublock at 7, 8; ru_nvcsw, ru_nivcsw at
-	   12, 13 of the 14 longs (sys/sys/resource.h) */
-	static const int at[6] = {4, 5, 7, 8, 12, 13};
-	const long v[6] = {p->minflt, p->majflt, p->inblock, p->oublock, p->nvcsw, p->nivcsw};
-
-	ru->ru_utime.tv_sec = (int64_t)(utime / 1000000);
-	ru->ru_utime.tv_usec = (long)(utime % 1000000);
-	ru->ru_stime.tv_sec = (int64_t)(stime / 1000000);
-	ru->ru_stime.tv_usec = (long)(stime % 1000000);
-	for (int i = 0; i < 6; i++)
-		ru->ru_counters[at[i]] = (long)share((uint64_t)v[i], t, rows);
+	tv->tv_sec = (int64_t)(usec / 1000000);
+	tv->tv_usec = (long)(usec % 1000000);
 }
 
+/* ki_rusage from v (ru_keys order, times in microseconds): row t's share of rows rows. */
+static void fill_rusage(struct fb_rusage *ru, const uint64_t v[NRU], int t, int rows)
+{
+	set_timeval(&ru->ru_utime, share(v[RU_UTIME], t, rows));
+	set_timeval(&ru->ru_stime, share(v[RU_STIME], t, rows));
+	for (int i = RU_STIME + 1; i < NRU; i++)
+		ru->ru_counters[ru_long_at[i]] = (long)share(v[i], t, rows);
+}
+
+/* What a live record of p says it used; rows 0 for a process row, else its thread rows:
+ * - a process row: rufetch() + calcru(), process-wide (p_ru, which holds what exited threads
+ *   used, plus each live thread's); a zombie's also holds its reaped children's, as exit1()
+ *   runs ruadd(&p->p_ru, &p->p_rux, &p->p_stats->p_cru, &p->p_crux) once it is PRS_ZOMBIE;
+ * - thread rows: fill_kinfo_thread(preferthread) -> rufetchtd(), each live thread's own, so
+ *   they add up to the process's less what its exited threads used (thread_exit). */
+static void usage_of(const struct fake_proc *p, int rows, uint64_t v[NRU], uint64_t *runtime)
+{
+	*runtime = p->runtime;
+	for (int i = 0; i < NRU; i++) {
+		v[i] = p->own[i];
+		if (rows == 0 && p->stat == SZOMB)
+			v[i] += p->ch[i];
+		else if (rows > 0)
+			v[i] = v[i] > p->exited[i] ? v[i] - p->exited[i] : 0;
+	}
+	if (!p->have_times)
+		v[RU_UTIME] = rows > 0 ? v[RU_UTIME] : p->runtime;
+	if (rows == 0 && p->stat == SZOMB)
+		*runtime += p->ch[RU_UTIME] + p->ch[RU_STIME]; /* ruadd adds rux_runtime too */
+	if (rows > 0) {
+		uint64_t gone = p->exited[RU_UTIME] + p->exited[RU_STIME];
+		*runtime = *runtime > gone ? *runtime - gone : 0;
+		if (!p->have_times)
+			v[RU_UTIME] = *runtime;
+	}
+}
+
+/* rows: 0 for a process row, else the number of thread rows of p (t is this one). */
 static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 		 const struct fake_proc *p, int t, int rows)
 {
+	uint64_t v[NRU], runtime;
+
 	memset(kp, 0, sizeof(*kp));
 	kp->ki_pid = p->pid;
 	kp->ki_ppid = p->ppid;
@@ -809,10 +886,18 @@ static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 		kp->ki_tdflags = p->tdflags;
 		kp->ki_slptime = p->slptime;
 		/* In thread rows ki_runtime is the thread's (preferthread): the rows add up. */
-		kp->ki_runtime = p->runtime / (uint64_t)rows + (t == 0 ? p->runtime % (uint64_t)rows : 0);
+		usage_of(p, rows, v, &runtime);
+		kp->ki_runtime = share(runtime, t, rows > 0 ? rows : 1);
+		/* p_start + getboottime(): the scenario's start is since the epoch, boottime too */
 		kp->ki_start.tv_sec = (int64_t)p->start;
 		kp->ki_start.tv_usec = (long)((p->start - (double)(int64_t)p->start) * 1e6 + 0.5);
-		fill_rusage(&kp->ki_rusage, p, t, rows);
+		fill_rusage(&kp->ki_rusage, v, t, rows > 0 ? rows : 1);
+		/* fill_kinfo_proc_only(): calccru() writes ki_childutime and ki_childstime, which are
+		   ki_rusage_ch.ru_utime and ru_stime (sys/sys/user.h); nothing copies p_cru's counts,
+		   so they stay 0 (bzero in fill_kinfo_proc); thread rows keep them as they are */
+		set_timeval(&kp->ki_rusage_ch.ru_utime, p->ch[RU_UTIME]);
+		set_timeval(&kp->ki_rusage_ch.ru_stime, p->ch[RU_STIME]);
+		set_timeval(&kp->ki_childtime, p->ch[RU_UTIME] + p->ch[RU_STIME]);
 		/* fill_kinfo_proc_only(): the prison's id, but 0 for the reader's own jail. */
 		kp->ki_jid = p->jid == sc->reader_jail ? 0 : p->jid;
 		memcpy(kp->ki_comm, p->comm, sizeof(kp->ki_comm));
@@ -831,12 +916,27 @@ static void fill(const struct scenario *sc, int live, struct kinfo_proc *kp,
 	memcpy(kp->ki_tdname, p->comm, sizeof(kp->ki_tdname) - 1);
 }
 
+/* A live handle reads its scenario again when the file changed: the host moved on. */
+static void refresh(kvm_t *kd)
+{
+	struct stat st;
+	char err[ERRBUF_SIZE];
+
+	if (!kd->live || stat(kd->path, &st) != 0)
+		return;
+	if (st.st_size == kd->size && st.st_mtim.tv_sec == kd->mtime.tv_sec &&
+	    st.st_mtim.tv_nsec == kd->mtime.tv_nsec)
+		return;
+	if (load_scenario(&kd->sc, kd->path, err) == 0)
+		kd->mtime = st.st_mtim, kd->size = st.st_size;
+}
+
 void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 {
 	int what = op & ~KERN_PROC_INC_THREAD;
 	/* KERN_PROC_ALL already means one row per thread (kernel and kvm_proclist alike). */
 	int per_thread = what == KERN_PROC_ALL || (op & KERN_PROC_INC_THREAD);
-	const char *message = enter(kd, CALL_GETPROCS);
+	const char *message = (refresh(kd), enter(kd, CALL_GETPROCS));
 	struct fake_proc self;
 	struct fb_rusage self_ru;
 	const struct fake_proc *procs = kd->sc.procs;
@@ -897,7 +997,7 @@ void *kvm_getprocs(kvm_t *kd, int op, int arg, int *cnt)
 		if (!selected(kd, p, what, arg))
 			continue;
 		for (int t = 0; t < rows; t++) {
-			fill(&kd->sc, kd->live, &kd->procbase[n], p, t, rows);
+			fill(&kd->sc, kd->live, &kd->procbase[n], p, t, per_thread ? rows : 0);
 			if (procs == &self)
 				kd->procbase[n].ki_rusage = self_ru;
 			n++;
@@ -953,9 +1053,9 @@ char **kvm_getargv(kvm_t *kd, const struct kinfo_proc *kp, int nchr)
 		errno = ESRCH;
 		return NULL;
 	}
-	/* sysctl_kern_proc_args: nothing for a process without p_args that is exiting or a
-	 * system process; a zombie has exited. */
-	if (p->args == NULL || p->stat == SZOMB)
+	/* sysctl_kern_proc_args: p_args if the process has them, a zombie too (they are freed
+	 * in proc_reap); nothing for one without them that is exiting or a system process. */
+	if (p->args == NULL)
 		return NULL;
 	bufsz = p->argslen < (size_t)buflen ? p->argslen : (size_t)buflen;
 	memcpy(buf, p->args, bufsz);
@@ -1120,8 +1220,10 @@ static const struct scenario *current_scenario(void)
 	char err[ERRBUF_SIZE];
 	const char *path = getenv("FAKE_KVM_SCENARIO");
 
-	if (nopen > 0)
+	if (nopen > 0) {
+		refresh(open_handles[nopen - 1]);
 		return &open_handles[nopen - 1]->sc;
+	}
 	if (path != NULL && load_scenario(&env_scenario, path, err) == 0)
 		return &env_scenario;
 	return NULL;
@@ -1154,36 +1256,6 @@ char *jail_getname(int jid)
 	return NULL;
 }
 
-int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
-{
-	const struct scenario *sc = current_scenario();
-
-	if (newp != NULL || newlen != 0) {
-		errno = EPERM;
-		return -1;
-	}
-	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
-		if (strcmp(sc->sysctls[i].name, name) != 0)
-			continue;
-		/* hw.physmem and its kin are CTLTYPE_ULONG (sysctl_hw_physmem ...): 8 bytes on
-		   LP64, and SYSCTL_OUT of 8 into a smaller buffer is ENOMEM. */
-		size_t len = is_ulong_sysctl(name) ? sizeof(unsigned long) : sizeof(int);
-		unsigned long ul = (unsigned long)sc->sysctls[i].value;
-		int in = (int)sc->sysctls[i].value;
-		if (oldp != NULL) {
-			if (*oldlenp < len) {
-				errno = ENOMEM;
-				return -1;
-			}
-			memcpy(oldp, len == sizeof(int) ? (void *)&in : (void *)&ul, len);
-		}
-		*oldlenp = len;
-		return 0;
-	}
-	errno = ENOENT;
-	return -1;
-}
-
 /* Copies an int or a record out the way SYSCTL_OUT does: ENOMEM if it does not fit. */
 static int sysctl_out(void *oldp, size_t *oldlenp, const void *value, size_t len)
 {
@@ -1196,6 +1268,49 @@ static int sysctl_out(void *oldp, size_t *oldlenp, const void *value, size_t len
 	}
 	*oldlenp = len;
 	return 0;
+}
+
+int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
+{
+	const struct scenario *sc = current_scenario();
+
+	if (newp != NULL || newlen != 0) {
+		errno = EPERM;
+		return -1;
+	}
+	if (sc != NULL && !strcmp(name, "kern.boottime")) {
+		/* sysctl_kern_boottime (kern_tc.c): getboottime(), SYSCTL_OUT of a struct timeval */
+		struct fb_timeval tv;
+		set_timeval(&tv, (uint64_t)(sc->boottime * 1e6 + 0.5));
+		return sysctl_out(oldp, oldlenp, &tv, sizeof(tv));
+	}
+	if (sc != NULL && sc->have_cp_time && !strcmp(name, "kern.cp_time"))
+		/* sysctl_kern_cp_time (kern_clock.c): SYSCTL_OUT of long[CPUSTATES] */
+		return sysctl_out(oldp, oldlenp, sc->cp_time, sizeof(sc->cp_time));
+	if (sc != NULL && sc->have_clockrate && !strcmp(name, "kern.clockrate"))
+		/* sysctl_kern_clockrate (kern_clock.c): sysctl_handle_opaque of a struct clockinfo */
+		return sysctl_out(oldp, oldlenp, sc->clockrate, sizeof(sc->clockrate));
+	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
+		if (strcmp(sc->sysctls[i].name, name) != 0)
+			continue;
+		/* hw.physmem and its kin are CTLTYPE_ULONG (sysctl_hw_physmem ...): 8 bytes on
+		   LP64, and SYSCTL_OUT of 8 into a smaller buffer is ENOMEM. */
+		unsigned long ul = (unsigned long)sc->sysctls[i].value;
+		uint64_t u64 = (uint64_t)sc->sysctls[i].value;
+		uint32_t u32 = (uint32_t)u64;
+		int in = (int)sc->sysctls[i].value;
+		if (sc->sysctls[i].u64)
+			/* sysctl_handle_vmstat (vm_meter.c): a uint64_t, truncated to 4 bytes for a
+			   4-byte buffer (COMPAT_FREEBSD11), else ENOMEM below 8 */
+			return oldp != NULL && *oldlenp == sizeof(u32)
+				       ? sysctl_out(oldp, oldlenp, &u32, sizeof(u32))
+				       : sysctl_out(oldp, oldlenp, &u64, sizeof(u64));
+		if (is_ulong_sysctl(name))
+			return sysctl_out(oldp, oldlenp, &ul, sizeof(ul));
+		return sysctl_out(oldp, oldlenp, &in, sizeof(in));
+	}
+	errno = ENOENT;
+	return -1;
 }
 
 /* The open descriptors of this Linux process, counted in /proc/self/fd. */
@@ -1250,7 +1365,7 @@ int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, c
 		errno = ESRCH;
 		return -1;
 	}
-	fill(sc, 1, &kp, &self, 0, 1);
+	fill(sc, 1, &kp, &self, 0, 0);
 	kp.ki_rusage = ru;
 	return sysctl_out(oldp, oldlenp, &kp, sizeof(kp));
 }
