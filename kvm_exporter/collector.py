@@ -15,6 +15,7 @@ from . import __version__
 from .aggregate import Key
 from .poller import COLLECTORS, Snapshot
 from .records import HostUsage, OwnUsage, Source, SourceError
+from .top import TopProcesses
 from .usage import Resources
 from .visibility import Visibility
 
@@ -188,6 +189,34 @@ def _host(host: HostUsage) -> Iterator[Metric]:
         )
 
 
+def _top(top: TopProcesses) -> Iterator[Metric]:
+    """The top processes by CPU and memory (``top``), one series per process and value."""
+    labels = top.labels
+    cpu = CounterMetricFamily(
+        "kvm_top_process_cpu_seconds",
+        "Seconds of CPU time a top process used since it started, by mode" + AS_OF,
+        labels=(*labels, "mode"),
+    )
+    rss = GaugeMetricFamily(
+        "kvm_top_process_resident_memory_bytes",
+        "Resident memory of a top process in bytes" + AS_OF,
+        labels=labels,
+    )
+    start = GaugeMetricFamily(
+        "kvm_top_process_start_time_seconds",
+        "Start time of a top process in seconds since the epoch" + AS_OF,
+        labels=labels,
+    )
+    for process in top.processes:
+        key = [label_value(v) for v in process.labels]
+        for mode, seconds in process.cpu_seconds.items():
+            cpu.add_metric([*key, mode], seconds)
+        rss.add_metric(key, process.resident_bytes)
+        if process.start_time is not None:
+            start.add_metric(key, process.start_time)
+    yield from (cpu, rss, start)
+
+
 class KvmCollector(Collector):
     """Serves the snapshot ``snapshot()`` returns, plus build and reload information."""
 
@@ -225,6 +254,8 @@ class KvmCollector(Collector):
             yield from _resources(snap.resources)
         if snap.host is not None:
             yield from _host(snap.host)
+        if snap.top is not None:
+            yield from _top(snap.top)
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
                 yield _gauge(

@@ -23,6 +23,7 @@ from .aggregate import MIN_SERIES
 from .files import Refused, Unreadable, load_yaml, read_file
 from .groups import Rule, RuleError, parse_process_names
 from .logs import FORMATS, LEVELS
+from .records import ARGV_BYTES
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
@@ -90,6 +91,24 @@ class ResourcesConfig:
     """Group by these (``user``, ``jail``, ``cgroup``: Linux only, read once per process)."""
 
 
+TOP_BY = ("cpu", "memory")
+"""What the top processes can be ranked by."""
+MAX_TOP = 1000
+"""The most top processes per ranking: each makes series of its own."""
+
+
+@dataclass(frozen=True)
+class TopConfig:
+    """The top processes by CPU and by resident memory, each as series of its own (README: "Top
+    processes"); the section given turns them on."""
+
+    n: int = 10
+    """Processes per ranking; one that ranked stays until it falls below ``2 n``."""
+    by: tuple[str, ...] = TOP_BY
+    cmdline: int = 0
+    """Characters of the command line as a label (0: none; it can hold secrets)."""
+
+
 @dataclass(frozen=True)
 class GroupsConfig:
     """Named process groups in process-exporter's config format (``groups.py``)."""
@@ -117,6 +136,8 @@ class Config:
     libkvm: LibkvmConfig = field(default_factory=LibkvmConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    top: TopConfig | None = None
+    """Off unless given (null or ``{}``: off)."""
 
 
 MAX_DURATION = 365 * 86400.0
@@ -192,6 +213,22 @@ def list_of(choices: tuple[str, ...], repeats: bool = False) -> Callable[[Any], 
         return tuple(value)
 
     return parse
+
+
+def _between(low: int, high: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not low <= value <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+def _top_by(value: Any) -> tuple[str, ...]:
+    by = list_of(TOP_BY)(value)
+    if not by:
+        raise ValueError("a non-empty list drawn from " + ", ".join(TOP_BY))
+    return by
 
 
 def _series_cap(value: Any) -> Any:
@@ -276,6 +313,7 @@ _PARSERS: Rules = {
     "web.listen_address": _listen_addresses,
     "compat": list_of(COMPAT),
     "resources.labels": list_of(RESOURCE_LABELS),
+    "top.by": _top_by,
 }
 _CHECKS: Rules = {
     "source": one_of(SOURCES),
@@ -285,6 +323,8 @@ _CHECKS: Rules = {
     "web.telemetry_path": _telemetry_path,
     "libkvm.predicate": one_of(PREDICATES),
     "groups": _groups,
+    "top.n": _between(1, MAX_TOP),
+    "top.cmdline": _between(0, ARGV_BYTES),
 }
 
 T = TypeVar("T")

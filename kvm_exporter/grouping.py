@@ -110,6 +110,14 @@ class Grouper:
             counts.virtual_bytes.setdefault(name, 0)
         return counts._replace(counters=counters)
 
+    def name_of(self, pid: int) -> str | None:
+        """The group of the process ``pid`` as of the last update; None if no rule names it."""
+        try:
+            key = self._tracker.group_of(pid)
+        except KeyError:
+            return None
+        return None if key is None else cast(tuple[str, str], key)[0]
+
     def _counters(
         self, tally: Tally, group: Callable[[tuple[str, str]], str], processes: dict[str, int]
     ) -> dict[tuple[str, str], dict[str, float]]:

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
-from .config import PROCESS_EXPORTER
+from .config import PROCESS_EXPORTER, TopConfig
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
@@ -32,6 +32,7 @@ from .records import (
     SwapDevice,
 )
 from .states import PROCESS_EXPORTER_STATES
+from .top import TopProcesses
 from .usage import Accounting, Resources, accounting_for
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class Settings:
     children: bool = True
     resources: tuple[str, ...] | None = ("user",)
     """Labels of the resource metrics; None: not collected."""
+    top: TopConfig | None = None
+    """The top processes; None: off."""
+    top_labels: tuple[str, ...] = ("user",)
+    """The top processes' label groups (the resources' labels, used without them too)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Snapshot:
     resources: Resources | None = None
     host: HostUsage | None = None
     """The host's own counters, read right after the processes."""
+    top: TopProcesses | None = None
 
     @property
     def up(self) -> bool:
@@ -101,6 +107,7 @@ class Snapshot:
             groups=None,
             resources=None,
             host=None,
+            top=None,
         )
 
 
@@ -205,6 +212,11 @@ class Poller:
                     success["groups"] = False  # the process list failed: logged as procs
                 else:
                     groups = timed("groups", lambda: grouper.update(survey))
+            top = None
+            accounting, top_config = self._accounting, settings.top
+            if accounting is not None and top_config is not None and survey is not None:
+                group_of = None if grouper is None else grouper.name_of
+                top = timed("top", lambda: accounting.top_processes(group_of))
             load = timed("loadavg", source.loadavg)
             swap = timed("swap", lambda: tuple(source.swap()))
             limits = timed("limits", source.limits)
@@ -224,6 +236,7 @@ class Poller:
                 groups=groups,
                 resources=resources,
                 host=host,
+                top=top,
             )
             self._polled.set()
             self._answer(asked)
@@ -266,13 +279,18 @@ class Poller:
     ) -> tuple[Counts, Resources | None, Survey | None]:
         """Counts, and resources where asked for, from one read; with them or with groups,
         the survey (every process's usage record) the groups are counted from."""
+        labels = settings.resources
+        if labels is None and settings.top is not None:
+            labels = settings.top_labels  # resources counted for the top sets, not served
         accounting = self._accounting = accounting_for(
-            self._accounting, source, settings.resources, settings.max_series
+            self._accounting, source, labels, settings.max_series, settings.top
         )
         survey = source.survey() if accounting is not None or grouper is not None else None
         resources = None
         if accounting is not None and survey is not None:
             resources = accounting.poll(survey, names)
+            if settings.resources is None:
+                resources = None
         counts = aggregate(
             survey.census if survey is not None else source.census(),
             settings.labels,

@@ -37,6 +37,8 @@ def settings_of(config: Config) -> Settings:
         groups=config.groups.process_names,
         children=config.groups.children,
         resources=config.resources.labels if config.resources.enabled else None,
+        top=config.top,
+        top_labels=config.resources.labels,
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
 from .aggregate import OTHER, Key
+from .config import TopConfig
 from .records import (
     USAGE_COUNTERS,
     USAGE_JID,
@@ -41,6 +42,7 @@ from .records import (
     UsageRow,
     UsageSpec,
 )
+from .top import TopProcesses, Watch, report
 
 GroupKey = Hashable
 """A group before naming: raw values (a uid, a jid, a cgroup path...)."""
@@ -111,13 +113,17 @@ class Tracker:
     own, kern_exit.c exit1).
     """
 
-    def __init__(self, grouping: Grouping, spec: UsageSpec, oldest: bool = False) -> None:
+    def __init__(
+        self, grouping: Grouping, spec: UsageSpec, oldest: bool = False, watch: Watch | None = None
+    ) -> None:
         self.grouping = grouping
         self.decode = spec.decode
         self._state = spec.state
         self._width = len(spec.counters)
         """Counter columns of each kind: a row has as many again for the reaped children."""
         self._oldest = oldest
+        self.watch = watch
+        """The top processes' stage, told of every row decoded and every process gone."""
         self._reset()
 
     def _reset(self) -> None:
@@ -147,6 +153,8 @@ class Tracker:
         miss the child it reaps after."""
         self._clock: int | None = None
         """The clock of the previous poll; None before the first."""
+        if self.watch is not None:
+            self.watch.reset()
 
     def update(self, records: Iterable[bytes], clock: int) -> Tally:
         """Take one poll's usage records (read when the clock said ``clock``).
@@ -185,7 +193,7 @@ class Tracker:
             last = left.get(pid)
             if last is not None and _start(base := decode(last[0])) == _start(row):
                 del left[pid]  # the same process, changed
-                self._add(self._continued(row, base), last[1].attached, increments, reaped)
+                self._add(self._continued(row, base), last[1].attached, increments, reaped, record)
             else:  # new, or the pid was reused by a new process
                 new[pid] = record
         if left:  # what is left is gone: its counted totals off its reaper's growth
@@ -193,6 +201,8 @@ class Tracker:
             for pid in left:
                 self._frozen.pop(pid, None)
                 self._exited_ch.pop(pid, None)
+            if self.watch is not None:
+                self.watch.gone(left)
         owed = self._owed
         self._owed = {pid: [min(a, 0) for a in g] for pid, g in reaped.items() if min(g) < 0}
         for pid, debt in owed.items():  # last poll's shortfall: the reap it read too early
@@ -203,7 +213,7 @@ class Tracker:
             row = decode(record)
             born = born_since is not None and row[USAGE_START] >= born_since
             counters = self._first(row, born)
-            self._add((row, counters), attached[pid], increments, reaped)
+            self._add((row, counters), attached[pid], increments, reaped, record)
             if born_since is not None:  # a process started since the first poll
                 increments[self._seen[pid].group][-1] += 1
         for pid, grew in reaped.items():
@@ -255,14 +265,18 @@ class Tracker:
         attached: Any,
         increments: dict[GroupKey, list[int]],
         reaped: dict[int, list[int]],
+        record: bytes,
     ) -> None:
-        """Put the process of a row in its group; its own counters' growth goes to that
-        group's ``increments``, its children's to ``reaped`` (to be netted)."""
+        """Put the process of a row (``record`` decoded) in its group; its own counters'
+        growth goes to that group's ``increments``, its children's to ``reaped`` (to be
+        netted), and both to the watch, if any."""
         row, grew = grown
         pid = row[USAGE_PID]
         seen = _Seen(attached, self.grouping.key(row, attached))
         seen = self._seen[pid] = self._shared.setdefault(seen, seen)
         self._put(row, seen)
+        if self.watch is not None:
+            self.watch.put(record, row, grew)
         n = self._width
         group = increments.get(seen.group)
         if group is None:
@@ -388,6 +402,10 @@ class Tracker:
                 del starts[start]
                 if not starts:
                     del self._starts[seen.group]
+
+    def group_of(self, pid: int) -> GroupKey:
+        """The group of the process ``pid`` as of the last update (KeyError if none)."""
+        return self._seen[pid].group
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -519,10 +537,16 @@ class Accounting:
     """Resources per ``labels`` group of one source: a tracker, its accounts and the naming."""
 
     def __init__(
-        self, source: Source, labels: tuple[str, ...], max_series: int, spec: UsageSpec
+        self,
+        source: Source,
+        labels: tuple[str, ...],
+        max_series: int,
+        spec: UsageSpec,
+        top: TopConfig | None = None,
     ) -> None:
         self.source = source
         self.max_series = max_series
+        self.top = top
         cgroup: Callable[[int], str] | None = getattr(source, "cgroup", None)
         if "cgroup" in labels and cgroup is None:
             raise SourceError(f"resources.labels 'cgroup' needs cgroups: {source.name} has none")
@@ -536,7 +560,10 @@ class Accounting:
         ]
         attach = _per_pid(cgroup) if cgroup is not None and "cgroup" in labels else None
         grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
-        self.tracker = Tracker(grouping, spec)
+        watch = None if top is None else Watch(top.n, top.by, spec)
+        self.tracker = Tracker(grouping, spec, watch=watch)
+        self._chosen: list[tuple[UsageRow, Key]] = []
+        """The top sets of the last poll: each process's row and its label groups."""
         # A metric with two values per group (cpu user/system) keeps within the series cap.
         self.accounts = Accounts(labels, max_series // 2, spec)
 
@@ -555,7 +582,27 @@ class Accounting:
             return tuple(f(v) for f, v in zip(namers, group, strict=True))
 
         out = self.accounts.add(tally, name)
+        if self.tracker.watch is not None:
+            group = self.tracker.group_of
+            self._chosen = [(r, name(group(r[USAGE_PID]))) for r in self.tracker.watch.rank()]
         return out._replace(jails=jails)
+
+    def top_processes(self, group_of: Callable[[int], str | None] | None) -> TopProcesses:
+        """The last poll's top sets (``top`` on): labelled by the label groups, the named
+        group (``group_of``, where groups are on) and the command line (``top.cmdline``: read
+        only for these processes)."""
+        watch, top = self.tracker.watch, self.top
+        assert watch is not None and top is not None
+        labels = ("pid", "comm", *self.accounts.labels)
+        chosen = self._chosen
+        if group_of is not None:
+            labels += ("group",)
+            chosen = [(row, (*key, group_of(row[USAGE_PID]) or "")) for row, key in chosen]
+        if top.cmdline:
+            labels += ("cmdline",)
+            argv = self.source.argv
+            chosen = [(row, (*key, watch.cmdline(row, argv, top.cmdline))) for row, key in chosen]
+        return TopProcesses(labels, report(chosen, self.accounts.spec))
 
 
 def accounting_for(
@@ -563,6 +610,7 @@ def accounting_for(
     source: Source,
     labels: tuple[str, ...] | None,
     max_series: int,
+    top: TopConfig | None = None,
 ) -> Accounting | None:
     """``current`` if it still fits ``source`` and the settings, else a new accounting (its
     counters start afresh: Prometheus sees a counter reset); None where no resources are
@@ -574,6 +622,7 @@ def accounting_for(
         and current.source is source
         and current.accounts.labels == labels
         and current.max_series == max_series
+        and current.top == top
     ):
         return current
-    return Accounting(source, labels, max_series, source.usage_spec)
+    return Accounting(source, labels, max_series, source.usage_spec, top)
