@@ -1,0 +1,101 @@
+"""The top processes on a live Linux: 30 real processes, each burning its own CPU rate and
+holding its own memory, in a PID namespace of the test's own (its /proc shows them alone), read
+by the exporter's procfs source and compared with what ps shows there."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SYSTEM_PYTHON, wait_until
+
+from kvm_exporter.config import TopConfig
+from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.sources.procfs import ProcfsSource
+
+N = 10
+MIB = 2**20
+BURN = """\
+import sys, time
+rate, hold = float(sys.argv[1]), b"x" * int(sys.argv[2])
+begun = time.monotonic()
+while True:  # its CPU time kept at rate times the time since it began, however it is scheduled
+    if time.process_time() >= rate * (time.monotonic() - begun):
+        time.sleep(0.002)
+"""
+RATES = [0.001 * (i + 1) for i in range(20)] + [0.04 + 0.002 * i for i in range(10)]
+"""CPU each process burns, in cores: 0.1% to 2%, and the ten busiest 4% to 5.8% (a gap that
+a loaded host's scheduling noise does not cross)."""
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A PID namespace with its own /proc; yields the host pid of its init. Everything in it
+    is killed with it."""
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sleep", "600"]
+    )
+    children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+    init = wait_until(lambda: children.read_text().split(), what="the namespace's init")[0]
+    yield init
+    unshare.kill()
+    unshare.wait()
+
+
+def ps(init: str) -> dict[str, tuple[int, float]]:
+    """(resident KiB, %CPU) of each process in the namespace, by its pid there, from ps."""
+    out = subprocess.run(
+        ["nsenter", "-t", init, "-p", "-m", "ps", "-e", "-o", "pid=,rss=,pcpu=,comm="],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return {pid: (int(rss), float(cpu)) for pid, rss, cpu, comm in rows if comm != "ps"}
+
+
+def top_set(poller: Poller) -> set[str]:
+    snap = poller.snapshot()
+    assert snap.top is not None and snap.up
+    return {process.labels[0] for process in snap.top.processes}
+
+
+def test_the_top_sets_equal_ps_for_30_processes_of_known_use(namespace: str) -> None:
+    memory = list(range(30))
+    random.Random(22).shuffle(memory)  # the biggest users of CPU are not those of memory
+    workers = [
+        subprocess.Popen(
+            ["nsenter", "-t", namespace, "-p", "-m", SYSTEM_PYTHON, "-c", BURN]
+            + [str(rate), str((memory[i] + 1) * 3 * MIB)]
+        )
+        for i, rate in enumerate(RATES)
+    ]
+    try:
+        root = f"/proc/{namespace}/root/proc"
+        wait_until(lambda: len(ps(namespace)) == 31, what="30 workers")
+        by_cpu = Poller(ProcfsSource(root), Settings(top=TopConfig(N, ("cpu",), 0)))
+        by_memory = Poller(ProcfsSource(root), Settings(top=TopConfig(N, ("memory",), 0)))
+        time.sleep(3)  # past their start: each burns at its rate
+        by_cpu.poll()  # the first poll is the baseline
+        time.sleep(5)
+        by_cpu.poll()
+        by_memory.poll()
+        truth = ps(namespace)
+        top_cpu = sorted(truth, key=lambda pid: -truth[pid][1])
+        top_memory = sorted(truth, key=lambda pid: -truth[pid][0])
+        assert truth[top_cpu[N - 1]][1] > 1.5 * truth[top_cpu[N]][1]  # the gap is there
+        assert top_set(by_cpu) == set(top_cpu[:N])
+        assert top_set(by_memory) == set(top_memory[:N])
+        snap = by_memory.snapshot()
+        assert snap.top is not None
+        for process in snap.top.processes:  # read a moment apart, each as the kernel counts
+            kib = truth[process.labels[0]][0]
+            assert process.resident_bytes / 1024 == pytest.approx(kib, rel=0.01)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
