@@ -8,16 +8,17 @@ changed rows only. Resident memory is in every record: the watch keeps each proc
 pages by pid, and a few more than the set needs above a floor, so ranking by memory looks at
 those few, not at every process (a full ranking of 100,000 processes costs milliseconds).
 
-The series budget: a process enters a set when it ranks in the top ``n`` and stays while it
-ranks within ``2 n`` (ties go to members), so a flat tie does not flap and a set holds at
-most ``2 n`` processes; at most ``n`` enter per poll. A process that used no CPU in the
-interval is never in the CPU set.
+The series budget: a process enters a set when it ranks in the top ``n`` (and, in a full set,
+beats a member by :data:`MARGIN`), and stays while it ranks within ``2 n`` or is within
+:data:`MARGIN` of the ``n``-th; so a tie, flat or jittering, does not flap, a set holds at
+most ``2 n`` processes and at most ``n`` enter per poll. A process that used no CPU in the
+interval is never in the CPU set, one with no resident memory never in the memory set.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from .records import (
@@ -35,6 +36,11 @@ from .records import (
 CPU, MEMORY = "cpu", "memory"
 DIMENSIONS = (CPU, MEMORY)
 """What processes can be ranked by (``top.by``)."""
+
+MARGIN = 0.25
+"""How much a process must beat a member by to join a full set, and how far a member may fall
+below the ``n``-th before it leaves: jitter under it (processes of nearly equal use) makes
+no new series (bench/top.py measures the churn)."""
 
 CANDIDATES = 4
 """Processes the memory ranking keeps above its floor, per place in the set: with more, a
@@ -71,11 +77,31 @@ def escape_cmdline(argv: Iterable[str], chars: int) -> str:
     return " ".join(argv)[:chars].translate(_CONTROL)
 
 
-def _ranked(values: dict[int, float], members: set[int], n: int) -> set[int]:
-    """The top ``n`` of ``values`` (pid -> value), plus the ``members`` still in the top
-    ``2 n``; a member wins a tie, so equal values keep the set as it is."""
-    ranked = heapq.nlargest(2 * n, values, key=lambda pid: (values[pid], pid in members))
-    return set(ranked[:n]) | members.intersection(ranked[n:])
+def choose(
+    candidates: dict[int, float], value: Mapping[int, float], members: set[int], n: int
+) -> set[int]:
+    """This poll's set: ``members`` that stay, and what enters of the top ``n``.
+
+    ``candidates`` (pid -> value) hold at least the top ``2 n`` of all values; ``value`` has
+    every process's. A member stays while it ranks within ``2 n`` or has at least
+    ``1 - MARGIN`` of the ``n``-th's value. A process enters when it ranks in the top ``n``
+    and the set has fewer than ``n`` processes, or its value beats the smallest member's by
+    :data:`MARGIN`. Past ``2 n``, the smallest go. Ties go to members."""
+    ranked = heapq.nlargest(2 * n, candidates, key=lambda pid: (candidates[pid], pid in members))
+    if not ranked:
+        return set()
+    bar = (1 - MARGIN) * candidates[ranked[:n][-1]]
+    chosen = {pid for pid in members if value.get(pid, 0) >= bar} | members.intersection(ranked)
+    stayed = set(chosen)
+    least = min((value[pid] for pid in chosen), default=0)
+    for pid in ranked[:n]:
+        if pid not in chosen:
+            if len(chosen) >= n and candidates[pid] <= (1 + MARGIN) * least:
+                break  # no smaller one would enter either
+            chosen.add(pid)
+    if len(chosen) > 2 * n:
+        chosen = set(heapq.nlargest(2 * n, chosen, key=lambda p: (value[p], p in stayed)))
+    return chosen
 
 
 class Watch:
@@ -137,10 +163,11 @@ class Watch:
         grew, self._grew = self._grew, {}
         chosen: dict[int, None] = {}
         if self._by_cpu:
-            self._members[CPU] = _ranked(grew, self._members[CPU], self.n)
+            self._members[CPU] = choose(grew, grew, self._members[CPU], self.n)
             chosen.update(dict.fromkeys(self._members[CPU]))
         if self._by_memory:
-            self._members[MEMORY] = _ranked(self._memory(), self._members[MEMORY], self.n)
+            rss, members = self._rss, self._members[MEMORY]
+            self._members[MEMORY] = choose(self._memory(), rss, members, self.n)
             chosen.update(dict.fromkeys(self._members[MEMORY]))
         for pid in self._cmdlines.keys() - chosen.keys():
             del self._cmdlines[pid]  # out of the sets: read afresh if it comes back
