@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from operator import itemgetter, mul
+from typing import NamedTuple, cast
 
 from .records import (
     USAGE_COMM,
@@ -77,6 +78,13 @@ def escape_cmdline(argv: Iterable[str], chars: int) -> str:
     return " ".join(argv)[:chars].translate(_CONTROL)
 
 
+def _columns(columns: list[int]) -> Callable[[list[int]], tuple[int, ...]]:
+    """A getter of ``columns`` of a list as a tuple, however many they are."""
+    if len(columns) < 2:  # itemgetter of one gives it bare, of none is an error
+        return lambda values: tuple(values[i] for i in columns)
+    return cast(Callable[[list[int]], tuple[int, ...]], itemgetter(*columns))
+
+
 def choose(
     candidates: dict[int, float], value: Mapping[int, float], members: set[int], n: int
 ) -> set[int]:
@@ -111,9 +119,11 @@ class Watch:
     def __init__(self, n: int, by: tuple[str, ...], spec: UsageSpec) -> None:
         self.n = n
         self.decode = spec.decode
-        self._cpu = [i for i, (metric, _, _) in enumerate(spec.counters) if metric == "cpu"]
-        self._scales = [spec.counters[i][2] for i in self._cpu]
-        self._by_cpu = CPU in by and bool(self._cpu)  # a crash dump has no usage
+        cpu = [i for i, (metric, _, _) in enumerate(spec.counters) if metric == "cpu"]
+        self._cpu_of = _columns(cpu)
+        """The own CPU columns of a row's growth, as a tuple (C speed: every row is put)."""
+        self._scales = [spec.counters[i][2] for i in cpu]
+        self._by_cpu = CPU in by and bool(cpu)  # a crash dump has no usage
         self._by_memory = MEMORY in by
         self.reset()
 
@@ -125,8 +135,8 @@ class Watch:
         """Each process's resident pages, by pid (ranking by memory)."""
         self._high: set[int] = set()
         self._floor = -1
-        """No process outside ``_high`` has more resident pages than ``_floor``; -1: every
-        process is in ``_high``."""
+        """No process outside ``_high`` has more resident pages than ``_floor``; -1: no floor
+        yet (the first poll, or a host of few processes): every process is ranked."""
         self._grew: dict[int, float] = {}
         """CPU seconds each process used since the last poll, of those that used some."""
         self._members: dict[str, set[int]] = {CPU: set(), MEMORY: set()}
@@ -137,11 +147,13 @@ class Watch:
         """A process new or changed: its record, its row and what its counters grew by."""
         pid = row[USAGE_PID]
         self._records[pid] = record
-        if self._by_cpu and any(grew[i] for i in self._cpu):
-            self._grew[pid] = sum(grew[i] * s for i, s in zip(self._cpu, self._scales, strict=True))
+        if self._by_cpu:
+            used = self._cpu_of(grew)
+            if any(used):
+                self._grew[pid] = sum(map(mul, used, self._scales))
         if self._by_memory:
             rss = self._rss[pid] = row[USAGE_RSS_PAGES]
-            if rss > self._floor:
+            if rss > self._floor >= 0:
                 self._high.add(pid)
 
     def gone(self, pids: Iterable[int]) -> None:
@@ -178,9 +190,10 @@ class Watch:
         the floor. When fewer than ``2 n`` are left there (exited, shrunk) or too many have
         risen above it, every process is ranked afresh and the floor set under the top
         :data:`CANDIDATES` ``n`` (rare: the poll that does it costs milliseconds at 100,000)."""
-        rss, want = self._rss, 2 * self.n
-        self._high = {pid for pid in self._high if rss[pid] >= self._floor}
-        if len(self._high) < min(want, len(rss)) or len(self._high) > 4 * CANDIDATES * self.n:
+        rss, want, floor = self._rss, 2 * self.n, self._floor
+        self._high = {pid for pid in self._high if rss[pid] >= floor}
+        high = len(self._high)
+        if floor < 0 or high < min(want, len(rss)) or high > 4 * CANDIDATES * self.n:
             kept = heapq.nlargest(CANDIDATES * self.n, rss, key=rss.__getitem__)
             floor = self._floor = rss[kept[-1]] if len(kept) < len(rss) else -1
             members = {pid for pid in self._members[MEMORY] if rss[pid] >= floor}
