@@ -31,7 +31,7 @@ proc pid=21 ppid=1 stat=SSLEEP comm=sh utime=1000000 ch_utime=250000 ch_majflt=3
 """
 
 
-PAGESIZE = (
+HOST = (
     "sysctl hw.pagesize 4096\nsysctl hw.ncpu 2\n"
     "sysctl kern.maxproc 6000\nsysctl kern.maxthread 12000\n"
 )
@@ -39,12 +39,12 @@ PAGESIZE = (
 
 def host_file(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
     """A scenario of ``text`` on a host with 4 KiB pages, 2 CPUs and its limits."""
-    return write(tmp_path, PAGESIZE + text)
+    return write(tmp_path, HOST + text)
 
 
 def rewrite(scenario: pathlib.Path, text: str) -> None:
     """The host as ``text`` from now on: the fake reads a changed file again."""
-    scenario.write_text(PAGESIZE + text)
+    scenario.write_text(HOST + text)
     os.utime(scenario, (time.time() + 5, time.time() + 5))
 
 
