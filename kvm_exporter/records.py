@@ -111,6 +111,9 @@ class UsageSpec(NamedTuple):
     start_time: Callable[[int, int], float | None]
     """Seconds since the epoch of a row's (start, fraction); None where the source has no
     start times (a crash dump)."""
+    reaped: frozenset[str] | None = None
+    """The counter metrics whose reaped children's usage the kernel reports (None: all): the
+    children's columns of the others stay 0 (FreeBSD fills only ``ki_rusage_ch``'s times)."""
 
 
 class Survey(NamedTuple):
