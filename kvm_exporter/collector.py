@@ -86,9 +86,7 @@ COUNTERS: dict[str, tuple[str, str, str]] = {
     ),
 }
 """Family name, HELP and label of each counter metric of :class:`~kvm_exporter.usage.Resources`."""
-COUNTED = (
-    " between the polls that saw them (README: what counters include) since the exporter started."
-)
+COUNTED = " up to the last poll that saw each process, since the exporter started."
 
 
 def _resources(res: Resources) -> Iterator[Metric]:
@@ -171,9 +169,7 @@ class KvmCollector(Collector):
             yield from _resources(snap.resources)
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
-                yield _gauge(
-                    f"kvm_load{minutes}", f"Load average over {minutes} minutes{AS_OF}", value
-                )
+                yield _gauge(f"kvm_load{minutes}", f"{minutes}-minute load average{AS_OF}", value)
         if snap.swap is not None:
             size = GaugeMetricFamily(
                 "kvm_swap_size_bytes", "Size of a swap device in bytes" + AS_OF, labels=["device"]
