@@ -4,7 +4,6 @@ restart policy, and its ExecStartPre/ExecStart/ExecReload command lines run for 
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import shlex
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, listens, samples, wait_until
+from conftest import REPO, free_port, samples, wait_until, wrapped_exporter_reads
 from test_prometheus_fleet import exporter_command
 from test_rcd import NOBODY, exporter_for_nobody
 
@@ -183,17 +182,7 @@ def test_the_system_call_filter_allows_raising_the_fd_limit(tmp_path: Path) -> N
         stderr=subprocess.DEVNULL,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
     )
-    try:
-        children = Path(f"/proc/{strace.pid}/task/{strace.pid}/children")
-        pid = int(wait_until(lambda: children.read_text().split(), what="the exporter")[0])
-        wait_until(lambda: listens(pid, port), timeout=20, what="the exporter to listen")
-        limits = Path(f"/proc/{pid}/limits").read_text()
-        os.kill(pid, signal.SIGTERM)
-        assert strace.wait(timeout=20) == 0
-    finally:
-        if strace.poll() is None:
-            strace.kill()
-            strace.wait()
+    limits = wrapped_exporter_reads(strace, port, "limits")
     soft = re.search(r"^Max open files +(\d+)", limits, re.M)
     assert soft and int(soft.group(1)) > 256, limits
     raised = re.findall(
