@@ -148,6 +148,12 @@ class HostLimits(NamedTuple):
     ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
     memory_bytes: int | None = None
     """Physical memory (``hw.physmem``, ``MemTotal``); None where the source cannot tell."""
+    pid_max: int | None = None
+    """Linux's ``kernel.pid_max`` as is (node_exporter's ``node_processes_max_processes``);
+    None elsewhere."""
+    threads_max: int | None = None
+    """Linux's ``kernel.threads-max`` as is (node_exporter's ``node_processes_max_threads``);
+    None elsewhere."""
 
 
 class HostUsage(NamedTuple):

@@ -460,7 +460,12 @@ class ProcfsSource:
         # pid_max - 1). A process is at least one task, so both limits are the task limit.
         tasks = min(pid_max - 1, threads_max)
         return HostLimits(
-            cpus=cpus, max_procs=tasks, max_threads=tasks, memory_bytes=self._memory_bytes()
+            cpus=cpus,
+            max_procs=tasks,
+            max_threads=tasks,
+            memory_bytes=self._memory_bytes(),
+            pid_max=pid_max,
+            threads_max=threads_max,
         )
 
     def host_usage(self) -> HostUsage:
