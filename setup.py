@@ -15,8 +15,8 @@ prefix, where the README's pip route puts the rc.d script and the configuration.
 
 import importlib.util
 import os
-import subprocess
 import sys
+from typing import Any
 
 from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
@@ -30,26 +30,22 @@ def _extensions() -> list[object]:
         return []
     if sys.platform.startswith("freebsd") and importlib.util.find_spec("cffi") is None:
         return []
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(
-        "procscan_build", os.path.join(here, "kvm_exporter", "sources", "procscan_build.py")
-    )
-    assert spec is not None and spec.loader is not None
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    builder = _load("sources/procscan_build")
     # The generated C goes under build/ (relative: setuptools wants sources inside the project).
     ext = builder.ffibuilder.distutils_extension(os.path.join("build", "cffi"), verbose=False)
     ext.optional = True
     return [ext]
 
 
-def _git(*args: str) -> str:
+def _load(name: str) -> Any:
+    """A module of the package by file path: its dependencies do not exist yet at build time."""
     here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    path = os.path.join(here, "kvm_exporter", *name.split("/")) + ".py"
+    spec = importlib.util.spec_from_file_location(os.path.basename(name), path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildPyWithRevision(build_py):
@@ -57,11 +53,8 @@ class BuildPyWithRevision(build_py):
 
     def run(self) -> None:
         super().run()
-        top = _git("rev-parse", "--show-toplevel")  # not a checkout this tree sits inside
         here = os.path.dirname(os.path.abspath(__file__))
-        commit = _git("rev-parse", "HEAD") if top and os.path.samefile(top, here) else ""
-        if commit and _git("status", "--porcelain", "--untracked-files=no"):
-            commit += "-dirty"
+        commit = _load("gitrevision").checkout_revision(here)
         path = os.path.join(self.build_lib, "kvm_exporter", "revision.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write((commit or "unknown") + "\n")

@@ -107,6 +107,8 @@ def check(args: argparse.Namespace) -> int:
     config, _, source = prepare(args.config_file, flags_of(args))
     source.close()
     print(f"{args.config_file or 'built-in defaults'}: configuration is valid")
+    if config.groups.config_file:
+        print(f"{config.groups.config_file}: process-exporter configuration is valid")
     if config.web.config_file:
         print(f"{config.web.config_file}: web configuration is valid")
     return 0

@@ -73,9 +73,8 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-COUNTED = (
-    " between the polls that saw them (README: what counters include) since the exporter started."
-)
+COUNTED = " reaped children's included, since the exporter started."
+"""Ends the HELP of the groups' counters (README: what the counters include)."""
 COUNTERS: dict[str, tuple[str, str, str]] = {
     "cpu": (
         "kvm_cpu_seconds",
@@ -258,9 +257,7 @@ class KvmCollector(Collector):
             yield from _top(snap.top)
         if snap.load is not None:
             for minutes, value in zip((1, 5, 15), snap.load, strict=False):
-                yield _gauge(
-                    f"kvm_load{minutes}", f"Load average over {minutes} minutes{AS_OF}", value
-                )
+                yield _gauge(f"kvm_load{minutes}", f"{minutes}-minute load average{AS_OF}", value)
         if snap.swap is not None:
             size = GaugeMetricFamily(
                 "kvm_swap_size_bytes", "Size of a swap device in bytes" + AS_OF, labels=["device"]

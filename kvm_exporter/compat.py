@@ -2,8 +2,11 @@
 
 With ``compat: [node_exporter]`` the exporter also serves what node_exporter's ``processes``
 collector (``collector/processes_linux.go``: Linux only, off by default) serves, with its
-label and value conventions: ``node_processes_state`` has one series per state letter that
-occurs, as ``ps`` prints it; pids count processes and threads sum their threads. On FreeBSD,
+HELP texts, labels and values: ``node_processes_state`` has one series per state letter that
+occurs, as ``ps`` prints it; pids count processes and threads sum their threads; the limits
+are ``kernel.pid_max`` and ``kernel.threads-max`` on Linux. Where that collector is on, these
+names are its series twice: node_exporter reports a series its textfile collector repeats as
+"collected before" and serves one of the two. On FreeBSD,
 where node_exporter has no ``stat`` collector, ``node_procs_running`` and
 ``node_procs_blocked`` come too. ``node_load1/5/15`` are never served: node_exporter's
 ``loadavg`` collector has them on FreeBSD and Linux alike, and two exporters must not serve
@@ -17,7 +20,6 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF
 from .poller import Poller, Snapshot
 
 NODE_EXPORTER = "node_exporter"
@@ -54,47 +56,50 @@ def state_letters(processes: dict[tuple[str, ...], int], state_at: int) -> dict[
     return letters
 
 
+NODE_HELP = {
+    "node_processes_pids": "Number of PIDs",
+    "node_processes_threads": "Allocated threads in system",
+    "node_processes_state": "Number of processes in each state.",
+    "node_processes_max_processes": "Number of max PIDs limit",
+    "node_processes_max_threads": "Limit of threads in the system",
+    "node_procs_running": "Number of processes in runnable state.",
+    "node_procs_blocked": "Number of processes blocked waiting for I/O to complete.",
+}
+"""node_exporter's HELP text of each name, to the letter (``processes_linux.go``,
+``stat_linux.go``): its registry refuses a textfile series whose HELP differs from its own
+collector's for the same name."""
+
+
+def _node_gauge(name: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, NODE_HELP[name], value=value)
+
+
 def node_metrics(snap: Snapshot, freebsd: bool) -> Iterator[Metric]:
     """node_exporter's process metrics from ``snap``; a part the last poll lost is left out."""
     if snap.counts is not None:
         counts = snap.counts
-        yield GaugeMetricFamily(
-            "node_processes_pids", "Processes." + AS_OF, value=sum(counts.processes.values())
-        )
-        yield GaugeMetricFamily(
-            "node_processes_threads",
-            "Threads of all processes." + AS_OF,
-            value=sum(counts.threads.values()),
-        )
+        yield _node_gauge("node_processes_pids", sum(counts.processes.values()))
+        yield _node_gauge("node_processes_threads", sum(counts.threads.values()))
         if "state" in counts.labels:
             letters = state_letters(counts.processes, counts.labels.index("state"))
             state = GaugeMetricFamily(
-                "node_processes_state", "Processes per state letter." + AS_OF, labels=["state"]
+                "node_processes_state", NODE_HELP["node_processes_state"], labels=["state"]
             )
             for letter in sorted(letters):
                 state.add_metric([letter], letters[letter])
             yield state
             if freebsd:
-                yield GaugeMetricFamily(
-                    "node_procs_running",
-                    "Processes in the run queue." + AS_OF,
-                    value=letters.get("R", 0),
-                )
-                yield GaugeMetricFamily(
-                    "node_procs_blocked",
-                    "Processes in uninterruptible sleep." + AS_OF,
-                    value=letters.get("D", 0),
-                )
+                yield _node_gauge("node_procs_running", letters.get("R", 0))
+                yield _node_gauge("node_procs_blocked", letters.get("D", 0))
     if snap.limits is not None:
-        yield GaugeMetricFamily(
-            "node_processes_max_processes",
-            "Most processes the kernel allows.",
-            value=snap.limits.max_procs,
+        lim = snap.limits
+        # Linux: the two settings as node_exporter reads them, not the task limit they make.
+        yield _node_gauge(
+            "node_processes_max_processes", lim.max_procs if lim.pid_max is None else lim.pid_max
         )
-        yield GaugeMetricFamily(
+        yield _node_gauge(
             "node_processes_max_threads",
-            "Most threads the kernel allows.",
-            value=snap.limits.max_threads,
+            lim.max_threads if lim.threads_max is None else lim.threads_max,
         )
 
 

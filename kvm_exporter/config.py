@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import reprlib
 import types
@@ -327,6 +328,29 @@ _CHECKS: Rules = {
     "top.cmdline": _between(0, ARGV_BYTES),
 }
 
+FILE_KEYS = (
+    "web.config_file",
+    "groups.config_file",
+    "libkvm.kernel",
+    "libkvm.core",
+    "libkvm.swapfile",
+)
+"""Keys naming a file. A relative path in a config file is relative to that file's folder,
+not to the working directory (``/`` under systemd and daemon(8)); one given by a flag is
+relative to the working directory, as for any command."""
+
+
+def _files_beside(config_path: str) -> Rules:
+    """:data:`_CHECKS` plus the full path of each :data:`FILE_KEYS` value, relative paths
+    taken from the folder of the config file at ``config_path``."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+
+    def resolve(value: str | None) -> str | None:
+        return os.path.join(folder, value) if value else value
+
+    return {**_CHECKS, **dict.fromkeys(FILE_KEYS, resolve)}
+
+
 T = TypeVar("T")
 
 
@@ -495,7 +519,7 @@ def load_config(path: str | None, flags: Mapping[str, Any] | None = None) -> Con
     command line's ``flags`` (see :func:`with_flags`)."""
     config = Config()
     if path is not None:
-        config = build(Config, read_yaml(path), path, _PARSERS, _CHECKS)
+        config = build(Config, read_yaml(path), path, _PARSERS, _files_beside(path))
     return with_flags(config, flags or {})
 
 

@@ -44,18 +44,28 @@ def _cap(text: str, limit: int, keep_end: bool = False) -> str:
     return cut + text[-limit:] if keep_end else text[:limit] + cut
 
 
-def _items(record: logging.LogRecord) -> list[tuple[str, str]]:
-    """The line's keys and values, capped; the traceback (if any) last, as ``exc``."""
+Value = str | bool | int
+"""A value of a line: JSON keeps booleans and integers as such, logfmt writes them bare."""
+
+
+def _field(value: Any) -> Value:
+    if isinstance(value, (bool, int)):
+        return value
+    return _cap(str(value), MAX_VALUE)
+
+
+def _items(record: logging.LogRecord) -> list[tuple[str, Value]]:
+    """The line's keys and values, text capped; the traceback (if any) last, as ``exc``."""
     ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     level = {"WARNING": "warn"}.get(record.levelname, record.levelname.lower())
-    items = [
+    items: list[tuple[str, Value]] = [
         ("ts", f"{ts}.{int(record.msecs):03d}Z"),
         ("level", level),
         ("logger", record.name),
         ("msg", _cap(record.getMessage(), MAX_VALUE)),
     ]
     fields: dict[str, Any] = getattr(record, "fields", {})
-    items += [(key, _cap(str(value), MAX_VALUE)) for key, value in fields.items()]
+    items += [(key, _field(value)) for key, value in fields.items()]
     if record.exc_info:
         text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         items.append(("exc", _cap(text, MAX_TRACEBACK, keep_end=True)))
@@ -70,7 +80,11 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{key}={_logfmt_value(key, value)}" for key, value in _items(record))
 
 
-def _logfmt_value(key: str, value: str) -> str:
+def _logfmt_value(key: str, value: Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
     if key != "msg" and _BARE.fullmatch(value) and not _CONTROL.search(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')

@@ -111,6 +111,9 @@ class UsageSpec(NamedTuple):
     start_time: Callable[[int, int], float | None]
     """Seconds since the epoch of a row's (start, fraction); None where the source has no
     start times (a crash dump)."""
+    reaped: frozenset[str] | None = None
+    """The counter metrics whose reaped children's usage the kernel reports (None: all): the
+    children's columns of the others stay 0 (FreeBSD fills only ``ki_rusage_ch``'s times)."""
 
 
 class Survey(NamedTuple):
@@ -145,6 +148,12 @@ class HostLimits(NamedTuple):
     ``pid_max - 1`` and ``threads-max``, as every thread takes a PID)."""
     memory_bytes: int | None = None
     """Physical memory (``hw.physmem``, ``MemTotal``); None where the source cannot tell."""
+    pid_max: int | None = None
+    """Linux's ``kernel.pid_max`` as is (node_exporter's ``node_processes_max_processes``);
+    None elsewhere."""
+    threads_max: int | None = None
+    """Linux's ``kernel.threads-max`` as is (node_exporter's ``node_processes_max_threads``);
+    None elsewhere."""
 
 
 class HostUsage(NamedTuple):

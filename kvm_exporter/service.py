@@ -127,7 +127,7 @@ class Service:
             host, port = server.address[:2]
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             tls = web_settings is not None and web_settings.tls is not None
-            log.info("listening", extra={"fields": {"address": where, "tls": str(tls).lower()}})
+            log.info("listening", extra={"fields": {"address": where, "tls": tls}})
 
     def _cache_key(self) -> object:
         """Changes with every poll and reload; None (no cache) when polling on each scrape."""

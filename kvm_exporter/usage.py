@@ -94,6 +94,25 @@ def _start(row: UsageRow) -> int:
     return int(row[USAGE_START] * _FRACTIONS + row[USAGE_START_FRACTION])
 
 
+Netted = list[tuple[tuple[int, ...], tuple[int, ...]]]
+"""Quantities netted for reapers: for each, counter columns and their integer weights."""
+
+
+def _netted(spec: UsageSpec) -> Netted:
+    """Per (metric, value) whose reaped children's usage the kernel reports
+    (:attr:`UsageSpec.reaped`): its columns, the finest first, weighed in units of the finest."""
+    columns: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    for i, (metric, value, scale) in enumerate(spec.counters):
+        if spec.reaped is None or metric in spec.reaped:
+            columns.setdefault((metric, value), []).append((scale, i))
+    netted: Netted = []
+    for scaled in columns.values():
+        scaled.sort()
+        finest = scaled[0][0]
+        netted.append((tuple(i for _, i in scaled), tuple(round(s / finest) for s, _ in scaled)))
+    return netted
+
+
 class Tracker:
     """Per process state between polls; memory is bounded by the processes of the last poll.
 
@@ -121,6 +140,8 @@ class Tracker:
         self._state = spec.state
         self._width = len(spec.counters)
         """Counter columns of each kind: a row has as many again for the reaped children."""
+        self._netted = _netted(spec)
+        """Each quantity netted for reapers: its columns and their integer weights."""
         self._oldest = oldest
         self.watch = watch
         """The top processes' stage, told of every row decoded and every process gone."""
@@ -208,6 +229,7 @@ class Tracker:
         for pid, debt in owed.items():  # last poll's shortfall: the reap it read too early
             if pid in reaped and pid in self._seen:
                 reaped[pid] = [a + b for a, b in zip(reaped[pid], debt, strict=True)]
+        width = self._width + 1  # the counters, and processes started
         attached = self._attached(new)
         for pid, record in new.items():
             row = decode(record)
@@ -217,10 +239,10 @@ class Tracker:
             if born_since is not None:  # a process started since the first poll
                 increments[self._seen[pid].group][-1] += 1
         for pid, grew in reaped.items():
-            if max(grew) > 0:
-                group = increments.setdefault(self._seen[pid].group, [0] * (self._width + 1))
-                for i, amount in enumerate(grew):
-                    group[i] += max(amount, 0)
+            if max(grew, default=0) > 0:
+                group = increments.setdefault(self._seen[pid].group, [0] * width)
+                for (into, _), amount in zip(self._netted, grew, strict=True):
+                    group[into[0]] += max(amount, 0)
         self._records, self._clock = current, clock
         if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
@@ -283,8 +305,14 @@ class Tracker:
             group = increments[seen.group] = [0] * (n + 1)  # and processes started
         for i in range(n):
             group[i] += grew[i]
-        if any(grew[n:]):
-            reaped[pid] = grew[n:]
+        children = self._quantities(grew[n:])
+        if any(children):
+            reaped[pid] = children
+
+    def _quantities(self, columns: list[int] | UsageRow) -> list[int]:
+        """The netted quantities of counter ``columns`` (FreeBSD's seconds and microseconds as
+        microseconds: a reaper's growth is compared and netted whole, not column by column)."""
+        return [sum(columns[i] * w for i, w in zip(*q, strict=True)) for q in self._netted]
 
     def _net(
         self, gone: dict[int, UsageRow], reaped: dict[int, list[int]], current: set[bytes]
@@ -310,21 +338,21 @@ class Tracker:
             if frozen is None:
                 grew = reaped.get(pid)
                 return grew is not None and all(map(int.__ge__, grew, totals))
-            reaped_since = [a - b for a, b in zip(self._exited_ch[pid], frozen[n:], strict=True)]
-            return all(map(int.__ge__, reaped_since, totals))
+            since = [a - b for a, b in zip(self._exited_ch[pid], frozen[n:], strict=True)]
+            return all(map(int.__ge__, self._quantities(since), totals))
 
         def take(pid: int, totals: list[int]) -> None:
             frozen = self._frozen.get(pid)
-            for i, amount in enumerate(totals):
+            for k, amount in enumerate(totals):
                 if frozen is None:
-                    reaped.setdefault(pid, [0] * n)[i] -= amount
-                else:
-                    frozen[n + i] += amount
+                    reaped.setdefault(pid, [0] * len(totals))[k] -= amount
+                else:  # its finest column: weight 1
+                    frozen[n + self._netted[k][0][0]] += amount
 
         orphans: list[tuple[int, list[int]]] = []
         for row in gone.values():
             counted = self._counted(row)
-            totals = [counted[i] + counted[n + i] for i in range(n)]
+            totals = self._quantities([counted[i] + counted[n + i] for i in range(n)])
             ancestor, walked = row[USAGE_PPID], 0
             while ancestor in gone and walked < hops:
                 ancestor, walked = gone[ancestor][USAGE_PPID], walked + 1

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from importlib import resources
 
 from . import __version__
+from .gitrevision import checkout_revision
 
 REVISION_FILE = "revision.txt"
 """Written into the package at build time by setup.py: the git commit built from."""
 
 
 def revision() -> str:
-    """The git commit this copy was built from (``-dirty`` with local changes), or
-    ``unknown`` (built outside a git checkout, or run from the source tree)."""
+    """The git commit this copy was built from (``-dirty`` with local changes); run from a
+    git checkout (``python -m kvm_exporter`` in it), the commit checked out; else
+    ``unknown`` (built outside a git checkout)."""
     try:
         text = resources.files(__package__).joinpath(REVISION_FILE).read_text().strip()
+    except FileNotFoundError:  # not built: the source tree itself
+        text = checkout_revision(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except (OSError, UnicodeDecodeError):
-        return "unknown"
+        text = ""
     return text or "unknown"
 
 

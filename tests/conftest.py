@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +80,24 @@ def listens(pid: int, port: int) -> bool:
 def exited_or_listens(proc: subprocess.Popen[Any], port: int) -> bool:
     """Whether ``proc`` has either exited or bound ``port`` (see :func:`listens`)."""
     return proc.poll() is not None or listens(proc.pid, port)
+
+
+def wrapped_exporter_reads(wrapper: subprocess.Popen[Any], port: int, name: str) -> str:
+    """``/proc/PID/<name>`` of an exporter that ``wrapper`` (strace, runuser) forked, once it
+    listens on ``port``; the exporter is then stopped with SIGTERM and the wrapper must exit
+    0. The wrapper is killed if anything fails."""
+    try:
+        children = Path(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children")
+        pid = int(wait_until(lambda: children.read_text().split(), what="the exporter")[0])
+        wait_until(lambda: listens(pid, port), timeout=30, what="the exporter to listen")
+        text = Path(f"/proc/{pid}/{name}").read_text()
+        os.kill(pid, signal.SIGTERM)
+        assert wrapper.wait(timeout=20) == 0
+        return text
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
 
 
 def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> Any:

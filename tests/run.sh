@@ -9,9 +9,13 @@ SUDO=""
 # prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
 # gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
 # systemd: systemd-analyze for the unit; mandoc: the manual page lint;
-# prometheus-process-exporter: the peer that resource and group tests compare with.
-PACKAGES="prometheus prometheus-process-exporter shellcheck mandoc python3 python3-venv python3-dev gcc libc6-dev openssl procps
-    systemd ca-certificates"
+# prometheus-process-exporter: the peer that resource and group tests compare with;
+# prometheus-node-exporter: reads the exporter's node_* names through its textfile collector;
+# git: the revision a build records and a checkout reports; strace: the system calls the
+# systemd unit's filter must allow.
+PACKAGES="prometheus prometheus-process-exporter prometheus-node-exporter shellcheck mandoc
+    python3 python3-venv python3-dev gcc libc6-dev openssl procps systemd ca-certificates git
+    strace"
 # Waits for another apt-get holding the dpkg lock; a new machine may have no package lists yet.
 apt_install() {
     # shellcheck disable=SC2086 # a list of words

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -39,6 +40,52 @@ def test_version_has_revision_python_and_platform() -> None:
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", first.group(2)), first.group(2)
     assert lines[1] == f"  python version:   {platform.python_version()} (CPython)"
     assert lines[2] == f"  platform:         {sys.platform}/{platform.machine()}"
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def checkout_version(repo: Path) -> str:
+    """The revision ``python -m kvm_exporter --version`` run in ``repo`` prints."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kvm_exporter", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr
+    first = re.fullmatch(
+        r"kvm_exporter, version \S+ \(revision: (\S+)\)", result.stdout.split("\n")[0]
+    )
+    assert first, result.stdout
+    return first.group(1)
+
+
+def test_version_run_from_a_checkout_says_its_commit(tmp_path: Path) -> None:
+    """The source tree itself, not built (no recorded revision): git's commit, -dirty with
+    changes to tracked files; a copy outside any checkout says unknown."""
+    repo = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "revision.txt")
+    shutil.copytree(Path(kvm_exporter.__file__).parent, repo / "kvm_exporter", ignore=ignore)
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "a commit")
+    commit = git(repo, "rev-parse", "HEAD")
+    assert checkout_version(repo) == commit
+    with (repo / "kvm_exporter" / "states.py").open("a") as f:
+        f.write("# a local change\n")
+    assert checkout_version(repo) == commit + "-dirty"
+    shutil.rmtree(repo / ".git")
+    assert checkout_version(repo) == "unknown"
 
 
 def test_help_lists_every_flag() -> None:
@@ -97,3 +144,5 @@ def test_json_log_format(exporter: Any) -> None:
     start = next(line for line in lines if line["msg"] == "starting kvm_exporter")
     assert start["config"] == "none" and start["interval"] == "15s" and start["level"] == "info"
     assert {"ts", "logger", "version", "revision", "source"} <= start.keys()
+    listening = [line["tls"] for line in lines if line["msg"] == "listening"]
+    assert len(listening) == 1 and listening[0] is False  # a JSON boolean, not "false"

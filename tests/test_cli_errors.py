@@ -279,6 +279,35 @@ def test_web_config_is_checked_fully_with_its_tls_files() -> None:
         assert f"{web}: tls_server_config.cert_file: " in line and "OpenSSL refused it" in line
 
 
+def test_relative_files_in_the_config_are_beside_it() -> None:
+    """Run from / (as systemd and daemon(8) run it): groups.config_file and web.config_file,
+    relative in the config file, are read from its folder, and --config.check names every
+    file it checked by its full path; a missing one is named by its full path too."""
+    with world_dir() as tmp:
+        write_pki(tmp)
+        (tmp / "web.yml").write_text(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n"
+        )
+        (tmp / "pe.yml").write_text("process_names:\n  - comm: [sshd]\n")
+        config = tmp / "kvm.yml"
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        config.write_text("groups:\n  config_file: pe.yml\nweb:\n  config_file: web.yml\n")
+        assert check_output([f"--config.file={config}"], NOBODY) == (
+            0,
+            f"{config}: configuration is valid\n"
+            f"{tmp}/pe.yml: process-exporter configuration is valid\n"
+            f"{tmp}/web.yml: web configuration is valid\n",
+            "",
+        )
+        for key in ("groups", "web"):
+            config.write_text(f"{key}:\n  config_file: missing.yml\n")
+            code, out, err = check_output([f"--config.file={config}"], NOBODY)
+            assert (code, out) == (1, "")
+            line = the_line(err, "check", root_warning=False)
+            assert f"{tmp}/missing.yml: cannot read " in line, line
+
+
 def test_shipped_config_checks_clean() -> None:
     shipped = Path(__file__).resolve().parent.parent / "config" / "kvm_exporter.yml"
     assert check_output([f"--config.file={shipped}"], None) == (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import copy_proc_fixture, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvm_exporter.app import make_app
+from kvm_exporter.groups import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.service import build_registry
 from kvm_exporter.sources.procfs import ProcfsSource
@@ -350,6 +352,21 @@ def test_help_texts_follow_one_style(fixture_root: Path) -> None:
             assert "Seconds" in text, name
         if name.endswith("_bytes"):
             assert "bytes" in text.lower(), name
+
+
+def test_no_help_text_doubles_its_punctuation_or_points_elsewhere(fixture_root: Path) -> None:
+    """Every family, the compat names' and the named groups' too, where HELP texts are put
+    together from parts: no "letter., as of", no "(README: ...)", no "1 minutes"."""
+    rules = parse_process_names([{"name": "{{.Comm}}", "comm": ["sshd", "bash"]}])
+    compat = ("node_exporter", "process_exporter")
+    _, registry = polled(fixture_root, compat=compat, groups=rules)
+    helps = {m.name: m.documentation for m in registry.collect()}
+    assert {"kvm_load1", "kvm_cpu_seconds", "kvm_namegroup_cpu_seconds"} <= set(helps)
+    assert {"node_processes_state", "namedprocess_namegroup_num_procs"} <= set(helps)
+    for name, text in helps.items():
+        assert not re.search(r"[.,;:] ?[.,;:]", text), f"{name}: {text!r}"
+        assert "README" not in text, f"{name}: {text!r}"
+        assert not re.search(r"\b1 [a-z]+s\b", text), f"{name}: {text!r}"
 
 
 def test_once_with_interval_0_exits_by_the_poll_it_printed(

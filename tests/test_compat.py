@@ -1,23 +1,36 @@
 """node_exporter's names (``compat: [node_exporter]``): the same data as kvm_*, node_exporter's
-conventions, and the process panels of Node Exporter Full answering on a real Prometheus that
-scrapes a fake-FreeBSD exporter (the fake libkvm, tests/fakekvm)."""
+conventions, the same HELP, types and values as the real node_exporter (Debian's
+prometheus-node-exporter) on the same procfs, its textfile collector reading ``--once``, and
+the process panels of Node Exporter Full answering on a real Prometheus that scrapes a
+fake-FreeBSD exporter (the fake libkvm, tests/fakekvm)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import samples, wait_until
+from conftest import copy_proc_fixture, samples, wait_until
 from fakelib import SCENARIOS, build_fake_libkvm, fake_libkvm  # noqa: F401 (fixture)
+from prometheus_client.parser import text_string_to_metric_families
 from test_exposition import run
-from test_prometheus_fleet import assert_panel_has_data, query, scraped_exporter
+from test_prometheus_fleet import (
+    assert_panel_has_data,
+    query,
+    scraped_exporter,
+    start_listening,
+    stop,
+)
 
-from kvm_exporter.compat import STATE_LETTERS
+from kvm_exporter.compat import NODE_HELP, STATE_LETTERS
 from kvm_exporter.states import STATES
 
 DB01 = SCENARIOS / "db01.scenario"
@@ -49,12 +62,16 @@ NOT_SERVED = {
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def once(config: str, env: dict[str, str] | None, tmp: Path) -> Samples:
+def once_text(config: str, env: dict[str, str] | None, tmp: Path) -> str:
     path = tmp / "kvm.yml"
     path.write_text(config)
     result = run("--once", f"--config.file={path}", env=env)
     assert result.returncode == 0, result.stderr
-    return samples(result.stdout)
+    return result.stdout
+
+
+def once(config: str, env: dict[str, str] | None, tmp: Path) -> Samples:
+    return samples(once_text(config, env, tmp))
 
 
 def libkvm_config(library: Path, extra: str = "") -> str:
@@ -112,6 +129,140 @@ def test_linux_host_leaves_out_what_node_exporter_serves_there(tmp_path: Path) -
         "node_processes_max_processes",
         "node_processes_max_threads",
     }
+
+
+# --- the real node_exporter ---
+
+NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
+"""Debian's prometheus-node-exporter (tests/run.sh installs it); never its system service."""
+
+Families = dict[str, tuple[str, str, Samples]]
+"""Each family of an exposition by name: (HELP, type, samples)."""
+
+
+def families(text: str, prefix: str) -> Families:
+    return {
+        family.name: (
+            family.documentation,
+            family.type,
+            {(s.name, frozenset(s.labels.items())): s.value for s in family.samples},
+        )
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith(prefix)
+    }
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+@contextmanager
+def node_exporter(tmp: Path, *flags: str) -> Iterator[tuple[str, Path]]:
+    """The real node_exporter on a free loopback port with only the collectors ``flags``
+    turn on: (its /metrics URL, its log)."""
+    assert os.access(NODE_EXPORTER, os.X_OK), "apt-get install prometheus-node-exporter"
+    log = tmp / "node_exporter.log"
+    started: list[subprocess.Popen[bytes]] = []
+
+    def command(port: int) -> list[str]:
+        listen = f"--web.listen-address=127.0.0.1:{port}"
+        return [NODE_EXPORTER, listen, "--collector.disable-defaults", *flags]
+
+    try:
+        _, port = start_listening(
+            "node_exporter",
+            command,
+            lambda base: bool(get(f"{base}/metrics")),
+            dict(os.environ),
+            log,
+            started,
+        )
+        yield f"http://127.0.0.1:{port}/metrics", log
+    finally:
+        for process in started:
+            stop(process)
+
+
+def procfs_once(root: Path, tmp: Path) -> str:
+    """``--once`` with node_exporter's names, read from the procfs at ``root``."""
+    return once_text(
+        f"source: procfs\ncompat: [node_exporter]\nprocfs:\n  root: {root}\n", None, tmp
+    )
+
+
+def test_linux_names_equal_node_exporters_own_on_the_same_procfs(tmp_path: Path) -> None:
+    """Same HELP, type and samples as node_exporter's processes collector, the limits
+    included (pid_max 32768 and threads-max 63704, not the task limit 32767)."""
+    root = copy_proc_fixture(tmp_path / "proc")
+    ours = families(procfs_once(root, tmp_path), "node_")
+    with node_exporter(tmp_path, f"--path.procfs={root}", "--collector.processes") as (url, _):
+        theirs = families(get(url), "node_processes_")
+    assert set(ours) == set(theirs) - {"node_processes_threads_state"}
+    assert {name: theirs[name] for name in ours} == ours
+    assert ours["node_processes_max_processes"][2] == {
+        ("node_processes_max_processes", frozenset()): 32768
+    }
+
+
+def test_every_node_help_is_node_exporters_own(
+    fake_libkvm: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """FreeBSD's names too (node_procs_* from node_exporter's stat collector, on Linux)."""
+    root = copy_proc_fixture(tmp_path / "proc")
+    flags = (f"--path.procfs={root}", "--collector.processes", "--collector.stat")
+    with node_exporter(tmp_path, *flags) as (url, _):
+        theirs = families(get(url), "node_")
+    config = libkvm_config(fake_libkvm, "compat: [node_exporter]\n")
+    ours = families(once_text(config, fake_env(), tmp_path), "node_")
+    assert set(ours) == set(NODE_HELP)
+    assert {name: text for name, (text, _, _) in ours.items()} == {
+        name: theirs[name][0] for name in ours
+    }
+
+
+LOG_MESSAGE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+TWICE = re.compile(r'\[from Gatherer #\d+\] collected metric "(\w+)" .* was collected before .*')
+
+
+def gathering_errors(log: Path) -> list[str]:
+    """Each error of node_exporter's "error gathering metrics" log lines."""
+    errors = []
+    for line in log.read_text().splitlines():
+        found = LOG_MESSAGE.search(line)
+        message = json.loads(f'"{found.group(1)}"') if found else ""
+        if message.startswith("error gathering metrics"):
+            errors += message.split("\n* ")[1:]
+    return errors
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["processes-off", "processes-on"])
+def test_node_exporters_textfile_collector_takes_once(tmp_path: Path, processes: bool) -> None:
+    """``--once`` in node_exporter's textfile directory: read without error, kvm_* served.
+    With node_exporter's own processes collector on, the node_processes_* series come twice:
+    node_exporter reports each as collected before, and nothing else (no HELP that differs)."""
+    root = copy_proc_fixture(tmp_path / "proc")
+    textfiles = tmp_path / "textfile"
+    textfiles.mkdir()
+    text = procfs_once(root, tmp_path)
+    (textfiles / "kvm.prom").write_text(text)
+    flags = [f"--path.procfs={root}", "--collector.textfile"]
+    flags += [f"--collector.textfile.directory={textfiles}"]
+    flags += ["--collector.processes"] if processes else []
+    with node_exporter(tmp_path, *flags) as (url, log):
+        get(url)
+        served = samples(get(url))
+    assert served[("node_textfile_scrape_error", frozenset())] == 0
+    ours = samples(text)
+    kvm = {key: value for key, value in ours.items() if key[0].startswith("kvm_processes")}
+    assert kvm and {key: served.get(key) for key in kvm} == kvm
+    node = {key: value for key, value in ours.items() if key[0].startswith("node_")}
+    assert {key: served.get(key) for key in node} == node
+    errors = gathering_errors(log)
+    repeated = [m.group(1) for m in map(TWICE.fullmatch, errors) if m]
+    assert len(repeated) == len(errors), errors  # no other error (a HELP unlike its own)
+    assert set(repeated) == ({name for name, _ in node} if processes else set())
 
 
 def test_without_compat_no_node_names_and_without_state_no_state_series(

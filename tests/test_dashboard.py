@@ -143,17 +143,22 @@ def query(title: str, ref_id: str = "A") -> str:
 
 
 def promtool_expects(
-    tmp_path: Path, expr: str, series: dict[str, float], expected: dict[str, float]
+    tmp_path: Path, expr: str, series: dict[str, float | str], expected: dict[str, float]
 ) -> None:
-    """``expr`` over ``series`` (constant for five minutes) gives exactly ``expected``,
-    evaluated by promtool's PromQL engine (a ``promql_expr_test``)."""
+    """``expr`` over ``series`` (a number: constant for five minutes; a string: promtool's
+    expanding notation, one value a minute) gives exactly ``expected``, evaluated by promtool's
+    PromQL engine (a ``promql_expr_test``)."""
+
+    def values(v: float | str) -> str:
+        return v if isinstance(v, str) else f"{v}x5"
+
     test = {
         "rule_files": [],
         "evaluation_interval": "1m",
         "tests": [
             {
                 "interval": "1m",
-                "input_series": [{"series": k, "values": f"{v}x5"} for k, v in series.items()],
+                "input_series": [{"series": k, "values": values(v)} for k, v in series.items()],
                 "promql_expr_test": [
                     {
                         "expr": expr,
@@ -174,6 +179,35 @@ def promtool_expects(
         cwd=tmp_path,
     )
     assert result.returncode == 0, f"{expr}\n{result.stdout}{result.stderr}"
+
+
+CPU_RATE = re.compile(r"rate\(\w+_cpu_seconds_total\b")
+ROW_Y = {p["title"]: p["gridPos"]["y"] for p in PANELS if p["type"] == "row"}
+
+
+def test_cpu_panels_are_in_cores() -> None:
+    """A rate of CPU seconds is CPUs kept busy: Grafana's custom unit says cores."""
+    cpu = [p for p in PANELS if any(CPU_RATE.search(t["expr"]) for t in p.get("targets", []))]
+    assert {p["title"] for p in cpu} >= {"CPU by user", "CPU by jail", "CPU per group"}
+    for panel in cpu:
+        assert panel["fieldConfig"]["defaults"]["unit"] == "suffix:cores", panel["title"]
+
+
+def test_named_groups_row_shows_cpu_per_group_in_cores(tmp_path: Path) -> None:
+    """process-exporter users' main panel: each group's user and system CPU together, as the
+    cores it kept busy; a group's counters from the exporter's own names."""
+    cpu = 'kvm_namegroup_cpu_seconds_total{instance="a",group="%s",mode="%s"}'
+    series: dict[str, float | str] = {
+        cpu % ("nginx", "user"): "0+30x5",  # 30 s of CPU a minute: half a core
+        cpu % ("nginx", "system"): "0+15x5",
+        cpu % ("sshd", "user"): "7x5",  # idle
+        cpu % ("sshd", "system"): "1x5",
+    }
+    expected = {'{instance="a",group="nginx"}': 0.75, '{instance="a",group="sshd"}': 0.0}
+    expr = query("CPU per group").replace("$__rate_interval", "5m")
+    promtool_expects(tmp_path, expr, series, expected)
+    row = [p for p in PANELS if p["gridPos"]["y"] > ROW_Y["Named process groups"]]
+    assert "CPU per group" in {p["title"] for p in row}
 
 
 def census(instance: str, counts: dict[tuple[str, str], int], folded: int) -> dict[str, float]:

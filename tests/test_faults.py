@@ -47,6 +47,13 @@ swap ada0p3 10 100
 proc pid=3 ppid=1 uid=33 stat=SZOMB comm=zombie
 sysctl hw.pagesize 4096
 sysctl hw.ncpu 4
+cp_time 2540 127 1270 254 12700
+clockrate 1000 1000 127 8128
+counter vm.stats.vm.v_vm_faults 50000
+counter vm.stats.vm.v_io_faults 300
+counter vm.stats.vm.v_forks 4000
+counter vm.stats.vm.v_vforks 200
+counter vm.stats.vm.v_rforks 10
 sysctl kern.maxproc 6000
 sysctl kern.maxthread 60000
 """

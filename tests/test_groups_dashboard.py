@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 from fakelib import SCENARIOS, build_fake_libkvm, fixed_passwd
-from test_prometheus_fleet import assert_panel_has_data, query, scraped_exporter
+from prom_support import dashboard_queries, load_dashboard
+from test_prometheus_fleet import (
+    assert_panel_has_data,
+    fill_variables,
+    query,
+    scraped_exporter,
+)
 
 INSTRE = 'instance=~"$instance"'
 INSTGNRE = 'instance=~"$instance", groupname=~"$groupname"'
@@ -97,3 +103,24 @@ def test_template_variables_list_the_instance_and_groups(prometheus: tuple[str, 
         url, f'count by (groupname) (namedprocess_namegroup_num_procs{{instance="{instance}"}})'
     )
     assert {s["metric"]["groupname"] for s in series} >= {"nginx", "kernel"}
+
+
+def test_kvm_dashboards_cpu_per_group_is_process_exporters_cpu(
+    prometheus: tuple[str, str],
+) -> None:
+    """The shipped dashboard's CPU panel of the named groups row shows, per group, what a
+    process-exporter user's CPU panel (its cpu_seconds_total's rate, modes summed) shows."""
+    url, instance = prometheus
+    (expr,) = [
+        q.expr for q in dashboard_queries(load_dashboard()) if q.panel_title == "CPU per group"
+    ]
+    ours = query(url, fill_variables(expr, instance))
+    theirs = query(
+        url,
+        "sum by (instance, groupname) "
+        f'(rate(namedprocess_namegroup_cpu_seconds_total{{instance="{instance}"}}[1m]))',
+    )
+    assert ours, expr
+    assert {s["metric"]["group"]: s["value"][1] for s in ours} == {
+        s["metric"]["groupname"]: s["value"][1] for s in theirs
+    }

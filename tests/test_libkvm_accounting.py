@@ -17,7 +17,15 @@ from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture
 
 from kvm_exporter.groups import parse_process_names
 from kvm_exporter.poller import Poller, Settings
-from kvm_exporter.records import USAGE_COUNTERS, USAGE_PID, HostUsage, SourceError
+from kvm_exporter.records import (
+    USAGE_COUNTERS,
+    USAGE_PID,
+    USAGE_RSS_PAGES,
+    USAGE_STATE,
+    USAGE_VSIZE,
+    HostUsage,
+    SourceError,
+)
 from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.sources.libkvm import KERN_PROC_INC_THREAD, KERN_PROC_OPS
 
@@ -31,7 +39,7 @@ proc pid=21 ppid=1 stat=SSLEEP comm=sh utime=1000000 ch_utime=250000 ch_majflt=3
 """
 
 
-PAGESIZE = (
+HOST = (
     "sysctl hw.pagesize 4096\nsysctl hw.ncpu 2\n"
     "sysctl kern.maxproc 6000\nsysctl kern.maxthread 12000\n"
 )
@@ -39,12 +47,12 @@ PAGESIZE = (
 
 def host_file(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
     """A scenario of ``text`` on a host with 4 KiB pages, 2 CPUs and its limits."""
-    return write(tmp_path, PAGESIZE + text)
+    return write(tmp_path, HOST + text)
 
 
 def rewrite(scenario: pathlib.Path, text: str) -> None:
     """The host as ``text`` from now on: the fake reads a changed file again."""
-    scenario.write_text(PAGESIZE + text)
+    scenario.write_text(HOST + text)
     os.utime(scenario, (time.time() + 5, time.time() + 5))
 
 
@@ -220,3 +228,24 @@ def test_the_fakes_sysctls_are_as_strict_as_freebsds(
     assert read(b"vm.x", 8) == (0, (4294967301).to_bytes(8, "little"))
     assert read(b"vm.x", 4) == (0, (5).to_bytes(4, "little"))
     assert read(b"vm.x", 6)[0] == -errno.ENOMEM
+
+
+def test_a_process_whose_first_thread_exited_is_its_live_thread(
+    open_libkvm: Opener,  # noqa: F811
+    tmp_path: pathlib.Path,
+) -> None:
+    """Unlike Linux (tests/test_live_leader.py), FreeBSD shows no zombie for it: thread_exit()
+    unlinks the exiting thread from p_threads (kern_thread.c thread_unlink), fill_kinfo_proc
+    takes ki_stat from FIRST_THREAD_IN_PROC (kern_proc.c), the first live one; the memory is
+    the process's vmspace and the arguments its p_args, and the exited thread's usage is in
+    p_ru (thread_exit's rucollect)."""
+    scenario = host_file(
+        tmp_path,
+        "proc pid=60 ppid=1 uid=0 stat=SRUN threads=1 rss=16384 size=134217728 comm=leader "
+        "utime=3000000 exited_utime=1000000 argv=leader|--app=x\n",
+    )
+    source = open_libkvm(scenario, threads=True)
+    row = rows_by_pid(source)[60]
+    assert source.usage_spec.state(row[USAGE_STATE]) == "running"
+    assert (row[USAGE_RSS_PAGES], row[USAGE_VSIZE], row[OWN][:2]) == (16384, 134217728, (3, 0))
+    assert source.argv(60) == ("leader", "--app=x")

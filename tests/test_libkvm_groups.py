@@ -24,6 +24,13 @@ from kvm_exporter.sources.kvm_cdef import ffi
 from kvm_exporter.sources.libkvm import LibkvmSource
 
 HOST = """sysctl hw.ncpu 2
+cp_time 2540 127 1270 254 12700
+clockrate 1000 1000 127 8128
+counter vm.stats.vm.v_vm_faults 50000
+counter vm.stats.vm.v_io_faults 300
+counter vm.stats.vm.v_forks 4000
+counter vm.stats.vm.v_vforks 200
+counter vm.stats.vm.v_rforks 10
 sysctl hw.pagesize 4096
 sysctl kern.maxproc 6000
 sysctl kern.maxthread 100000

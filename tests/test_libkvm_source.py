@@ -36,6 +36,13 @@ WEB01 = SCENARIOS / "web01.scenario"
 DB01 = SCENARIOS / "db01.scenario"
 SMALL = """\
 sysctl hw.pagesize 4096
+cp_time 2540 127 1270 254 12700
+clockrate 1000 1000 127 8128
+counter vm.stats.vm.v_vm_faults 50000
+counter vm.stats.vm.v_io_faults 300
+counter vm.stats.vm.v_forks 4000
+counter vm.stats.vm.v_vforks 200
+counter vm.stats.vm.v_rforks 10
 sysctl hw.ncpu 2
 sysctl kern.maxproc 1000
 sysctl kern.maxthread 20000

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 from kvm_exporter.logs import MAX_TRACEBACK, MAX_VALUE, JSONFormatter, LogfmtFormatter
 
 
-def record(msg: str, fields: dict[str, str] | None = None, exc: bool = False) -> logging.LogRecord:
+def record(msg: str, fields: dict[str, Any] | None = None, exc: bool = False) -> logging.LogRecord:
     exc_info = None
     if exc:
         try:
@@ -28,6 +29,15 @@ def test_logfmt_fields_are_keys_quoted_only_when_needed() -> None:
     )
     assert line.startswith("ts=") and " level=error logger=kvm_exporter.t " in line
     assert line.endswith(' msg="starting" version=0.1.0 config="/etc/a b.yml" empty=""')
+
+
+def test_booleans_and_integers_keep_their_type_in_json_and_are_bare_in_logfmt() -> None:
+    fields = {"tls": False, "up": True, "port": 9429, "text": "false"}
+    parsed = json.loads(JSONFormatter().format(record("listening", fields)))
+    assert {key: parsed[key] for key in fields} == fields
+    assert [type(parsed[key]) for key in fields] == [bool, bool, int, str]
+    line = LogfmtFormatter().format(record("listening", fields))
+    assert line.endswith(' msg="listening" tls=false up=true port=9429 text=false')
 
 
 def test_control_characters_are_escaped_so_an_event_stays_one_line() -> None:

@@ -57,8 +57,9 @@ def test_load_swap_limits() -> None:
         ("/var/swap file", 1048572 * 1024, 0),  # \040 in /proc/swaps is a space
     ]
     # pid_max 32768, threads-max 63704: PIDs 1 to 32767 run out first, for threads as for
-    # processes, since every Linux thread is a task with a PID of its own.
-    assert source.limits() == (2, 32767, 32767, 8049616 * 1024)  # MemTotal: 8049616 kB
+    # processes, since every Linux thread is a task with a PID of its own. The settings as
+    # they are come too (node_exporter's names).
+    assert source.limits() == (2, 32767, 32767, 8049616 * 1024, 32768, 63704)  # MemTotal kB
 
 
 def test_threads_max_below_pid_max_is_the_task_limit(tmp_path: Path) -> None:
@@ -66,7 +67,7 @@ def test_threads_max_below_pid_max_is_the_task_limit(tmp_path: Path) -> None:
     shutil.copytree(FIXTURE, root)
     (root / "sys" / "kernel" / "threads-max").write_text("20000\n")
     (root / "meminfo").unlink()  # a procfs without meminfo has no memory total
-    assert ProcfsSource(str(root)).limits() == (2, 20000, 20000, None)
+    assert ProcfsSource(str(root)).limits() == (2, 20000, 20000, None, 32768, 20000)
 
 
 def test_not_procfs_is_a_clear_error(tmp_path: Path) -> None:

@@ -12,10 +12,13 @@ FreeBSD ``kern_exit.c`` proc_reap does the same with ``ruadd`` into ``p_cru``, t
 from __future__ import annotations
 
 import random
+import struct
 
-from test_usage import Run, cpu, row
+from test_usage import BY_UID, CPU, Run, cpu, row
 
-from kvm_exporter.usage import STARTED, Resources
+from kvm_exporter.records import UsageSpec
+from kvm_exporter.states import LINUX_STATES
+from kvm_exporter.usage import STARTED, Accounts, Resources, Tracker
 
 
 def started(res: Resources) -> dict[str, float]:
@@ -238,3 +241,42 @@ def test_a_random_process_tree_adds_up_to_what_it_used() -> None:
                     host.reap(pid)
         res = run.poll(*host.rows())
         assert abs(sum(cpu(res).values()) - host.used * 0.01) < 1e-6, seed
+
+
+BSD_ROW = struct.Struct("=10q16s6q")
+"""FreeBSD's shape: user seconds and microseconds, and faults, then the same of reaped
+children, of which the kernel fills only the times (fill_kinfo_proc_only's calccru)."""
+BSD_SPEC = UsageSpec(
+    page_size=4096,
+    counters=(("cpu", "user", 1.0), ("cpu", "user", 1e-6), ("page_faults", "minor", 1.0)),
+    decode=BSD_ROW.unpack,
+    state=lambda code: LINUX_STATES[chr(code)],
+    start_time=lambda start, _: float(start),
+    reaped=frozenset({"cpu"}),
+)
+
+
+def bsd_row(pid: int, ppid: int, own: tuple[int, int, int], children: tuple[int, int]) -> bytes:
+    fields = (pid, 100, 0, 5, 0, 1, 2, ppid, 1, ord("S"))
+    return BSD_ROW.pack(*fields, b"t", *own, *children, 0)
+
+
+def test_seconds_and_microseconds_are_netted_whole_and_unreported_counts_not_at_all() -> None:
+    """The reaper's children's time goes from 1.9 s to 2.15 s (microseconds go down: no
+    shortfall), of which the child it reaped had 0.2 s at its last poll; the child's 40 faults were
+    counted as its own and the kernel reports no children's faults: nothing is taken off."""
+    tracker = Tracker(BY_UID, BSD_SPEC)
+    accounts = Accounts(("user",), 10, BSD_SPEC)
+
+    def poll(clock: int, *rows: bytes) -> dict[tuple[str, str], float]:
+        res = accounts.add(tracker.update(rows, clock), lambda g: (f"u{g[0]}",))
+        return {column: round(v[("u5",)], 6) for column, v in res.counters.items()}
+
+    poll(1000, bsd_row(10, 1, (0, 0, 0), (1, 900000)), bsd_row(11, 10, (0, 50000, 10), (0, 0)))
+    got = poll(
+        1010, bsd_row(10, 1, (0, 0, 0), (1, 900000)), bsd_row(11, 10, (0, 200000, 50), (0, 0))
+    )
+    assert got[CPU] == 0.15 and got["page_faults", "minor"] == 40
+    got = poll(1020, bsd_row(10, 1, (0, 0, 0), (2, 150000)))
+    assert got[CPU] == 0.15 + 0.05 and got["page_faults", "minor"] == 40
+    assert tracker._owed == {}

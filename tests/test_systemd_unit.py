@@ -5,6 +5,7 @@ restart policy, and its ExecStartPre/ExecStart/ExecReload command lines run for 
 from __future__ import annotations
 
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, samples, wait_until
+from conftest import REPO, free_port, samples, wait_until, wrapped_exporter_reads
+from test_prometheus_fleet import exporter_command
 from test_rcd import NOBODY, exporter_for_nobody
 
 UNIT = REPO / "config" / "kvm_exporter.service"
@@ -133,6 +135,61 @@ def test_sandboxing_keys() -> None:
     assert not values("PrivateUsers")
     assert not values("PrivateDevices"), "a private /dev hides the tty names"
     assert "@system-service" in values("SystemCallFilter")
+
+
+def syscall_set(name: str) -> set[str]:
+    """The system calls of systemd's set ``@name``, its nested sets expanded (systemd-analyze
+    syscall-filter), or ``{name}`` for a system call."""
+    if not name.startswith("@"):
+        return {name}
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert listing[0] == name, listing[:3]
+    words = [line.strip() for line in listing[1:]]
+    return set().union(*(syscall_set(w) for w in words if w and not w.startswith("#")))
+
+
+def filter_allows() -> set[str]:
+    """What the unit's SystemCallFilter= lines allow, merged as systemd.exec(5) says: the first
+    (an allow list) sets the calls allowed, each later one adds its calls or, with ~, takes
+    them away."""
+    lines = values("SystemCallFilter")
+    assert not lines[0].startswith("~")
+    allowed: set[str] = set()
+    for line in lines:
+        calls = set().union(*(syscall_set(word) for word in line.lstrip("~").split()))
+        allowed = allowed - calls if line.startswith("~") else allowed | calls
+    return allowed
+
+
+def test_the_system_call_filter_allows_raising_the_fd_limit(tmp_path: Path) -> None:
+    """The README promises that a start raises the soft file descriptor limit towards the
+    hard one: the system calls the real exporter makes for it (strace) and setrlimit (a C
+    library without prlimit64 calls it) pass the unit's filter."""
+    allowed = filter_allows()
+    assert "openat" in allowed and not {"reboot", "sched_setscheduler"} & allowed
+    trace, port = tmp_path / "trace", free_port()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or hard > 256
+    command = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=setrlimit,prlimit64"]
+    strace = subprocess.Popen(
+        [*command, *exporter_command(), f"--web.listen-address=127.0.0.1:{port}"],
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    limits = wrapped_exporter_reads(strace, port, "limits")
+    soft = re.search(r"^Max open files +(\d+)", limits, re.M)
+    assert soft and int(soft.group(1)) > 256, limits
+    raised = re.findall(
+        r"^\d+ +(\w+)\((?:0, )?RLIMIT_NOFILE, \{[^}]*\}.*= 0$", trace.read_text(), re.M
+    )
+    assert raised, trace.read_text()
+    assert {*raised, "setrlimit"} <= allowed
 
 
 def expand(line: str, env: dict[str, str]) -> list[str]:

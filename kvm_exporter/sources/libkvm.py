@@ -674,6 +674,7 @@ USAGE_SPEC = UsageSpec(
     decode=_USAGE_ROW.unpack,
     state=_STATE_WORDS.__getitem__,
     start_time=_unknown,  # per source: LibkvmSource._epoch adds the boot time it last read
+    reaped=frozenset({"cpu"}),
 )
 """FreeBSD usage rows: ki_rusage's times (seconds, microseconds) and counts (ki_rusage_ch's
 follow: fill_kinfo_proc_only fills only its times, by calccru; its counts stay 0)."""

@@ -168,6 +168,31 @@ def _usage_record(pid: int, uid: int, comm: bytes, f: list[bytes]) -> bytes:
     return _USAGE_ROW.pack(pid, *fields, comm[:63], *own, *children)
 
 
+def _live_thread(dir_fd: int, pid: str, f: list[bytes]) -> None:
+    """A process whose first thread exited while others run (``pthread_exit`` in main): its
+    PID/stat is that thread's, a zombie with no memory. Take state, vsize and rss into the
+    fields ``f`` from its first live thread's; PID/stat's counters are the whole group's."""
+    try:
+        task = os.open(f"{pid}/task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+    except OSError:
+        return  # gone, or not ours to read: the zombie row stands
+    try:
+        tids = [tid for tid in os.listdir(task) if tid != pid]
+    except OSError:
+        return
+    finally:
+        os.close(task)
+    for tid in tids:
+        try:
+            data = _read(f"{pid}/task/{tid}/stat", dir_fd, _READ_SIZE)
+        except OSError:
+            continue
+        thread = data[data.rindex(b")") + 2 :].split(None, _USAGE_FIELDS)
+        if thread[0] not in (b"Z", b"X"):
+            f[0], f[20], f[21] = thread[0], thread[20], thread[21]
+            return
+
+
 def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
     """The census in Python: the same reads as ``_procscan``'s C, counted by a Counter."""
     kinds: list[tuple[int, bytes, bytes, bytes]] = []
@@ -185,6 +210,8 @@ def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
             continue  # a pid being reaped can read as empty
         end = data.rindex(b")")
         f = data[end + 2 :].split(None, fields)
+        if f[0] == b"Z" and f[17] != b"1":
+            _live_thread(dir_fd, pid, f)
         append((uid, f[4], f[0], f[17]))
         if usage is not None:
             usage.append(_usage_record(int(pid), uid, data[data.index(b"(") + 1 : end], f))
@@ -377,9 +404,19 @@ class ProcfsSource:
 
     def argv(self, pid: int) -> tuple[str, ...] | None:
         """``/proc/PID/cmdline``: empty for a kernel thread or a zombie, unreadable (None)
-        under ``hidepid`` or once the process has gone."""
+        under ``hidepid`` or once the process has gone. Where it is empty, a live thread's
+        (``PID/task/TID/cmdline``): a process whose first thread exited has its arguments
+        there only."""
         try:
-            return split_argv(_read(f"{self.root}/{pid}/cmdline", size=ARGV_BYTES))
+            argv = split_argv(_read(f"{self.root}/{pid}/cmdline", size=ARGV_BYTES))
+            if argv:
+                return argv
+            for tid in os.listdir(f"{self.root}/{pid}/task"):
+                if tid != str(pid):
+                    thread = _read(f"{self.root}/{pid}/task/{tid}/cmdline", size=ARGV_BYTES)
+                    if thread:
+                        return split_argv(thread)
+            return argv
         except OSError:
             return None
 
@@ -423,7 +460,12 @@ class ProcfsSource:
         # pid_max - 1). A process is at least one task, so both limits are the task limit.
         tasks = min(pid_max - 1, threads_max)
         return HostLimits(
-            cpus=cpus, max_procs=tasks, max_threads=tasks, memory_bytes=self._memory_bytes()
+            cpus=cpus,
+            max_procs=tasks,
+            max_threads=tasks,
+            memory_bytes=self._memory_bytes(),
+            pid_max=pid_max,
+            threads_max=threads_max,
         )
 
     def host_usage(self) -> HostUsage:

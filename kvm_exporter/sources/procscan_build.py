@@ -84,6 +84,7 @@ C_SOURCE = (
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -325,10 +326,50 @@ static int walk_procs(int dir_fd, proc_fn each, void *ctx)
 }
 
 struct survey_out {
+    int dir_fd;
     struct census_table t;
     struct kvm_usage_row *procs;
     size_t pcap, np;
 };
+
+/* A process whose first thread exited while others run (pthread_exit in main): its PID/stat
+   is that thread's, a zombie with no memory. Take state, vsize and rss from the first live
+   thread of PID/task; the counters of PID/stat are the whole group's already. */
+static void live_thread(int dir_fd, const char *pid, char *state, struct kvm_usage_row *u)
+{
+    char path[NAME_MAX + 32], buf[4097];
+    snprintf(path, sizeof path, "%s/task", pid);
+    int fd = openat(dir_fd, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = fd < 0 ? NULL : fdopendir(fd);
+    struct dirent *e;
+    if (d == NULL) {
+        if (fd >= 0)
+            close(fd);
+        return; /* gone, or not ours to read: the zombie row stands */
+    }
+    while ((e = readdir(d)) != NULL) {
+        if (strspn(e->d_name, "0123456789") == 0 || !strcmp(e->d_name, pid))
+            continue;
+        snprintf(path, sizeof path, "%s/task/%s/stat", pid, e->d_name);
+        int sfd = openat(dir_fd, path, O_RDONLY | O_CLOEXEC);
+        if (sfd < 0)
+            continue;
+        ssize_t n = read(sfd, buf, sizeof buf - 1);
+        close(sfd);
+        struct kvm_usage_row t;
+        char s;
+        uint32_t tty, threads;
+        if (n <= 0 || (buf[n] = '\0', census_parse(buf, (size_t)n, &s, &tty, &threads, &t)) != 0
+            || s == 'Z' || s == 'X')
+            continue;
+        *state = s;
+        if (u != NULL) {
+            u->state = (unsigned char)s; u->vsize = t.vsize; u->rss = t.rss;
+        }
+        break;
+    }
+    closedir(d);
+}
 
 static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *stat, size_t n)
 {
@@ -338,6 +379,8 @@ static int survey_each(void *ctx, const char *pid, uint32_t uid, const char *sta
     uint32_t tty, threads;
     if (census_parse(stat, n, &state, &tty, &threads, u) != 0)
         return -2;
+    if (state == 'Z' && threads > 1)
+        live_thread(out->dir_fd, pid, &state, u);
     if (u != NULL) {
         if (out->np < out->pcap) {
             scratch.pid = strtol(pid, NULL, 10);
@@ -359,7 +402,7 @@ int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, int pcap, int *nprocs)
 {
     struct survey_out out = {
-        { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, (size_t)(pcap > 0 ? pcap : 0), 0
+        dir_fd, { calloc(64, sizeof *out.t.slots), 63, 0 }, procs, (size_t)(pcap > 0 ? pcap : 0), 0
     };
     int ret, saved;
 
