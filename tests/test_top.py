@@ -275,3 +275,11 @@ def test_named_group_label_and_top_without_resources(tmp_path: Path) -> None:
     assert memory["1"]["group"] == ""  # no rule names init: the label is empty
     assert set(memory["1"]) == {"pid", "comm", "user", "group"}
     assert not [m for m, _ in exposition(poller) if m == "kvm_resident_memory_bytes"]
+
+
+def test_the_shipped_config_documents_the_defaults() -> None:
+    text = (Path(__file__).parent.parent / "config" / "kvm_exporter.yml").read_text()
+    example = re.findall(r"^# (top:)$|^#   ((?:n|by|cmdline): .*)$", text, re.M)
+    assert len(example) == 4
+    yaml = "\n".join(top or f"  {key}" for top, key in example)
+    assert parse_config(yaml).top == TopConfig()
