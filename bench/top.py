@@ -53,11 +53,12 @@ TOP = TopConfig(10, ("cpu", "memory"), 0)
 def alternately(
     without: Callable[[], object], with_top: Callable[[], object], rounds: int
 ) -> dict[str, float]:
-    """Median CPU in ms of each, one call of each per round, and the difference."""
+    """Median CPU in ms of each, one call of each per round (which goes first alternates),
+    and the difference."""
     a, b = [], []
-    for _ in range(rounds):
-        a.append(median_ms(without, 1))
-        b.append(median_ms(with_top, 1))
+    for turn in range(rounds):
+        for run in (without, with_top) if turn % 2 else (with_top, without):
+            (a if run is without else b).append(median_ms(run, 1))
     a.sort()
     b.sort()
     base, more = a[rounds // 2], b[rounds // 2]
@@ -120,14 +121,15 @@ def freebsd(records: int, rounds: int, tmp: str) -> dict[str, Any]:
             accounting.poll(source.survey(), names)
 
         def first(with_top: bool) -> float:
-            fresh = Accounting(source, ("user",), 1000, spec, TOP if with_top else None)
-            return median_ms(partial(poll, fresh), 1)
+            """The median first poll of five fresh accountings."""
+            make = partial(Accounting, source, ("user",), 1000, spec, TOP if with_top else None)
+            return median_ms(lambda: poll(make()), 5)
 
         without = Accounting(source, ("user",), 1000, spec)
         with_top = Accounting(source, ("user",), 1000, spec, TOP)
         poll(without)
         poll(with_top)
-        result = {"records": len(source.survey().usage)}
+        result: dict[str, Any] = {"records": len(source.survey().usage)}
         result.update(alternately(partial(poll, without), partial(poll, with_top), rounds))
         result["first_poll_without_top_cpu_ms"] = first(False)
         result["first_poll_with_top_cpu_ms"] = first(True)

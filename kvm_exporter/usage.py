@@ -199,8 +199,10 @@ class Tracker:
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
         current = set(records)
+        stale = self._records - current  # changed or gone
+        fresh = current - self._records
         left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
-        for record in self._records - current:
+        for record in stale:
             row = decode(record)
             seen = self._seen.pop(row[USAGE_PID])
             left[row[USAGE_PID]] = (record, seen)
@@ -208,7 +210,7 @@ class Tracker:
         increments: dict[GroupKey, list[int]] = {}
         reaped: dict[int, list[int]] = {}  # per reaper pid: its children's usage growth
         new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
-        for record in current - self._records:
+        for record in fresh:
             row = decode(record)
             pid = row[USAGE_PID]
             last = left.get(pid)
@@ -243,7 +245,11 @@ class Tracker:
                 group = increments.setdefault(self._seen[pid].group, [0] * width)
                 for (into, _), amount in zip(self._netted, grew, strict=True):
                     group[into[0]] += max(amount, 0)
-        self._records, self._clock = current, clock
+        # The records kept are the last poll's where they did not change (the same objects the
+        # watch keeps, not a copy each) and this poll's where they did.
+        self._records -= stale
+        self._records |= fresh
+        self._clock = clock
         if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
