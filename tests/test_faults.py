@@ -33,12 +33,13 @@ from attack_support import (
     write_config,
 )
 from conftest import SYSTEM_PYTHON
-from fakelib import build_fake_libkvm
+from fakelib import HOST_COUNTERS, build_fake_libkvm
 
 from kvm_exporter.poller import FIRST_POLL_WAIT
 from kvm_exporter.sources.procfs import ProcfsSource
 
-SCENARIO = """\
+SCENARIO = (
+    """\
 # init, a three-threaded worker and a zombie; one swap device
 proc pid=1 uid=0 stat=SSLEEP tdflags=0x8 slptime=30 comm=init
 loadavg 0.5 0.25 0.125
@@ -47,16 +48,11 @@ swap ada0p3 10 100
 proc pid=3 ppid=1 uid=33 stat=SZOMB comm=zombie
 sysctl hw.pagesize 4096
 sysctl hw.ncpu 4
-cp_time 2540 127 1270 254 12700
-clockrate 1000 1000 127 8128
-counter vm.stats.vm.v_vm_faults 50000
-counter vm.stats.vm.v_io_faults 300
-counter vm.stats.vm.v_forks 4000
-counter vm.stats.vm.v_vforks 200
-counter vm.stats.vm.v_rforks 10
 sysctl kern.maxproc 6000
 sysctl kern.maxthread 60000
 """
+    + HOST_COUNTERS
+)
 FAULT_UID = 2_000_097
 
 
