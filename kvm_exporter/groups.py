@@ -1,4 +1,4 @@
-"""process-exporter's ``process_names``: matchers and name templates, as its config says.
+r"""process-exporter's ``process_names``: matchers and name templates, as its config says.
 
 Semantics mirror ncabatoff/process-exporter (``config/config.go``, README "Using a config
 file"): the rules are tried in order and the first whose selectors all match names the process.
@@ -9,6 +9,11 @@ named groups filling ``.Matches``. ``name`` (default ``{{.ExeBase}}``) is a Go-t
 literal text and the actions ``{{.Comm}}``, ``{{.ExeBase}}``, ``{{.ExeFull}}``,
 ``{{.Username}}`` and ``{{.Matches.NAME}}``. ``ExeBase``/``ExeFull`` come from argv[0], or from
 comm when there are no arguments (a kernel process, or arguments that cannot be read).
+
+The regexes are RE2's, as Go's ``regexp`` that process-exporter compiles them with: the same
+syntax (POSIX classes, ASCII ``\d``/``\w``, ``\pL``, ``\Q..\E``, no lookaround or
+back-references), the same leftmost-first matching, and a match in time linear in the command
+line, whatever the pattern and whoever wrote the arguments.
 
 Nothing here reads the system: :func:`parse_process_names` checks a config, :meth:`Rule.name_of`
 names a process from what the caller read.
@@ -21,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import re2
+
 DEFAULT_TEMPLATE = "{{.ExeBase}}"
 FIELDS = ("Comm", "ExeBase", "ExeFull", "Username")
 """Template fields of one process that may name a group."""
@@ -28,6 +35,16 @@ PER_PROCESS = ("PID", "StartTime")
 """Fields process-exporter has that would make one group (one series) per process."""
 NO_VALUE = "<no value>"
 """What Go's text/template prints for a ``.Matches`` key no regex captured."""
+
+_RE2 = re2.Options()
+_RE2.log_errors = False  # a bad pattern is refused with RE2's message, not also logged by RE2
+"""RE2's defaults are Go's ``regexp.Compile``: Perl classes and ``\\b``, one line (``$`` only at
+the very end, not before a trailing newline), leftmost-first matching, UTF-8."""
+_CAPTURE_NAME = re.compile(r"[A-Za-z0-9_]+")
+"""What Go takes as a capture group's name (RE2 takes more)."""
+_AS_GO_READS = dict.fromkeys(range(0xDC80, 0xDD00), "\ufffd")
+"""Each byte of the arguments that is not UTF-8 (kept as a lone surrogate) is, to Go's regexp,
+one U+FFFD: ``.`` matches it, as it does not in RE2 C++."""
 
 _ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _FIELD = re.compile(r"\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
@@ -51,6 +68,85 @@ class Argv(NamedTuple):
     argv: Callable[[], tuple[str, ...] | None]
 
 
+@dataclass(frozen=True)
+class Cmdline:
+    """One ``cmdline`` regex, compiled by RE2, with the name of each group by number."""
+
+    source: str
+    regex: re2._Regexp[str]
+    names: tuple[str, ...]
+    """Go's ``SubexpNames``: "" for the whole match (0) and each unnamed group. RE2's own index
+    keeps the first group of a repeated name; Go, and so process-exporter, the last."""
+
+    def captures(self, text: str) -> dict[str, str] | None:
+        """process-exporter's ``.Matches`` from this regex found in ``text``: each group's
+        text by name, a later group of a repeated name overwriting an earlier one and a group
+        that took no part giving ""; None if it is not found."""
+        found = self.regex.search(text if text.isascii() else text.translate(_AS_GO_READS))
+        if found is None:
+            return None
+        out = {}
+        for i, name in enumerate(self.names):
+            start, end = found.span(i)  # offsets into text, whose length translate kept
+            out[name] = text[start:end] if start >= 0 else ""
+        return out
+
+
+def compile_cmdline(source: str) -> Cmdline:
+    """``source`` compiled as Go's ``regexp.Compile`` would; ValueError with RE2's (or Go's)
+    reason for what Go refuses."""
+    try:
+        regex = re2.compile(source, _RE2)
+    except re2.error as err:
+        reason = err.args[0] if err.args else "invalid"
+        raise ValueError(reason.decode() if isinstance(reason, bytes) else str(reason)) from None
+    except UnicodeEncodeError:
+        raise ValueError("invalid UTF-8") from None
+    names = _group_names(source)
+    if len(names) != regex.groups + 1:  # the scan below disagrees with RE2: never guess
+        raise ValueError(f"cannot number its {regex.groups} groups")
+    return Cmdline(source, regex, names)
+
+
+def _group_names(source: str) -> tuple[str, ...]:
+    """Go's ``SubexpNames`` of a pattern RE2 compiled; ValueError for what RE2 takes and Go
+    refuses: ``\\C`` (any byte) and group names beyond ``[A-Za-z0-9_]``."""
+    names = [""]
+    i = 0
+    while i < len(source):
+        if source.startswith("\\Q", i):  # literal text up to \E or the end
+            end = source.find("\\E", i + 2)
+            i = len(source) if end < 0 else end + 2
+        elif source.startswith("\\C", i):
+            raise ValueError("invalid escape sequence: \\C")
+        elif source[i] == "\\":
+            i += 2
+        elif source[i] == "[":
+            i = _class_end(source, i + 1)
+        elif source.startswith(("(?P<", "(?<"), i):
+            start = source.index("<", i) + 1
+            end = source.index(">", start)
+            if not _CAPTURE_NAME.fullmatch(source[start:end]):
+                raise ValueError(f"invalid named capture: {source[i : end + 1]}")
+            names.append(source[start:end])
+            i = end + 1
+        else:
+            if source[i] == "(" and not source.startswith("(?", i):
+                names.append("")
+            i += 1
+    return tuple(names)
+
+
+def _class_end(source: str, i: int) -> int:
+    """Where the character class opened just before ``i`` ends (after its ``]``)."""
+    i += source.startswith("^", i)
+    i += source.startswith("]", i)  # a ] first is literal
+    while i < len(source) and source[i] != "]":
+        posix = source.find(":]", i + 2) if source.startswith("[:", i) else -1
+        i = posix + 2 if posix >= 0 else i + 1 + (source[i] == "\\")
+    return i + 1
+
+
 Part = tuple[str, str]
 """One piece of a compiled template: ("text", literal), ("field", name), ("match", key)."""
 
@@ -65,7 +161,7 @@ class Rule:
     exe: tuple[tuple[str, str], ...] | None
     """(basename, full path or "" for any path) per ``exe`` entry; a later one with the same
     basename replaces an earlier one, as in process-exporter's map."""
-    cmdline: tuple[re.Pattern[str], ...] | None
+    cmdline: tuple[Cmdline, ...] | None
 
     @property
     def needs_argv(self) -> bool:
@@ -90,10 +186,10 @@ class Rule:
         if self.cmdline is not None:
             joined = " ".join(argv)
             for regex in self.cmdline:
-                found = regex.search(joined)
+                found = regex.captures(joined)
                 if found is None:
                     return None
-                matches.update((k, v or "") for k, v in found.groupdict().items())
+                matches.update(found)
         exe_full = argv[0] if argv else proc.comm
         exe_base = go_base(exe_full) if argv else proc.comm
         values = {
@@ -211,8 +307,8 @@ def parse_rule(entry: Any, at: str) -> Rule:
         patterns = []
         for i, source in enumerate(_strings(entry["cmdline"], f"{at}.cmdline")):
             try:
-                patterns.append(re.compile(source))
-            except re.error as err:
+                patterns.append(compile_cmdline(source))
+            except ValueError as err:
                 raise RuleError(f"bad regex {source!r}: {err}", f"{at}.cmdline.{i}") from None
         cmdline = tuple(patterns)
     parts = compile_template(template, f"{at}.name")

@@ -8,6 +8,7 @@ import random
 import secrets
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,72 @@ def test_cmdline_regexes_all_must_match_the_arguments_joined_by_spaces() -> None
     argv = ("/usr/bin/process-exporter", "-config.path", "/etc/pe.yml")
     assert named(rs, "process-exporte", argv) == "process-exporter:/etc/pe.yml:"
     assert named(rs, "process-exporte", ("/usr/bin/pe", "-config.path")) is None
+
+
+# Go's RE2 (process-exporter's regexp) against Python's re, each case: pattern, arguments,
+# the group name process-exporter gives (None: no match). Python's re gives another answer
+# for every one of them, or refuses the pattern.
+RE2_CASES = [
+    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=123"), "123"),
+    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=:]]"), None),
+    (r"--n=(?P<m>\d+)", ("x", "--n=٣٤"), None),  # \d is ASCII
+    (r"(?P<m>\w+)$", ("x", "naïve"), "ve"),  # \w is ASCII
+    (r"(?P<m>x{,3}y)", ("x{,3}y",), "x{,3}y"),  # a literal, not a repeat
+    (r"(?P<m>end)$", ("the end\n",), None),  # $ is the very end
+    (r"(?P<m>\pL+)", ("1 Ωmega",), "Ωmega"),
+    (r"(?P<m>\p{Greek}+)", ("omega Ωμ",), "Ωμ"),
+    (r"(?P<m>a(?i)b)", ("aB",), "aB"),
+    (r"(?U)(?P<m>a+)", ("aaa",), "a"),
+    (r"(?P<m>end)\z", ("the end",), "end"),
+    (r"(?P<m>\Q.*\E)", ("a.*b",), ".*"),
+    (r"(?P<m>\x{41}+)", ("AA",), "AA"),
+    # A repeated name: Go keeps every group, the last one's text wins ("" if it took no part).
+    (r"(?P<m>x)|(?P<m>y)", ("y",), "y"),
+    (r"(?P<m>x)|(?P<m>y)", ("x",), ""),
+    # An argument that is not UTF-8: each such byte is one U+FFFD to Go, "." matches it.
+    (r"a(?P<m>.)b", ("a\udcffb",), "\udcff"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "argv", "expected"), RE2_CASES)
+def test_cmdline_regexes_are_gos_re2(
+    pattern: str, argv: tuple[str, ...], expected: str | None
+) -> None:
+    rs = rules({"name": "{{.Matches.m}}", "cmdline": [pattern]})
+    assert named(rs, "x", argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("a(?=b)", "invalid perl operator: (?="),
+        ("a(?!b)", "invalid perl operator: (?!"),
+        ("(?<=a)b", "invalid perl operator: (?<="),
+        (r"(a)\1", r"invalid escape sequence: \1"),
+        ("a++", "bad repetition operator: ++"),
+        ("(?>a)", "invalid perl operator: (?>"),
+        ("a{1001}", "invalid repetition size: {1001}"),
+        (r"\C", r"invalid escape sequence: \C"),  # RE2 C++ takes it, Go does not
+        ("(?P<é>a)", "invalid named capture: (?P<é>"),  # so does RE2 C++, Go does not
+        (r"\Z", r"invalid escape sequence: \Z"),
+        ("[[:alphabet:]]", "invalid character class range: [:alphabet:]"),
+    ],
+)
+def test_what_go_refuses_is_refused_with_the_reason(pattern: str, reason: str) -> None:
+    with pytest.raises(RuleError) as err:
+        rules({"comm": ["a"]}, {"cmdline": ["x", pattern]})
+    assert err.value.at == "1.cmdline.1"
+    assert str(err.value) == f"bad regex {pattern!r}: {reason}"
+
+
+def test_a_crafted_command_line_costs_linear_time() -> None:
+    """Issue 23's freeze: under Python's re this one search ran 7-10 s."""
+    rs = rules({"name": "java-{{.Matches.main}}", "cmdline": [r"java .*?(?P<main>[\w.]+)$"]})
+    hostile = ("java " * 260 + "a" * 2700 + "!",)
+    started = time.monotonic()
+    for _ in range(3):
+        assert named(rs, "java", hostile) is None
+    assert time.monotonic() - started < 2.0  # measured: 3 microseconds each (re: 8 s each)
 
 
 def test_a_match_key_no_regex_captured_prints_go_templates_no_value() -> None:

@@ -194,3 +194,36 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     pe_after, kvm_after = cpu()
     assert pe_after - pe_before > 0.5  # it spun
     assert kvm_after - kvm_before == pytest.approx(pe_after - pe_before, rel=0.05)
+
+
+def test_regexes_mean_what_they_mean_to_the_real_process_exporter(
+    exporter: Any, process_exporter: Any, tmp_path: Path
+) -> None:
+    """Go's RE2 dialect: POSIX classes, ASCII \\d and \\w (Python's re differs on each)."""
+    token = "k" + secrets.token_hex(4)
+    pe_config = tmp_path / "process-exporter.yml"
+    pe_config.write_text(
+        f"""process_names:
+  - name: "{token}-posix-{{{{.Matches.id}}}}"
+    cmdline: ['{token} --id=(?P<id>[[:digit:]]+)']
+  - name: "{token}-digits-{{{{.Matches.n}}}}"
+    cmdline: ['{token} --n=(?P<n>\\d+)']
+  - name: "{token}-word-{{{{.Matches.w}}}}"
+    cmdline: ['{token} --w=(?P<w>\\w+)']
+"""
+    )
+    nap = "import time; time.sleep(3600)"
+    started = [
+        subprocess.Popen([sys.executable, "-c", nap, token, arg])
+        for arg in ("--id=123", "--id=:]]", "--n=42", "--n=٣٤", "--w=naïve")
+    ]
+    try:
+        ours = exporter(f"interval: 0\ngroups:\n  config_file: {pe_config}\n")
+        theirs = by_group(scrape(process_exporter(pe_config)), "namedprocess_namegroup_num_procs")
+        expected = {f"{token}-posix-123": 1, f"{token}-digits-42": 1, f"{token}-word-na": 1}
+        assert {g: n for g, n in theirs.items() if g.startswith(token)} == expected
+        assert by_group(ours.metrics(), "kvm_namegroup_processes") == expected
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
