@@ -8,6 +8,7 @@ import random
 import secrets
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -604,3 +605,43 @@ def test_group_counters_never_go_down_as_groups_fold_and_come_back() -> None:
         for group in served:
             served[group] += "k" if group in got.counters["cpu", "user"] else "-"
     assert any("k" in h[h.index("k-") + 1 :] for h in served.values() if "k-" in h)
+
+
+def test_crafted_command_lines_of_live_processes_keep_polls_and_scrapes_fast(
+    exporter: Any,
+) -> None:
+    """Issue 23's freeze, live: three processes whose command line made each Python re
+    search run 7-10 s (scrapes took 8-19 s, kvm_up 0). Under RE2 the poll and every scrape
+    stay at their normal cost."""
+    token = "k" + secrets.token_hex(4)
+    hostile = ["java"] * 259 + ["a" * 2700 + "!"]
+    nap = f"import time; time.sleep(3600)  # {token}"
+    started = [
+        subprocess.Popen(["java", "-c", nap, *hostile], executable=sys.executable) for _ in range(3)
+    ]
+    try:
+        ours = exporter(
+            "interval: 1\ngroups:\n  process_names:\n"
+            "    - name: 'java-{{.Matches.main}}'\n"
+            "      cmdline: ['java .*?(?P<main>[\\w.]+)$']\n"
+            f"    - name: '{token}'\n      cmdline: ['{token}']\n"
+        )
+        slowest = 0.0
+        for _ in range(10):
+            began = time.monotonic()
+            metrics = ours.metrics()
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.3)
+        processes = {
+            dict(k)["group"]: v
+            for (n, k), v in metrics.items()
+            if n.endswith("_processes") and "group" in dict(k)
+        }
+        assert processes[token] == 3  # seen, and no java- rule matched them
+        assert metrics["kvm_poll_duration_seconds", frozenset({("collector", "groups")})] < 1.0
+        assert metrics["kvm_up", frozenset()] == 1
+        assert slowest < 2.0  # measured: a few ms; before: 8-19 s
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
