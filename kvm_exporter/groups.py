@@ -162,6 +162,9 @@ class Rule:
     """(basename, full path or "" for any path) per ``exe`` entry; a later one with the same
     basename replaces an earlier one, as in process-exporter's map."""
     cmdline: tuple[Cmdline, ...] | None
+    warnings: tuple[str, ...] = ()
+    """What of the entry was read otherwise than a strict reading would, each "AT: what": for
+    the loader to log with the file's name."""
 
     @property
     def needs_argv(self) -> bool:
@@ -278,18 +281,22 @@ def _field(body: str, at: str) -> Part:
 
 
 def _strings(value: Any, at: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    """A list of strings, null items read as "" (go-yaml's null in a ``[]string``)."""
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
         raise RuleError("expected a list of strings", at)
-    return value
+    return [v or "" for v in value]
 
 
 def parse_rule(entry: Any, at: str) -> Rule:
     """One ``process_names`` entry (a mapping) as a :class:`Rule`."""
     if not isinstance(entry, dict):
         raise RuleError("expected a mapping with name, comm, exe or cmdline", at)
-    for key in entry:
-        if key not in (*_SELECTORS, "name"):
-            raise RuleError("unknown key (expected one of cmdline, comm, exe, name)", f"{at}.{key}")
+    warnings = [
+        f"{at}.{key}: unknown key ignored, as process-exporter ignores it (a rule has "
+        "cmdline, comm, exe and name)"
+        for key in entry
+        if key not in (*_SELECTORS, "name")
+    ]
     if not any(entry.get(s) is not None for s in _SELECTORS):
         raise RuleError("no selector: give comm, exe or cmdline (all must match)", at)
     template = entry.get("name") or DEFAULT_TEMPLATE
@@ -312,11 +319,14 @@ def parse_rule(entry: Any, at: str) -> Rule:
                 raise RuleError(f"bad regex {source!r}: {err}", f"{at}.cmdline.{i}") from None
         cmdline = tuple(patterns)
     parts = compile_template(template, f"{at}.name")
-    return Rule(template, parts, comm, exe, cmdline)
+    return Rule(template, parts, comm, exe, cmdline, tuple(warnings))
 
 
 def parse_process_names(value: Any) -> tuple[Rule, ...]:
-    """The ``process_names`` list of process-exporter's config as rules, in order."""
+    """The ``process_names`` list of process-exporter's config as rules, in order; null is
+    no rules, as to process-exporter."""
+    if value is None:
+        return ()
     if not isinstance(value, list):
         raise RuleError("expected a list of rules (name, comm, exe, cmdline)", "")
     return tuple(parse_rule(entry, str(i)) for i, entry in enumerate(value))

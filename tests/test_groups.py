@@ -4,6 +4,7 @@ tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import struct
@@ -177,7 +178,6 @@ def test_unreadable_arguments_match_as_none_and_are_reported() -> None:
         ({"name": "x"}, "0", "no selector"),
         ({"comm": "a"}, "0.comm", "expected a list of strings"),
         ({"cmdline": ["("]}, "0.cmdline.0", "bad regex '('"),
-        ({"comm": ["a"], "exes": ["a"]}, "0.exes", "unknown key"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_entry(entry: Any, at: str, message: str) -> None:
@@ -232,6 +232,44 @@ def test_bad_groups_config_is_one_line_naming_file_and_key(text: str, message: s
         parse_config(text, "cfg.yml")
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_rules_are_read_as_leniently_as_process_exporter_reads_them(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, inline: bool
+) -> None:
+    """Unknown keys in a rule are ignored (one warning each, naming the file and the rule);
+    scalars are the text written, as go-yaml gives a Go string (PyYAML: True, 1234, 1.5)."""
+    rules_text = (
+        "  - {name: 123, comm: [yes, 1234, 1.50, ~], cgroup: [/system.slice], pid: 1}\n"
+        "  - {name: on, exe: [0x1F]}\n"
+    )
+    pe = tmp_path / "pe.yml"
+    pe.write_text("process_names:\n" + rules_text)
+    text = (
+        "groups:\n  process_names:\n" + rules_text.replace("  -", "    -")
+        if inline
+        else f"groups:\n  config_file: {pe}\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        rs = parse_config(text, "cfg.yml").groups.process_names
+    for comm in ("yes", "1234", "1.50", ""):
+        assert named(rs, comm, ("x",)) == "123"
+    assert named(rs, "True", ("x",)) is None
+    assert named(rs, "x", ("/bin/0x1F",)) == "on"
+    at = "cfg.yml: groups.process_names.0" if inline else f"{pe}: process_names.0"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{at}.{key}: unknown key ignored, as process-exporter ignores it (a rule has cmdline, "
+        "comm, exe and name)"
+        for key in ("cgroup", "pid")
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "process_names:\n", "process_names: []\n", "other: 1\n"])
+def test_a_process_exporter_file_without_rules_names_no_groups(tmp_path: Any, text: str) -> None:
+    pe = tmp_path / "pe.yml"
+    pe.write_text(text)
+    assert parse_config(f"groups:\n  config_file: {pe}\n").groups.process_names == ()
 
 
 def test_an_error_in_process_exporters_file_names_that_file(tmp_path: Any) -> None:

@@ -227,3 +227,33 @@ def test_regexes_mean_what_they_mean_to_the_real_process_exporter(
         for p in started:
             p.kill()
             p.wait()
+
+
+def test_rules_are_read_as_leniently_as_the_real_process_exporter_reads_them(
+    exporter: Any, process_exporter: Any, tmp_path: Path
+) -> None:
+    """An unknown key beside comm, a comm and a name that YAML reads as a boolean or a number:
+    process-exporter takes them as the text written, and so does kvm_exporter."""
+    token = "k" + secrets.token_hex(4)
+    pe_config = tmp_path / "process-exporter.yml"
+    pe_config.write_text(
+        f"""process_names:
+  - {{name: 123, comm: [yes], cmdline: ['{token}'], cgroup: [/system.slice]}}
+  - {{name: 0x1F, comm: [1234], cmdline: ['{token}']}}
+"""
+    )
+    started = []
+    for comm in ("yes", "1234"):  # comm is the name exec'd
+        (tmp_path / comm).symlink_to(sys.executable)
+        nap = f"import time; time.sleep(3600)  # {token}"
+        started.append(subprocess.Popen([str(tmp_path / comm), "-c", nap]))
+    try:
+        ours = exporter(f"interval: 0\ngroups:\n  config_file: {pe_config}\n")
+        theirs = by_group(scrape(process_exporter(pe_config)), "namedprocess_namegroup_num_procs")
+        assert {g: theirs.get(g) for g in ("123", "0x1F")} == {"123": 1, "0x1F": 1}
+        assert by_group(ours.metrics(), "kvm_namegroup_processes") == {"123": 1, "0x1F": 1}
+        assert "process_names.0.cgroup: unknown key ignored" in ours.stderr()
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
