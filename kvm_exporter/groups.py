@@ -6,9 +6,12 @@ file"): the rules are tried in order and the first whose selectors all match nam
 where one without a slash matches argv[0]'s basename and one with a slash must equal argv[0];
 ``cmdline`` a list of regexes that must all be found in the arguments joined by spaces, their
 named groups filling ``.Matches``. ``name`` (default ``{{.ExeBase}}``) is a Go-template subset:
-literal text and the actions ``{{.Comm}}``, ``{{.ExeBase}}``, ``{{.ExeFull}}``,
-``{{.Username}}`` and ``{{.Matches.NAME}}``. ``ExeBase``/``ExeFull`` come from argv[0], or from
-comm when there are no arguments (a kernel process, or arguments that cannot be read).
+literal text and the fields of process-exporter's ``templateParams`` (``{{.Comm}}``,
+``{{.ExeBase}}``, ``{{.ExeFull}}``, ``{{.Username}}``, ``{{.PID}}``, ``{{.StartTime}}``,
+``{{.Cgroups}}``, ``{{.Matches}}``, ``{{.Matches.NAME}}``), printed as Go prints them.
+``ExeBase``/``ExeFull`` come from argv[0], or from comm when there are no arguments (a kernel
+process, or arguments that cannot be read). A field process-exporter does not have fails its
+template there: the name is the text before it, as process-exporter's (which ignores the error).
 
 The regexes are RE2's, as Go's ``regexp`` that process-exporter compiles them with: the same
 syntax (POSIX classes, ASCII ``\d``/``\w``, ``\pL``, ``\Q..\E``, no lookaround or
@@ -21,7 +24,9 @@ names a process from what the caller read.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,12 +34,17 @@ from typing import Any, NamedTuple
 import re2
 
 DEFAULT_TEMPLATE = "{{.ExeBase}}"
-FIELDS = ("Comm", "ExeBase", "ExeFull", "Username")
-"""Template fields of one process that may name a group."""
+FIELDS = ("Comm", "ExeBase", "ExeFull", "Username", "PID", "StartTime", "Cgroups", "Matches")
+"""process-exporter's template fields (its ``templateParams``)."""
 PER_PROCESS = ("PID", "StartTime")
-"""Fields process-exporter has that would make one group (one series) per process."""
+"""Fields that make one group (one series in each metric) of every process."""
 NO_VALUE = "<no value>"
 """What Go's text/template prints for a ``.Matches`` key no regex captured."""
+EMPTY_NAME = "<empty>"
+"""The group of a process whose name comes out empty (an empty comm under ``{{.Comm}}``): a
+label value "" is no label at all to Prometheus, the series would lose its group."""
+ZERO_TIME = "0001-01-01 00:00:00 +0000 UTC"
+"""Go's zero ``time.Time``: ``{{.StartTime}}`` of a process whose start the source lacks."""
 
 _RE2 = re2.Options()
 _RE2.log_errors = False  # a bad pattern is refused with RE2's message, not also logged by RE2
@@ -47,7 +57,7 @@ _AS_GO_READS = dict.fromkeys(range(0xDC80, 0xDD00), "\ufffd")
 one U+FFFD: ``.`` matches it, as it does not in RE2 C++."""
 
 _ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-_FIELD = re.compile(r"\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
+_CHAIN = re.compile(r"(?:\.[A-Za-z_]\w*)+")
 _SELECTORS = ("comm", "exe", "cmdline")
 
 
@@ -59,13 +69,22 @@ class RuleError(ValueError):
         self.at = at
 
 
+def _no_cgroups() -> tuple[str, ...]:
+    return ()
+
+
 class Argv(NamedTuple):
     """What a rule may look at for one process. ``argv`` is called at most once, and only
-    by a rule that needs it: it returns the arguments, or None if they cannot be read."""
+    by a rule that needs it: it returns the arguments, or None if they cannot be read;
+    ``cgroups`` (the process's cgroup paths) is called only by a name that prints them."""
 
     comm: str
     username: str
     argv: Callable[[], tuple[str, ...] | None]
+    pid: int = 0
+    start_time: float | None = None
+    """Seconds since the epoch; None where the source cannot know it."""
+    cgroups: Callable[[], tuple[str, ...]] = _no_cgroups
 
 
 @dataclass(frozen=True)
@@ -148,7 +167,9 @@ def _class_end(source: str, i: int) -> int:
 
 
 Part = tuple[str, str]
-"""One piece of a compiled template: ("text", literal), ("field", name), ("match", key)."""
+"""One piece of a compiled template: ("text", literal), ("field", name), ("match", key),
+("matches", "") for the whole map, ("past_match", key) for ``.Matches.KEY.MORE``, and
+("stop", action) for an action Go fails on (the name ends before it)."""
 
 
 @dataclass(frozen=True)
@@ -193,23 +214,59 @@ class Rule:
                 if found is None:
                     return None
                 matches.update(found)
-        exe_full = argv[0] if argv else proc.comm
-        exe_base = go_base(exe_full) if argv else proc.comm
-        values = {
-            "Comm": proc.comm,
-            "ExeBase": exe_base,
-            "ExeFull": exe_full,
-            "Username": proc.username,
-        }
         out = []
         for kind, value in self.parts:
+            if kind == "stop" or kind == "past_match" and value in matches:
+                break  # Go's execution fails here (a string has no fields); the rest is lost
             if kind == "text":
                 out.append(value)
             elif kind == "field":
-                out.append(values[value])
+                out.append(_field_value(value, proc, argv))
+            elif kind == "matches":  # fmt prints a map's keys sorted
+                out.append("map[" + " ".join(f"{k}:{v}" for k, v in sorted(matches.items())) + "]")
             else:
                 out.append(matches.get(value, NO_VALUE))
-        return "".join(out)
+        return label_text("".join(out))
+
+
+def _field_value(field: str, proc: Argv, argv: tuple[str, ...]) -> str:
+    """A field of process-exporter's ``templateParams`` as Go's text/template prints it."""
+    if field == "Comm":
+        return proc.comm
+    if field == "Username":
+        return proc.username
+    if field == "PID":
+        return str(proc.pid)
+    if field == "StartTime":
+        return go_time(proc.start_time)
+    if field == "Cgroups":
+        return "[" + " ".join(proc.cgroups()) + "]"
+    exe_full = argv[0] if argv else proc.comm
+    return exe_full if field == "ExeFull" or not argv else go_base(exe_full)
+
+
+def go_time(seconds: float | None) -> str:
+    """Go's ``time.Time.String()`` of a UTC time, as process-exporter's start times are:
+    ``2026-12-07 16:05:38.37 +0000 UTC`` (fraction without trailing zeros)."""
+    if seconds is None:
+        return ZERO_TIME
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)  # a float holds no finer than that
+    whole, micros = whole + micros // 1_000_000, micros % 1_000_000
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+    fraction = f".{micros:06d}".rstrip("0") if micros else ""
+    return f"{text}{fraction} +0000 UTC"
+
+
+def label_text(name: str) -> str:
+    """A group name as a label value: bytes that are not UTF-8 (lone surrogates from a comm
+    or the arguments) as ``\\xNN``, so that names differing only there stay apart, and
+    :data:`EMPTY_NAME` for ""."""
+    if not name:
+        return EMPTY_NAME
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def name_of(rules: tuple[Rule, ...], proc: Argv) -> tuple[str | None, bool]:
@@ -266,18 +323,43 @@ def compile_template(template: str, at: str) -> tuple[Part, ...]:
 
 
 def _field(body: str, at: str) -> Part:
-    found = _FIELD.fullmatch(body)
-    field, key = (found.group(1), found.group(2)) if found else (body, None)
-    if field in PER_PROCESS and key is None:
-        raise RuleError(
-            f"{{{{.{field}}}}} would make a group, and a series, of every process: refused", at
-        )
-    if field == "Matches" and key is not None:
-        return ("match", key)
-    if found and key is None and field in FIELDS:
-        return ("field", field)
-    supported = ", ".join("{{." + f + "}}" for f in FIELDS) + ", {{.Matches.NAME}}"
-    raise RuleError(f"unsupported template action {{{{{body}}}}} (supported: {supported})", at)
+    """The part of one action: a field chain as Go's text/template evaluates it on
+    process-exporter's ``templateParams``; anything else (pipelines, functions) is refused."""
+    if not _CHAIN.fullmatch(body):
+        supported = ", ".join("{{." + f + "}}" for f in FIELDS) + ", {{.Matches.NAME}}"
+        raise RuleError(f"unsupported template action {{{{{body}}}}} (supported: {supported})", at)
+    field, *rest = body[1:].split(".")
+    if field == "Matches":
+        kinds = ("matches", "match", "past_match")
+        return (kinds[min(len(rest), 2)], rest[0] if rest else "")
+    if field == "StartTime" and rest:
+        raise RuleError(f"unsupported template action {{{{{body}}}}}: methods of a time", at)
+    if field not in FIELDS or rest:
+        return ("stop", f"{{{{{body}}}}}")
+    return ("field", field)
+
+
+def _warnings(parts: tuple[Part, ...], at: str) -> list[str]:
+    """What a name template does that its author may not expect."""
+    out = []
+    for kind, value in parts:
+        if kind == "stop":
+            out.append(
+                f"{at}: {value} is no field process-exporter has: names end before it, as its "
+                "template execution fails there"
+            )
+        elif kind == "past_match":
+            out.append(
+                f"{at}: a field of {{{{.Matches.{value}}}}} is no field process-exporter has: "
+                "names end before it where the regex captured it, as its template execution "
+                "fails there"
+            )
+        elif kind == "field" and value in PER_PROCESS:
+            out.append(
+                f"{at}: {{{{.{value}}}}} makes a group of every process it names: a series each "
+                "in every group metric, up to max_series, past which the smallest fold into other"
+            )
+    return out
 
 
 def _strings(value: Any, at: str) -> list[str]:
@@ -319,6 +401,7 @@ def parse_rule(entry: Any, at: str) -> Rule:
                 raise RuleError(f"bad regex {source!r}: {err}", f"{at}.cmdline.{i}") from None
         cmdline = tuple(patterns)
     parts = compile_template(template, f"{at}.name")
+    warnings += _warnings(parts, f"{at}.name")
     return Rule(template, parts, comm, exe, cmdline, tuple(warnings))
 
 

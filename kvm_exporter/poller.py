@@ -265,6 +265,7 @@ class Poller:
                 lambda uid: self._names(uid),
                 source.usage_spec,
                 pe,
+                getattr(source, "cgroups", None),  # Linux only
             )
             self._grouper_made = made
         return self._grouper

@@ -19,7 +19,15 @@ from conftest import wait_until
 
 from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.grouping import GroupCounts, Grouper
-from kvm_exporter.groups import Argv, Rule, RuleError, go_base, name_of, parse_process_names
+from kvm_exporter.groups import (
+    Argv,
+    Rule,
+    RuleError,
+    go_base,
+    go_time,
+    name_of,
+    parse_process_names,
+)
 from kvm_exporter.records import Survey, UsageSpec
 from kvm_exporter.states import STATES
 
@@ -66,24 +74,25 @@ def test_cmdline_regexes_all_must_match_the_arguments_joined_by_spaces() -> None
 # the group name process-exporter gives (None: no match). Python's re gives another answer
 # for every one of them, or refuses the pattern.
 RE2_CASES = [
-    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=123"), "123"),
+    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=123"), "m=123"),
     (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=:]]"), None),
     (r"--n=(?P<m>\d+)", ("x", "--n=٣٤"), None),  # \d is ASCII
-    (r"(?P<m>\w+)$", ("x", "naïve"), "ve"),  # \w is ASCII
-    (r"(?P<m>x{,3}y)", ("x{,3}y",), "x{,3}y"),  # a literal, not a repeat
+    (r"(?P<m>\w+)$", ("x", "naïve"), "m=ve"),  # \w is ASCII
+    (r"(?P<m>x{,3}y)", ("x{,3}y",), "m=x{,3}y"),  # a literal, not a repeat
     (r"(?P<m>end)$", ("the end\n",), None),  # $ is the very end
-    (r"(?P<m>\pL+)", ("1 Ωmega",), "Ωmega"),
-    (r"(?P<m>\p{Greek}+)", ("omega Ωμ",), "Ωμ"),
-    (r"(?P<m>a(?i)b)", ("aB",), "aB"),
-    (r"(?U)(?P<m>a+)", ("aaa",), "a"),
-    (r"(?P<m>end)\z", ("the end",), "end"),
-    (r"(?P<m>\Q.*\E)", ("a.*b",), ".*"),
-    (r"(?P<m>\x{41}+)", ("AA",), "AA"),
+    (r"(?P<m>\pL+)", ("1 Ωmega",), "m=Ωmega"),
+    (r"(?P<m>\p{Greek}+)", ("omega Ωμ",), "m=Ωμ"),
+    (r"(?P<m>a(?i)b)", ("aB",), "m=aB"),
+    (r"(?U)(?P<m>a+)", ("aaa",), "m=a"),
+    (r"(?P<m>end)\z", ("the end",), "m=end"),
+    (r"(?P<m>\Q.*\E)", ("a.*b",), "m=.*"),
+    (r"(?P<m>\x{41}+)", ("AA",), "m=AA"),
     # A repeated name: Go keeps every group, the last one's text wins ("" if it took no part).
-    (r"(?P<m>x)|(?P<m>y)", ("y",), "y"),
-    (r"(?P<m>x)|(?P<m>y)", ("x",), ""),
-    # An argument that is not UTF-8: each such byte is one U+FFFD to Go, "." matches it.
-    (r"a(?P<m>.)b", ("a\udcffb",), "\udcff"),
+    (r"(?P<m>x)|(?P<m>y)", ("y",), "m=y"),
+    (r"(?P<m>x)|(?P<m>y)", ("x",), "m="),
+    # An argument that is not UTF-8: each such byte is one U+FFFD to Go, "." matches it;
+    # the name shows the byte as \xNN (process-exporter's invalid label fails its scrapes).
+    (r"a(?P<m>.)b", ("a\udcffb",), "m=\\xff"),
 ]
 
 
@@ -91,7 +100,7 @@ RE2_CASES = [
 def test_cmdline_regexes_are_gos_re2(
     pattern: str, argv: tuple[str, ...], expected: str | None
 ) -> None:
-    rs = rules({"name": "{{.Matches.m}}", "cmdline": [pattern]})
+    rs = rules({"name": "m={{.Matches.m}}", "cmdline": [pattern]})
     assert named(rs, "x", argv) == expected
 
 
@@ -143,6 +152,62 @@ def test_all_selectors_of_a_rule_must_match_and_the_first_matching_rule_wins() -
     assert named(rs, "python3", ("python3", "web.py"), user="bob") == "bob:python3"
 
 
+def test_every_template_field_of_process_exporter_printed_as_go_prints_it() -> None:
+    """PID, StartTime (UTC, Go's time.String), Cgroups ([]string) and Matches (a map, keys
+    sorted, "" the whole match) as process-exporter's text/template prints them."""
+    rs = rules(
+        {
+            "name": "{{.PID}}|{{.StartTime}}|{{.Cgroups}}|{{.Matches}}",
+            "cmdline": [r"--role=(?P<role>\w+)"],
+        }
+    )
+    proc = Argv("app", "u", lambda: ("app", "--role=web"), 4242, 1765123456.37, lambda: ("/", "/a"))
+    assert name_of(rs, proc)[0] == (
+        "4242|2025-12-07 16:04:16.37 +0000 UTC|[/ /a]|map[:--role=web role:web]"
+    )
+    assert go_time(1765123456.0) == "2025-12-07 16:04:16 +0000 UTC"
+    assert go_time(0.9999999) == "1970-01-01 00:00:01 +0000 UTC"
+    assert go_time(None) == "0001-01-01 00:00:00 +0000 UTC"  # Go's zero time
+    assert named(rules({"name": "{{.Cgroups}}", "comm": ["a"]}), "a", ()) == "[]"
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("pre-{{.Foo}}-post", "pre-"),  # no such field: Go's execution stops there
+        ("{{.Comm}}-{{.Comm.Size}}-x", "app-"),  # a string has no fields
+        ("{{.Matches.role.x}}-x", "<empty>"),  # nor has a captured value: stops at once
+        ("{{.Matches.nope.x}}-x", "<no value>-x"),  # a missing key's nothing goes on
+        ("{{.comm}}", "<empty>"),  # unexported: no field either
+    ],
+)
+def test_a_field_process_exporter_lacks_ends_the_name_there(template: str, expected: str) -> None:
+    rs = rules({"name": template, "cmdline": [r"--role=(?P<role>\w+)"]})
+    assert named(rs, "app", ("app", "--role=web")) == expected
+    (warning,) = rs[0].warnings
+    assert "is no field process-exporter has: names end before it" in warning
+
+
+@pytest.mark.parametrize("field", ["PID", "StartTime"])
+def test_a_group_per_process_is_allowed_with_a_warning_that_names_the_cost(field: str) -> None:
+    (rule,) = rules({"name": f"x-{{{{.{field}}}}}", "comm": ["a"]})
+    assert rule.warnings == (
+        f"0.name: {{{{.{field}}}}} makes a group of every process it names: a series each in "
+        "every group metric, up to max_series, past which the smallest fold into other",
+    )
+
+
+def test_names_a_process_controls_stay_apart_and_never_empty() -> None:
+    """Two comms that differ only in bytes that are not UTF-8 stay two groups (shown as
+    \\xNN, not both U+FFFD); an empty comm under {{.Comm}} is a visible group."""
+    rs = rules({"name": "{{.Comm}}", "cmdline": ["."]})
+    records = [proc(2, 1, "a"), proc(3, 1, "a"), proc(4, 1, "a")]
+    for i, comm in enumerate((b"x\xff", b"x\xfe", b"")):
+        records[i] = records[i][: -ROW.size] + ROW.pack(*ROW.unpack(records[i])[:-1], comm)
+    got = Groups(rs, Argvs({2: ("a",), 3: ("a",), 4: ("a",)})).update(records)
+    assert got.processes == {"x\\xff": 1, "x\\xfe": 1, "<empty>": 1}
+
+
 def test_template_trim_markers_and_spaces_inside_actions() -> None:
     rs = rules({"name": "a {{- .Comm -}} b{{ .Username }}", "comm": ["x"]})
     assert named(rs, "x", ("x",), user="u") == "axbu"
@@ -170,9 +235,8 @@ def test_unreadable_arguments_match_as_none_and_are_reported() -> None:
 @pytest.mark.parametrize(
     ("entry", "at", "message"),
     [
-        ({"name": "{{.PID}}", "comm": ["a"]}, "0.name", "a group, and a series, of every process"),
-        ({"name": "{{.StartTime}}", "comm": ["a"]}, "0.name", "refused"),
-        ({"name": "{{.Cwd}}", "comm": ["a"]}, "0.name", "unsupported template action {{.Cwd}}"),
+        ({"name": "{{.StartTime.Unix}}", "comm": ["a"]}, "0.name", "methods of a time"),
+        ({"name": '{{printf "%d" .PID}}', "comm": ["a"]}, "0.name", "unsupported template"),
         ({"name": "{{if .Comm}}x{{end}}", "comm": ["a"]}, "0.name", "unsupported"),
         ({"name": "{{.Comm", "comm": ["a"]}, "0.name", "unclosed action"),
         ({"name": "x"}, "0", "no selector"),
@@ -214,8 +278,8 @@ def test_config_takes_rules_inline_or_from_process_exporters_file(tmp_path: Any)
     ("text", "message"),
     [
         (
-            "groups:\n  process_names:\n    - {name: '{{.PID}}', comm: [a]}\n",
-            "cfg.yml: groups.process_names.0.name: {{.PID}} would make a group",
+            "groups:\n  process_names:\n    - {name: '{{.Comm | len}}', comm: [a]}\n",
+            "cfg.yml: groups.process_names.0.name: unsupported template action {{.Comm | len}}",
         ),
         (
             "groups:\n  process_names: [{comm: [a]}]\n  config_file: /x.yml\n",
