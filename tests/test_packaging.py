@@ -146,7 +146,7 @@ def test_port_run_depends_are_the_package_dependencies() -> None:
     found = {}
     for dep in PORT_VARS["RUN_DEPENDS"].split():
         match = re.fullmatch(
-            r"\$\{PYTHON_PKGNAMEPREFIX\}([a-z-]+)>=([0-9.]+):[a-z-]+/py-([a-z-]+)@\$\{PY_FLAVOR\}",
+            r"\$\{PYTHON_PKGNAMEPREFIX\}([a-z0-9-]+)>=([0-9.]+):[a-z-]+/py-([a-z0-9-]+)@\$\{PY_FLAVOR\}",
             dep,
         )
         assert match, f"RUN_DEPENDS entry not in the flavoured form: {dep}"
