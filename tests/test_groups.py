@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
+from kvm_exporter.aggregate import OTHER
 from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.grouping import GroupCounts, Grouper
 from kvm_exporter.groups import (
@@ -195,6 +196,14 @@ def test_a_group_per_process_is_allowed_with_a_warning_that_names_the_cost(field
         f"0.name: {{{{.{field}}}}} makes a group of every process it names: a series each in "
         "every group metric, up to max_series, past which the smallest fold into other",
     )
+
+
+def test_a_group_per_process_stays_under_the_series_cap() -> None:
+    rs = rules({"name": "pid-{{.PID}}", "comm": ["w"]})
+    got = Groups(rs, Argvs({}), cap=40).update([proc(pid, 1, "w") for pid in range(2, 102)])
+    assert sum(got.processes.values()) == 100
+    assert len(got.processes) < 40 and got.processes[OTHER] > 60 and got.folded > 60
+    assert "pid-2" in got.processes or "pid-101" in got.processes  # named, each its own
 
 
 def test_names_a_process_controls_stay_apart_and_never_empty() -> None:
