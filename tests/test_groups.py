@@ -756,3 +756,38 @@ def test_crafted_command_lines_of_live_processes_keep_polls_and_scrapes_fast(
         for p in started:
             p.kill()
             p.wait()
+
+
+RENAME = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, bytes.fromhex(sys.argv[1]))  # PR_SET_NAME: the comm
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_live_comms_that_are_not_utf8_or_empty_stay_distinct_visible_groups(
+    exporter: Any,
+) -> None:
+    """Processes that set their own comm (prctl) to bytes that are not UTF-8, or to nothing."""
+    token = "k" + secrets.token_hex(4)
+    started = []
+    for comm in (b"x\xff", b"x\xfe", b""):
+        p = subprocess.Popen(
+            [sys.executable, "-c", RENAME, comm.hex(), token], stdout=subprocess.PIPE, text=True
+        )
+        started.append(p)
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    try:
+        rule = f"{{name: '{{{{.Comm}}}}', cmdline: ['{token}']}}"
+        ours = exporter(f"interval: 0\ngroups:\n  process_names: [{rule}]\n")
+        groups = {
+            dict(labels)["group"]: n
+            for (name, labels), n in ours.metrics().items()
+            if name == "kvm_namegroup_processes"
+        }
+        assert groups == {"x\\xff": 1, "x\\xfe": 1, "<empty>": 1}
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
