@@ -92,7 +92,7 @@ RE2_CASES = [
     (r"(?P<m>x)|(?P<m>y)", ("y",), "m=y"),
     (r"(?P<m>x)|(?P<m>y)", ("x",), "m="),
     # An argument that is not UTF-8: each such byte is one U+FFFD to Go, "." matches it;
-    # the name shows the byte as \xNN (process-exporter's invalid label fails its scrapes).
+    # the name shows the byte as \xNN (process-exporter's invalid label makes it panic).
     (r"a(?P<m>.)b", ("a\udcffb",), "m=\\xff"),
 ]
 
