@@ -28,7 +28,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import re2
@@ -92,7 +92,8 @@ class Cmdline:
     """One ``cmdline`` regex, compiled by RE2, with the name of each group by number."""
 
     source: str
-    regex: re2._Regexp[str]
+    regex: re2._Regexp[str] = field(compare=False)  # RE2 objects compare by identity: a
+    # reloaded config's rules must equal the running ones, or the groups start afresh
     names: tuple[str, ...]
     """Go's ``SubexpNames``: "" for the whole match (0) and each unnamed group. RE2's own index
     keeps the first group of a repeated name; Go, and so process-exporter, the last."""

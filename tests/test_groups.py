@@ -128,6 +128,16 @@ def test_what_go_refuses_is_refused_with_the_reason(pattern: str, reason: str) -
     assert str(err.value) == f"bad regex {pattern!r}: {reason}"
 
 
+def test_the_same_rules_read_twice_are_equal() -> None:
+    """A reload compares the new rules with the running ones: equal rules keep the groups and
+    their counters, however many patterns RE2's own cache has seen meanwhile."""
+    entries = [{"cmdline": [r"--role=(?P<role>\w+)"], "name": "{{.Matches.role}}"}]
+    first = rules(*entries)
+    for i in range(300):
+        rules({"cmdline": [f"other{i}"]})
+    assert rules(*entries) == first
+
+
 def test_a_crafted_command_line_costs_linear_time() -> None:
     """Issue 23's freeze: under Python's re this one search ran 7-10 s."""
     rs = rules({"name": "java-{{.Matches.main}}", "cmdline": [r"java .*?(?P<main>[\w.]+)$"]})
