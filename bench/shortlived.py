@@ -30,29 +30,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_live_reaped import WORKLOAD  # noqa: E402 (the tests' own workload, one copy)
+
 UID = 47199
 """The workload's uid: no account needed, its series is labelled with the number."""
-
-WORKLOAD = r"""
-import os, resource, sys, time
-seconds, burn = float(sys.argv[1]), float(sys.argv[2])
-sys.stdin.readline()
-def used():
-    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-start, until, children = used(), time.monotonic() + seconds, 0
-while time.monotonic() < until:
-    pid = os.fork()
-    if pid == 0:
-        end = time.process_time() + burn
-        while time.process_time() < end:
-            pass
-        os._exit(0)
-    os.waitpid(pid, 0)
-    children += 1
-print(used() - start, children, flush=True)
-sys.stdin.readline()
-"""
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -321,6 +321,12 @@ class KvmCollector(Collector):
         yield CounterMetricFamily(
             "kvm_polls", "Polls run since the exporter started.", value=snap.polls
         )
+        yield CounterMetricFamily(
+            "kvm_poll_overruns",
+            "Polls that took longer than the poll interval (scrapes meanwhile got the previous "
+            "poll's data) since the exporter started.",
+            value=snap.overruns,
+        )
         if snap.last_success is not None:
             yield _gauge(
                 "kvm_last_successful_poll_timestamp_seconds",

@@ -9,6 +9,7 @@ the web config (``webconfig.py``) is read with it too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from .files import Refused, Unreadable, load_yaml, read_file
 from .groups import Rule, RuleError, parse_process_names
 from .logs import FORMATS, LEVELS
 from .records import ARGV_BYTES
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9429
 LABELS = ("user", "tty", "state")
@@ -296,10 +299,10 @@ def _groups(groups: GroupsConfig) -> GroupsConfig:
     if groups.process_names:
         raise Invalid("give process_names or config_file, not both")
     path = groups.config_file
-    data = read_yaml(path, "process-exporter config file")
-    names = data.get("process_names") if isinstance(data, dict) else None
-    if names is None:
-        raise ConfigError(f"{path}: process_names: missing, expected a list of rules")
+    data = read_yaml(path, "process-exporter config file", as_text=True)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level: expected a mapping with process_names")
+    names = data.get("process_names") if data else None  # none: no groups, as process-exporter
     try:
         rules = parse_process_names(names)
     except RuleError as err:
@@ -462,10 +465,11 @@ def build(
     return cls(**values)
 
 
-def parse_yaml(text: str, where: str) -> Any:
-    """The data of YAML ``text``; malformed or oversized YAML is a ConfigError naming ``where``."""
+def parse_yaml(text: str, where: str, as_text: bool = False) -> Any:
+    """The data of YAML ``text``; malformed or oversized YAML is a ConfigError naming ``where``.
+    ``as_text``: scalars as written, as :func:`~kvm_exporter.files.load_yaml` says."""
     try:
-        return load_yaml(text)
+        return load_yaml(text, as_text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -479,22 +483,39 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {err}") from None
 
 
-def read_yaml(path: str, what: str = "config file") -> Any:
-    """The data of the YAML file at ``path``; any problem is a one-line ConfigError.
+def read_text(path: str, what: str = "config file") -> str:
+    """The text of the file at ``path``; any problem is a one-line ConfigError.
 
     The file must be a regular file of at most :data:`~kvm_exporter.files.MAX_FILE_BYTES`
     (a FIFO, a device or a directory is refused without blocking or reading it).
     """
     try:
-        text = read_file(path).decode("utf-8")
+        return read_file(path).decode("utf-8")
     except (Unreadable, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read {what}: {err}") from None
-    return parse_yaml(text, path)
 
 
-def parse_config(text: str, where: str = "<config>") -> Config:
-    """Build a :class:`Config` from YAML text; ``where`` names the file in errors."""
-    return build(Config, parse_yaml(text, where), where, _PARSERS, _CHECKS)
+def read_yaml(path: str, what: str = "config file", as_text: bool = False) -> Any:
+    """The data of the YAML file at ``path`` (see :func:`read_text`, :func:`parse_yaml`)."""
+    return parse_yaml(read_text(path, what), path, as_text)
+
+
+def parse_config(text: str, where: str = "<config>", checks: Rules | None = None) -> Config:
+    """Build a :class:`Config` from YAML text; ``where`` names the file in errors. Rules
+    read otherwise than strictly (process-exporter's leniency) are logged as warnings.
+    ``checks``: the values' checks, :data:`_CHECKS` unless a file's (:func:`_files_beside`)."""
+    data = parse_yaml(text, where)
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if isinstance(groups, dict) and groups.get("process_names") is not None:
+        # process-exporter's rules as it reads them: `comm: [yes]` is the comm "yes".
+        groups["process_names"] = parse_yaml(text, where, as_text=True)["groups"]["process_names"]
+    config = build(Config, data, where, _PARSERS, _CHECKS if checks is None else checks)
+    rules_file = config.groups.config_file
+    at = f"{rules_file}: process_names." if rules_file else f"{where}: groups.process_names."
+    for rule in config.groups.process_names:
+        for warning in rule.warnings:
+            log.warning("%s%s", at, warning)
+    return config
 
 
 FLAGS = {
@@ -519,7 +540,7 @@ def load_config(path: str | None, flags: Mapping[str, Any] | None = None) -> Con
     command line's ``flags`` (see :func:`with_flags`)."""
     config = Config()
     if path is not None:
-        config = build(Config, read_yaml(path), path, _PARSERS, _files_beside(path))
+        config = parse_config(read_text(path), path, _files_beside(path))
     return with_flags(config, flags or {})
 
 

@@ -132,12 +132,26 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-def load_yaml(text: str) -> Any:
-    """The data of one YAML document, by PyYAML's safe loader within the limits above.
+class _TextLoader(_BoundedLoader):
+    """A plain scalar that YAML 1.1 reads as a boolean, number or time stays the text it
+    is, as go-yaml v2 gives it to a Go string field (``yes``, ``0x1F``, ``1.50``)."""
+
+
+def _scalar_text(loader: yaml.SafeLoader, node: Any) -> Any:
+    return loader.construct_scalar(node)
+
+
+for _tag in ("bool", "int", "float", "timestamp"):
+    _TextLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _scalar_text)
+
+
+def load_yaml(text: str, as_text: bool = False) -> Any:
+    """The data of one YAML document, by PyYAML's safe loader within the limits above;
+    ``as_text``: every scalar but null as the text written (for fields Go reads as strings).
 
     Raises yaml.YAMLError (:class:`Refused` for a limit), RecursionError if nested too deeply.
     """
-    loader = _BoundedLoader(text)
+    loader = (_TextLoader if as_text else _BoundedLoader)(text)
     try:
         return loader.get_single_data()
     finally:

@@ -22,6 +22,8 @@ from .records import (
     USAGE_COMM,
     USAGE_PID,
     USAGE_PPID,
+    USAGE_START,
+    USAGE_START_FRACTION,
     USAGE_STATE,
     USAGE_UID,
     Survey,
@@ -68,9 +70,12 @@ class Grouper:
         user_name: Callable[[int], str],
         spec: UsageSpec,
         series_per_group: int = 1,
+        cgroups: Callable[[int], tuple[str, ...]] | None = None,
     ) -> None:
         """``series_per_group``: what a group has in the metrics served besides ours (with
-        process-exporter's names, one per state it knows, every group)."""
+        process-exporter's names, one per state it knows, every group); ``cgroups``: the
+        source's reader of a process's cgroup paths, for ``{{.Cgroups}}`` (none: no cgroups)."""
+        self._cgroups = cgroups or _no_cgroups
         self._rules = rules
         self._children = children
         self._max_series = max_series
@@ -195,9 +200,16 @@ class Grouper:
     def _name(self, row: UsageRow) -> str | None:
         pid = row[USAGE_PID]
         comm, user = comm_of(row[USAGE_COMM]), self._user_name(row[USAGE_UID])
-        name, unreadable = name_of(self._rules, Argv(comm, user, lambda: self._argv(pid)))
+        start = self._spec.start_time(row[USAGE_START], row[USAGE_START_FRACTION])
+        cgroups = self._cgroups
+        proc = Argv(comm, user, lambda: self._argv(pid), pid, start, lambda: cgroups(pid))
+        name, unreadable = name_of(self._rules, proc)
         self._unreadable += unreadable
         return name
+
+
+def _no_cgroups(_: int) -> tuple[str, ...]:
+    return ()
 
 
 def _one(name: GroupKey) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""process-exporter's ``process_names``: matchers and name templates, as its config says.
+r"""process-exporter's ``process_names``: matchers and name templates, as its config says.
 
 Semantics mirror ncabatoff/process-exporter (``config/config.go``, README "Using a config
 file"): the rules are tried in order and the first whose selectors all match names the process.
@@ -6,9 +6,17 @@ file"): the rules are tried in order and the first whose selectors all match nam
 where one without a slash matches argv[0]'s basename and one with a slash must equal argv[0];
 ``cmdline`` a list of regexes that must all be found in the arguments joined by spaces, their
 named groups filling ``.Matches``. ``name`` (default ``{{.ExeBase}}``) is a Go-template subset:
-literal text and the actions ``{{.Comm}}``, ``{{.ExeBase}}``, ``{{.ExeFull}}``,
-``{{.Username}}`` and ``{{.Matches.NAME}}``. ``ExeBase``/``ExeFull`` come from argv[0], or from
-comm when there are no arguments (a kernel process, or arguments that cannot be read).
+literal text and the fields of process-exporter's ``templateParams`` (``{{.Comm}}``,
+``{{.ExeBase}}``, ``{{.ExeFull}}``, ``{{.Username}}``, ``{{.PID}}``, ``{{.StartTime}}``,
+``{{.Cgroups}}``, ``{{.Matches}}``, ``{{.Matches.NAME}}``), printed as Go prints them.
+``ExeBase``/``ExeFull`` come from argv[0], or from comm when there are no arguments (a kernel
+process, or arguments that cannot be read). A field process-exporter does not have fails its
+template there: the name is the text before it, as process-exporter's (which ignores the error).
+
+The regexes are RE2's, as Go's ``regexp`` that process-exporter compiles them with: the same
+syntax (POSIX classes, ASCII ``\d``/``\w``, ``\pL``, ``\Q..\E``, no lookaround or
+back-references), the same leftmost-first matching, and a match in time linear in the command
+line, whatever the pattern and whoever wrote the arguments.
 
 Nothing here reads the system: :func:`parse_process_names` checks a config, :meth:`Rule.name_of`
 names a process from what the caller read.
@@ -16,21 +24,40 @@ names a process from what the caller read.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import re2
+
 DEFAULT_TEMPLATE = "{{.ExeBase}}"
-FIELDS = ("Comm", "ExeBase", "ExeFull", "Username")
-"""Template fields of one process that may name a group."""
+FIELDS = ("Comm", "ExeBase", "ExeFull", "Username", "PID", "StartTime", "Cgroups", "Matches")
+"""process-exporter's template fields (its ``templateParams``)."""
 PER_PROCESS = ("PID", "StartTime")
-"""Fields process-exporter has that would make one group (one series) per process."""
+"""Fields that make one group (one series in each metric) of every process."""
 NO_VALUE = "<no value>"
 """What Go's text/template prints for a ``.Matches`` key no regex captured."""
+EMPTY_NAME = "<empty>"
+"""The group of a process whose name comes out empty (an empty comm under ``{{.Comm}}``): a
+label value "" is no label at all to Prometheus, the series would lose its group."""
+ZERO_TIME = "0001-01-01 00:00:00 +0000 UTC"
+"""Go's zero ``time.Time``: ``{{.StartTime}}`` of a process whose start the source lacks."""
+
+_RE2 = re2.Options()
+_RE2.log_errors = False  # a bad pattern is refused with RE2's message, not also logged by RE2
+"""RE2's defaults are Go's ``regexp.Compile``: Perl classes and ``\\b``, one line (``$`` only at
+the very end, not before a trailing newline), leftmost-first matching, UTF-8."""
+_CAPTURE_NAME = re.compile(r"[A-Za-z0-9_]+")
+"""What Go takes as a capture group's name (RE2 takes more)."""
+_AS_GO_READS = dict.fromkeys(range(0xDC80, 0xDD00), "\ufffd")
+"""Each byte of the arguments that is not UTF-8 (kept as a lone surrogate) is, to Go's regexp,
+one U+FFFD: ``.`` matches it, as it does not in RE2 C++."""
 
 _ACTION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-_FIELD = re.compile(r"\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
+_CHAIN = re.compile(r"(?:\.[A-Za-z_]\w*)+")
 _SELECTORS = ("comm", "exe", "cmdline")
 
 
@@ -42,17 +69,108 @@ class RuleError(ValueError):
         self.at = at
 
 
+def _no_cgroups() -> tuple[str, ...]:
+    return ()
+
+
 class Argv(NamedTuple):
     """What a rule may look at for one process. ``argv`` is called at most once, and only
-    by a rule that needs it: it returns the arguments, or None if they cannot be read."""
+    by a rule that needs it: it returns the arguments, or None if they cannot be read;
+    ``cgroups`` (the process's cgroup paths) is called only by a name that prints them."""
 
     comm: str
     username: str
     argv: Callable[[], tuple[str, ...] | None]
+    pid: int = 0
+    start_time: float | None = None
+    """Seconds since the epoch; None where the source cannot know it."""
+    cgroups: Callable[[], tuple[str, ...]] = _no_cgroups
+
+
+@dataclass(frozen=True)
+class Cmdline:
+    """One ``cmdline`` regex, compiled by RE2, with the name of each group by number."""
+
+    source: str
+    regex: re2._Regexp[str] = field(compare=False)  # RE2 objects compare by identity: a
+    # reloaded config's rules must equal the running ones, or the groups start afresh
+    names: tuple[str, ...]
+    """Go's ``SubexpNames``: "" for the whole match (0) and each unnamed group. RE2's own index
+    keeps the first group of a repeated name; Go, and so process-exporter, the last."""
+
+    def captures(self, text: str) -> dict[str, str] | None:
+        """process-exporter's ``.Matches`` from this regex found in ``text``: each group's
+        text by name, a later group of a repeated name overwriting an earlier one and a group
+        that took no part giving ""; None if it is not found."""
+        found = self.regex.search(text if text.isascii() else text.translate(_AS_GO_READS))
+        if found is None:
+            return None
+        out = {}
+        for i, name in enumerate(self.names):
+            start, end = found.span(i)  # offsets into text, whose length translate kept
+            out[name] = text[start:end] if start >= 0 else ""
+        return out
+
+
+def compile_cmdline(source: str) -> Cmdline:
+    """``source`` compiled as Go's ``regexp.Compile`` would; ValueError with RE2's (or Go's)
+    reason for what Go refuses."""
+    try:
+        regex = re2.compile(source, _RE2)
+    except re2.error as err:
+        reason = err.args[0] if err.args else "invalid"
+        raise ValueError(reason.decode() if isinstance(reason, bytes) else str(reason)) from None
+    except UnicodeEncodeError:
+        raise ValueError("invalid UTF-8") from None
+    names = _group_names(source)
+    if len(names) != regex.groups + 1:  # the scan below disagrees with RE2: never guess
+        raise ValueError(f"cannot number its {regex.groups} groups")
+    return Cmdline(source, regex, names)
+
+
+def _group_names(source: str) -> tuple[str, ...]:
+    """Go's ``SubexpNames`` of a pattern RE2 compiled; ValueError for what RE2 takes and Go
+    refuses: ``\\C`` (any byte) and group names beyond ``[A-Za-z0-9_]``."""
+    names = [""]
+    i = 0
+    while i < len(source):
+        if source.startswith("\\Q", i):  # literal text up to \E or the end
+            end = source.find("\\E", i + 2)
+            i = len(source) if end < 0 else end + 2
+        elif source.startswith("\\C", i):
+            raise ValueError("invalid escape sequence: \\C")
+        elif source[i] == "\\":
+            i += 2
+        elif source[i] == "[":
+            i = _class_end(source, i + 1)
+        elif source.startswith(("(?P<", "(?<"), i):
+            start = source.index("<", i) + 1
+            end = source.index(">", start)
+            if not _CAPTURE_NAME.fullmatch(source[start:end]):
+                raise ValueError(f"invalid named capture: {source[i : end + 1]}")
+            names.append(source[start:end])
+            i = end + 1
+        else:
+            if source[i] == "(" and not source.startswith("(?", i):
+                names.append("")
+            i += 1
+    return tuple(names)
+
+
+def _class_end(source: str, i: int) -> int:
+    """Where the character class opened just before ``i`` ends (after its ``]``)."""
+    i += source.startswith("^", i)
+    i += source.startswith("]", i)  # a ] first is literal
+    while i < len(source) and source[i] != "]":
+        posix = source.find(":]", i + 2) if source.startswith("[:", i) else -1
+        i = posix + 2 if posix >= 0 else i + 1 + (source[i] == "\\")
+    return i + 1
 
 
 Part = tuple[str, str]
-"""One piece of a compiled template: ("text", literal), ("field", name), ("match", key)."""
+"""One piece of a compiled template: ("text", literal), ("field", name), ("match", key),
+("matches", "") for the whole map, ("past_match", key) for ``.Matches.KEY.MORE``, and
+("stop", action) for an action Go fails on (the name ends before it)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +183,10 @@ class Rule:
     exe: tuple[tuple[str, str], ...] | None
     """(basename, full path or "" for any path) per ``exe`` entry; a later one with the same
     basename replaces an earlier one, as in process-exporter's map."""
-    cmdline: tuple[re.Pattern[str], ...] | None
+    cmdline: tuple[Cmdline, ...] | None
+    warnings: tuple[str, ...] = ()
+    """What of the entry was read otherwise than a strict reading would, each "AT: what": for
+    the loader to log with the file's name."""
 
     @property
     def needs_argv(self) -> bool:
@@ -90,27 +211,63 @@ class Rule:
         if self.cmdline is not None:
             joined = " ".join(argv)
             for regex in self.cmdline:
-                found = regex.search(joined)
+                found = regex.captures(joined)
                 if found is None:
                     return None
-                matches.update((k, v or "") for k, v in found.groupdict().items())
-        exe_full = argv[0] if argv else proc.comm
-        exe_base = go_base(exe_full) if argv else proc.comm
-        values = {
-            "Comm": proc.comm,
-            "ExeBase": exe_base,
-            "ExeFull": exe_full,
-            "Username": proc.username,
-        }
+                matches.update(found)
         out = []
         for kind, value in self.parts:
+            if kind == "stop" or kind == "past_match" and value in matches:
+                break  # Go's execution fails here (a string has no fields); the rest is lost
             if kind == "text":
                 out.append(value)
             elif kind == "field":
-                out.append(values[value])
+                out.append(_field_value(value, proc, argv))
+            elif kind == "matches":  # fmt prints a map's keys sorted
+                out.append("map[" + " ".join(f"{k}:{v}" for k, v in sorted(matches.items())) + "]")
             else:
                 out.append(matches.get(value, NO_VALUE))
-        return "".join(out)
+        return label_text("".join(out))
+
+
+def _field_value(field: str, proc: Argv, argv: tuple[str, ...]) -> str:
+    """A field of process-exporter's ``templateParams`` as Go's text/template prints it."""
+    if field == "Comm":
+        return proc.comm
+    if field == "Username":
+        return proc.username
+    if field == "PID":
+        return str(proc.pid)
+    if field == "StartTime":
+        return go_time(proc.start_time)
+    if field == "Cgroups":
+        return "[" + " ".join(proc.cgroups()) + "]"
+    exe_full = argv[0] if argv else proc.comm
+    return exe_full if field == "ExeFull" or not argv else go_base(exe_full)
+
+
+def go_time(seconds: float | None) -> str:
+    """Go's ``time.Time.String()`` of a UTC time, as process-exporter's start times are:
+    ``2026-12-07 16:05:38.37 +0000 UTC`` (fraction without trailing zeros)."""
+    if seconds is None:
+        return ZERO_TIME
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)  # a float holds no finer than that
+    whole, micros = whole + micros // 1_000_000, micros % 1_000_000
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+    fraction = f".{micros:06d}".rstrip("0") if micros else ""
+    return f"{text}{fraction} +0000 UTC"
+
+
+def label_text(name: str) -> str:
+    """A group name as a label value: bytes that are not UTF-8 (lone surrogates from a comm
+    or the arguments) as ``\\xNN``, so that names differing only there stay apart, and
+    :data:`EMPTY_NAME` for ""."""
+    if not name:
+        return EMPTY_NAME
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def name_of(rules: tuple[Rule, ...], proc: Argv) -> tuple[str | None, bool]:
@@ -167,33 +324,62 @@ def compile_template(template: str, at: str) -> tuple[Part, ...]:
 
 
 def _field(body: str, at: str) -> Part:
-    found = _FIELD.fullmatch(body)
-    field, key = (found.group(1), found.group(2)) if found else (body, None)
-    if field in PER_PROCESS and key is None:
-        raise RuleError(
-            f"{{{{.{field}}}}} would make a group, and a series, of every process: refused", at
-        )
-    if field == "Matches" and key is not None:
-        return ("match", key)
-    if found and key is None and field in FIELDS:
-        return ("field", field)
-    supported = ", ".join("{{." + f + "}}" for f in FIELDS) + ", {{.Matches.NAME}}"
-    raise RuleError(f"unsupported template action {{{{{body}}}}} (supported: {supported})", at)
+    """The part of one action: a field chain as Go's text/template evaluates it on
+    process-exporter's ``templateParams``; anything else (pipelines, functions) is refused."""
+    if not _CHAIN.fullmatch(body):
+        supported = ", ".join("{{." + f + "}}" for f in FIELDS) + ", {{.Matches.NAME}}"
+        raise RuleError(f"unsupported template action {{{{{body}}}}} (supported: {supported})", at)
+    field, *rest = body[1:].split(".")
+    if field == "Matches":
+        kinds = ("matches", "match", "past_match")
+        return (kinds[min(len(rest), 2)], rest[0] if rest else "")
+    if field == "StartTime" and rest:
+        raise RuleError(f"unsupported template action {{{{{body}}}}}: methods of a time", at)
+    if field not in FIELDS or rest:
+        return ("stop", f"{{{{{body}}}}}")
+    return ("field", field)
+
+
+def _warnings(parts: tuple[Part, ...], at: str) -> list[str]:
+    """What a name template does that its author may not expect."""
+    out = []
+    for kind, value in parts:
+        if kind == "stop":
+            out.append(
+                f"{at}: {value} is no field process-exporter has: names end before it, as its "
+                "template execution fails there"
+            )
+        elif kind == "past_match":
+            out.append(
+                f"{at}: a field of {{{{.Matches.{value}}}}} is no field process-exporter has: "
+                "names end before it where the regex captured it, as its template execution "
+                "fails there"
+            )
+        elif kind == "field" and value in PER_PROCESS:
+            out.append(
+                f"{at}: {{{{.{value}}}}} makes a group of every process it names: a series each "
+                "in every group metric, up to max_series, past which the smallest fold into other"
+            )
+    return out
 
 
 def _strings(value: Any, at: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    """A list of strings, null items read as "" (go-yaml's null in a ``[]string``)."""
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
         raise RuleError("expected a list of strings", at)
-    return value
+    return [v or "" for v in value]
 
 
 def parse_rule(entry: Any, at: str) -> Rule:
     """One ``process_names`` entry (a mapping) as a :class:`Rule`."""
     if not isinstance(entry, dict):
         raise RuleError("expected a mapping with name, comm, exe or cmdline", at)
-    for key in entry:
-        if key not in (*_SELECTORS, "name"):
-            raise RuleError("unknown key (expected one of cmdline, comm, exe, name)", f"{at}.{key}")
+    warnings = [
+        f"{at}.{key}: unknown key ignored, as process-exporter ignores it (a rule has "
+        "cmdline, comm, exe and name)"
+        for key in entry
+        if key not in (*_SELECTORS, "name")
+    ]
     if not any(entry.get(s) is not None for s in _SELECTORS):
         raise RuleError("no selector: give comm, exe or cmdline (all must match)", at)
     template = entry.get("name") or DEFAULT_TEMPLATE
@@ -211,16 +397,20 @@ def parse_rule(entry: Any, at: str) -> Rule:
         patterns = []
         for i, source in enumerate(_strings(entry["cmdline"], f"{at}.cmdline")):
             try:
-                patterns.append(re.compile(source))
-            except re.error as err:
+                patterns.append(compile_cmdline(source))
+            except ValueError as err:
                 raise RuleError(f"bad regex {source!r}: {err}", f"{at}.cmdline.{i}") from None
         cmdline = tuple(patterns)
     parts = compile_template(template, f"{at}.name")
-    return Rule(template, parts, comm, exe, cmdline)
+    warnings += _warnings(parts, f"{at}.name")
+    return Rule(template, parts, comm, exe, cmdline, tuple(warnings))
 
 
 def parse_process_names(value: Any) -> tuple[Rule, ...]:
-    """The ``process_names`` list of process-exporter's config as rules, in order."""
+    """The ``process_names`` list of process-exporter's config as rules, in order; null is
+    no rules, as to process-exporter."""
+    if value is None:
+        return ()
     if not isinstance(value, list):
         raise RuleError("expected a list of rules (name, comm, exe, cmdline)", "")
     return tuple(parse_rule(entry, str(i)) for i, entry in enumerate(value))

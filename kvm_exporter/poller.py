@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
-from .config import PROCESS_EXPORTER, TopConfig
+from .config import PROCESS_EXPORTER, TopConfig, format_duration
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
@@ -84,6 +84,8 @@ class Snapshot:
     """Wall-clock time of the last poll in which every part succeeded."""
     polls: int
     errors: Mapping[str, int] = field(default_factory=dict)
+    overruns: int = 0
+    """Polls that took longer than the interval (each logged)."""
     groups: GroupCounts | None = None
     resources: Resources | None = None
     host: HostUsage | None = None
@@ -175,6 +177,7 @@ class Poller:
     def poll(self) -> Snapshot:
         """Poll every part once, publish and return the snapshot."""
         with self._poll_lock:
+            began = time.monotonic()
             with self._asks:
                 asked = self._asked  # what this poll answers
             settings, previous = self.settings, self._snapshot
@@ -222,6 +225,7 @@ class Poller:
             limits = timed("limits", source.limits)
             now = time.time()
             up = all(success.values())  # never empty: every part ran
+            overruns = previous.overruns + self._overran(time.monotonic() - began, settings)
             self._snapshot = Snapshot(
                 counts=counts,
                 load=load,
@@ -233,6 +237,7 @@ class Poller:
                 last_success=now if up else previous.last_success,
                 polls=previous.polls + 1,
                 errors=MappingProxyType(errors),
+                overruns=overruns,
                 groups=groups,
                 resources=resources,
                 host=host,
@@ -241,6 +246,19 @@ class Poller:
             self._polled.set()
             self._answer(asked)
             return self._snapshot
+
+    @staticmethod
+    def _overran(took: float, settings: Settings) -> bool:
+        """Whether a poll that ``took`` seconds overran its interval, logged if so: scrapes
+        meanwhile got the previous snapshot, and the poll loop skips the ticks it overran."""
+        if not 0 < settings.interval < took:
+            return False
+        log.warning(
+            "poll took %.1fs, longer than the %s interval: its data is served late",
+            took,
+            format_duration(settings.interval),
+        )
+        return True
 
     def _answer(self, asked: int) -> None:
         with self._asks:
@@ -266,6 +284,7 @@ class Poller:
                 lambda uid: self._names(uid),
                 source.usage_spec,
                 pe,
+                getattr(source, "cgroups", None),  # Linux only
             )
             self._grouper_made = made
         return self._grouper

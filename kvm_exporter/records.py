@@ -92,8 +92,9 @@ that child's own usage plus its children's: Linux ``cutime``..., FreeBSD ``ki_ru
 
 
 def comm_of(field: bytes) -> str:
-    """A NUL-padded comm field of a usage row as text."""
-    return field.split(b"\0", 1)[0].decode("utf-8", "replace")
+    """A NUL-padded comm field of a usage row as text; bytes that are not UTF-8 are kept as
+    lone surrogates (a name shows each as ``\\xNN``: two such comms stay two groups)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 class UsageSpec(NamedTuple):

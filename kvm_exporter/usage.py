@@ -19,6 +19,7 @@ which takes every process as a baseline (so counters start at 0 with the exporte
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
@@ -518,8 +519,12 @@ class Accounts:
         for key in series:
             self._totals.setdefault(key, {})
         self._forget(named, series)
-        room = self.max_groups - len(series)
-        idle = sorted(self._idle, key=lambda k: (-self._idle[k], k))[: max(room, 0)]
+        room = max(self.max_groups - len(series), 0)
+        idle = (  # the most recently live first
+            heapq.nsmallest(room, self._idle, key=lambda k: (-self._idle[k], k))
+            if len(self._idle) > room
+            else self._idle
+        )
         series.update((key, [0, 0, 0]) for key in idle if key not in series)
         page = self.spec.page_size
         return Resources(

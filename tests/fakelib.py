@@ -17,6 +17,17 @@ FAKEPASSWD_DIR = pathlib.Path(__file__).resolve().parent / "fakepasswd"
 SCENARIO_USERS = {0: "root", 1: "daemon", 33: "www-data", 65534: "nobody"}
 """The accounts the scenarios' exporters see; their other uids (770, 1001) have none."""
 CFLAGS = ["-O2", "-Wall", "-Werror", "-shared", "-fPIC"]
+HOST_COUNTERS = """\
+cp_time 2540 127 1270 254 12700
+clockrate 1000 1000 127 8128
+counter vm.stats.vm.v_vm_faults 50000
+counter vm.stats.vm.v_io_faults 300
+counter vm.stats.vm.v_forks 4000
+counter vm.stats.vm.v_vforks 200
+counter vm.stats.vm.v_rforks 10
+"""
+"""Scenario lines for the host counters every FreeBSD kernel has (kern_clock.c
+sysctl_kern_cp_time and sysctl_kern_clockrate, vm_meter.c's vm.stats.vm counters)."""
 
 
 def build_fake_libkvm(out_dir: pathlib.Path) -> pathlib.Path:

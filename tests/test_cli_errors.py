@@ -82,6 +82,11 @@ CASES = [
         "web:\n  config_file: /nonexistent/web.yml\n",
         ("/nonexistent/web.yml: cannot read web config file",),
     ),
+    Case(
+        "regex-go-refuses",
+        "groups:\n  process_names: [{cmdline: ['java (?=-jar)']}]\n",
+        ("{path}: groups.process_names.0.cmdline.0: bad regex 'java (?=-jar)': invalid perl",),
+    ),
     # what only opening the source finds: the check opens it too
     Case(
         "libkvm-missing",

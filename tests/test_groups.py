@@ -4,19 +4,31 @@ tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import struct
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import wait_until
 
+from kvm_exporter.aggregate import OTHER
 from kvm_exporter.config import ConfigError, parse_config
 from kvm_exporter.grouping import GroupCounts, Grouper
-from kvm_exporter.groups import Argv, Rule, RuleError, go_base, name_of, parse_process_names
+from kvm_exporter.groups import (
+    Argv,
+    Rule,
+    RuleError,
+    go_base,
+    go_time,
+    name_of,
+    parse_process_names,
+)
 from kvm_exporter.records import Survey, UsageSpec
 from kvm_exporter.states import STATES
 
@@ -59,6 +71,83 @@ def test_cmdline_regexes_all_must_match_the_arguments_joined_by_spaces() -> None
     assert named(rs, "process-exporte", ("/usr/bin/pe", "-config.path")) is None
 
 
+# Go's RE2 (process-exporter's regexp) against Python's re, each case: pattern, arguments,
+# the group name process-exporter gives (None: no match). Python's re gives another answer
+# for every one of them, or refuses the pattern.
+RE2_CASES = [
+    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=123"), "m=123"),
+    (r"--id=(?P<m>[[:digit:]]+)", ("x", "--id=:]]"), None),
+    (r"--n=(?P<m>\d+)", ("x", "--n=٣٤"), None),  # \d is ASCII
+    (r"(?P<m>\w+)$", ("x", "naïve"), "m=ve"),  # \w is ASCII
+    (r"(?P<m>x{,3}y)", ("x{,3}y",), "m=x{,3}y"),  # a literal, not a repeat
+    (r"(?P<m>end)$", ("the end\n",), None),  # $ is the very end
+    (r"(?P<m>\pL+)", ("1 Ωmega",), "m=Ωmega"),
+    (r"(?P<m>\p{Greek}+)", ("omega Ωμ",), "m=Ωμ"),
+    (r"(?P<m>a(?i)b)", ("aB",), "m=aB"),
+    (r"(?U)(?P<m>a+)", ("aaa",), "m=a"),
+    (r"(?P<m>end)\z", ("the end",), "m=end"),
+    (r"(?P<m>\Q.*\E)", ("a.*b",), "m=.*"),
+    (r"(?P<m>\x{41}+)", ("AA",), "m=AA"),
+    # A repeated name: Go keeps every group, the last one's text wins ("" if it took no part).
+    (r"(?P<m>x)|(?P<m>y)", ("y",), "m=y"),
+    (r"(?P<m>x)|(?P<m>y)", ("x",), "m="),
+    # An argument that is not UTF-8: each such byte is one U+FFFD to Go, "." matches it;
+    # the name shows the byte as \xNN (process-exporter's invalid label makes it panic).
+    (r"a(?P<m>.)b", ("a\udcffb",), "m=\\xff"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "argv", "expected"), RE2_CASES)
+def test_cmdline_regexes_are_gos_re2(
+    pattern: str, argv: tuple[str, ...], expected: str | None
+) -> None:
+    rs = rules({"name": "m={{.Matches.m}}", "cmdline": [pattern]})
+    assert named(rs, "x", argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("a(?=b)", "invalid perl operator: (?="),
+        ("a(?!b)", "invalid perl operator: (?!"),
+        ("(?<=a)b", "invalid perl operator: (?<="),
+        (r"(a)\1", r"invalid escape sequence: \1"),
+        ("a++", "bad repetition operator: ++"),
+        ("(?>a)", "invalid perl operator: (?>"),
+        ("a{1001}", "invalid repetition size: {1001}"),
+        (r"\C", r"invalid escape sequence: \C"),  # RE2 C++ takes it, Go does not
+        ("(?P<é>a)", "invalid named capture: (?P<é>"),  # so does RE2 C++, Go does not
+        (r"\Z", r"invalid escape sequence: \Z"),
+        ("[[:alphabet:]]", "invalid character class range: [:alphabet:]"),
+    ],
+)
+def test_what_go_refuses_is_refused_with_the_reason(pattern: str, reason: str) -> None:
+    with pytest.raises(RuleError) as err:
+        rules({"comm": ["a"]}, {"cmdline": ["x", pattern]})
+    assert err.value.at == "1.cmdline.1"
+    assert str(err.value) == f"bad regex {pattern!r}: {reason}"
+
+
+def test_the_same_rules_read_twice_are_equal() -> None:
+    """A reload compares the new rules with the running ones: equal rules keep the groups and
+    their counters, however many patterns RE2's own cache has seen meanwhile."""
+    entries = [{"cmdline": [r"--role=(?P<role>\w+)"], "name": "{{.Matches.role}}"}]
+    first = rules(*entries)
+    for i in range(300):
+        rules({"cmdline": [f"other{i}"]})
+    assert rules(*entries) == first
+
+
+def test_a_crafted_command_line_costs_linear_time() -> None:
+    """Issue 23's freeze: under Python's re this one search ran 7-10 s."""
+    rs = rules({"name": "java-{{.Matches.main}}", "cmdline": [r"java .*?(?P<main>[\w.]+)$"]})
+    hostile = ("java " * 260 + "a" * 2700 + "!",)
+    started = time.monotonic()
+    for _ in range(3):
+        assert named(rs, "java", hostile) is None
+    assert time.monotonic() - started < 2.0  # measured: 3 microseconds each (re: 8 s each)
+
+
 def test_a_match_key_no_regex_captured_prints_go_templates_no_value() -> None:
     rs = rules({"name": "{{.Comm}}-{{.Matches.nothere}}", "comm": ["sshd"]})
     assert named(rs, "sshd", ("sshd",)) == "sshd-<no value>"
@@ -72,6 +161,70 @@ def test_all_selectors_of_a_rule_must_match_and_the_first_matching_rule_wins() -
     )
     assert named(rs, "python3", ("python3", "worker.py")) == "both"
     assert named(rs, "python3", ("python3", "web.py"), user="bob") == "bob:python3"
+
+
+def test_every_template_field_of_process_exporter_printed_as_go_prints_it() -> None:
+    """PID, StartTime (UTC, Go's time.String), Cgroups ([]string) and Matches (a map, keys
+    sorted, "" the whole match) as process-exporter's text/template prints them."""
+    rs = rules(
+        {
+            "name": "{{.PID}}|{{.StartTime}}|{{.Cgroups}}|{{.Matches}}",
+            "cmdline": [r"--role=(?P<role>\w+)"],
+        }
+    )
+    proc = Argv("app", "u", lambda: ("app", "--role=web"), 4242, 1765123456.37, lambda: ("/", "/a"))
+    assert name_of(rs, proc)[0] == (
+        "4242|2025-12-07 16:04:16.37 +0000 UTC|[/ /a]|map[:--role=web role:web]"
+    )
+    assert go_time(1765123456.0) == "2025-12-07 16:04:16 +0000 UTC"
+    assert go_time(0.9999999) == "1970-01-01 00:00:01 +0000 UTC"
+    assert go_time(None) == "0001-01-01 00:00:00 +0000 UTC"  # Go's zero time
+    assert named(rules({"name": "{{.Cgroups}}", "comm": ["a"]}), "a", ()) == "[]"
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("pre-{{.Foo}}-post", "pre-"),  # no such field: Go's execution stops there
+        ("{{.Comm}}-{{.Comm.Size}}-x", "app-"),  # a string has no fields
+        ("{{.Matches.role.x}}-x", "<empty>"),  # nor has a captured value: stops at once
+        ("{{.Matches.nope.x}}-x", "<no value>-x"),  # a missing key's nothing goes on
+        ("{{.comm}}", "<empty>"),  # unexported: no field either
+    ],
+)
+def test_a_field_process_exporter_lacks_ends_the_name_there(template: str, expected: str) -> None:
+    rs = rules({"name": template, "cmdline": [r"--role=(?P<role>\w+)"]})
+    assert named(rs, "app", ("app", "--role=web")) == expected
+    (warning,) = rs[0].warnings
+    assert "is no field process-exporter has: names end before it" in warning
+
+
+@pytest.mark.parametrize("field", ["PID", "StartTime"])
+def test_a_group_per_process_is_allowed_with_a_warning_that_names_the_cost(field: str) -> None:
+    (rule,) = rules({"name": f"x-{{{{.{field}}}}}", "comm": ["a"]})
+    assert rule.warnings == (
+        f"0.name: {{{{.{field}}}}} makes a group of every process it names: a series each in "
+        "every group metric, up to max_series, past which the smallest fold into other",
+    )
+
+
+def test_a_group_per_process_stays_under_the_series_cap() -> None:
+    rs = rules({"name": "pid-{{.PID}}", "comm": ["w"]})
+    got = Groups(rs, Argvs({}), cap=40).update([proc(pid, 1, "w") for pid in range(2, 102)])
+    assert sum(got.processes.values()) == 100
+    assert len(got.processes) < 40 and got.processes[OTHER] > 60 and got.folded > 60
+    assert "pid-2" in got.processes or "pid-101" in got.processes  # named, each its own
+
+
+def test_names_a_process_controls_stay_apart_and_never_empty() -> None:
+    """Two comms that differ only in bytes that are not UTF-8 stay two groups (shown as
+    \\xNN, not both U+FFFD); an empty comm under {{.Comm}} is a visible group."""
+    rs = rules({"name": "{{.Comm}}", "cmdline": ["."]})
+    records = [proc(2, 1, "a"), proc(3, 1, "a"), proc(4, 1, "a")]
+    for i, comm in enumerate((b"x\xff", b"x\xfe", b"")):
+        records[i] = records[i][: -ROW.size] + ROW.pack(*ROW.unpack(records[i])[:-1], comm)
+    got = Groups(rs, Argvs({2: ("a",), 3: ("a",), 4: ("a",)})).update(records)
+    assert got.processes == {"x\\xff": 1, "x\\xfe": 1, "<empty>": 1}
 
 
 def test_template_trim_markers_and_spaces_inside_actions() -> None:
@@ -101,15 +254,13 @@ def test_unreadable_arguments_match_as_none_and_are_reported() -> None:
 @pytest.mark.parametrize(
     ("entry", "at", "message"),
     [
-        ({"name": "{{.PID}}", "comm": ["a"]}, "0.name", "a group, and a series, of every process"),
-        ({"name": "{{.StartTime}}", "comm": ["a"]}, "0.name", "refused"),
-        ({"name": "{{.Cwd}}", "comm": ["a"]}, "0.name", "unsupported template action {{.Cwd}}"),
+        ({"name": "{{.StartTime.Unix}}", "comm": ["a"]}, "0.name", "methods of a time"),
+        ({"name": '{{printf "%d" .PID}}', "comm": ["a"]}, "0.name", "unsupported template"),
         ({"name": "{{if .Comm}}x{{end}}", "comm": ["a"]}, "0.name", "unsupported"),
         ({"name": "{{.Comm", "comm": ["a"]}, "0.name", "unclosed action"),
         ({"name": "x"}, "0", "no selector"),
         ({"comm": "a"}, "0.comm", "expected a list of strings"),
         ({"cmdline": ["("]}, "0.cmdline.0", "bad regex '('"),
-        ({"comm": ["a"], "exes": ["a"]}, "0.exes", "unknown key"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_entry(entry: Any, at: str, message: str) -> None:
@@ -146,8 +297,8 @@ def test_config_takes_rules_inline_or_from_process_exporters_file(tmp_path: Any)
     ("text", "message"),
     [
         (
-            "groups:\n  process_names:\n    - {name: '{{.PID}}', comm: [a]}\n",
-            "cfg.yml: groups.process_names.0.name: {{.PID}} would make a group",
+            "groups:\n  process_names:\n    - {name: '{{.Comm | len}}', comm: [a]}\n",
+            "cfg.yml: groups.process_names.0.name: unsupported template action {{.Comm | len}}",
         ),
         (
             "groups:\n  process_names: [{comm: [a]}]\n  config_file: /x.yml\n",
@@ -164,6 +315,44 @@ def test_bad_groups_config_is_one_line_naming_file_and_key(text: str, message: s
         parse_config(text, "cfg.yml")
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_rules_are_read_as_leniently_as_process_exporter_reads_them(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, inline: bool
+) -> None:
+    """Unknown keys in a rule are ignored (one warning each, naming the file and the rule);
+    scalars are the text written, as go-yaml gives a Go string (PyYAML: True, 1234, 1.5)."""
+    rules_text = (
+        "  - {name: 123, comm: [yes, 1234, 1.50, ~], cgroup: [/system.slice], pid: 1}\n"
+        "  - {name: on, exe: [0x1F]}\n"
+    )
+    pe = tmp_path / "pe.yml"
+    pe.write_text("process_names:\n" + rules_text)
+    text = (
+        "groups:\n  process_names:\n" + rules_text.replace("  -", "    -")
+        if inline
+        else f"groups:\n  config_file: {pe}\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        rs = parse_config(text, "cfg.yml").groups.process_names
+    for comm in ("yes", "1234", "1.50", ""):
+        assert named(rs, comm, ("x",)) == "123"
+    assert named(rs, "True", ("x",)) is None
+    assert named(rs, "x", ("/bin/0x1F",)) == "on"
+    at = "cfg.yml: groups.process_names.0" if inline else f"{pe}: process_names.0"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{at}.{key}: unknown key ignored, as process-exporter ignores it (a rule has cmdline, "
+        "comm, exe and name)"
+        for key in ("cgroup", "pid")
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "process_names:\n", "process_names: []\n", "other: 1\n"])
+def test_a_process_exporter_file_without_rules_names_no_groups(tmp_path: Any, text: str) -> None:
+    pe = tmp_path / "pe.yml"
+    pe.write_text(text)
+    assert parse_config(f"groups:\n  config_file: {pe}\n").groups.process_names == ()
 
 
 def test_an_error_in_process_exporters_file_names_that_file(tmp_path: Any) -> None:
@@ -538,3 +727,78 @@ def test_group_counters_never_go_down_as_groups_fold_and_come_back() -> None:
         for group in served:
             served[group] += "k" if group in got.counters["cpu", "user"] else "-"
     assert any("k" in h[h.index("k-") + 1 :] for h in served.values() if "k-" in h)
+
+
+def test_crafted_command_lines_of_live_processes_keep_polls_and_scrapes_fast(
+    exporter: Any,
+) -> None:
+    """Issue 23's freeze, live: three processes whose command line made each Python re
+    search run 7-10 s (scrapes took 8-19 s, kvm_up 0). Under RE2 the poll and every scrape
+    stay at their normal cost."""
+    token = "k" + secrets.token_hex(4)
+    hostile = ["java"] * 259 + ["a" * 2700 + "!"]
+    nap = f"import time; time.sleep(3600)  # {token}"
+    started = [
+        subprocess.Popen(["java", "-c", nap, *hostile], executable=sys.executable) for _ in range(3)
+    ]
+    try:
+        ours = exporter(
+            "interval: 1\ngroups:\n  process_names:\n"
+            "    - name: 'java-{{.Matches.main}}'\n"
+            "      cmdline: ['java .*?(?P<main>[\\w.]+)$']\n"
+            f"    - name: '{token}'\n      cmdline: ['{token}']\n"
+        )
+        slowest = 0.0
+        for _ in range(10):
+            began = time.monotonic()
+            metrics = ours.metrics()
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.3)
+        processes = {
+            dict(k)["group"]: v
+            for (n, k), v in metrics.items()
+            if n.endswith("_processes") and "group" in dict(k)
+        }
+        assert processes[token] == 3  # seen, and no java- rule matched them
+        assert metrics["kvm_poll_duration_seconds", frozenset({("collector", "groups")})] < 1.0
+        assert metrics["kvm_up", frozenset()] == 1
+        assert slowest < 2.0  # measured: a few ms; before: 8-19 s
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
+RENAME = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, bytes.fromhex(sys.argv[1]))  # PR_SET_NAME: the comm
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_live_comms_that_are_not_utf8_or_empty_stay_distinct_visible_groups(
+    exporter: Any,
+) -> None:
+    """Processes that set their own comm (prctl) to bytes that are not UTF-8, or to nothing."""
+    token = "k" + secrets.token_hex(4)
+    started = []
+    for comm in (b"x\xff", b"x\xfe", b""):
+        p = subprocess.Popen(
+            [sys.executable, "-c", RENAME, comm.hex(), token], stdout=subprocess.PIPE, text=True
+        )
+        started.append(p)
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    try:
+        rule = f"{{name: '{{{{.Comm}}}}', cmdline: ['{token}']}}"
+        ours = exporter(f"interval: 0\ngroups:\n  process_names: [{rule}]\n")
+        groups = {
+            dict(labels)["group"]: n
+            for (name, labels), n in ours.metrics().items()
+            if name == "kvm_namegroup_processes"
+        }
+        assert groups == {"x\\xff": 1, "x\\xfe": 1, "<empty>": 1}
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()

@@ -194,3 +194,82 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     pe_after, kvm_after = cpu()
     assert pe_after - pe_before > 0.5  # it spun
     assert kvm_after - kvm_before == pytest.approx(pe_after - pe_before, rel=0.05)
+
+
+NAP = "import time; time.sleep(3600)"
+
+
+def both_on(
+    exporter: Any, process_exporter: Any, tmp_path: Path, rules: str, commands: list[list[str]]
+) -> tuple[dict[str, float], dict[str, float], str]:
+    """Start ``commands``, then both exporters on a process-exporter file of ``rules``: each
+    one's processes per group (process-exporter's, ours), and our log."""
+    pe_config = tmp_path / "process-exporter.yml"
+    pe_config.write_text("process_names:\n" + rules)
+    started = [subprocess.Popen(command) for command in commands]
+    try:
+        ours = exporter(f"interval: 0\ngroups:\n  config_file: {pe_config}\n")
+        theirs = by_group(scrape(process_exporter(pe_config)), "namedprocess_namegroup_num_procs")
+        return theirs, by_group(ours.metrics(), "kvm_namegroup_processes"), ours.stderr()
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
+def test_regexes_mean_what_they_mean_to_the_real_process_exporter(
+    exporter: Any, process_exporter: Any, tmp_path: Path
+) -> None:
+    """Go's RE2 dialect: POSIX classes, ASCII \\d and \\w (Python's re differs on each)."""
+    token = "k" + secrets.token_hex(4)
+    rules = f"""  - name: "{token}-posix-{{{{.Matches.id}}}}"
+    cmdline: ['{token} --id=(?P<id>[[:digit:]]+)']
+  - name: "{token}-digits-{{{{.Matches.n}}}}"
+    cmdline: ['{token} --n=(?P<n>\\d+)']
+  - name: "{token}-word-{{{{.Matches.w}}}}"
+    cmdline: ['{token} --w=(?P<w>\\w+)']
+"""
+    args = ("--id=123", "--id=:]]", "--n=42", "--n=٣٤", "--w=naïve")
+    commands = [[sys.executable, "-c", NAP, token, arg] for arg in args]
+    theirs, ours, _ = both_on(exporter, process_exporter, tmp_path, rules, commands)
+    expected = {f"{token}-posix-123": 1, f"{token}-digits-42": 1, f"{token}-word-na": 1}
+    assert {g: n for g, n in theirs.items() if g.startswith(token)} == expected
+    assert ours == expected
+
+
+def test_rules_are_read_as_leniently_as_the_real_process_exporter_reads_them(
+    exporter: Any, process_exporter: Any, tmp_path: Path
+) -> None:
+    """An unknown key beside comm, a comm and a name that YAML reads as a boolean or a number:
+    process-exporter takes them as the text written, and so does kvm_exporter."""
+    token = "k" + secrets.token_hex(4)
+    rules = f"""  - {{name: 123, comm: [yes], cmdline: ['{token}'], cgroup: [/system.slice]}}
+  - {{name: 0x1F, comm: [1234], cmdline: ['{token}']}}
+"""
+    for comm in ("yes", "1234"):  # comm is the name exec'd
+        (tmp_path / comm).symlink_to(sys.executable)
+    commands = [[str(tmp_path / comm), "-c", f"{NAP}  # {token}"] for comm in ("yes", "1234")]
+    theirs, ours, log = both_on(exporter, process_exporter, tmp_path, rules, commands)
+    assert {g: theirs.get(g) for g in ("123", "0x1F")} == {"123": 1, "0x1F": 1}
+    assert ours == {"123": 1, "0x1F": 1}
+    assert "process_names.0.cgroup: unknown key ignored" in log
+
+
+def test_template_fields_print_as_the_real_process_exporter_prints_them(
+    exporter: Any, process_exporter: Any, tmp_path: Path
+) -> None:
+    """{{.PID}}, {{.StartTime}}, {{.Cgroups}}, {{.Matches}} and a field it does not have."""
+    token = "k" + secrets.token_hex(4)
+    rules = f"""  - name: "{token}-{{{{.PID}}}}-{{{{.Cgroups}}}}-{{{{.Matches}}}}"
+    cmdline: ['{token}-a (?P<k>\\S+)']
+  - name: "{token}-{{{{.StartTime}}}}"
+    cmdline: ['{token}-b']
+  - name: "{token}-c-{{{{.Foo}}}}-d"
+    cmdline: ['{token}-c']
+"""
+    args = ([f"{token}-a", "v1"], [f"{token}-b"], [f"{token}-c"])
+    commands = [[sys.executable, "-c", NAP, *a] for a in args]
+    theirs, ours, _ = both_on(exporter, process_exporter, tmp_path, rules, commands)
+    expected = {g: n for g, n in theirs.items() if g.startswith(token)}
+    assert len(expected) == 3 and f"{token}-c-" in expected  # the fixture is as thought
+    assert ours == expected

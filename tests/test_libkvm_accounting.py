@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import pytest
-from fakelib import fake_libkvm  # noqa: F401 (fixture)
+from fakelib import HOST_COUNTERS, fake_libkvm  # noqa: F401 (fixture)
 from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture)
 
 from kvm_exporter.groups import parse_process_names
@@ -164,16 +164,7 @@ def test_a_clock_step_renames_no_process(
     assert first.groups.oldest_start["alpha"] == pytest.approx(boot + 900.5)
 
 
-HOST_USAGE = """\
-cp_time 2540 127 1270 254 12700
-clockrate 1000 1000 127 8128
-counter vm.stats.vm.v_vm_faults 50000
-counter vm.stats.vm.v_io_faults 300
-counter vm.stats.vm.v_forks 4000
-counter vm.stats.vm.v_vforks 200
-counter vm.stats.vm.v_rforks 10
-counter vm.stats.vm.v_kthreads 70
-"""
+HOST_USAGE = HOST_COUNTERS + "counter vm.stats.vm.v_kthreads 70\n"
 
 
 def test_host_usage_from_cp_time_clockrate_and_vm_stats(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
+from fakelib import HOST_COUNTERS, SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,15 +34,9 @@ from kvm_exporter.states import MAXSLP, freebsd_state
 
 WEB01 = SCENARIOS / "web01.scenario"
 DB01 = SCENARIOS / "db01.scenario"
-SMALL = """\
+SMALL = (
+    """\
 sysctl hw.pagesize 4096
-cp_time 2540 127 1270 254 12700
-clockrate 1000 1000 127 8128
-counter vm.stats.vm.v_vm_faults 50000
-counter vm.stats.vm.v_io_faults 300
-counter vm.stats.vm.v_forks 4000
-counter vm.stats.vm.v_vforks 200
-counter vm.stats.vm.v_rforks 10
 sysctl hw.ncpu 2
 sysctl kern.maxproc 1000
 sysctl kern.maxthread 20000
@@ -52,6 +46,8 @@ swap ada1p3 20 200
 proc pid=1 uid=0 stat=SSLEEP tdflags=0x8 slptime=30 rss=10 size=4096 comm=init
 proc pid=2 ppid=1 uid=33 stat=SRUN threads=3 rss=5 size=8192 runtime=1000001 comm=worker
 """
+    + HOST_COUNTERS
+)
 
 Opener = Callable[..., LibkvmSource]
 

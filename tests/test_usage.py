@@ -298,3 +298,21 @@ def test_a_poll_that_fails_half_way_leaves_the_next_one_working() -> None:
     res = run.poll(row(1, 0, 300), row(3, 0, 0))
     assert res.processes == {("u0",): 2} and cpu(res) == {"u0": 1.0}
     assert cpu(run.poll(row(1, 0, 350), row(3, 0, 0))) == {"u0": 1.5}
+
+
+def test_gone_groups_stay_while_the_cap_has_room_the_longest_idle_first_out() -> None:
+    """Groups whose processes are gone are served at 0, counters kept, in the room the live
+    ones leave: the most recently live first; a live group never folds to make room."""
+    run = Run(max_groups=3)
+    run.poll(row(1, 1, 0), row(2, 2, 0), row(3, 3, 0))
+    run.poll(row(1, 1, 100), row(2, 2, 200), row(3, 3, 300))
+    res = run.poll(row(1, 1, 100), row(2, 2, 200))  # u3 gone
+    assert res.processes == {("u1",): 1, ("u2",): 1, ("u3",): 0} and cpu(res)["u3"] == 3.0
+    res = run.poll(row(1, 1, 100))  # u2 gone too: both fit
+    assert res.processes == {("u1",): 1, ("u2",): 0, ("u3",): 0}
+    res = run.poll(row(1, 1, 100), row(4, 4, 0, start=1025))  # a new live group: u3 goes
+    assert res.processes == {("u1",): 1, ("u4",): 1, ("u2",): 0} and res.folded == 0
+    res = run.poll(row(1, 1, 100), row(4, 4, 0), row(5, 5, 0), row(6, 6, 0))
+    assert res.processes == {("u1",): 1, ("u4",): 1, ("other",): 2} and res.folded == 2
+    res = run.poll(row(1, 1, 100), row(3, 3, 0, start=1045))  # u3 back: its total goes on
+    assert cpu(res)["u3"] == 3.0 and res.processes[("u3",)] == 1

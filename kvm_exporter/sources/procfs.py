@@ -295,12 +295,23 @@ class ProcfsSource:
     def cgroup(self, pid: int) -> str:
         """The cgroup of process ``pid`` (the v2 path; v1: the systemd hierarchy's), read
         once per process; ``unknown`` if it cannot be read (gone, hidden)."""
-        try:
-            lines = _read(f"{self.root}/{pid}/cgroup").decode("utf-8", "replace").splitlines()
-        except OSError:
-            return "unknown"
-        paths = dict(line.split(":", 2)[1:] for line in lines if line.count(":") >= 2)
+        paths = dict(self._cgroup_lines(pid, "replace"))
         return paths.get("", paths.get("name=systemd", "unknown")) or "unknown"
+
+    def cgroups(self, pid: int) -> tuple[str, ...]:
+        """Every cgroup path of process ``pid``, one per hierarchy in the file's order, as
+        process-exporter's ``{{.Cgroups}}`` lists them; none if it cannot be read."""
+        return tuple(path for _, path in self._cgroup_lines(pid, "surrogateescape"))
+
+    def _cgroup_lines(self, pid: int, errors: str) -> list[tuple[str, str]]:
+        """(controllers, path) of each line of ``PID/cgroup``; none if it cannot be read."""
+        try:
+            lines = _read(f"{self.root}/{pid}/cgroup").decode("utf-8", errors).splitlines()
+        except OSError:
+            return []
+        return [
+            (c, p) for _, c, p in (line.split(":", 2) for line in lines if line.count(":") >= 2)
+        ]
 
     def jail_name(self, jid: int) -> str:
         """Linux has no jails: every process is the host's."""
