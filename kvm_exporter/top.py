@@ -68,14 +68,18 @@ class TopProcesses(NamedTuple):
     processes: tuple[TopProcess, ...]
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-"""Control characters (C0, DEL, C1) as escapes: a command line may hold any of them."""
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)
+}
+"""Control characters (C0, DEL, C1) as escapes, and bytes that are not UTF-8 (read as lone
+surrogates) as the same, as group names show them: a command line may hold any of them."""
 
 
 def escape_cmdline(argv: Iterable[str], chars: int) -> str:
     """The first ``chars`` characters of the arguments joined by spaces, control characters
-    escaped (``\\x0a``) so a label never carries a newline or a terminal escape."""
-    return " ".join(argv)[:chars].translate(_CONTROL)
+    and bytes that are not UTF-8 escaped (``\\x0a``, ``\\xff``): a label never carries a
+    newline or a terminal escape."""
+    return " ".join(argv)[:chars].translate(_ESCAPES)
 
 
 def _columns(columns: list[int]) -> Callable[[list[int]], tuple[int, ...]]:

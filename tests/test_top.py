@@ -18,7 +18,7 @@ from kvm_exporter.collector import KvmCollector, ReloadStatus
 from kvm_exporter.config import ConfigError, TopConfig, parse_config
 from kvm_exporter.groups import parse_process_names
 from kvm_exporter.poller import Poller, Settings
-from kvm_exporter.records import USAGE_PID
+from kvm_exporter.records import USAGE_PID, split_argv
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.top import CPU, MEMORY, Watch, choose, escape_cmdline
 from kvm_exporter.usage import Grouping, Tracker
@@ -184,6 +184,7 @@ def test_control_characters_are_escaped_and_the_cut_is_in_characters() -> None:
     assert escape_cmdline(["sh", "-c", "a\nb\x1b[1m\x9b"], 100) == "sh -c a\\x0ab\\x1b[1m\\x9b"
     assert escape_cmdline(["mysql", "--password=hunter2"], 5) == "mysql"
     assert escape_cmdline([], 8) == ""
+    assert escape_cmdline(split_argv(b"caf\xc3\xa9\0\xff\xfe\0"), 9) == "café \\xff\\xfe"
 
 
 def set_stat(root: Path, pid: int, field: int, value: int) -> None:
