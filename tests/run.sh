@@ -9,9 +9,10 @@ SUDO=""
 # prometheus: server and promtool; shellcheck: rc.d lint; python3-venv: the venv below;
 # gcc/libc6-dev: the fake libkvm; openssl: test certificates; procps: ps to compare with;
 # systemd: systemd-analyze for the unit; mandoc: the manual page lint;
-# prometheus-process-exporter: the peer that resource and group tests compare with.
+# prometheus-process-exporter: the peer that resource and group tests compare with;
+# tcsh/csh: root's login shell under su(1) in the rc.d tests (csh on FreeBSD 13 and older).
 PACKAGES="prometheus prometheus-process-exporter shellcheck mandoc python3 python3-venv python3-dev gcc libc6-dev openssl procps
-    systemd ca-certificates"
+    systemd ca-certificates tcsh csh"
 # Waits for another apt-get holding the dpkg lock; a new machine may have no package lists yet.
 apt_install() {
     # shellcheck disable=SC2086 # a list of words
