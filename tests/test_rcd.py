@@ -401,10 +401,12 @@ def test_checkconfig(service: Service) -> None:
     assert "failed precmd routine for kvm_exporter" in refused.stderr
     assert not svc.pidfile.exists()
 
-    svc.config.unlink()
+    # Said with printf: dash's echo would make the "\\t" a tab.
+    absent = svc.root / "absent\\tconfig.yml"
+    svc.write_rc_conf(kvm_exporter_config=str(absent))
     missing = svc.rc("checkconfig")
     assert missing.returncode == 0, missing
-    assert f"{svc.config} does not exist: built-in defaults apply." in missing.stdout
+    assert f"{absent} does not exist: built-in defaults apply." in missing.stdout
     assert "built-in defaults: configuration is valid" in missing.stdout
 
 
