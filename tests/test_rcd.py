@@ -669,9 +669,14 @@ def test_the_check_runs_as_the_service_user(service: Service, unreadable: str) -
 
 
 def test_args_are_read_with_eval_by_check_and_start_alike(service: Service) -> None:
-    """Issue 12 rc.d 4: rc.subr's start evals command_args; the check reads the args so too."""
+    """Issue 12 rc.d 4: rc.subr's start evals command_args; the check reads the args so too,
+    in the same shell: a variable of rc.conf that is not exported (left unexpanded there by
+    single quotes) is seen by both."""
     svc = service
-    svc.write_rc_conf(kvm_exporter_args="--log.level=\"debug\" --web.telemetry-path='/metrics'")
+    svc.write_rc_conf(
+        kvm_exporter_args="--log.level=\"${kvm_exporter_level}\" --web.telemetry-path='/metrics'",
+        kvm_exporter_level="debug",
+    )
     check = svc.rc("checkconfig")
     assert check.returncode == 0, check
     _, child = start(svc)
@@ -740,8 +745,10 @@ def stop_a_sigterm_deaf_exporter(svc: Service, terms: Path) -> tuple[float, floa
     assert svc.rc("start").returncode == 0
     supervisor = svc.pid(svc.pidfile)
     child = wait_until(lambda: pid_in(svc.child_pidfile), what="the stand-in exporter")
-    cmdline = lambda: Path(f"/proc/{child}/cmdline").read_text()  # noqa: E731
-    wait_until(lambda: "signal.pause" in cmdline(), what="the stand-in's SIGTERM handler")
+    wait_until(
+        lambda: "signal.pause" in Path(f"/proc/{child}/cmdline").read_text(),
+        what="the stand-in's SIGTERM handler",
+    )
     wait_until(lambda: 0.3 <= time.time() % 1 < 0.4, what="0.3 s into a second")
     stop = svc.rc("stop", timeout=40)
     stopped = time.time()
