@@ -26,6 +26,7 @@ from .records import (
     USAGE_PID,
     USAGE_PPID,
     USAGE_STATE,
+    USAGE_THREADS,
     USAGE_UID,
     Survey,
     UsageRow,
@@ -55,6 +56,10 @@ class GroupCounts(NamedTuple):
     counters: dict[tuple[str, str], dict[str, float]] = {}
     """Per (metric, label value) of the source's usage counters (``cpu``/``user``...), each
     group's total since the exporter started; empty where the source has no usage."""
+    thread_states: dict[tuple[str, str], int] = {}
+    """Per (group, state), the threads of the processes with two or more, which
+    process-exporter's ``namedprocess_namegroup_states`` adds to the processes' states; empty
+    unless the grouper was given ``thread_states``."""
 
 
 ADMIN = -1
@@ -104,9 +109,12 @@ class Grouper:
         user_name: Callable[[int], str],
         spec: UsageSpec,
         series_per_group: int = 1,
+        thread_states: Callable[[int], list[str] | None] | None = None,
     ) -> None:
         """``series_per_group``: what a group has in the metrics served besides ours (with
-        process-exporter's names, one per state it knows, every group)."""
+        process-exporter's names, one per state it knows, every group). ``thread_states``: a
+        process's thread states (None if gone), read each poll for the named processes of two
+        or more threads (:attr:`GroupCounts.thread_states`)."""
         self._rules = rules
         self._children = children
         self._max_series = max_series
@@ -114,6 +122,10 @@ class Grouper:
         self._user_name = user_name
         self._spec = spec
         self._unreadable = 0
+        self._thread_states = thread_states
+        self._threaded: dict[int, _Key] = {}
+        """The named processes of two or more threads, by pid, with their group when their
+        record last changed (kept only with ``thread_states``)."""
         self._shares = tuple(i if chosen_by_processes(r) else ADMIN for i, r in enumerate(rules))
         self._tracker = Tracker(Grouping(self._key, self._names), spec.decode, oldest=True)
         self._accounts = Accounts(("group",), max_series, spec) if spec.counters else None
@@ -137,6 +149,8 @@ class Grouper:
             return key[0] if kept is None or key[0] in kept else OTHER
 
         counts = self._count(named, tally.oldest, group)
+        if self._thread_states is not None:
+            counts = counts._replace(thread_states=self._threads(self._thread_states, group))
         if kept is not None:
             counts = counts._replace(folded=len(processes) - len(kept))
         if self._accounts is None:
@@ -182,8 +196,32 @@ class Grouper:
                 counts.oldest_start[name] = start
         return counts
 
+    def _threads(
+        self, read: Callable[[int], list[str] | None], group: Callable[[_Key], str]
+    ) -> dict[tuple[str, str], int]:
+        """The threads per (group, state) of the named processes with two or more."""
+        out: dict[tuple[str, str], int] = {}
+        for pid, key in list(self._threaded.items()):
+            if self._tracker.group(pid) != key:  # gone, or named anew since
+                del self._threaded[pid]
+                continue
+            states = read(pid) or ()
+            if len(states) > 1:  # as process-exporter: a lone thread is the process itself
+                name = group(key)
+                for state in states:
+                    out[name, state] = out.get((name, state), 0) + 1
+        return out
+
     def _key(self, row: UsageRow, named: Named | None) -> _Key | None:
-        return None if named is None else (*named, self._spec.state(row[USAGE_STATE]))
+        if named is None:
+            return None
+        key = (*named, self._spec.state(row[USAGE_STATE]))
+        if self._thread_states is not None:
+            if row[USAGE_THREADS] > 1:
+                self._threaded[row[USAGE_PID]] = key
+            else:
+                self._threaded.pop(row[USAGE_PID], None)
+        return key
 
     def _names(self, new: dict[int, bytes], earlier: Callable[[int], Any]) -> dict[int, Any]:
         """The group of each new process (its usage record by pid): from the rules, else

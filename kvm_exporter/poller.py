@@ -247,6 +247,7 @@ class Poller:
                 lambda uid: self._names(uid),
                 source.usage_spec,
                 pe,
+                getattr(source, "thread_states", None) if pe > 1 else None,
             )
             self._grouper_made = made
         return self._grouper

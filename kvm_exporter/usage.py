@@ -238,6 +238,12 @@ class Tracker:
                 if not starts:
                     del self._starts[seen.group]
 
+    def group(self, pid: int) -> GroupKey | None:
+        """The group of process ``pid`` as of the last update; None if it had none or was
+        not there."""
+        seen = self._seen.get(pid)
+        return None if seen is None else seen.group
+
     def __len__(self) -> int:
         return len(self._seen)
 

@@ -565,6 +565,26 @@ def test_group_counters_under_both_names() -> None:
     assert not any("block" in name for name, _ in theirs)  # operations are not its bytes
 
 
+def test_thread_states_are_read_only_for_named_processes_of_two_threads_or_more() -> None:
+    rs = rules({"name": "{{.Comm}}", "comm": ["a", "b"]})
+    table = {2: ["sleeping"] * 4 + ["running"], 5: ["sleeping"]}
+    reads: list[int] = []
+
+    def threads(pid: int) -> list[str] | None:
+        reads.append(pid)
+        return table.get(pid)
+
+    grouper = Grouper(rs, True, 100, Argvs({}), str, SPEC, 5, threads)
+    procs = [proc(2, 1, "a", threads=5), proc(3, 1, "b"), proc(4, 1, "c", threads=3)]
+    procs.append(proc(5, 1, "b", threads=2))  # one thread left by the time it is read
+    got = grouper.update(Survey({}, procs, 0))
+    assert got.thread_states == {("a", "sleeping"): 4, ("a", "running"): 1}
+    assert sorted(reads) == [2, 5]
+    # pid 2 exits and a single-threaded process takes its pid; pid 5 exits.
+    got = grouper.update(Survey({}, [proc(2, 1, "b", start=9), proc(3, 1, "b")], 0))
+    assert got.thread_states == {} and sorted(reads) == [2, 5]
+
+
 def test_a_long_chain_of_new_unnamed_processes_all_join_the_named_ancestor() -> None:
     rs = rules({"name": "root", "comm": ["top"]})
     procs = [proc(2, 1, "top")] + [proc(3 + i, 2 + i, "sh") for i in range(20000)]
