@@ -22,6 +22,7 @@ from .config import PROCESS_EXPORTER
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
+from .memory import give_back
 from .records import (
     HostLimits,
     LoadAvg,
@@ -221,6 +222,7 @@ class Poller:
             )
             self._polled.set()
             self._answer(asked)
+            give_back()  # what this poll freed (the processes gone, their names)
             return self._snapshot
 
     def _answer(self, asked: int) -> None:
