@@ -162,7 +162,8 @@ class Tracker:
             born = born_since is not None and row[USAGE_START] >= born_since
             self._add(row, None if born else row, attached[pid], increments)
         self._records, self._clock = current, clock
-        if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
+        kinds = len(self._shared)  # a kind per live process at most, once those gone go
+        if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
         gauges = {group: list(totals) for group, totals in self._gauges.items()}
