@@ -15,7 +15,7 @@ in its own share, so no user's name flood folds the admin's groups or another ru
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from itertools import chain, zip_longest
 from typing import Any, NamedTuple, cast
 
@@ -269,7 +269,7 @@ def _one(name: GroupKey) -> tuple[str, ...]:
 
 def _kept(
     processes: dict[str, int],
-    keys: Iterable[_Key],
+    keys: Collection[_Key],
     oldest: dict[Any, tuple[int, int]],
     max_series: int,
     values: int,
@@ -277,6 +277,8 @@ def _kept(
     """The groups that keep their name so no metric has more than ``max_series`` series, in
     :func:`_ranked`'s order, or None if all fit. ``other`` takes one series, one per state in
     the per-state metric, and ``values`` in a counter metric (as each group)."""
+    if len(processes) * values <= max_series and len(keys) <= max_series:
+        return None  # (a name from two shares has its states twice in keys: fewer fit)
     state_count: dict[str, int] = {}
     share: dict[str, int] = {}
     first: dict[str, tuple[int, int]] = {}
@@ -285,8 +287,6 @@ def _kept(
         state_count[name] = state_count.get(name, 0) + 1
         share[name] = min(share.get(name, rule), rule)  # a name the admin's rules give too
         first[name] = min(first.get(name, oldest[key]), oldest[key])
-    if len(processes) * values <= max_series and sum(state_count.values()) <= max_series:
-        return None
     kept: set[str] = set()
     room = max_series - len(STATES)
     for name in _ranked(processes, share, first):
