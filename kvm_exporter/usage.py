@@ -235,7 +235,8 @@ class Tracker:
                 for (into, _), amount in zip(self._netted, grew, strict=True):
                     group[into[0]] += max(amount, 0)
         self._records, self._clock = current, clock
-        if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
+        kinds = len(self._shared)  # a kind per live process at most, once those gone go
+        if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
         gauges = {group: list(totals) for group, totals in self._gauges.items()}
@@ -417,6 +418,12 @@ class Tracker:
                 del starts[start]
                 if not starts:
                     del self._starts[seen.group]
+
+    def group(self, pid: int) -> GroupKey | None:
+        """The group of process ``pid`` as of the last update; None if it had none or was
+        not there."""
+        seen = self._seen.get(pid)
+        return None if seen is None else seen.group
 
     def __len__(self) -> int:
         return len(self._seen)
