@@ -293,9 +293,8 @@ class Tracker:
             group = increments[seen.group] = [0] * (n + 1)  # and processes started
         for i in range(n):
             group[i] += grew[i]
-        children = self._quantities(grew[n:])
-        if any(children):
-            reaped[pid] = children
+        if any(grew[n:]):  # it reaped (most processes did not: skip the sums)
+            reaped[pid] = self._quantities(grew[n:])
 
     def _quantities(self, columns: list[int] | UsageRow) -> list[int]:
         """The netted quantities of counter ``columns`` (FreeBSD's seconds and microseconds as
