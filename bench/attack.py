@@ -7,6 +7,14 @@ for each scrape, 20 a second. Loopback only; each attack lasts ``--seconds`` (at
 
     python bench/attack.py [--seconds 8] [--node-exporter /usr/bin/prometheus-node-exporter]
 
+The process-side attacks (issue 23) run another user's part with processes, not sockets:
+``name-flood`` starts 3,000 sleeping processes whose arguments each name a group of their own
+(``--app=aN`` under a ``{{.Matches.app}}`` rule) beside the admin's service, a process of
+the fixed-name group ``service`` (a name that sorts after the flood's); ``fork-churn`` forks
+and reaps processes back to back. There the exporter has both rules and node_exporter its
+``processes`` collector on; the ``admin lost`` column counts the scrapes whose answer lacks
+the admin's group.
+
 Needs the test extra (``pip install '.[test]'``): it reuses tests/attack_support.py.
 """
 
@@ -43,6 +51,15 @@ from attack_support import (  # noqa: E402
 from conftest import free_port, wait_until  # noqa: E402
 from tlsutil import write_pki  # noqa: E402
 
+FLOOD_TOKEN = "kvmflood"
+"""The first word of the name-flood's processes (and of the rules that name them)."""
+FLOOD_PROCESSES = 3000
+GROUPS_CONFIG = f"""groups:
+  process_names:
+    - {{name: 'app-{{{{.Matches.app}}}}', cmdline: ['^{FLOOD_TOKEN} --app=(?P<app>\\S+)']}}
+    - {{name: service, cmdline: ['^{FLOOD_TOKEN}-admin ']}}
+"""
+ADMIN_GROUP = b'group="service"'
 DRIPPED = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: 0123456789\r\n" * 400 + b"\r\n"
 
 
@@ -115,6 +132,22 @@ def attacker(kind: str, port: int, seconds: float) -> None:
         stopped.set()
         for thread in threads:
             thread.join(10)
+    elif kind == "name-flood":
+        sleep = shutil.which("sleep") or "/bin/sleep"
+        kids = [
+            subprocess.Popen([f"{FLOOD_TOKEN} --app=a{i}", "600"], executable=sleep)
+            for i in range(FLOOD_PROCESSES)
+        ]
+        time.sleep(seconds)
+        for kid in kids:
+            kid.kill()
+            kid.wait()
+    elif kind == "fork-churn":
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if os.fork() == 0:
+                os._exit(0)
+            os.wait()
     else:
         crowd = {
             "slowloris": lambda: Crowd(
@@ -177,7 +210,11 @@ class Running:
             self.proc.kill()
 
 
-def measure(running: Running, kind: str | None, seconds: float) -> dict[str, object]:
+def measure(
+    running: Running, kind: str | None, seconds: float, expect: bytes | None = None
+) -> dict[str, object]:
+    """One attack's row; ``expect``: what every scrape's answer must hold (else counted in
+    ``admin lost``)."""
     pid = running.proc.pid
     log_before = running.log.stat().st_size
     attack = None
@@ -188,13 +225,14 @@ def measure(running: Running, kind: str | None, seconds: float) -> dict[str, obj
         time.sleep(1.0)  # let it build up
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     times: list[float] = []
-    failed = 0
+    failed = lost = 0
     peak_rss, peak_fds = rss_fds(pid)
     while time.monotonic() - t0 < seconds - 1.0:
         try:
-            status, _, took = scrape(running.port, context=running.context, timeout=10)
+            status, body, took = scrape(running.port, context=running.context, timeout=10)
             if status == 200:
                 times.append(took * 1000)
+                lost += expect is not None and expect not in body
             else:
                 failed += 1
         except (OSError, Exception):
@@ -218,6 +256,7 @@ def measure(running: Running, kind: str | None, seconds: float) -> dict[str, obj
         "attack": kind or "none",
         "ok": len(times),
         "failed": failed,
+        "lost": lost if expect is not None else None,
         "p50": statistics.median(times) if times else float("nan"),
         "p99": times[min(len(times) - 1, int(len(times) * 0.99))] if times else float("nan"),
         "max": times[-1] if times else float("nan"),
@@ -241,6 +280,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--node-exporter", default=shutil.which("prometheus-node-exporter"))
+    parser.add_argument(
+        "--only", choices=["network", "processes"], help="run only these attacks (default: all)"
+    )
     args = parser.parse_args()
     seconds = min(args.seconds, 10.0)
     write_pki(PKI)
@@ -248,17 +290,42 @@ def main() -> None:
     web.write_text(
         f"tls_server_config:\n  cert_file: {PKI}/server.pem\n  key_file: {PKI}/server-key.pem\n"
     )
+    groups = PKI / "groups.yml"
+    groups.write_text(GROUPS_CONFIG)
     kvm = [sys.executable, "-m", "kvm_exporter"]
-    targets = [("kvm_exporter", kvm)]
+    # Per target: its command, and what the process-side attacks add to it.
+    targets = [("kvm_exporter", kvm, [f"--config.file={groups}"], ADMIN_GROUP)]
     if args.node_exporter:
         targets.append(
             (
                 "node_exporter",
                 [args.node_exporter, "--collector.disable-defaults", "--collector.loadavg"],
+                ["--collector.processes"],
+                None,
             )
         )
-    rows = []
-    for name, argv in targets:
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    admin = subprocess.Popen([f"{FLOOD_TOKEN}-admin", "3600"], executable=sleep)
+    try:
+        rows = run_all(targets, web, seconds, args.only)
+    finally:
+        admin.kill()
+        admin.wait()
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+
+
+def run_all(
+    targets: list[tuple[str, list[str], list[str], bytes | None]],
+    web: Path,
+    seconds: float,
+    only: str | None,
+) -> list[dict[str, object]]:
+    """Every attack of ``only`` (None: all) against every target, a row each."""
+    rows: list[dict[str, object]] = []
+    for name, argv, with_processes, expect in targets:
         plain = Target(name, lambda port, a=argv: [*a, f"--web.listen-address=127.0.0.1:{port}"])
         tls = Target(
             name,
@@ -269,18 +336,27 @@ def main() -> None:
             ],
             tls=True,
         )
+        processes = Target(
+            f"{name} {with_processes[0].split('=')[0]}",
+            lambda port, a=[*argv, *with_processes]: [*a, f"--web.listen-address=127.0.0.1:{port}"],
+        )
+        runs: list[tuple[Target, int | None, list[str | None], bytes | None]] = []
+        if only in (None, "network"):
+            runs += [
+                (plain, None, [None, "slowloris", "load", "drip", "flood"], None),
+                (tls, None, [None, "tls-stall"], None),
+                (plain, 256, [None, "reconnect"], None),
+            ]
+        if only in (None, "processes"):
+            runs.append((processes, None, [None, "name-flood", "fork-churn"], expect))
         with tempfile.TemporaryDirectory() as tmp:
-            for target, max_fds, kinds in (
-                (plain, None, [None, "slowloris", "load", "drip", "flood"]),
-                (tls, None, [None, "tls-stall"]),
-                (plain, 256, [None, "reconnect"]),
-            ):
+            for target, max_fds, kinds, expected in runs:
                 running = Running(target, max_fds, Path(tmp) / f"{name}-{len(rows)}.log")
                 try:
                     for kind in kinds:
-                        row = measure(running, kind, seconds)
+                        row = measure(running, kind, seconds, expected)
                         row["target"] = (
-                            name
+                            target.name
                             + (" TLS" if target.tls else "")
                             + (f" ulimit -n {max_fds}" if max_fds else "")
                         )
@@ -288,22 +364,20 @@ def main() -> None:
                         print(format_row(row), flush=True)
                 finally:
                     running.stop()
-    print()
-    print(HEADER)
-    for row in rows:
-        print(format_row(row))
+    return rows
 
 
 HEADER = (
-    "| target | attack | scrapes ok/failed | p50 ms | p99 ms | max ms | CPU % | RSS peak MiB | "
-    "RSS after MiB | fds peak | log lines | alive |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    "| target | attack | scrapes ok/failed | admin lost | p50 ms | p99 ms | max ms | CPU % | "
+    "RSS peak MiB | RSS after MiB | fds peak | log lines | alive |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 )
 
 
 def format_row(row: dict[str, object]) -> str:
     return (
-        f"| {row['target']} | {row['attack']} | {row['ok']}/{row['failed']} | {row['p50']:.1f} | "
+        f"| {row['target']} | {row['attack']} | {row['ok']}/{row['failed']} | "
+        f"{'' if row['lost'] is None else row['lost']} | {row['p50']:.1f} | "
         f"{row['p99']:.1f} | {row['max']:.1f} | {row['cpu']:.0f} | {row['rss']:.1f} | "
         f"{row['rss_after']:.1f} | {row['fds']} | {row['log_lines']} | "
         f"{'yes' if row['alive'] and not row['tracebacks'] else 'NO'} |"

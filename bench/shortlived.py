@@ -18,38 +18,26 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import Exporter  # noqa: E402 (the tests' exporter process, one copy)
 from test_live_reaped import WORKLOAD  # noqa: E402 (the tests' own workload, one copy)
 
 UID = 47199
 """The workload's uid: no account needed, its series is labelled with the number."""
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def total(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **match: str
-) -> float:
+def total(metrics: Metrics, name: str, **match: str) -> float:
     return sum(
         v
         for (n, labels), v in metrics.items()
@@ -58,47 +46,26 @@ def total(
 
 
 @contextmanager
-def exporter(interval: float) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = Path(tempfile.mkdtemp()) / "bench.yml"
-    config.write_text(f"interval: {interval}\n")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvm_exporter",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--config.file={config}",
-            "--log.level=error",
-        ],
-        cwd="/",
-    )
-    url = f"http://127.0.0.1:{port}/metrics"
-    try:
-        for _ in range(200):
-            try:
-                scrape(url)
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait()
+def exporter(interval: float) -> Iterator[Exporter]:
+    """The tests' real exporter process on a free loopback port."""
+    with tempfile.TemporaryDirectory() as tmp:
+        running = Exporter(Path(tmp), f"interval: {interval}\n", ["--log.level=error"], {})
+        try:
+            yield running
+        finally:
+            running.stop()
 
 
-def after_polls(url: str, polls: int) -> None:
+def after_polls(e: Exporter, polls: int) -> None:
     """Scrape every 0.5 s until the exporter has polled ``polls`` more times."""
-    start = total(scrape(url), "kvm_polls_total")
-    while total(scrape(url), "kvm_polls_total") < start + polls:
+    start = total(e.metrics(), "kvm_polls_total")
+    while total(e.metrics(), "kvm_polls_total") < start + polls:
         time.sleep(0.5)
 
 
 def short_lived(seconds: float, burn: float, interval: float) -> tuple[float, float, int]:
     """(CPU used, CPU counted, children) of one workload run."""
-    with exporter(interval) as url:
+    with exporter(interval) as e:
         work = subprocess.Popen(
             [sys.executable, "-c", WORKLOAD, str(seconds), str(burn)],
             user=UID,
@@ -108,13 +75,13 @@ def short_lived(seconds: float, burn: float, interval: float) -> tuple[float, fl
         )
         assert work.stdin is not None and work.stdout is not None
         try:
-            after_polls(url, 2)  # the workload's parent is a baseline
-            before = total(scrape(url), "kvm_cpu_seconds_total", user=str(UID))
+            after_polls(e, 2)  # the workload's parent is a baseline
+            before = total(e.metrics(), "kvm_cpu_seconds_total", user=str(UID))
             work.stdin.write(b"go\n")
             work.stdin.flush()
             used, children = work.stdout.readline().split()
-            after_polls(url, 1)
-            counted = total(scrape(url), "kvm_cpu_seconds_total", user=str(UID)) - before
+            after_polls(e, 1)
+            counted = total(e.metrics(), "kvm_cpu_seconds_total", user=str(UID)) - before
         finally:
             work.kill()
             work.wait()
@@ -134,9 +101,9 @@ def mixed_host(seconds: float) -> tuple[float, float]:
         "all: $(OBJS)\n%.o: %.c\n\tcc -O2 -c $< -o $@\nclean:\n\trm -f *.o\n"
     )
     busy = ("user", "nice", "system")
-    with exporter(15) as url:
-        after_polls(url, 1)
-        first = scrape(url)
+    with exporter(15) as e:
+        after_polls(e, 1)
+        first = e.metrics()
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         cron = subprocess.Popen(
             ["sh", "-c", "while :; do sh -c 'ls /proc >/dev/null'; sleep 0.05; done"]
@@ -149,8 +116,8 @@ def mixed_host(seconds: float) -> tuple[float, float]:
         cron.kill()
         spinner.wait()
         cron.wait()
-        after_polls(url, 1)
-        last = scrape(url)
+        after_polls(e, 1)
+        last = e.metrics()
     shutil.rmtree(project)
     host = sum(
         total(last, "kvm_host_cpu_seconds_total", mode=m)

@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from . import memory
 from .config import DEFAULT_PORT, FLAGS, LOG_FORMATS, LOG_LEVELS, ConfigError
 from .logs import crash, setup
 from .poller import Poller
@@ -160,6 +161,7 @@ def serve_forever(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    memory.configure()
     args = build_parser().parse_args(argv)
     level, fmt = getattr(args, "log.level"), getattr(args, "log.format")
     # A bad flag is a ConfigError below, logged in the defaults.

@@ -5,6 +5,7 @@ and labels, so its dashboards work unchanged."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -81,9 +82,10 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
 
 
 def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
-    """process-exporter's names for what both exporters measure alike. ``states`` counts
-    processes by their (first thread's) state, where process-exporter adds each thread of a
-    multi-threaded process too."""
+    """process-exporter's names for what both exporters measure alike. ``states`` counts as
+    process-exporter does: each process by its (first thread's) state, and each thread of a
+    process of two or more threads again by its own (where the source reads thread states:
+    Linux; on FreeBSD processes only)."""
     yield _per_group(
         "namedprocess_namegroup_num_procs",
         "number of processes in this group",
@@ -117,7 +119,7 @@ def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
     for group in groups.processes:
         for pe_state in PROCESS_EXPORTER_STATES:
             by_state[label_value(group), pe_state] = 0
-    for (group, state), count in groups.states.items():
+    for (group, state), count in chain(groups.states.items(), groups.thread_states.items()):
         key = (label_value(group), PROCESS_EXPORTER_STATE.get(state, "Other"))
         by_state[key] += count
     for key in sorted(by_state):

@@ -273,17 +273,24 @@ def label_text(name: str) -> str:
 def name_of(rules: tuple[Rule, ...], proc: Argv) -> tuple[str | None, bool]:
     """The first matching rule's name for ``proc`` (None: no rule matches), and whether its
     arguments were wanted and could not be read (then matched as if it had none)."""
+    name, _, unreadable = first_match(rules, proc)
+    return name, unreadable
+
+
+def first_match(rules: tuple[Rule, ...], proc: Argv) -> tuple[str | None, int, bool]:
+    """:func:`name_of` and the index of the rule that named ``proc`` (-1 if none): the folding
+    under the series cap gives each rule its own share."""
     argv: tuple[str, ...] | None = None
     unreadable = False
-    for rule in rules:
+    for index, rule in enumerate(rules):
         if argv is None and rule.needs_argv:
             got = proc.argv()
             unreadable = got is None
             argv = got or ()
         name = rule.name_of(proc, argv or ())
         if name is not None:
-            return name, unreadable
-    return None, unreadable
+            return name, index, unreadable
+    return None, -1, unreadable
 
 
 def go_base(path: str) -> str:

@@ -22,6 +22,7 @@ from .config import PROCESS_EXPORTER, TopConfig, format_duration
 from .grouping import GroupCounts, Grouper
 from .groups import Rule
 from .logs import crash
+from .memory import give_back
 from .records import (
     HostLimits,
     HostUsage,
@@ -245,6 +246,7 @@ class Poller:
             )
             self._polled.set()
             self._answer(asked)
+            give_back()  # what this poll freed (the processes gone, their names)
             return self._snapshot
 
     @staticmethod
@@ -285,6 +287,7 @@ class Poller:
                 source.usage_spec,
                 pe,
                 getattr(source, "cgroups", None),  # Linux only
+                getattr(source, "thread_states", None) if pe > 1 else None,
             )
             self._grouper_made = made
         return self._grouper

@@ -251,7 +251,8 @@ class Tracker:
         self._records -= stale
         self._records |= fresh
         self._clock = clock
-        if len(self._shared) > 2 * self._shared_kept + 64:  # kinds gone: let them go
+        kinds = len(self._shared)  # a kind per live process at most, once those gone go
+        if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
         gauges = {group: list(totals) for group, totals in self._gauges.items()}
@@ -312,9 +313,8 @@ class Tracker:
             group = increments[seen.group] = [0] * (n + 1)  # and processes started
         for i in range(n):
             group[i] += grew[i]
-        children = self._quantities(grew[n:])
-        if any(children):
-            reaped[pid] = children
+        if any(grew[n:]):  # it reaped (most processes did not: skip the sums)
+            reaped[pid] = self._quantities(grew[n:])
 
     def _quantities(self, columns: list[int] | UsageRow) -> list[int]:
         """The netted quantities of counter ``columns`` (FreeBSD's seconds and microseconds as
@@ -438,9 +438,11 @@ class Tracker:
                 if not starts:
                     del self._starts[seen.group]
 
-    def group_of(self, pid: int) -> GroupKey:
-        """The group of the process ``pid`` as of the last update (KeyError if none)."""
-        return self._seen[pid].group
+    def group(self, pid: int) -> GroupKey | None:
+        """The group of process ``pid`` as of the last update; None if it had none or was
+        not there."""
+        seen = self._seen.get(pid)
+        return None if seen is None else seen.group
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -622,7 +624,7 @@ class Accounting:
 
         out = self.accounts.add(tally, name)
         if self.tracker.watch is not None:
-            group = self.tracker.group_of
+            group = self.tracker.group
             self._chosen = [(r, name(group(r[USAGE_PID]))) for r in self.tracker.watch.rank()]
         return out._replace(jails=jails)
 

@@ -39,6 +39,7 @@ from kvm_exporter.auth import guarded
 from kvm_exporter.config import listen_host_port
 from kvm_exporter.http1 import HeadBuffer, HttpError, Request
 from kvm_exporter.logs import crash
+from kvm_exporter.memory import give_back
 from kvm_exporter.webconfig import WebSettings, ssl_context
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvm_exporter.web")
 
 FD_RESERVE = 64
+FREED = 64
+"""Connections closed since the most open at once after which the web loop gives memory back
+(:func:`~kvm_exporter.memory.give_back`): a burst has ended."""
 """File descriptors never spent on connections: polls, logs and reloads need them."""
 
 
@@ -323,6 +327,8 @@ class Server:
         self._idle: dict[_Conn, None] = {}
         self._lingering: dict[_Conn, None] = {}
         self._open = 0
+        self._peak = 0
+        """Most connections open since memory was last given back."""
         self._returned: deque[tuple[_Conn, str]] = deque()
         self._active: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
@@ -393,6 +399,9 @@ class Server:
                     self._keep(self._cooling.popleft())
                 now = time.monotonic()
                 self._expire(now)
+                self._peak = max(self._peak, self._open)
+                if self._peak - self._open >= FREED and give_back():  # a burst has ended:
+                    self._peak = self._open  # its buffers (TLS: 40 KiB each) go back
                 if not self._listening and now >= self._resume_at:
                     self._selector.register(self._listener, selectors.EVENT_READ)
                     self._listening = True

@@ -393,6 +393,12 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         return received
 
 
+def rss_mib(pid: int) -> float:
+    """The resident size of process ``pid``, MiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if "VmRSS" in x)
+    return int(line.split()[1]) / 1024
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of process ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()

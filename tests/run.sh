@@ -12,10 +12,11 @@ SUDO=""
 # prometheus-process-exporter: the peer that resource and group tests compare with;
 # prometheus-node-exporter: reads the exporter's node_* names through its textfile collector;
 # git: the revision a build records and a checkout reports; strace: the system calls the
-# systemd unit's filter must allow.
+# systemd unit's filter must allow; tcsh/csh: root's login shell under su(1) in the rc.d
+# tests (csh on FreeBSD 13 and older).
 PACKAGES="prometheus prometheus-process-exporter prometheus-node-exporter shellcheck mandoc
     python3 python3-venv python3-dev gcc libc6-dev openssl procps systemd ca-certificates git
-    strace"
+    strace tcsh csh"
 # Waits for another apt-get holding the dpkg lock; a new machine may have no package lists yet.
 apt_install() {
     # shellcheck disable=SC2086 # a list of words

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import tlsutil
+from attack_support import rss_mib
 from conftest import free_port, wait_until
 
 from kvm_exporter.config import ConfigError, parse_config, parse_yaml
@@ -60,11 +61,6 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         "a value of 3000000 characters, expected at most 8192",
     ),
 }
-
-
-def rss_mib(pid: int) -> float:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if "VmRSS" in x)
-    return int(line.split()[1]) / 1024
 
 
 def value(metrics: dict[Any, float], name: str) -> float:

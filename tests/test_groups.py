@@ -4,13 +4,17 @@ tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import secrets
+import shutil
 import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +23,7 @@ from conftest import wait_until
 
 from kvm_exporter.aggregate import OTHER
 from kvm_exporter.config import ConfigError, parse_config
-from kvm_exporter.grouping import GroupCounts, Grouper
+from kvm_exporter.grouping import GroupCounts, Grouper, chosen_by_processes
 from kvm_exporter.groups import (
     Argv,
     Rule,
@@ -513,6 +517,85 @@ def test_a_hostile_user_cannot_grow_groups_past_the_cap() -> None:
     assert got.folded == 1001 - (len(got.processes) - 1)
 
 
+@pytest.mark.parametrize(
+    ("entry", "chosen"),
+    [
+        ({"name": "web", "cmdline": ["x"]}, False),
+        ({"name": "{{.Comm}}", "comm": ["a", "b"]}, False),  # one of the admin's comms
+        ({"name": "{{.Comm}}", "cmdline": ["x"]}, True),
+        ({"comm": ["python3"]}, True),  # ExeBase by default: argv[0] is the process's
+        ({"exe": ["postgres"]}, False),
+        ({"name": "{{.ExeFull}}", "exe": ["postgres"]}, True),  # any path
+        ({"name": "{{.ExeFull}}", "exe": ["/usr/bin/postgres"]}, False),
+        ({"name": "{{.Username}}", "comm": ["sshd"]}, True),  # subordinate uids
+        ({"name": "j-{{.Matches.id}}", "cmdline": ["(?P<id>a|b)"]}, True),
+    ],
+)
+def test_which_rules_names_the_processes_choose(entry: dict[str, Any], chosen: bool) -> None:
+    assert chosen_by_processes(rules(entry)[0]) is chosen
+
+
+def test_a_name_flood_folds_only_its_own_rules_share() -> None:
+    """1,000 processes each name their own group through a capture of their arguments, from
+    the first rule. The admin's single-process groups (a literal name, a comm of the admin's
+    list, an exe basename), whose names sort after the flood's, keep theirs; the two other
+    rules whose names processes choose (a user's, another capture) keep their share."""
+    rs = rules(
+        {"name": "app-{{.Matches.app}}", "cmdline": [r"--app=(?P<app>\S+)"]},
+        {"name": "zz-fixed", "comm": ["svc"]},
+        {"name": "{{.Comm}}", "comm": ["zz-daemon"]},
+        {"exe": ["zz-exe"]},
+        {"name": "zz-{{.Username}}", "comm": ["shell"]},
+        {"name": "zz-job-{{.Matches.n}}", "cmdline": [r"^job (?P<n>\d)"]},
+    )
+    table: dict[int, tuple[str, ...] | None] = {i: ("evil", f"--app=a{i:04}") for i in range(1000)}
+    procs = [proc(i, 1, "evil", start=5) for i in range(1000)]
+    admin = [proc(2001, 1, "svc"), proc(2002, 1, "zz-daemon"), proc(2003, 1, "x")]
+    table[2003] = ("/opt/zz-exe",)
+    users = [proc(2100 + u, 1, "shell", uid=u) for u in range(3)]
+    jobs = [proc(2200 + n, 1, "job") for n in range(3)]
+    table.update({2200 + n: ("job", str(n)) for n in range(3)})
+    got = Groups(rs, Argvs(table), cap=40).update(procs + admin + users + jobs)
+    assert len(got.processes) <= 40 and len(got.states) <= 40
+    for name in ("zz-fixed", "zz-daemon", "zz-exe", "zz-0", "zz-1", "zz-2"):
+        assert got.processes[name] == 1, name
+    assert {"zz-job-0", "zz-job-1", "zz-job-2"} <= set(got.processes)
+    flood = [name for name in got.processes if name.startswith("app-")]
+    assert flood and got.processes["other"] == 1000 - len(flood)
+
+
+def test_shares_are_equal_and_what_one_rule_leaves_goes_to_the_others() -> None:
+    """Two floods from two rules: each keeps the same number of groups; with room for 20
+    groups beside other and a third rule of 2 groups, the two floods keep 9 each."""
+    rs = rules(
+        {"name": "a-{{.Matches.n}}", "cmdline": [r"^a (?P<n>\d+)"]},
+        {"name": "b-{{.Matches.n}}", "cmdline": [r"^b (?P<n>\d+)"]},
+        {"name": "c-{{.Matches.n}}", "cmdline": [r"^c (?P<n>\d+)"]},
+    )
+    table: dict[int, tuple[str, ...] | None] = {}
+    procs = []
+    for flood, count in (("a", 300), ("b", 50), ("c", 2)):
+        for i in range(count):
+            pid = len(procs) + 10
+            table[pid] = (flood, str(i))
+            procs.append(proc(pid, 1, flood))
+    got = Groups(rs, Argvs(table), cap=len(STATES) + 20).update(procs)
+    kept = Counter(name[0] for name in got.processes if name != "other")
+    assert kept == {"a": 9, "b": 9, "c": 2}
+
+
+def test_in_a_share_a_running_service_outranks_newcomers_of_its_size() -> None:
+    """Under the default ``{{.ExeBase}}`` of a ``comm`` rule, processes choose their names:
+    the flood's newcomers, one process each like the service, fold before it."""
+    rs = rules({"comm": ["python3"]})
+    table: dict[int, tuple[str, ...] | None] = {2: ("/usr/bin/zz-service",)}
+    table.update({10 + i: (f"a{i}",) for i in range(100)})
+    procs = [proc(2, 1, "python3", start=1)]
+    procs += [proc(10 + i, 1, "python3", start=50) for i in range(100)]
+    got = Groups(rs, Argvs(table), cap=30).update(procs)
+    assert got.processes["zz-service"] == 1 and got.processes["other"] > 80
+
+
 @pytest.fixture
 def own_groups() -> Iterator[str]:
     """30 real processes whose arguments each ask for a group of their own: the rules."""
@@ -542,6 +625,75 @@ def test_live_processes_naming_their_own_groups_fold_under_the_cap(
     )
     assert len(seen) <= 14 and seen["other"] >= 30 - 13
     assert e.metrics()["kvm_namegroup_folded_groups", frozenset()] == 30 - (len(seen) - 1)
+
+
+@contextlib.contextmanager
+def started(executable: str, *argvs: list[str]) -> Iterator[None]:
+    """Real processes of ``executable``, one per argv (argv[0] as given), killed at the end."""
+    kids: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv in argvs:
+            kids.append(subprocess.Popen(argv, executable=executable))
+        yield
+    finally:
+        for kid in kids:
+            kid.kill()
+            kid.wait()
+
+
+def cpu_series(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[Any, float]:
+    return {k: v for (n, k), v in metrics.items() if n == "kvm_namegroup_cpu_seconds_total"}
+
+
+def test_live_name_flood_keeps_the_admins_groups_and_no_counter_jumps(
+    exporter: Any, tmp_path: Any
+) -> None:
+    """A spinner names its group through ``--app=``, beside the admin's two single-process
+    services. Then 200 processes under the same rule make 100 groups of two: the spinner's
+    group folds into other, the admin's keep their names, and no counter series, between two
+    scrapes, goes down or grows by more than the CPU time the machine had (a folded group's
+    total carried into other would)."""
+    token = "f" + secrets.token_hex(3)
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    (tmp_path / f"zz{token}").symlink_to(sleep)  # a comm of the admin's list
+    rules = (
+        f"[{{name: 'app-{{{{.Matches.app}}}}', cmdline: ['^{token} --app=(?P<app>\\S+)']}},"
+        f" {{name: zz-svc, cmdline: ['^{token}-svc ']}},"
+        f" {{name: '{{{{.Comm}}}}', comm: [zz{token}]}}]"
+    )
+    config = f"interval: 0\nmax_series: 40\ngroups:\n  process_names: {rules}\n"
+    admin = {"zz-svc", f"zz{token}"}
+    spin = ["-c", "while :; do :; done"]
+    with (
+        started(sleep, [f"{token}-svc", "600"]),
+        started(str(tmp_path / f"zz{token}"), ["x", "600"]),
+        started("/bin/bash", [f"{token} --app=zspin", *spin]),
+    ):
+        e = exporter(config)
+        spinner = frozenset({("group", "app-zspin"), ("mode", "user")})
+        wait_until(lambda: cpu_series(e.metrics()).get(spinner, 0) >= 0.5, what="0.5 s of CPU")
+        last: dict[Any, tuple[float, float]] = {}  # series: value, time of the scrape before
+
+        def scrape() -> dict[str, float]:
+            before = time.monotonic()
+            metrics = e.metrics()
+            for series, value in cpu_series(metrics).items():
+                was, since = last.get(series, (0.0, 0.0))
+                if since:
+                    allowed = (time.monotonic() - since) * (os.cpu_count() or 1) + 0.05
+                    assert was <= value <= was + allowed, (series, was, value)
+                last[series] = (value, before)
+            return group_processes(metrics)
+
+        scrape()
+        flood = [[f"{token} --app=a{i // 2:03}", "600"] for i in range(200)]
+        with started(sleep, *flood):
+            for _ in range(12):
+                groups = scrape()
+        assert len(groups) <= 40 // 2 and admin <= set(groups)
+        assert "app-zspin" not in groups  # each flood group has 2 processes, the rest other
+        assert groups["other"] == 201 - 2 * (len(groups) - 1 - len(admin))
+        assert {dict(k)["group"] for k in last} >= {"app-zspin", "other"}
 
 
 def test_process_exporters_names_stay_under_the_cap_too(exporter: Any, own_groups: str) -> None:
@@ -599,6 +751,26 @@ def test_group_counters_under_both_names() -> None:
     key = frozenset({("groupname", "web"), ("ctxswitchtype", "nonvoluntary")})
     assert theirs[switches, key] == 7.0
     assert not any("block" in name for name, _ in theirs)  # operations are not its bytes
+
+
+def test_thread_states_are_read_only_for_named_processes_of_two_threads_or_more() -> None:
+    rs = rules({"name": "{{.Comm}}", "comm": ["a", "b"]})
+    table = {2: ["sleeping"] * 4 + ["running"], 5: ["sleeping"]}
+    reads: list[int] = []
+
+    def threads(pid: int) -> list[str] | None:
+        reads.append(pid)
+        return table.get(pid)
+
+    grouper = Grouper(rs, True, 100, Argvs({}), str, SPEC, 5, thread_states=threads)
+    procs = [proc(2, 1, "a", threads=5), proc(3, 1, "b"), proc(4, 1, "c", threads=3)]
+    procs.append(proc(5, 1, "b", threads=2))  # one thread left by the time it is read
+    got = grouper.update(Survey({}, procs, 0))
+    assert got.thread_states == {("a", "sleeping"): 4, ("a", "running"): 1}
+    assert sorted(reads) == [2, 5]
+    # pid 2 exits and a single-threaded process takes its pid; pid 5 exits.
+    got = grouper.update(Survey({}, [proc(2, 1, "b", start=9), proc(3, 1, "b")], 0))
+    assert got.thread_states == {} and sorted(reads) == [2, 5]
 
 
 def test_a_long_chain_of_new_unnamed_processes_all_join_the_named_ancestor() -> None:

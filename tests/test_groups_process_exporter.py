@@ -164,6 +164,12 @@ def test_same_groups_counts_and_memory_as_the_real_process_exporter(
     assert pe_threads[f"py-web-{user}"] == 4 + 2 + 2
     assert by_group(kvm, "kvm_namegroup_threads") == pe_threads
     assert by_group(kvm, "namedprocess_namegroup_num_threads") == pe_threads
+    # Its states count each process, then each thread of one with two or more again: the
+    # scripts of 4 and 2 threads and their 2 children make 4 + 6 sleeping.
+    states = "namedprocess_namegroup_states"
+    assert by_group(pe, states, state="Sleeping")[f"py-web-{user}"] == 4 + 4 + 2
+    for state in ("Running", "Sleeping", "Waiting", "Zombie", "Other"):
+        assert by_group(kvm, states, state=state) == by_group(pe, states, state=state), state
     for memtype, ours_name in (
         ("resident", "kvm_namegroup_resident_memory_bytes"),
         ("virtual", "kvm_namegroup_virtual_memory_bytes"),

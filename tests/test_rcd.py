@@ -99,6 +99,10 @@ class Service:
         self.syslog = root / "syslog"
         self.rc_conf = root / "rc.conf"
         self.script = root / "kvm_exporter"
+        self.shell: tuple[str, ...] = ()
+        """The shell running the script; () runs it by its #!/bin/sh, dash on Debian."""
+        self.login_shell = "/bin/sh"
+        """Root's login shell as su(1) sees it (tests/rcsubr/bin/su): FreeBSD 14's."""
         text = SCRIPT.read_text()
         for real, stand_in in (
             ("/etc/rc.subr", HARNESS / "rc.subr"),
@@ -140,9 +144,14 @@ class Service:
             "PATH": f"{HARNESS / 'bin'}:{SERVICE_PATH}",
             "RCSUBR_RC_CONF": str(self.rc_conf),
             "RCSUBR_SYSLOG": str(self.syslog),
+            "RCSUBR_LOGIN_SHELL": self.login_shell,
         }
         return subprocess.run(
-            [str(self.script), command], capture_output=True, text=True, env=env, timeout=timeout
+            [*self.shell, str(self.script), command],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
         )
 
     def pid(self, pidfile: Path) -> int:
@@ -292,11 +301,16 @@ def test_script_follows_the_ports_convention() -> None:
     for line in defaults:
         if "_enable" not in line:
             assert re.fullmatch(r': \$\{kvm_exporter_\w+="[^"]*"\}', line), line
-    # Outside functions only rc.subr's own lines, defaults and plain assignments.
+    # Outside functions only rc.subr's own lines, defaults, plain assignments and a file
+    # test that empties a variable: nothing that runs a command or changes the system.
     for statement in statements:
-        assert statement in RC_SUBR_LINES or (
-            re.match(r"^(: \$\{\w+:?=|\w+=)", statement)
-            and not re.search(r"\$\(|`|;|&&|\|\|", statement)
+        assert (
+            statement in RC_SUBR_LINES
+            or re.fullmatch(r'\[ -f "\$\{\w+\}" \] \|\| \w+=', statement)
+            or (
+                re.match(r"^(: \$\{\w+:?=|\w+=)", statement)
+                and not re.search(r"\$\(|`|;|&&|\|\|", statement)
+            )
         ), statement
     # dist turns /usr/local into %%PREFIX%%: it may only name files the port installs.
     for match in re.finditer(r"/usr/local\S*", text):
@@ -342,8 +356,8 @@ def test_start_status_reload_stop(service: Service) -> None:
     # A bad config is refused before the signal; the running one keeps serving.
     svc.write_config(BAD_CONFIG)
     refused = svc.rc("reload")
-    assert refused.returncode != 0
-    assert "bogus" in refused.stderr and "configuration check failed" in refused.stderr
+    assert (refused.returncode, refused.stdout) == (1, ""), refused
+    assert "bogus" in refused.stderr
     assert processes_labels(svc.metrics_text()) == {"state"}
 
     again = svc.rc("start")
@@ -387,10 +401,12 @@ def test_checkconfig(service: Service) -> None:
     assert "failed precmd routine for kvm_exporter" in refused.stderr
     assert not svc.pidfile.exists()
 
-    svc.config.unlink()
+    # Said with printf: dash's echo would make the "\\t" a tab.
+    absent = svc.root / "absent\\tconfig.yml"
+    svc.write_rc_conf(kvm_exporter_config=str(absent))
     missing = svc.rc("checkconfig")
     assert missing.returncode == 0, missing
-    assert f"{svc.config} does not exist: built-in defaults apply." in missing.stdout
+    assert f"{absent} does not exist: built-in defaults apply." in missing.stdout
     assert "built-in defaults: configuration is valid" in missing.stdout
 
 
@@ -464,15 +480,140 @@ def test_refuses_an_unknown_user(service: Service) -> None:
     assert not svc.pidfile.exists()
 
 
+def options(svc: Service, *args: str) -> list[str]:
+    """The exporter's flags for this service's rc.conf, ``args`` standing for its args."""
+    return [f"--web.listen-address=127.0.0.1:{svc.port}", f"--config.file={svc.config}", *args]
+
+
+def test_force_starts_with_every_flag_when_the_check_fails(service: Service) -> None:
+    """Issue 20 rc.d 6: rc.subr goes on past a failing precmd under force; the exporter's
+    command line must not depend on it (it was the bare exporter: every interface, no config,
+    no web config)."""
+    svc = service
+    command = stand_in_exporter(svc, "exec sleep 600", check="exit 1")
+    svc.write_rc_conf(kvm_exporter_command=str(command))
+    refused = svc.rc("start")
+    assert "failed precmd routine for kvm_exporter" in refused.stderr, refused
+    assert not svc.pidfile.exists()
+    check = ["--config.check", *options(svc, "--log.level=debug")]
+    run = options(svc, "--log.level=debug")
+    expected = [check]
+    # forcestart: its check, then the exporter; forcerestart: its own check, then forcestart's.
+    for forced, runs in (("forcestart", [check, run]), ("forcerestart", [check, check, run])):
+        result = svc.rc(forced)
+        assert result.returncode == 0, result
+        expected += runs
+        wait_for_invocations(svc, expected)
+    assert ids(svc.pid(svc.child_pidfile))["Uid"] == [NOBODY] * 4
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["start", "forcestart", "checkconfig", "forcecheckconfig"]
+    + ["restart", "forcerestart", "reload", "forcereload"],
+)
+def test_root_is_refused_in_every_path(service: Service, command: str) -> None:
+    """Issue 20 rc.d 6: under force rc.subr ignores a failing precmd, so refusing root there
+    must end the script (rc.subr's err); a running exporter is left as it is."""
+    svc = service
+    svc.write_rc_conf(kvm_exporter_command=str(stand_in_exporter(svc, "exec sleep 600")))
+    running = command.endswith(("restart", "reload"))
+    if running:
+        assert svc.rc("start").returncode == 0
+        child = wait_until(lambda: pid_in(svc.child_pidfile), what="the exporter")
+        wait_until(lambda: len(invocations(svc)) == 2, what="the exporter's start")
+    svc.write_rc_conf(kvm_exporter_user="root")
+    result = svc.rc(command)
+    assert result.returncode == 1, result
+    assert "refusing to run kvm_exporter as root" in result.stderr
+    if running:
+        time.sleep(0.5)  # a SIGHUP would have ended the stand-in by now
+        assert pid_in(svc.child_pidfile) == child and alive(child)
+        assert ids(child)["Uid"] == [NOBODY] * 4
+        assert len(invocations(svc)) == 2
+    else:
+        assert not svc.pidfile.exists()
+        assert invocations(svc) == []
+
+
+@pytest.mark.parametrize("login_shell", ["/bin/sh", "/bin/tcsh", "/bin/csh"])
+@pytest.mark.parametrize("shell", [("dash",), ("bash", "--posix")], ids=["dash", "bash-posix"])
+def test_args_reach_the_check_and_the_exporter_as_written(
+    service: Service, shell: tuple[str, ...], login_shell: str
+) -> None:
+    """Issue 20 rc.d 9, 10: a "!" under su -m when root's login shell is csh (FreeBSD 13 and
+    older: history substitution, quoted or not), "\\t" and "\\c" under dash (its echo makes
+    them a tab and an end of output), and quotes, spaces and "$", as sh reads them in
+    kvm_exporter_args."""
+    svc = service
+    svc.shell, svc.login_shell = shell, login_shell
+    command = stand_in_exporter(svc, "exec sleep 600")
+    svc.write_rc_conf(
+        kvm_exporter_command=str(command),
+        kvm_exporter_args="--web.telemetry-path='/a!b\\tc\\cd $HOME' --log.level=\"debug\"",
+    )
+    result = svc.rc("start")
+    assert result.returncode == 0, result
+    flags = options(svc, "--web.telemetry-path=/a!b\\tc\\cd $HOME", "--log.level=debug")
+    wait_for_invocations(svc, [["--config.check", *flags], flags])
+
+
+def test_a_config_path_with_a_space_and_quotes(service: Service) -> None:
+    """Issue 20 rc.d 7: the exporter and its check read a config file whose path has a space
+    (and quotes and a "$"), once split into two words."""
+    svc = service
+    config_dir = svc.root / "with space 'q' \"d\" $x"
+    config_dir.mkdir(mode=0o755)
+    svc.config = config_dir / "kvm_exporter.yml"
+    svc.write_config("interval: 500ms\nlabels: [state]\n")
+    svc.write_rc_conf(kvm_exporter_config=str(svc.config))
+    check = svc.rc("checkconfig")
+    assert (check.returncode, check.stdout) == (0, f"{svc.config}: configuration is valid\n")
+    _, child = start(svc)
+    assert f"--config.file={svc.config}" in Path(f"/proc/{child}/cmdline").read_text().split("\0")
+    assert processes_labels(svc.metrics_text()) == {"state"}
+
+
+def test_flags_and_program_are_the_exporters(service: Service) -> None:
+    """Issue 20 rc.d 11: rc.subr hands ${name}_flags to daemon(8) (which refuses them) and runs
+    ${name}_program in its place; an admin means both for the exporter."""
+    svc = service
+    command = stand_in_exporter(svc, "exec sleep 600")
+    svc.write_rc_conf(
+        kvm_exporter_command="/nonexistent",
+        kvm_exporter_program=str(command),
+        kvm_exporter_flags="--poll.interval=1s",
+    )
+    check = svc.rc("checkconfig")
+    assert check.returncode == 0, check
+    result = svc.rc("start")
+    assert result.returncode == 0, result
+    flags = options(svc, "--log.level=debug", "--poll.interval=1s")
+    expected = [["--config.check", *flags], ["--config.check", *flags], flags]
+    wait_for_invocations(svc, expected)
+
+
+def test_faststop_is_silent_when_nothing_runs(service: Service) -> None:
+    """Issue 20 rc.d 10: rc.shutdown runs faststop; rc.subr's own stop returns 0 and says
+    nothing there when there is no pid, where stop says "not running?"."""
+    svc = service
+    faststop = svc.rc("faststop")
+    assert (faststop.returncode, faststop.stdout, faststop.stderr) == (0, "", ""), faststop
+    svc.write_rc_conf(kvm_exporter_command=str(stand_in_exporter(svc, "exec sleep 600")))
+    assert svc.rc("start").returncode == 0
+    supervisor = svc.pid(svc.pidfile)
+    assert svc.rc("faststop").returncode == 0
+    assert not alive(supervisor) and not svc.pidfile.exists()
+
+
 def test_restart_with_an_invalid_config_keeps_the_exporter(service: Service) -> None:
     """Issue 12 rc.d 1: rc.subr runs restart_precmd before stopping, the check goes there."""
     svc = service
     supervisor, child = start(svc)
     svc.write_config(BAD_CONFIG)
     restart = svc.rc("restart")
-    assert restart.returncode == 1, restart
-    assert "bogus" in restart.stderr and "configuration check failed" in restart.stderr
-    assert "Stopping" not in restart.stdout
+    assert (restart.returncode, restart.stdout) == (1, ""), restart
+    assert "bogus" in restart.stderr
     assert alive(supervisor) and alive(child)
     assert svc.pid(svc.child_pidfile) == child
     assert svc.serving()
@@ -528,9 +669,14 @@ def test_the_check_runs_as_the_service_user(service: Service, unreadable: str) -
 
 
 def test_args_are_read_with_eval_by_check_and_start_alike(service: Service) -> None:
-    """Issue 12 rc.d 4: rc.subr's start evals command_args; the check reads the args so too."""
+    """Issue 12 rc.d 4: rc.subr's start evals command_args; the check reads the args so too,
+    in the same shell: a variable of rc.conf that is not exported (left unexpanded there by
+    single quotes) is seen by both."""
     svc = service
-    svc.write_rc_conf(kvm_exporter_args="--log.level=\"debug\" --web.telemetry-path='/metrics'")
+    svc.write_rc_conf(
+        kvm_exporter_args="--log.level=\"${kvm_exporter_level}\" --web.telemetry-path='/metrics'",
+        kvm_exporter_level="debug",
+    )
     check = svc.rc("checkconfig")
     assert check.returncode == 0, check
     _, child = start(svc)
@@ -538,12 +684,31 @@ def test_args_are_read_with_eval_by_check_and_start_alike(service: Service) -> N
     assert "--log.level=debug" in cmdline and "--web.telemetry-path=/metrics" in cmdline
 
 
-def stand_in_exporter(svc: Service, body: str) -> Path:
-    """An executable for kvm_exporter_command whose --config.check passes."""
+def stand_in_exporter(svc: Service, body: str, check: str = "exit 0") -> Path:
+    """An executable for kvm_exporter_command: it runs ``check`` for --config.check and
+    ``body`` otherwise, and first adds its arguments to the list :func:`invocations` reads."""
     path = svc.root / "bin" / "stand_in"
-    path.write_text(f'#!/bin/sh\ncase "$1" in --config.check) exit 0 ;; esac\n{body}\n')
+    log = svc.root / "argv"
+    log.touch(mode=0o666)
+    log.chmod(0o666)  # the service user writes it
+    path.write_text(
+        f"#!/bin/sh\nprintf '%s\\0' \"$@\" >> {log}\necho >> {log}\n"
+        f'case "$1" in --config.check) {check} ;; esac\n{body}\n'
+    )
     path.chmod(0o755)
     return path
+
+
+def invocations(svc: Service) -> list[list[str]]:
+    """The argument lists :func:`stand_in_exporter` was run with, oldest first."""
+    runs = (svc.root / "argv").read_text().splitlines()
+    return [run.split("\0")[:-1] for run in runs]
+
+
+def wait_for_invocations(svc: Service, expected: list[list[str]]) -> None:
+    """Wait until :func:`invocations` are ``expected`` (daemon(8) runs the exporter after
+    the rc.d script returns)."""
+    wait_until(lambda: invocations(svc) == expected, what=f"{expected}, not {invocations(svc)}")
 
 
 def test_stop_ends_while_the_exporter_crash_loops(service: Service) -> None:
@@ -566,25 +731,60 @@ def test_stop_ends_while_the_exporter_crash_loops(service: Service) -> None:
     assert "address already in use" in svc.log().lower(), svc.log()
 
 
-def test_stop_kills_an_exporter_that_ignores_sigterm(service: Service) -> None:
-    """Issue 12 rc.d 5: past kvm_exporter_stop_timeout, SIGKILL (daemon(8) would wait forever)."""
-    svc = service
-    command = stand_in_exporter(svc, "trap '' TERM\nexec sleep 600")
-    svc.write_rc_conf(kvm_exporter_command=str(command), kvm_exporter_stop_timeout="2")
+TERM_LOGGER = (
+    "import signal, sys, time; "
+    "signal.signal(signal.SIGTERM, lambda *_: print(time.time(), file=open(sys.argv[1], 'a')))\n"
+    "while True: signal.pause()"
+)
+"""An exporter that ignores SIGTERM but for writing down when each one came (argv[1])."""
+
+
+def stop_a_sigterm_deaf_exporter(svc: Service, terms: Path) -> tuple[float, float]:
+    """Start the :data:`TERM_LOGGER` exporter, stop it 0.3 s into a second; the times of its
+    first SIGTERM and of the end of stop."""
     assert svc.rc("start").returncode == 0
     supervisor = svc.pid(svc.pidfile)
     child = wait_until(lambda: pid_in(svc.child_pidfile), what="the stand-in exporter")
-    wait_until(lambda: "sleep" in Path(f"/proc/{child}/cmdline").read_text(), what="exec sleep")
+    wait_until(
+        lambda: "signal.pause" in Path(f"/proc/{child}/cmdline").read_text(),
+        what="the stand-in's SIGTERM handler",
+    )
+    wait_until(lambda: 0.3 <= time.time() % 1 < 0.4, what="0.3 s into a second")
     stop = svc.rc("stop", timeout=40)
+    stopped = time.time()
     assert stop.returncode == 0, stop
-    assert "kvm_exporter did not stop in 2 s: sending SIGKILL." in stop.stderr
+    assert "kvm_exporter did not stop in 1 s: sending SIGKILL." in stop.stderr
     # stop does not wait for init to reap what SIGKILL ends.
     wait_until(lambda: not alive(supervisor) and not alive(child), what="SIGKILL to take effect")
     assert not svc.pidfile.exists() and not svc.child_pidfile.exists()
+    first_term = float(terms.read_text().split()[0])
+    terms.write_text("")
+    return first_term, stopped
+
+
+def test_stop_kills_an_exporter_that_ignores_sigterm(service: Service) -> None:
+    """Issue 12 rc.d 5: past kvm_exporter_stop_timeout, SIGKILL (daemon(8) would wait forever).
+    Issue 20 rc.d 10: not before the timeout after the first SIGTERM. date +%s counts whole
+    seconds: a deadline of "now + 1" taken from 0.3 to 0.8 s into a second comes 0.2 to 0.7 s
+    later (a stop whose SIGTERMs began elsewhere in their second is tried again)."""
+    svc = service
+    terms = svc.root / "terms"
+    terms.touch(mode=0o666)
+    terms.chmod(0o666)
+    command = stand_in_exporter(svc, f'exec {SYSTEM_PYTHON} -c "{TERM_LOGGER}" {terms}')
+    svc.write_rc_conf(kvm_exporter_command=str(command), kvm_exporter_stop_timeout="1")
+    for _attempt in range(6):
+        first_term, stopped = stop_a_sigterm_deaf_exporter(svc, terms)
+        if 0.3 <= first_term % 1 <= 0.8:
+            break
+    else:
+        raise AssertionError("no stop sent its first SIGTERM 0.3 to 0.8 s into a second")
+    assert stopped - first_term >= 1.0, f"SIGKILL {stopped - first_term:.2f} s after SIGTERM"
 
 
 def test_a_stale_pidfile_naming_another_daemon_is_left_alone(service: Service) -> None:
-    """Issue 12 rc.d 6: rc.subr's check_pidfile takes any daemon(8); status and stop do not."""
+    """Issue 12 rc.d 6: rc.subr's check_pidfile takes any daemon(8); status and stop do not.
+    Issue 20 rc.d 8: neither do start, restart and poll (rc.subr would wait on it for ever)."""
     svc = service
     other_pidfile = svc.root / "other.pid"
     subprocess.run(
@@ -600,19 +800,21 @@ def test_a_stale_pidfile_naming_another_daemon_is_left_alone(service: Service) -
         status = svc.rc("status")
         assert (status.returncode, status.stdout) == (1, "kvm_exporter is not running.\n")
         stop = svc.rc("stop", timeout=40)
-        assert stop.returncode == 1, stop
-        assert f"(check {svc.pidfile}: pid {other} is not kvm_exporter's daemon(8))" in stop.stderr
-        assert alive(other)
-        # rc.subr's own check before start_precmd: the README says to remove the pidfile.
-        start = svc.rc("start")
-        assert (start.returncode, start.stderr) == (
+        assert (stop.returncode, stop.stderr) == (
             1,
-            f"kvm_exporter already running? (pid={other}).\n",
+            f"kvm_exporter not running? (check {svc.pidfile}).\n",
         )
+        assert svc.rc("poll", timeout=20).returncode == 0
         assert alive(other)
+        start(svc)
+        assert svc.rc("stop").returncode == 0
+        svc.pidfile.write_text(f"{other}\n")
+        restart = svc.rc("restart")
+        assert restart.returncode == 0, restart
+        wait_until(svc.serving, timeout=20, what=f"/metrics after restart\n{svc.log()}")
+        assert svc.pid(svc.pidfile) != other and alive(other)
     finally:
         os.kill(other, signal.SIGTERM)
-        svc.pidfile.unlink()
 
 
 def test_daemon_stand_in_drops_sigterm_during_its_restart_sleep(tmp_path: Path) -> None:
@@ -655,7 +857,7 @@ command={command}
 command_args={command_args}
 pidfile={pidfile}
 restart_precmd="echo restart_precmd; ${{DUMMY_FAIL:-true}}"
-start_precmd="echo start_precmd"
+start_precmd="echo start_precmd; ${{DUMMY_START:-true}}"
 stop_precmd="echo stop_precmd"
 load_rc_config "${{name}}"
 run_rc_command "$1"
@@ -720,15 +922,34 @@ def test_rcsubr_harness_is_as_lax_and_as_strict_as_rc_subr(tmp_path: Path) -> No
     (tmp_path / "dummy.pid").unlink(missing_ok=True)
     start = run_dummy(script, "onestart")
     assert start.stdout == "start_precmd\nStarting dummy.\n[a b]\n[c]\n", start
+    # A failing start_precmd stops start, but not forcestart.
+    refused = run_dummy(script, "onestart", DUMMY_START="false")
+    assert (refused.returncode, refused.stdout) == (1, "start_precmd\n"), refused
+    assert "failed precmd routine for dummy" in refused.stderr
+    forced = run_dummy(script, "forcestart", DUMMY_START="false")
+    assert forced.stdout == "start_precmd\nStarting dummy.\n[a b]\n[c]\n", forced
+
+
+def su_stand_in(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``su -m nobody -c COMMAND`` through tests/rcsubr/bin/su."""
+    return subprocess.run(
+        [str(HARNESS / "bin" / "su"), "-m", "nobody", "-c", command],
+        capture_output=True,
+        text=True,
+        env={"PATH": SERVICE_PATH, "HOME": "/", **env},
+        timeout=30,
+    )
+
+
+def test_su_stand_in_runs_csh_as_freebsds_su_does() -> None:
+    """su.c names a csh or tcsh "_su" and passes it -m; csh takes a quoted "!" for history."""
+    result = su_stand_in("echo $0; id -u", RCSUBR_LOGIN_SHELL="/bin/tcsh")
+    assert (result.returncode, result.stdout) == (0, f"_su\n{NOBODY}\n"), result
+    result = su_stand_in("echo 'a!b'", RCSUBR_LOGIN_SHELL="/bin/tcsh")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "b: Event not found.\n")
 
 
 def test_su_stand_in_runs_the_callers_shell_as_the_user() -> None:
     """FreeBSD su -m: the caller's login shell, the target's ids; nobody's nologin unused."""
-    result = subprocess.run(
-        [str(HARNESS / "bin" / "su"), "-m", "nobody", "-c", "id -u; id -G"],
-        capture_output=True,
-        text=True,
-        env={"PATH": SERVICE_PATH},
-        timeout=30,
-    )
+    result = su_stand_in("id -u; id -G")
     assert (result.returncode, result.stdout) == (0, f"{NOBODY}\n{NOBODY}\n"), result

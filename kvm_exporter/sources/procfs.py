@@ -313,6 +313,23 @@ class ProcfsSource:
             (c, p) for _, c, p in (line.split(":", 2) for line in lines if line.count(":") >= 2)
         ]
 
+    def thread_states(self, pid: int) -> list[str] | None:
+        """The state of each thread of process ``pid`` (``PID/task/TID/stat``), which
+        process-exporter adds to its states; None if the process has gone or hides them."""
+        task = f"{self.root}/{pid}/task"
+        try:
+            tids = os.listdir(task)
+        except OSError:
+            return None
+        states = []
+        for tid in tids:
+            try:
+                data = _read(f"{task}/{tid}/stat", size=1024)
+            except OSError:
+                continue  # a thread that ended since the listing
+            states.append(_STATE_OF_CODE.get(data[data.rindex(b")") + 2], "unknown"))
+        return states
+
     def jail_name(self, jid: int) -> str:
         """Linux has no jails: every process is the host's."""
         return HOST_JAIL
