@@ -284,3 +284,15 @@ def test_the_shipped_config_documents_the_defaults() -> None:
     assert len(example) == 4
     yaml = "\n".join(top or f"  {key}" for top, key in example)
     assert parse_config(yaml).top == TopConfig()
+
+
+def test_a_running_exporter_serves_the_top_set_its_config_file_asks_for(
+    tmp_path: Path, exporter: Any
+) -> None:
+    root = copy_proc_fixture(tmp_path / "proc")
+    for pid, pages in ((400, 9000), (100, 8000), (1, 7000)):
+        set_stat(root, pid, 24, pages)
+    e = exporter(f"procfs: {{root: {root}}}\ntop: {{n: 2, by: [memory]}}\n")
+    memory = top_series(e.metrics(), "kvm_top_process_resident_memory_bytes")
+    assert set(memory) == {"400", "100"}
+    assert memory["100"]["comm"] == "sshd"
