@@ -92,6 +92,7 @@ class Snapshot:
     host: HostUsage | None = None
     """The host's own counters, read right after the processes."""
     top: TopProcesses | None = None
+    """The top processes (``top`` on), from this poll's survey and the tracker's rows."""
 
     @property
     def up(self) -> bool:
