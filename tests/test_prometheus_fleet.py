@@ -230,7 +230,11 @@ def scenario_has_swap(path: Path) -> bool:
 def start_exporter(
     name: str, tmp: Path, started: list[subprocess.Popen[bytes]], library: Path | None
 ) -> Host:
-    config: dict[str, Any] = {"interval": "1s", "groups": {"process_names": EVERY_COMM}}
+    config: dict[str, Any] = {
+        "interval": "1s",
+        "groups": {"process_names": EVERY_COMM},
+        "top": {"n": 5},  # off by default; the dashboard's top panels need it
+    }
     env = dict(os.environ)
     env.pop("FAKE_KVM_SCENARIO", None)
     if name == "noswap":
