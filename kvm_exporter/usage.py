@@ -240,7 +240,7 @@ class Tracker:
             counters = self._first(row, born)
             self._add((row, counters), attached[pid], increments, reaped, record)
             if born_since is not None:  # a process started since the first poll
-                increments[self._seen[pid].group][-1] += 1
+                increments.setdefault(self._seen[pid].group, [0] * width)[-1] += 1
         for pid, grew in reaped.items():
             if max(grew, default=0) > 0:
                 group = increments.setdefault(self._seen[pid].group, [0] * width)
@@ -307,6 +307,8 @@ class Tracker:
         self._put(row, seen)
         if self.watch is not None:
             self.watch.put(record, row, grew)
+        if not any(grew):
+            return  # a baseline, or nothing used: most rows of a first poll
         n = self._width
         group = increments.get(seen.group)
         if group is None:
