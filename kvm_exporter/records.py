@@ -7,10 +7,11 @@ this boundary.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
-from operator import itemgetter
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import eq, itemgetter
+from typing import Any, NamedTuple, Protocol, overload
 
 NO_TTY = "none"
 """The ``tty`` of a process without a controlling terminal (ps shows ``?`` or ``-``)."""
@@ -117,12 +118,53 @@ class UsageSpec(NamedTuple):
     children's columns of the others stay 0 (FreeBSD fills only ``ki_rusage_ch``'s times)."""
 
 
+class Records(Sequence[bytes]):
+    """A survey's usage records side by side in one buffer, each ``size`` bytes, ``stride``
+    apart, made bytes only when asked for: a steady poll looks at the few that changed, by
+    :attr:`digests` (a keyed 64-bit hash of each record, equal for equal records)."""
+
+    def __init__(self, buffer: Any, stride: int, size: int, digests: list[int]) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._stride, self._size = stride, size
+        self.digests = digests
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        at = (index % len(self)) * self._stride
+        return bytes(self._view[at : at + self._size])
+
+    def __iter__(self) -> Iterator[bytes]:
+        layout = struct.Struct(f"{self._size}s{self._stride - self._size}x")
+        return map(itemgetter(0), layout.iter_unpack(self._view[: len(self) * self._stride]))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same records (as a list of them is)."""
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(map(eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # equal by content, and a view of a buffer
+
+
 class Survey(NamedTuple):
     """One read of every process: the census, and each process's usage row."""
 
     census: Census
-    usage: list[bytes]
-    """One usage record per process (see :data:`UsageRow`)."""
+    usage: Sequence[bytes]
+    """One usage record per process (see :data:`UsageRow`); :class:`Records` where the
+    compiled loops gave them digests."""
     clock: int
     """When the read began, in the units of a row's start: a process whose start is at or
     after it was born during or after the read."""

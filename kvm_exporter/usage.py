@@ -20,7 +20,7 @@ which takes every process as a baseline (so counters start at 0 with the exporte
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 from .aggregate import OTHER, Key
@@ -150,7 +150,11 @@ class Tracker:
 
     def _reset(self) -> None:
         """Forget every process: the next update is a first poll (a baseline)."""
-        self._records: set[bytes] = set()
+        self._records: dict[int, bytes] = {}
+        """The last poll's record of each process, by digest (:class:`Records`' or Python's
+        hash of its bytes)."""
+        self._digests: set[int] = set()
+        """The digests of the last poll's records (a set: compared at C speed)."""
         self._seen: dict[int, _Seen] = {}
         self._shared: dict[_Seen, _Seen] = {}
         """One object per distinct :class:`_Seen`: processes share theirs (a few kinds for
@@ -178,7 +182,7 @@ class Tracker:
         if self.watch is not None:
             self.watch.reset()
 
-    def update(self, records: Iterable[bytes], clock: int) -> Tally:
+    def update(self, records: Sequence[bytes], clock: int) -> Tally:
         """Take one poll's usage records (read when the clock said ``clock``).
 
         A process seen before (same pid and start) adds what its counters grew by, and what
@@ -194,16 +198,20 @@ class Tracker:
             self._reset()  # half updated, the state would fail every later update
             raise
 
-    def _update(self, records: Iterable[bytes], clock: int) -> Tally:
+    def _update(self, records: Sequence[bytes], clock: int) -> Tally:
         decode, born_since = self.decode, self._clock
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
-        current = set(records)
-        stale = self._records - current  # changed or gone
-        fresh = current - self._records
+        digests = getattr(records, "digests", None)  # Records: made bytes only if changed
+        if digests is None:
+            digests = list(map(hash, records))  # a list of bytes
+        current = set(digests)
+        stale = self._digests - current  # changed or gone
+        fresh = current - self._digests
         left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
-        for record in stale:
+        for digest in stale:
+            record = self._records.pop(digest)
             row = decode(record)
             seen = self._seen.pop(row[USAGE_PID])
             left[row[USAGE_PID]] = (record, seen)
@@ -211,7 +219,8 @@ class Tracker:
         increments: dict[GroupKey, list[int]] = {}
         reaped: dict[int, list[int]] = {}  # per reaper pid: its children's usage growth
         new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
-        for record in fresh:
+        for at in [i for i, digest in enumerate(digests) if digest in fresh] if fresh else ():
+            record = self._records[digests[at]] = records[at]
             row = decode(record)
             pid = row[USAGE_PID]
             last = left.get(pid)
@@ -221,7 +230,7 @@ class Tracker:
             else:  # new, or the pid was reused by a new process
                 new[pid] = record
         if left:  # what is left is gone: its counted totals off its reaper's growth
-            self._net({pid: decode(record) for pid, (record, _) in left.items()}, reaped, current)
+            self._net({pid: decode(record) for pid, (record, _) in left.items()}, reaped, records)
             for pid in left:
                 self._frozen.pop(pid, None)
                 self._exited_ch.pop(pid, None)
@@ -248,9 +257,10 @@ class Tracker:
                     group[into[0]] += max(amount, 0)
         # The records kept are the last poll's where they did not change (the same objects the
         # watch keeps, not a copy each) and this poll's where they did.
-        self._records -= stale
-        self._records |= fresh
         self._clock = clock
+        self._digests = current
+        if len(stale) > 2 * len(current) + 64:  # most processes gone: a table of their size
+            self._records = dict(self._records)
         kinds = len(self._shared)  # a kind per live process at most, once those gone go
         if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
@@ -324,7 +334,10 @@ class Tracker:
         return [sum(columns[i] * w for i, w in zip(*q, strict=True)) for q in self._netted]
 
     def _net(
-        self, gone: dict[int, UsageRow], reaped: dict[int, list[int]], current: set[bytes]
+        self,
+        gone: dict[int, UsageRow],
+        reaped: dict[int, list[int]],
+        current: Sequence[bytes],
     ) -> None:
         """Take each gone process's counted totals (own plus children's) off the children's
         growth of the process that reaped it: its parent, if alive. Else (its parent gone or a

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, cast
 
@@ -52,7 +53,7 @@ from ..states import (
     freebsd_dump_state,
     freebsd_state,
 )
-from . import kvm_cdef
+from . import digests, kvm_cdef
 from .kvm_cdef import ffi
 
 try:
@@ -166,7 +167,7 @@ class LibkvmSource:
 
     def _survey(self, usage: bool) -> Survey:
         census: Census = {}
-        records: list[bytes] = []
+        records: Sequence[bytes] = []
         with self._lock:
             # Starts are seconds since boot: ki_start is p_start + boottime
             # (fill_kinfo_proc_only), and a clock step moves boottime (tc_setclock).
@@ -919,11 +920,10 @@ def _wrap(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
 
-def _usage_records(rows: bytearray, gather: _Gather) -> list[bytes]:
+def _usage_records(rows: bytearray, gather: _Gather) -> Sequence[bytes]:
     """The usage record of each row: its first :data:`_USAGE_ROW` bytes (a census row may
     follow)."""
-    record = struct.Struct(f"{_USAGE_ROW.size}s{gather.row - _USAGE_ROW.size}x")
-    return list(map(itemgetter(0), record.iter_unpack(rows)))
+    return digests.records(rows, len(rows) // gather.row, gather.row, _USAGE_ROW.size)
 
 
 def _counted(rows: bytearray, count: int, gather: _Gather) -> tuple[bytes, list[int]]:
@@ -976,7 +976,7 @@ def _state_codes(records: memoryview, count: int, gather: _Gather) -> bytes:
     return states.to_bytes(count, "little").translate(_WORD_OF)
 
 
-def _fold_thread_usage(records: list[bytes]) -> list[bytes]:
+def _fold_thread_usage(records: Sequence[bytes]) -> list[bytes]:
     """One usage record per process from a crash dump's thread rows (which carry no
     counters): the first row, with the number of rows as its threads."""
     first: dict[int, list[Any]] = {}

@@ -17,8 +17,7 @@ import stat as statmod
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from operator import itemgetter
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from .. import visibility
@@ -38,6 +37,7 @@ from ..records import (
     split_argv,
 )
 from ..states import LINUX_STATES, STATES
+from . import digests
 
 try:
     from ._procscan import ffi as _ffi  # type: ignore[import-not-found, unused-ignore]
@@ -62,7 +62,6 @@ _CENSUS_FIELDS = 18  # split no further than num_threads
 _USAGE_FIELDS = 22  # split no further than rss
 _USAGE_ROW = struct.Struct("=qQQqqqQqqq64sQQQQQQQQ")
 """struct kvm_usage_row of _procscan: the layout of a usage record (records.USAGE_*)."""
-_USAGE_RECORD = struct.Struct(f"{_USAGE_ROW.size}s")
 _STATE_OF = {letter.encode(): state for letter, state in LINUX_STATES.items()}
 _STATE_OF_CODE = {ord(letter): state for letter, state in _STATE_OF.items()}
 _CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -275,22 +274,26 @@ class ProcfsSource:
         return self._in_proc_dir(lambda dir_fd: self._scan(dir_fd, boot))
 
     def census(self) -> Census:
-        return self._census(None)
+        return self._census(usage=False)[0]
 
     def survey(self) -> Survey:
         """The census and each process's usage row (PID/stat), from the same reads."""
         clock = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)  # starttime's clock
-        usage: list[bytes] = []
-        return Survey(self._census(usage), usage, clock)
+        return Survey(*self._census(usage=True), clock)
 
-    def _census(self, usage: list[bytes] | None) -> Census:
-        if _lib is not None:
-            census = self._in_proc_dir(lambda dir_fd: self._kinds(self._census_c(dir_fd, usage)))
-        else:
-            census = self._in_proc_dir(lambda dir_fd: self._kinds(_census_py(dir_fd, usage)))
+    def _census(self, usage: bool) -> tuple[Census, Sequence[bytes]]:
+        census, records = self._in_proc_dir(lambda dir_fd: self._walk(dir_fd, usage))
         if not census:  # even hidepid=invisible shows the reader its own process
             raise SourceError(f"{self.root} has no process directory (PID/stat)")
-        return census
+        return census, records
+
+    def _walk(self, dir_fd: int, usage: bool) -> tuple[Census, Sequence[bytes]]:
+        """The census and, with ``usage``, the usage records, in C where it was built."""
+        if _lib is not None:
+            raw, records = self._census_c(dir_fd, usage)
+            return self._kinds(raw), records
+        found: list[bytes] = []
+        return self._kinds(_census_py(dir_fd, found if usage else None)), found
 
     def cgroup(self, pid: int) -> str:
         """The cgroup of process ``pid`` (the v2 path; v1: the systemd hierarchy's), read
@@ -369,11 +372,11 @@ class ProcfsSource:
             census[kind] = census.get(kind, 0) + count  # two raw values can share a name
         return census
 
-    def _census_c(self, dir_fd: int, usage: list[bytes] | None) -> list[RawKind]:
-        """The census in C; with ``usage``, each process's usage row from the same walk."""
+    def _census_c(self, dir_fd: int, usage: bool) -> tuple[list[RawKind], Sequence[bytes]]:
+        """The census in C; with ``usage``, each process's usage record from the same walk."""
         assert _ffi is not None and _lib is not None
-        # Room for this walk only: freed with it, not kept between polls.
-        room = self._room if usage is not None else 0
+        # Room for this walk only: freed with its records, not kept between polls.
+        room = self._room if usage else 0
         procs = _new_uncleared("struct kvm_usage_row[]", room) if room else _ffi.NULL
         nprocs = _ffi.new("int *")
         while True:
@@ -389,10 +392,12 @@ class ProcfsSource:
                 procs = _new_uncleared("struct kvm_usage_row[]", room)
             else:
                 break
-        if usage is not None:
-            records = _ffi.buffer(procs, nprocs[0] * _USAGE_ROW.size)
-            usage.extend(map(itemgetter(0), _USAGE_RECORD.iter_unpack(records)))
-        return [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
+        records: Sequence[bytes] = ()
+        if usage:
+            size = _USAGE_ROW.size
+            records = digests.records(_ffi.buffer(procs, nprocs[0] * size), nprocs[0], size, size)
+        kinds = [((r.uid, r.tty_nr, r.state, r.threads), r.count) for r in self._rows[0:found]]
+        return kinds, records
 
     def _scan(self, dir_fd: int, boot: int) -> list[Proc]:
         """Every process in Python, from its PID/stat and PID/status."""

@@ -70,6 +70,7 @@ void kvm_gather(const char *records, int count, int size, const struct kvm_field
 int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize, char *keys,
               uint32_t *counts);
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
+void kvm_digest(const char *rows, int count, int stride, int size, uint64_t key, uint64_t *out);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, int pcap, int *nprocs);
 """
@@ -429,6 +430,33 @@ int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap)
 {
     return kvm_survey(dir_fd, rows, cap, NULL, 0, NULL);
+}
+
+
+/* A keyed 64-bit digest of each of count records (size bytes, stride apart): equal records
+   give equal digests, and a process cannot pick its record's digest without the key. */
+void kvm_digest(const char *rows, int count, int stride, int size, uint64_t key, uint64_t *out)
+{
+    for (int i = 0; i < count; i++) {
+        const char *p = rows + (size_t)i * (size_t)stride;
+        uint64_t h = key ^ (uint64_t)size, w;
+        int at = 0;
+        for (; at + 8 <= size; at += 8) {
+            memcpy(&w, p + at, 8);
+#ifdef __SIZEOF_INT128__
+            __uint128_t m = (__uint128_t)(w ^ 0xa0761d6478bd642full) * (h ^ 0xe7037ed1a0b428dbull);
+            h = (uint64_t)m ^ (uint64_t)(m >> 64);
+#else
+            h = (h ^ w) * 0xff51afd7ed558ccdull;
+            h ^= h >> 33;
+#endif
+        }
+        for (; at < size; at++)
+            h = (h ^ (unsigned char)p[at]) * 0x100000001b3ull;
+        h ^= h >> 32;
+        h *= 0xd6e8feb86659fd93ull;
+        out[i] = h ^ (h >> 32);
+    }
 }
 
 static int64_t gather_signed(const char *p, int width)
