@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,7 +60,10 @@ class Run:
         self.clock = 1000
 
     def poll(self, *rows: Any) -> Resources:
-        tally = self.tracker.update(rows, self.clock)
+        return self.update(rows)
+
+    def update(self, records: Sequence[bytes]) -> Resources:
+        tally = self.tracker.update(records, self.clock)
         self.clock += 10
         return self.accounts.add(tally, lambda group: (f"u{group[0]}",))
 

@@ -1,0 +1,57 @@
+"""Usage records in one buffer, compared by keyed digests (kvm_exporter.sources.digests):
+the tracker sees the same processes change as it does with a list of bytes."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from test_usage import Run, cpu, row
+
+from kvm_exporter.records import Records
+from kvm_exporter.sources import digests, procfs
+
+
+def buffer_of(records: list[bytes], pad: int = 0) -> bytearray:
+    """The records side by side, each followed by ``pad`` bytes (a census row, say)."""
+    return bytearray(b"".join(r + b"\xee" * pad for r in records))
+
+
+def test_records_read_back_as_written_and_equal_digests_mean_equal_records() -> None:
+    assert procfs._lib is not None, "the README's test command builds kvm_exporter/_procscan"
+    written = [row(pid, pid % 3, pid * 7) for pid in range(1, 200)]
+    size = len(written[0])
+    got = digests.records(buffer_of(written, pad=12), len(written), size + 12, size)
+    assert isinstance(got, Records)
+    assert list(got) == written and got[5] == written[5] and got[-1] == written[-1]
+    assert got[2:4] == written[2:4] and got == written and len(got) == len(written)
+    with pytest.raises(IndexError):
+        got[len(written)]
+    again = digests.records(buffer_of(written), len(written), size, size)
+    assert again.digests == got.digests  # type: ignore[attr-defined]  # the same records
+    assert len(set(got.digests)) == len(written)  # type: ignore[attr-defined]
+    one_byte_off = bytearray(written[0])
+    one_byte_off[-1] ^= 1
+    changed = digests.records(one_byte_off, 1, size, size)
+    assert changed.digests[0] != got.digests[0]  # type: ignore[attr-defined]
+
+
+def test_the_tracker_counts_alike_from_records_and_from_bytes() -> None:
+    """Random polls of growth, exits and pid reuse: every series the same either way."""
+    rng = random.Random(7)
+    lists, buffers = Run(max_groups=5), Run(max_groups=5)
+    procs: dict[int, list[int]] = {}
+    for poll in range(60):
+        for pid in list(procs):
+            if rng.random() < 0.1:
+                del procs[pid]
+            else:
+                procs[pid][1] += rng.randrange(3) * rng.randrange(40)
+        for _ in range(rng.randrange(4)):
+            procs[rng.randrange(1, 60)] = [rng.randrange(6), 0, lists.clock + (poll > 0)]
+        written = [row(p, uid, ticks, start=start) for p, (uid, ticks, start) in procs.items()]
+        size = len(written[0]) if written else struct.calcsize("=10q16s4q")
+        as_records = digests.records(buffer_of(written), len(written), size, size)
+        assert isinstance(as_records, Records)
+        assert cpu(lists.poll(*written)) == cpu(buffers.update(as_records))
