@@ -75,19 +75,15 @@ def flood_head() -> bytes:
 # --- attackers (run in a child process) ---------------------------------------------------------
 
 
-def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
-    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
-    answer first (a wrk -c stand-in); a connection that ends is replaced."""
+def _in_threads(clients: int, seconds: float, session: Callable[[float], None]) -> None:
+    """Run ``session`` (given the monotonic time to stop at) in ``clients`` threads, over
+    and over (after a short pause if it fails) for ``seconds``."""
     stop = time.monotonic() + seconds
 
     def one() -> None:
         while time.monotonic() < stop:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    while time.monotonic() < stop:
-                        sock.sendall(request)
-                        if not _read_response(sock):
-                            break
+                session(stop)
             except OSError:
                 time.sleep(0.01)
 
@@ -96,6 +92,28 @@ def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
         thread.start()
     for thread in threads:
         thread.join(seconds + 10)
+
+
+def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
+    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
+    answer first (a wrk -c stand-in); a connection that ends is replaced."""
+
+    def session(stop: float) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            while time.monotonic() < stop:
+                sock.sendall(request)
+                if not _read_response(sock):
+                    return
+
+    _in_threads(clients, seconds, session)
+
+
+def _connect_close(port: int, seconds: float, clients: int) -> None:
+    """``clients`` threads connecting and closing at once, sending nothing, as fast as the
+    kernel completes the connections."""
+    _in_threads(
+        clients, seconds, lambda _: socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    )
 
 
 def _read_response(sock: socket.socket) -> bool:
@@ -121,6 +139,8 @@ def attacker(kind: str, port: int, seconds: float) -> None:
         _repeat(port, seconds, 1000, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     elif kind == "flood":
         _repeat(port, seconds, 64, flood_head())
+    elif kind == "connect-close":
+        _connect_close(port, seconds, 8)
     elif kind == "drip":
         stopped = threading.Event()
         threads = [
@@ -283,6 +303,11 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["network", "processes"], help="run only these attacks (default: all)"
     )
+    parser.add_argument(
+        "--attacks",
+        type=lambda text: set(text.split(",")),
+        help="comma-separated attacks to run (each with its target's no-attack row)",
+    )
     args = parser.parse_args()
     seconds = min(args.seconds, 10.0)
     write_pki(PKI)
@@ -307,7 +332,7 @@ def main() -> None:
     sleep = shutil.which("sleep") or "/bin/sleep"
     admin = subprocess.Popen([f"{FLOOD_TOKEN}-admin", "3600"], executable=sleep)
     try:
-        rows = run_all(targets, web, seconds, args.only)
+        rows = run_all(targets, web, seconds, args.only, args.attacks)
     finally:
         admin.kill()
         admin.wait()
@@ -322,8 +347,10 @@ def run_all(
     web: Path,
     seconds: float,
     only: str | None,
+    attacks: set[str] | None = None,
 ) -> list[dict[str, object]]:
-    """Every attack of ``only`` (None: all) against every target, a row each."""
+    """Every attack of ``only`` (None: all) and of ``attacks`` (None: all) against every
+    target, a row each."""
     rows: list[dict[str, object]] = []
     for name, argv, with_processes, expect in targets:
         plain = Target(name, lambda port, a=argv: [*a, f"--web.listen-address=127.0.0.1:{port}"])
@@ -343,12 +370,18 @@ def run_all(
         runs: list[tuple[Target, int | None, list[str | None], bytes | None]] = []
         if only in (None, "network"):
             runs += [
-                (plain, None, [None, "slowloris", "load", "drip", "flood"], None),
+                (plain, None, [None, "slowloris", "load", "drip", "flood", "connect-close"], None),
                 (tls, None, [None, "tls-stall"], None),
                 (plain, 256, [None, "reconnect"], None),
             ]
         if only in (None, "processes"):
             runs.append((processes, None, [None, "name-flood", "fork-churn"], expect))
+        if attacks is not None:
+            runs = [
+                (target, max_fds, [None, *(k for k in kinds if k in attacks)], expected)
+                for target, max_fds, kinds, expected in runs
+                if attacks.intersection(kinds)
+            ]
         with tempfile.TemporaryDirectory() as tmp:
             for target, max_fds, kinds, expected in runs:
                 running = Running(target, max_fds, Path(tmp) / f"{name}-{len(rows)}.log")

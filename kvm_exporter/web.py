@@ -49,10 +49,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvm_exporter.web")
 
 FD_RESERVE = 64
+"""File descriptors never spent on connections: polls, logs and reloads need them."""
 FREED = 64
 """Connections closed since the most open at once after which the web loop gives memory back
 (:func:`~kvm_exporter.memory.give_back`): a burst has ended."""
-"""File descriptors never spent on connections: polls, logs and reloads need them."""
+DEFER_ACCEPT = 3
+"""Seconds the kernel (Linux: ``TCP_DEFER_ACCEPT``) keeps a connection that has sent nothing
+out of the accept queue. Clients that connect and stay silent then cost neither a descriptor
+nor an eviction, and do not queue ahead of a scrape, whose request arrives with its
+connection: 1,000 idle clients reconnecting as soon as they are closed made every new scrape
+wait 0.8 s behind them. After it the connection is accepted, silent or not; if the server
+is full then, that connection is the one closed (see :meth:`Server._accept`)."""
 
 
 class _Budget:
@@ -90,6 +97,14 @@ class Limits:
     it the oldest connection no worker is serving is closed (at most ``evictions`` a second;
     past that, accepting pauses)."""
     evictions: int = 1000
+    handshakes: int = 256
+    """TLS handshakes in flight at once (OpenSSL holds about 43 KiB for each). Past it the
+    oldest is closed if it began at least ``handshake_grace`` ago, so a new client never
+    waits for a slot; if none did, there are more for a while. A real client's handshake
+    takes one round trip, so stalled ones cannot hold more than this many slots plus those
+    begun within the grace (a few hundred at most: each costs the loop a key exchange)."""
+    handshake_grace: float = 0.1
+    """Seconds a handshake in flight is safe from being closed for a newer one."""
     request_timeout: float = 10.0
     """Most seconds from connecting, or from the first byte after a response, to a complete
     request head, TLS handshake included."""
@@ -134,6 +149,26 @@ def _listen(address: str) -> socket.socket:
         )
     except OSError as err:
         raise _cannot_listen(address, err) from None
+
+
+def _defer_accept(listener: socket.socket) -> bool:
+    """Set :data:`DEFER_ACCEPT` on ``listener`` where the system has it (Linux); whether
+    it is set."""
+    if not hasattr(socket, "TCP_DEFER_ACCEPT"):
+        return False
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+    except OSError:
+        return False
+    return True
+
+
+def _silent(sock: socket.socket) -> bool:
+    """Whether a connection just accepted has nothing to read (or has ended)."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing yet, or broken
+        return True
 
 
 def _cannot_listen(address: str, err: OSError) -> WebError:
@@ -213,6 +248,8 @@ class _Conn:
     events: int = 0
     """What the selector watches it for; 0 when not registered."""
     closed: bool = False
+    began: float = 0.0
+    """When its TLS handshake began (monotonic)."""
     done: float = 0.0
     """When its last response was sent (monotonic), 0 before the first."""
     hasty: bool = False
@@ -304,6 +341,7 @@ class Server:
         self._app, self._context, self._limits = app, context, limits
         self._listener = listener
         listener.setblocking(False)
+        self._deferred = _defer_accept(listener)
         self.base_environ = {
             "SERVER_NAME": host or "localhost",
             "SERVER_PORT": str(port),
@@ -326,6 +364,8 @@ class Server:
         self._heads: dict[_Conn, None] = {}
         self._idle: dict[_Conn, None] = {}
         self._lingering: dict[_Conn, None] = {}
+        self._handshakes: dict[_Conn, None] = {}
+        """TLS connections whose handshake has begun and not ended, oldest first."""
         self._open = 0
         self._peak = 0
         """Most connections open since memory was last given back."""
@@ -339,6 +379,7 @@ class Server:
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
+        self._shed = _Throttled(logging.WARNING)
         self._failed = _Throttled(logging.ERROR)
         self._threads = [
             threading.Thread(
@@ -439,6 +480,15 @@ class Server:
                 return
             self._backoff = 0.0
             if self._full():
+                if self._deferred and _silent(sock):
+                    # Silent for DEFER_ACCEPT seconds already: it goes, not one that spoke.
+                    # The kernel holds each such client that long, so they cost no tokens.
+                    self._evicted(
+                        "%d connections open, the most allowed: closing new ones silent for %d s",
+                        min(self._limits.connections, _BUDGET.cap), DEFER_ACCEPT,
+                    )  # fmt: skip
+                    sock.close()
+                    continue
                 self._evict()
             self._open += 1
             _BUDGET.add(1)
@@ -455,7 +505,28 @@ class Server:
                 sock.close()
                 self._close(conn)
                 continue
-            self._hold(conn, self._heads, self._limits.request_timeout)
+            if self._context is not None:
+                self._begin_handshake(conn)
+            # Its request (with TCP_DEFER_ACCEPT, almost always) or its end is here already:
+            # read it now, without a trip through the selector.
+            self._queue(conn, self._heads, self._limits.request_timeout)
+            self._advance(conn)
+
+    def _begin_handshake(self, conn: _Conn) -> None:
+        """Count ``conn`` among the handshakes in flight, closing the oldest of them if that
+        makes too many (see :attr:`Limits.handshakes`): stalled handshakes cannot hold
+        much more than ``handshakes`` times OpenSSL's buffers, nor keep a real client from
+        starting its own."""
+        conn.began = time.monotonic()
+        if len(self._handshakes) >= self._limits.handshakes:
+            oldest = next(iter(self._handshakes))
+            if oldest.began <= conn.began - self._limits.handshake_grace:
+                self._shed(
+                    "%d TLS handshakes in flight, the most allowed: closing the oldest",
+                    self._limits.handshakes,
+                )
+                self._close(oldest)
+        self._handshakes[conn] = None
 
     def _room(self) -> bool:
         """Whether a connection may be accepted now (maybe after closing the oldest one no
@@ -532,6 +603,7 @@ class Server:
             if isinstance(conn.sock, ssl.SSLSocket) and not conn.handshaken:
                 conn.sock.do_handshake()
                 conn.handshaken = True
+                del self._handshakes[conn]
             while (request := conn.buffer.take()) is None:
                 chunk = conn.sock.recv(8192)
                 if not chunk:
@@ -601,11 +673,15 @@ class Server:
 
     def _hold(self, conn: _Conn, where: dict[_Conn, None], timeout: float) -> None:
         """Put ``conn`` last in the loop's queue ``where``, watched for reading."""
+        self._queue(conn, where, timeout)
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _queue(self, conn: _Conn, where: dict[_Conn, None], timeout: float) -> None:
+        """Put ``conn`` last in the loop's queue ``where``, its deadline ``timeout`` away."""
         if conn.where is not None:
             del conn.where[conn]
         conn.where, where[conn] = where, None
         conn.deadline = time.monotonic() + timeout
-        self._watch(conn, selectors.EVENT_READ)
 
     def _watch(self, conn: _Conn, events: int) -> None:
         if not conn.events:
@@ -627,6 +703,7 @@ class Server:
         if conn.closed:  # closing twice is harmless: an evicted connection may have events
             return
         self._release(conn)
+        self._handshakes.pop(conn, None)
         conn.closed = True
         conn.sock.close()
         self._open -= 1
