@@ -84,6 +84,24 @@ class _Budget:
 _BUDGET = _Budget()
 
 
+class _Tokens:
+    """A token bucket: ``rate`` tokens a second, at most a tenth of a second's (or one)
+    saved."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate, self._most = rate, max(1.0, rate / 10)
+        self._level, self._at = 0.0, time.monotonic()
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there; 0 if one is."""
+        self._level = min(self._most, self._level + (now - self._at) * self._rate)
+        self._at = now
+        return 0.0 if self._level >= 1 else (1 - self._level) / self._rate
+
+    def take(self) -> None:
+        self._level -= 1
+
+
 class WebError(Exception):
     """The server cannot start; the message is one line naming the address and the reason."""
 
@@ -98,13 +116,15 @@ class Limits:
     past that, accepting pauses)."""
     evictions: int = 1000
     handshakes: int = 256
-    """TLS handshakes in flight at once (OpenSSL holds about 43 KiB for each). Past it the
-    oldest is closed if it began at least ``handshake_grace`` ago, so a new client never
-    waits for a slot; if none did, there are more for a while. A real client's handshake
-    takes one round trip, so stalled ones cannot hold more than this many slots plus those
-    begun within the grace (a few hundred at most: each costs the loop a key exchange)."""
+    """TLS handshakes in flight at once (OpenSSL holds about 43 KiB for each). Past it, the
+    oldest one in flight, if it began at least ``handshake_grace`` ago, is dropped: its TLS
+    state freed, its connection left open and unread until ``request_timeout``. A real
+    client's handshake takes one round trip, so the oldest is one that stalled; a new client
+    begins at once; and a stalled client is not told, so it does not reconnect to make the
+    server do another key exchange."""
     handshake_grace: float = 0.1
-    """Seconds a handshake in flight is safe from being closed for a newer one."""
+    """Seconds a handshake in flight is safe from being dropped for a newer one; more than
+    ``handshakes`` are in flight while all began within it."""
     request_timeout: float = 10.0
     """Most seconds from connecting, or from the first byte after a response, to a complete
     request head, TLS handshake included."""
@@ -359,7 +379,7 @@ class Server:
         self._selector.register(listener, selectors.EVENT_READ)
         self._selector.register(self._wake, selectors.EVENT_READ)
         self._listening, self._resume_at, self._backoff = True, 0.0, 0.0
-        self._tokens, self._refilled = 0.0, time.monotonic()
+        self._evictions = _Tokens(limits.evictions)
         # The loop's queues, oldest first; all in one queue have the same timeout.
         self._heads: dict[_Conn, None] = {}
         self._idle: dict[_Conn, None] = {}
@@ -505,28 +525,35 @@ class Server:
                 sock.close()
                 self._close(conn)
                 continue
+            self._queue(conn, self._heads, self._limits.request_timeout)
             if self._context is not None:
                 self._begin_handshake(conn)
-            # Its request (with TCP_DEFER_ACCEPT, almost always) or its end is here already:
-            # read it now, without a trip through the selector.
-            self._queue(conn, self._heads, self._limits.request_timeout)
+            # Its request or ClientHello (with TCP_DEFER_ACCEPT, almost always) or its end
+            # is here already: read it now, without a trip through the selector.
             self._advance(conn)
 
     def _begin_handshake(self, conn: _Conn) -> None:
-        """Count ``conn`` among the handshakes in flight, closing the oldest of them if that
-        makes too many (see :attr:`Limits.handshakes`): stalled handshakes cannot hold
-        much more than ``handshakes`` times OpenSSL's buffers, nor keep a real client from
-        starting its own."""
+        """Count ``conn`` among the handshakes in flight, dropping the oldest of them if that
+        makes too many (see :attr:`Limits.handshakes`)."""
         conn.began = time.monotonic()
         if len(self._handshakes) >= self._limits.handshakes:
             oldest = next(iter(self._handshakes))
             if oldest.began <= conn.began - self._limits.handshake_grace:
-                self._shed(
-                    "%d TLS handshakes in flight, the most allowed: closing the oldest",
-                    self._limits.handshakes,
-                )
-                self._close(oldest)
+                self._drop_handshake(oldest)
         self._handshakes[conn] = None
+
+    def _drop_handshake(self, conn: _Conn) -> None:
+        """Free the TLS state of ``conn`` but keep its connection, unread, until its
+        deadline: to the client it is still a stalled handshake."""
+        self._shed(
+            "%d TLS handshakes in flight, the most allowed: dropping the oldest",
+            self._limits.handshakes,
+        )
+        del self._handshakes[conn]
+        if conn.events:  # it stays in its place among the heads, its deadline kept
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+        conn.sock = socket.socket(fileno=conn.sock.detach())  # the SSL object goes with it
 
     def _room(self) -> bool:
         """Whether a connection may be accepted now (maybe after closing the oldest one no
@@ -539,11 +566,9 @@ class Server:
             own = self._open >= self._limits.connections
             self._pause(float("inf") if own else time.monotonic() + 0.05)
             return False
-        now, rate = time.monotonic(), self._limits.evictions
-        self._tokens = min(rate / 10, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens < 1:
-            self._pause(now + (1 - self._tokens) / rate)
+        now = time.monotonic()
+        if wait := self._evictions.wait(now):
+            self._pause(now + wait)
             return False
         return True
 
@@ -551,7 +576,7 @@ class Server:
         return self._open >= self._limits.connections or _BUDGET.open >= _BUDGET.cap
 
     def _evict(self) -> None:
-        self._tokens -= 1
+        self._evictions.take()
         self._evicted(
             "%d connections open, the most allowed: closing the oldest waiting ones",
             min(self._limits.connections, _BUDGET.cap),
