@@ -3,9 +3,12 @@
 The event loop accepts connections and, without ever blocking, takes each through its TLS
 handshake and reads its request head; only a complete request goes to a worker, which runs
 the WSGI app under socket timeouts and a deadline and then hands a keep-alive connection back
-to the loop. A client that connects and sends nothing, or handshakes or sends its request
-slowly, costs a file descriptor until ``request_timeout``, never a thread, so it cannot delay
-anyone else's scrape. A client that sends its next request as soon as it has a response waits
+to the loop. A client that connects and sends nothing stays in the kernel for DEFER_ACCEPT
+seconds (Linux), so it does not queue ahead of scrapes; then, or if it handshakes or sends
+its request slowly, it costs a file descriptor until ``request_timeout``, never a thread, so
+it cannot delay anyone else's scrape. Past ``Limits.handshakes`` TLS handshakes in flight,
+the oldest is dropped unseen, which bounds OpenSSL's memory without making its client
+reconnect. A client that sends its next request as soon as it has a response waits
 behind the others and gets at most two workers, so scraping back to back cannot crowd out
 Prometheus. Connections are capped below the file descriptor limit, so polls always
 find the descriptors they need, and accepting backs off instead of spinning when the process
@@ -399,7 +402,7 @@ class Server:
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
-        self._shed = _Throttled(logging.WARNING)
+        self._dropped = _Throttled(logging.WARNING)
         self._failed = _Throttled(logging.ERROR)
         self._threads = [
             threading.Thread(
@@ -545,7 +548,7 @@ class Server:
     def _drop_handshake(self, conn: _Conn) -> None:
         """Free the TLS state of ``conn`` but keep its connection, unread, until its
         deadline: to the client it is still a stalled handshake."""
-        self._shed(
+        self._dropped(
             "%d TLS handshakes in flight, the most allowed: dropping the oldest",
             self._limits.handshakes,
         )
