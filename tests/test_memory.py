@@ -42,16 +42,11 @@ def test_a_thousand_stalled_handshakes_take_bounded_memory_and_give_it_back() ->
             sizes = [baseline]
             with Crowd(daemon.port, 1000, opening=client_hello()):
                 wait_until(
-                    lambda: (
-                        sizes.append(rss_mib(pid))
-                        or (
-                            len(os.listdir(f"/proc/{pid}/fd")) > 1000
-                            and "dropping" in daemon.stderr()
-                        )
-                    ),
+                    lambda: sizes.append(rss_mib(pid)) or len(os.listdir(f"/proc/{pid}/fd")) > 1000,
                     timeout=60,
-                    what="1,000 connections, handshakes dropped",
+                    what="1,000 connections",
                 )
+                # A scrape goes through the loop after it has begun every handshake.
                 assert scrape(daemon.port, context=context)[0] == 200
                 sizes.append(rss_mib(pid))
             print(f"\nRSS MiB: baseline {baseline:.1f}, peak during {max(sizes):.1f}")
