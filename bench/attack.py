@@ -3,7 +3,8 @@ legitimate scraper, printing per attack: scrape p50/p99/max, failed scrapes, CPU
 
 Every attack runs in a child process of its own (``attack.py attacker KIND PORT SECONDS``)
 so that neither side's GIL slows the other; the legitimate scraper opens a new connection
-for each scrape, 20 a second. Loopback only; each attack lasts ``--seconds`` (at most 10).
+for each scrape, 20 a second. ``--attacks`` picks some (each run also measures its target
+without attack first). Loopback only; each attack lasts ``--seconds`` (at most 10).
 
     python bench/attack.py [--seconds 8] [--node-exporter /usr/bin/prometheus-node-exporter]
 
@@ -13,7 +14,12 @@ The process-side attacks (issue 23) run another user's part with processes, not 
 the fixed-name group ``service`` (a name that sorts after the flood's); ``fork-churn`` forks
 and reaps processes back to back. There the exporter has both rules and node_exporter its
 ``processes`` collector on; the ``admin lost`` column counts the scrapes whose answer lacks
-the admin's group.
+the admin's group. ``crafted-cmdline`` starts 3 processes, then one a second, whose
+arguments made one Python ``re.search`` of the rule in :data:`CRAFTED_CONFIG` take 7-10 s;
+``leader-exit`` runs tests/test_live_leader.py's program, whose first thread exits while
+another holds 64 MiB and spins. Against them the exporter polls every second with that
+config; the ``note`` column says what the answers showed (the slowest groups poll, and how
+the leader-exit process is reported).
 
 Needs the test extra (``pip install '.[test]'``): it reuses tests/attack_support.py.
 """
@@ -49,6 +55,7 @@ from attack_support import (  # noqa: E402
     scrape,
 )
 from conftest import free_port, wait_until  # noqa: E402
+from test_live_leader import LEADER_EXITS  # noqa: E402
 from tlsutil import write_pki  # noqa: E402
 
 FLOOD_TOKEN = "kvmflood"
@@ -60,6 +67,16 @@ GROUPS_CONFIG = f"""groups:
     - {{name: service, cmdline: ['^{FLOOD_TOKEN}-admin ']}}
 """
 ADMIN_GROUP = b'group="service"'
+CRAFTED_CONFIG = r"""interval: 1
+groups:
+  process_names:
+    - {name: 'java-{{.Matches.main}}', cmdline: ['java .*?(?P<main>[\w.]+)$']}
+    - {name: 'kvmleader', cmdline: ['--app=kvmleader']}
+"""
+"""Issue 23 item 1's rule, and one naming the leader-exit program; a poll a second, so that
+polls fall inside the attack."""
+CRAFTED_ARGV = ["java"] * 260 + ["a" * 2700 + "!"]
+"""Arguments that made one Python ``re.search`` of that rule run 7-10 s (issue 23 item 1)."""
 DRIPPED = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: 0123456789\r\n" * 400 + b"\r\n"
 
 
@@ -75,19 +92,15 @@ def flood_head() -> bytes:
 # --- attackers (run in a child process) ---------------------------------------------------------
 
 
-def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
-    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
-    answer first (a wrk -c stand-in); a connection that ends is replaced."""
+def _in_threads(clients: int, seconds: float, session: Callable[[float], None]) -> None:
+    """Run ``session`` (given the monotonic time to stop at) in ``clients`` threads, over
+    and over (after a short pause if it fails) for ``seconds``."""
     stop = time.monotonic() + seconds
 
     def one() -> None:
         while time.monotonic() < stop:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    while time.monotonic() < stop:
-                        sock.sendall(request)
-                        if not _read_response(sock):
-                            break
+                session(stop)
             except OSError:
                 time.sleep(0.01)
 
@@ -96,6 +109,28 @@ def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
         thread.start()
     for thread in threads:
         thread.join(seconds + 10)
+
+
+def _repeat(port: int, seconds: float, clients: int, request: bytes) -> None:
+    """``clients`` keep-alive connections sending ``request`` back to back, each reading the
+    answer first (a wrk -c stand-in); a connection that ends is replaced."""
+
+    def session(stop: float) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            while time.monotonic() < stop:
+                sock.sendall(request)
+                if not _read_response(sock):
+                    return
+
+    _in_threads(clients, seconds, session)
+
+
+def _connect_close(port: int, seconds: float, clients: int) -> None:
+    """``clients`` threads connecting and closing at once, sending nothing, as fast as the
+    kernel completes the connections."""
+    _in_threads(
+        clients, seconds, lambda _: socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    )
 
 
 def _read_response(sock: socket.socket) -> bool:
@@ -121,6 +156,8 @@ def attacker(kind: str, port: int, seconds: float) -> None:
         _repeat(port, seconds, 1000, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     elif kind == "flood":
         _repeat(port, seconds, 64, flood_head())
+    elif kind == "connect-close":
+        _connect_close(port, seconds, 8)
     elif kind == "drip":
         stopped = threading.Event()
         threads = [
@@ -140,6 +177,30 @@ def attacker(kind: str, port: int, seconds: float) -> None:
         ]
         time.sleep(seconds)
         for kid in kids:
+            kid.kill()
+            kid.wait()
+    elif kind == "crafted-cmdline":
+        nap = "import time; time.sleep(600)"
+        kids = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:  # 3 at once, then a new one every second
+            for _ in range(1 if kids else 3):
+                kids.append(
+                    subprocess.Popen(
+                        ["java", "-c", nap, *CRAFTED_ARGV[1:]], executable=sys.executable
+                    )
+                )
+            time.sleep(1.0)
+        for kid in kids:
+            kid.kill()
+            kid.wait()
+    elif kind == "leader-exit":
+        with tempfile.TemporaryDirectory() as tmp:
+            source, binary = Path(tmp, "leader.c"), Path(tmp, "leader")
+            source.write_text(LEADER_EXITS)  # touches 64 MiB in a second thread, which spins
+            subprocess.run(["cc", "-O0", "-pthread", "-o", binary, source], check=True)
+            kid = subprocess.Popen([binary, "--app=kvmleader"])
+            time.sleep(seconds)
             kid.kill()
             kid.wait()
     elif kind == "fork-churn":
@@ -214,7 +275,7 @@ def measure(
     running: Running, kind: str | None, seconds: float, expect: bytes | None = None
 ) -> dict[str, object]:
     """One attack's row; ``expect``: what every scrape's answer must hold (else counted in
-    ``admin lost``)."""
+    ``admin lost``); the attack's :data:`NOTES` entry, if any, says what the answers showed."""
     pid = running.proc.pid
     log_before = running.log.stat().st_size
     attack = None
@@ -226,12 +287,15 @@ def measure(
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     times: list[float] = []
     failed = lost = 0
+    bodies: list[bytes] = []
     peak_rss, peak_fds = rss_fds(pid)
     while time.monotonic() - t0 < seconds - 1.0:
         try:
             status, body, took = scrape(running.port, context=running.context, timeout=10)
             if status == 200:
                 times.append(took * 1000)
+                if kind in NOTES:
+                    bodies.append(body)
                 lost += expect is not None and expect not in body
             else:
                 failed += 1
@@ -267,7 +331,39 @@ def measure(
         "log_lines": text.count("\n"),
         "tracebacks": text.count("Traceback"),
         "alive": alive and recovered,
+        "note": NOTES[kind](bodies) if kind in NOTES and bodies else "",
     }
+
+
+def _values(bodies: list[bytes], series: bytes) -> list[float]:
+    """The values of the sample ``series`` (name and labels as exposed) in ``bodies``."""
+    pattern = re.compile(rb"(?m)^" + re.escape(series) + rb" (\S+)")
+    return [float(m[1]) for body in bodies for m in pattern.finditer(body)]
+
+
+def _crafted_note(bodies: list[bytes]) -> str:
+    polls = _values(bodies, b'kvm_poll_duration_seconds{collector="groups"}')
+    up = _values(bodies, b"kvm_up")
+    if not polls:
+        return ""  # node_exporter reads no command lines
+    return f"groups poll max {max(polls) * 1000:.0f} ms, kvm_up min {min(up):.0f}"
+
+
+def _leader_note(bodies: list[bytes]) -> str:
+    last = bodies[-1:]
+    running = _values(last, b'kvm_namegroup_state_processes{group="kvmleader",state="running"}')
+    rss = _values(last, b'kvm_namegroup_resident_memory_bytes{group="kvmleader"}')
+    if running or rss:
+        return f"kvmleader: {sum(running):.0f} running, RSS {sum(rss) / 2**20:.0f} MiB"
+    zombies = _values(last, b'node_processes_state{state="Z"}')
+    return f"zombies counted: {sum(zombies):.0f}" if zombies else ""
+
+
+NOTES: dict[str | None, Callable[[list[bytes]], str]] = {
+    "crafted-cmdline": _crafted_note,
+    "leader-exit": _leader_note,
+}
+"""What the answers during an attack showed, for the attacks that have something to show."""
 
 
 PKI = Path(tempfile.mkdtemp(prefix="kvm-attack-pki-"))
@@ -283,6 +379,11 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["network", "processes"], help="run only these attacks (default: all)"
     )
+    parser.add_argument(
+        "--attacks",
+        type=lambda text: set(text.split(",")),
+        help="comma-separated attacks to run (each with its target's no-attack row)",
+    )
     args = parser.parse_args()
     seconds = min(args.seconds, 10.0)
     write_pki(PKI)
@@ -292,22 +393,34 @@ def main() -> None:
     )
     groups = PKI / "groups.yml"
     groups.write_text(GROUPS_CONFIG)
+    crafted = PKI / "crafted.yml"
+    crafted.write_text(CRAFTED_CONFIG)
     kvm = [sys.executable, "-m", "kvm_exporter"]
-    # Per target: its command, and what the process-side attacks add to it.
-    targets = [("kvm_exporter", kvm, [f"--config.file={groups}"], ADMIN_GROUP)]
+    # Per target: its command, what the name and crafted-process attacks add to it.
+    targets = [
+        (
+            "kvm_exporter",
+            kvm,
+            [f"--config.file={groups}"],
+            ADMIN_GROUP,
+            [f"--config.file={crafted}"],
+        )
+    ]
     if args.node_exporter:
+        processes = ["--collector.processes"]
         targets.append(
             (
                 "node_exporter",
                 [args.node_exporter, "--collector.disable-defaults", "--collector.loadavg"],
-                ["--collector.processes"],
+                processes,
                 None,
+                processes,
             )
         )
     sleep = shutil.which("sleep") or "/bin/sleep"
     admin = subprocess.Popen([f"{FLOOD_TOKEN}-admin", "3600"], executable=sleep)
     try:
-        rows = run_all(targets, web, seconds, args.only)
+        rows = run_all(targets, web, seconds, args.only, args.attacks)
     finally:
         admin.kill()
         admin.wait()
@@ -318,14 +431,16 @@ def main() -> None:
 
 
 def run_all(
-    targets: list[tuple[str, list[str], list[str], bytes | None]],
+    targets: list[tuple[str, list[str], list[str], bytes | None, list[str]]],
     web: Path,
     seconds: float,
     only: str | None,
+    attacks: set[str] | None = None,
 ) -> list[dict[str, object]]:
-    """Every attack of ``only`` (None: all) against every target, a row each."""
+    """Every attack of ``only`` (None: all) and of ``attacks`` (None: all) against every
+    target, a row each."""
     rows: list[dict[str, object]] = []
-    for name, argv, with_processes, expect in targets:
+    for name, argv, with_processes, expect, with_crafted in targets:
         plain = Target(name, lambda port, a=argv: [*a, f"--web.listen-address=127.0.0.1:{port}"])
         tls = Target(
             name,
@@ -336,19 +451,29 @@ def run_all(
             ],
             tls=True,
         )
-        processes = Target(
-            f"{name} {with_processes[0].split('=')[0]}",
-            lambda port, a=[*argv, *with_processes]: [*a, f"--web.listen-address=127.0.0.1:{port}"],
+        processes, crafted = (
+            Target(
+                f"{name} {extra[0].split('=')[0]}{label}",
+                lambda port, a=[*argv, *extra]: [*a, f"--web.listen-address=127.0.0.1:{port}"],
+            )
+            for extra, label in ((with_processes, ""), (with_crafted, " (crafted rules)"))
         )
         runs: list[tuple[Target, int | None, list[str | None], bytes | None]] = []
         if only in (None, "network"):
             runs += [
-                (plain, None, [None, "slowloris", "load", "drip", "flood"], None),
+                (plain, None, [None, "slowloris", "load", "drip", "flood", "connect-close"], None),
                 (tls, None, [None, "tls-stall"], None),
                 (plain, 256, [None, "reconnect"], None),
             ]
         if only in (None, "processes"):
             runs.append((processes, None, [None, "name-flood", "fork-churn"], expect))
+            runs.append((crafted, None, [None, "crafted-cmdline", "leader-exit"], None))
+        if attacks is not None:
+            runs = [
+                (target, max_fds, [None, *(k for k in kinds if k in attacks)], expected)
+                for target, max_fds, kinds, expected in runs
+                if attacks.intersection(kinds)
+            ]
         with tempfile.TemporaryDirectory() as tmp:
             for target, max_fds, kinds, expected in runs:
                 running = Running(target, max_fds, Path(tmp) / f"{name}-{len(rows)}.log")
@@ -369,8 +494,8 @@ def run_all(
 
 HEADER = (
     "| target | attack | scrapes ok/failed | admin lost | p50 ms | p99 ms | max ms | CPU % | "
-    "RSS peak MiB | RSS after MiB | fds peak | log lines | alive |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    "RSS peak MiB | RSS after MiB | fds peak | log lines | alive | note |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
 )
 
 
@@ -380,7 +505,7 @@ def format_row(row: dict[str, object]) -> str:
         f"{'' if row['lost'] is None else row['lost']} | {row['p50']:.1f} | "
         f"{row['p99']:.1f} | {row['max']:.1f} | {row['cpu']:.0f} | {row['rss']:.1f} | "
         f"{row['rss_after']:.1f} | {row['fds']} | {row['log_lines']} | "
-        f"{'yes' if row['alive'] and not row['tracebacks'] else 'NO'} |"
+        f"{'yes' if row['alive'] and not row['tracebacks'] else 'NO'} | {row['note']} |"
     )
 
 

@@ -3,9 +3,12 @@
 The event loop accepts connections and, without ever blocking, takes each through its TLS
 handshake and reads its request head; only a complete request goes to a worker, which runs
 the WSGI app under socket timeouts and a deadline and then hands a keep-alive connection back
-to the loop. A client that connects and sends nothing, or handshakes or sends its request
-slowly, costs a file descriptor until ``request_timeout``, never a thread, so it cannot delay
-anyone else's scrape. A client that sends its next request as soon as it has a response waits
+to the loop. A client that connects and sends nothing stays in the kernel for DEFER_ACCEPT
+seconds (Linux), so it does not queue ahead of scrapes; then, or if it handshakes or sends
+its request slowly, it costs a file descriptor until ``request_timeout``, never a thread, so
+it cannot delay anyone else's scrape. Past ``Limits.handshakes`` TLS handshakes in flight,
+the oldest is dropped unseen, which bounds OpenSSL's memory without making its client
+reconnect. A client that sends its next request as soon as it has a response waits
 behind the others and gets at most two workers, so scraping back to back cannot crowd out
 Prometheus. Connections are capped below the file descriptor limit, so polls always
 find the descriptors they need, and accepting backs off instead of spinning when the process
@@ -49,10 +52,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvm_exporter.web")
 
 FD_RESERVE = 64
+"""File descriptors never spent on connections: polls, logs and reloads need them."""
 FREED = 64
 """Connections closed since the most open at once after which the web loop gives memory back
 (:func:`~kvm_exporter.memory.give_back`): a burst has ended."""
-"""File descriptors never spent on connections: polls, logs and reloads need them."""
+DEFER_ACCEPT = 3
+"""Seconds the kernel (Linux: ``TCP_DEFER_ACCEPT``) keeps a connection that has sent nothing
+out of the accept queue. Clients that connect and stay silent then cost neither a descriptor
+nor an eviction, and do not queue ahead of a scrape, whose request arrives with its
+connection: 1,000 idle clients reconnecting as soon as they are closed made every new scrape
+wait 0.8 s behind them. After it the connection is accepted, silent or not; if the server
+is full then, that connection is the one closed (see :meth:`Server._accept`)."""
 
 
 class _Budget:
@@ -77,6 +87,24 @@ class _Budget:
 _BUDGET = _Budget()
 
 
+class _Tokens:
+    """A token bucket: ``rate`` tokens a second, at most a tenth of a second's (or one)
+    saved."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate, self._most = rate, max(1.0, rate / 10)
+        self._level, self._at = 0.0, time.monotonic()
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there; 0 if one is."""
+        self._level = min(self._most, self._level + (now - self._at) * self._rate)
+        self._at = now
+        return 0.0 if self._level >= 1 else (1 - self._level) / self._rate
+
+    def take(self) -> None:
+        self._level -= 1
+
+
 class WebError(Exception):
     """The server cannot start; the message is one line naming the address and the reason."""
 
@@ -90,6 +118,16 @@ class Limits:
     it the oldest connection no worker is serving is closed (at most ``evictions`` a second;
     past that, accepting pauses)."""
     evictions: int = 1000
+    handshakes: int = 256
+    """TLS handshakes in flight at once (OpenSSL holds about 43 KiB for each). Past it, the
+    oldest one in flight, if it began at least ``handshake_grace`` ago, is dropped: its TLS
+    state freed, its connection left open and unread until ``request_timeout``. A real
+    client's handshake takes one round trip, so the oldest is one that stalled; a new client
+    begins at once; and a stalled client is not told, so it does not reconnect to make the
+    server do another key exchange."""
+    handshake_grace: float = 0.1
+    """Seconds a handshake in flight is safe from being dropped for a newer one; more than
+    ``handshakes`` are in flight while all began within it."""
     request_timeout: float = 10.0
     """Most seconds from connecting, or from the first byte after a response, to a complete
     request head, TLS handshake included."""
@@ -134,6 +172,26 @@ def _listen(address: str) -> socket.socket:
         )
     except OSError as err:
         raise _cannot_listen(address, err) from None
+
+
+def _defer_accept(listener: socket.socket) -> bool:
+    """Set :data:`DEFER_ACCEPT` on ``listener`` where the system has it (Linux); whether
+    it is set."""
+    if not hasattr(socket, "TCP_DEFER_ACCEPT"):
+        return False
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+    except OSError:
+        return False
+    return True
+
+
+def _silent(sock: socket.socket) -> bool:
+    """Whether a connection just accepted has nothing to read (or has ended)."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing yet, or broken
+        return True
 
 
 def _cannot_listen(address: str, err: OSError) -> WebError:
@@ -213,6 +271,8 @@ class _Conn:
     events: int = 0
     """What the selector watches it for; 0 when not registered."""
     closed: bool = False
+    began: float = 0.0
+    """When its TLS handshake began (monotonic)."""
     done: float = 0.0
     """When its last response was sent (monotonic), 0 before the first."""
     hasty: bool = False
@@ -304,6 +364,7 @@ class Server:
         self._app, self._context, self._limits = app, context, limits
         self._listener = listener
         listener.setblocking(False)
+        self._deferred = _defer_accept(listener)
         self.base_environ = {
             "SERVER_NAME": host or "localhost",
             "SERVER_PORT": str(port),
@@ -321,11 +382,13 @@ class Server:
         self._selector.register(listener, selectors.EVENT_READ)
         self._selector.register(self._wake, selectors.EVENT_READ)
         self._listening, self._resume_at, self._backoff = True, 0.0, 0.0
-        self._tokens, self._refilled = 0.0, time.monotonic()
+        self._evictions = _Tokens(limits.evictions)
         # The loop's queues, oldest first; all in one queue have the same timeout.
         self._heads: dict[_Conn, None] = {}
         self._idle: dict[_Conn, None] = {}
         self._lingering: dict[_Conn, None] = {}
+        self._handshakes: dict[_Conn, None] = {}
+        """TLS connections whose handshake has begun and not ended, oldest first."""
         self._open = 0
         self._peak = 0
         """Most connections open since memory was last given back."""
@@ -339,6 +402,7 @@ class Server:
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
+        self._dropped = _Throttled(logging.WARNING)
         self._failed = _Throttled(logging.ERROR)
         self._threads = [
             threading.Thread(
@@ -439,6 +503,15 @@ class Server:
                 return
             self._backoff = 0.0
             if self._full():
+                if self._deferred and _silent(sock):
+                    # Silent for DEFER_ACCEPT seconds already: it goes, not one that spoke.
+                    # The kernel holds each such client that long, so they cost no tokens.
+                    self._evicted(
+                        "%d connections open, the most allowed: closing new ones silent for %d s",
+                        min(self._limits.connections, _BUDGET.cap), DEFER_ACCEPT,
+                    )  # fmt: skip
+                    sock.close()
+                    continue
                 self._evict()
             self._open += 1
             _BUDGET.add(1)
@@ -455,7 +528,35 @@ class Server:
                 sock.close()
                 self._close(conn)
                 continue
-            self._hold(conn, self._heads, self._limits.request_timeout)
+            self._queue(conn, self._heads, self._limits.request_timeout)
+            if self._context is not None:
+                self._begin_handshake(conn)
+            # Its request or ClientHello (with TCP_DEFER_ACCEPT, almost always) or its end
+            # is here already: read it now, without a trip through the selector.
+            self._advance(conn)
+
+    def _begin_handshake(self, conn: _Conn) -> None:
+        """Count ``conn`` among the handshakes in flight, dropping the oldest of them if that
+        makes too many (see :attr:`Limits.handshakes`)."""
+        conn.began = time.monotonic()
+        if len(self._handshakes) >= self._limits.handshakes:
+            oldest = next(iter(self._handshakes))
+            if oldest.began <= conn.began - self._limits.handshake_grace:
+                self._drop_handshake(oldest)
+        self._handshakes[conn] = None
+
+    def _drop_handshake(self, conn: _Conn) -> None:
+        """Free the TLS state of ``conn`` but keep its connection, unread, until its
+        deadline: to the client it is still a stalled handshake."""
+        self._dropped(
+            "%d TLS handshakes in flight, the most allowed: dropping the oldest",
+            self._limits.handshakes,
+        )
+        del self._handshakes[conn]
+        if conn.events:  # it stays in its place among the heads, its deadline kept
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+        conn.sock = socket.socket(fileno=conn.sock.detach())  # the SSL object goes with it
 
     def _room(self) -> bool:
         """Whether a connection may be accepted now (maybe after closing the oldest one no
@@ -468,11 +569,9 @@ class Server:
             own = self._open >= self._limits.connections
             self._pause(float("inf") if own else time.monotonic() + 0.05)
             return False
-        now, rate = time.monotonic(), self._limits.evictions
-        self._tokens = min(rate / 10, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens < 1:
-            self._pause(now + (1 - self._tokens) / rate)
+        now = time.monotonic()
+        if wait := self._evictions.wait(now):
+            self._pause(now + wait)
             return False
         return True
 
@@ -480,7 +579,7 @@ class Server:
         return self._open >= self._limits.connections or _BUDGET.open >= _BUDGET.cap
 
     def _evict(self) -> None:
-        self._tokens -= 1
+        self._evictions.take()
         self._evicted(
             "%d connections open, the most allowed: closing the oldest waiting ones",
             min(self._limits.connections, _BUDGET.cap),
@@ -532,6 +631,7 @@ class Server:
             if isinstance(conn.sock, ssl.SSLSocket) and not conn.handshaken:
                 conn.sock.do_handshake()
                 conn.handshaken = True
+                del self._handshakes[conn]
             while (request := conn.buffer.take()) is None:
                 chunk = conn.sock.recv(8192)
                 if not chunk:
@@ -601,11 +701,15 @@ class Server:
 
     def _hold(self, conn: _Conn, where: dict[_Conn, None], timeout: float) -> None:
         """Put ``conn`` last in the loop's queue ``where``, watched for reading."""
+        self._queue(conn, where, timeout)
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _queue(self, conn: _Conn, where: dict[_Conn, None], timeout: float) -> None:
+        """Put ``conn`` last in the loop's queue ``where``, its deadline ``timeout`` away."""
         if conn.where is not None:
             del conn.where[conn]
         conn.where, where[conn] = where, None
         conn.deadline = time.monotonic() + timeout
-        self._watch(conn, selectors.EVENT_READ)
 
     def _watch(self, conn: _Conn, events: int) -> None:
         if not conn.events:
@@ -627,6 +731,7 @@ class Server:
         if conn.closed:  # closing twice is harmless: an evicted connection may have events
             return
         self._release(conn)
+        self._handshakes.pop(conn, None)
         conn.closed = True
         conn.sock.close()
         self._open -= 1

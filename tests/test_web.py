@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import http.client
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 import bcrypt
 import pytest
 import tlsutil
+from attack_support import PARTIAL_HEAD, Crowd, client_hello
 from conftest import samples
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -84,13 +86,14 @@ def get(
     path: str = "/metrics",
     context: ssl.SSLContext | None = None,
     headers: dict[str, str] | None = None,
+    timeout: float = 5,
 ) -> tuple[int, dict[str, str], bytes]:
     host, port = server.address
     conn: http.client.HTTPConnection
     if context is None:
-        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     else:
-        conn = http.client.HTTPSConnection(host, port, timeout=5, context=context)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
         conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
@@ -382,12 +385,140 @@ def test_waiting_connections_are_capped_oldest_first(servers: list[Server]) -> N
     server = start(servers, connections=3)
     socks = [socket.create_connection(server.address) for _ in range(5)]
     try:
+        for sock in socks:
+            sock.sendall(PARTIAL_HEAD)
+            time.sleep(0.05)  # accepted in this order
         time.sleep(0.3)
         assert [closed_by_server(sock, 0.2) for sock in socks] == [True, True, False, False, False]
         assert get(server)[0] == 200
     finally:
         for sock in socks:
             sock.close()
+
+
+def ended_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server ends ``sock`` within ``within`` seconds, whatever it sent before."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_silent_clients_reconnecting_cannot_delay_a_new_scrape(servers: list[Server]) -> None:
+    """100 clients that connect, send nothing and reconnect as soon as they are closed,
+    against 8 connections and 10 evictions a second: every scrape on a new connection is
+    answered, across the moment the kernel hands the silent ones over (DEFER_ACCEPT, 3 s).
+    Before, each scrape queued behind ~90 silent clients at 10 a second."""
+    server = start(servers, connections=8, evictions=10)
+    statuses = []
+    with Crowd(server.address[1], 100) as crowd:
+        for _ in range(12):
+            statuses.append(get(server, timeout=3)[0])
+            time.sleep(0.4)
+    assert statuses == [200] * 12
+    assert crowd.connects >= 100
+
+
+def test_a_client_silent_past_defer_accept_goes_before_one_that_spoke(
+    servers: list[Server],
+) -> None:
+    """When the server is full, a connection that the kernel hands over silent is closed,
+    not the oldest connection that sent part of its request."""
+    server = start(servers, connections=2, evictions=1000)
+    spoke = [socket.create_connection(server.address) for _ in range(2)]
+    for sock in spoke:
+        sock.sendall(PARTIAL_HEAD)
+    with socket.create_connection(server.address) as silent:
+        assert ended_by_server(silent, 6.0)  # handed over after DEFER_ACCEPT, then closed
+        assert not any(ended_by_server(sock, 0.1) for sock in spoke)
+    for sock in spoke:
+        sock.close()
+
+
+class StalledClient:
+    """A real TLS client that sends its ClientHello and stops there until :meth:`resume`."""
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+        self.sock = socket.create_connection(address)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname="localhost")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self._tls.do_handshake()
+        self.sock.sendall(self._out.read())
+
+    def resume(self, within: float) -> bytes | None:
+        """Finish the handshake, send a request and return the first bytes of the answer;
+        b"" if the server sends nothing more within ``within`` seconds, None if it closes."""
+        self.sock.settimeout(within)
+        try:
+            self._until(self._tls.do_handshake)
+            self._tls.write(b"GET /resumed HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.sock.sendall(self._out.read())
+            return self._until(lambda: self._tls.read(65536))
+        except TimeoutError:
+            return b""
+        except (ConnectionResetError, EOFError):
+            return None
+
+    def _until(self, step: Callable[[], Any]) -> Any:
+        """``step`` once the server has sent what it needs."""
+        while True:
+            try:
+                return step()
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError from None
+                self._in.write(data)
+
+
+def test_stalled_handshakes_past_the_cap_drop_the_oldest_unseen(
+    pki: Path, servers: list[Server]
+) -> None:
+    """With 3 handshakes allowed in flight, 5 clients that stall after their ClientHello and
+    then a real scrape: the real scrape is answered; the 3 oldest stalled handshakes were
+    dropped (their TLS state freed) without the clients being told, so none is closed; when
+    all 5 go on, the 2 newest are answered and the 3 dropped ones never are."""
+    server = start(servers, tls_settings(pki), handshakes=3, handshake_grace=0.0)
+    context = client_context(pki)
+    stalled = []
+    try:
+        for _ in range(5):
+            stalled.append(StalledClient(server.address, context))
+            time.sleep(0.05)  # begun in this order
+        assert get(server, context=context)[:3:2] == (200, b"https /metrics")
+        answers = [client.resume(1.0) for client in stalled]
+        assert [a if a is None else a[:15] for a in answers] == [
+            *[b""] * 3,  # never answered, never closed
+            *[b"HTTP/1.1 200 OK"] * 2,
+        ]
+    finally:
+        for client in stalled:
+            client.sock.close()
+
+
+def test_a_tls_scrape_succeeds_during_a_stalled_handshake_flood(
+    pki: Path, servers: list[Server]
+) -> None:
+    """200 clients stalling after their ClientHello, against 16 handshakes in flight: every
+    real TLS scrape is answered, and no stalled client is closed (so none reconnects to
+    cost the server another key exchange)."""
+    server = start(servers, tls_settings(pki), handshakes=16)
+    context = client_context(pki)
+    statuses = []
+    with Crowd(server.address[1], 200, opening=client_hello()) as crowd:
+        time.sleep(0.5)
+        for _ in range(12):
+            statuses.append(get(server, context=context, timeout=3)[0])
+            time.sleep(0.1)
+    assert statuses == [200] * 12
+    assert crowd.connects == 200
 
 
 def test_slow_reader_is_cut_at_the_deadline(servers: list[Server]) -> None:
@@ -434,6 +565,7 @@ def test_shutdown_is_quick_and_closes_everything(pki: Path) -> None:
 
     server = serve(stuck, "127.0.0.1:0", tls_settings(pki))
     idle = socket.create_connection(server.address)
+    idle.sendall(client_hello()[:8])  # a handshake begun, never ended
     busy = client_context(pki).wrap_socket(
         socket.create_connection(server.address), server_hostname="localhost"
     )
@@ -656,6 +788,8 @@ def test_servers_of_one_process_share_the_descriptors() -> None:
     try:
         ports = [int(port) for port in child.stdout.readline().split()]
         clients = [socket.create_connection(("127.0.0.1", p)) for p in ports for _ in range(150)]
+        for sock in clients:
+            sock.sendall(PARTIAL_HEAD)
         time.sleep(1)
         assert sum(not closed_by_server(sock, 0.01) for sock in clients) == 256
     finally:
