@@ -203,10 +203,11 @@ class Tracker:
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
-        digests = getattr(records, "digests", None)  # Records: made bytes only if changed
-        if digests is None:
-            digests = list(map(hash, records))  # a list of bytes
-        current = set(digests)
+        digests: list[int] | None = getattr(records, "digests", None)  # Records': bytes made
+        current = set(digests or ())  # only of what changed
+        if digests is None or len(current) < len(digests):  # a list of bytes, or two records
+            digests = list(map(hash, records))  # with one digest (p < 1e-9 a poll): their hashes
+            current = set(digests)
         stale = self._digests - current  # changed or gone
         fresh = current - self._digests
         left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
