@@ -152,7 +152,8 @@ class Tracker:
         """Forget every process: the next update is a first poll (a baseline)."""
         self._records: dict[int, bytes] = {}
         """The last poll's record of each process, by digest (:class:`Records`' or Python's
-        hash of its bytes)."""
+        hash of its bytes): bytes made when the record last changed, the same objects the
+        watch keeps, not a copy each poll."""
         self._digests: set[int] = set()
         """The digests of the last poll's records (a set: compared at C speed)."""
         self._seen: dict[int, _Seen] = {}
@@ -256,8 +257,6 @@ class Tracker:
                 group = increments.setdefault(self._seen[pid].group, [0] * width)
                 for (into, _), amount in zip(self._netted, grew, strict=True):
                     group[into[0]] += max(amount, 0)
-        # The records kept are the last poll's where they did not change (the same objects the
-        # watch keeps, not a copy each) and this poll's where they did.
         self._clock = clock
         self._digests = current
         if len(stale) > 2 * len(current) + 64:  # most processes gone: a table of their size

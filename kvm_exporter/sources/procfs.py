@@ -483,8 +483,8 @@ class ProcfsSource:
     def limits(self) -> HostLimits:
         cpus = sum(
             1
-            for line in _read_text(f"{self.root}/stat").splitlines()
-            if line.startswith("cpu") and line[3:4].isdigit()
+            for line in _read_lines(f"{self.root}/stat")  # whole: a line per CPU
+            if line.startswith(b"cpu") and line[3:4].isdigit()
         )
         pid_max = _read_int(f"{self.root}/sys/kernel/pid_max")
         threads_max = _read_int(f"{self.root}/sys/kernel/threads-max")
