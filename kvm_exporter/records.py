@@ -170,6 +170,32 @@ class Survey(NamedTuple):
     after it was born during or after the read."""
 
 
+DETAILS = ("io", "fd", "status", "smaps")
+"""What a source can read of a process beyond its usage record, each at the cost of more
+reads per process (``groups.details``): storage bytes read and written; open descriptors
+and their soft limit; swapped memory and context switches; proportional memory."""
+
+
+class Details(NamedTuple):
+    """What the detail reads gave of one process; a value not asked for, or not read, is 0."""
+
+    read_bytes: int = 0
+    write_bytes: int = 0
+    """Storage I/O, as the block layer saw it (Linux ``PID/io`` read_bytes, write_bytes)."""
+    open_fds: int = 0
+    fd_ratio: float = 0.0
+    """Open descriptors over the soft limit on them (0: unlimited, or not read)."""
+    swap_bytes: int = 0
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
+    """Of the process's first thread (Linux ``PID/status``)."""
+    proportional_bytes: int = 0
+    proportional_swap_bytes: int = 0
+    """Resident and swapped memory, each page shared by N processes counted 1/N."""
+    refused: tuple[str, ...] = ()
+    """The files the kernel would not let this reader read (not those of a process gone)."""
+
+
 class LoadAvg(NamedTuple):
     load1: float
     load5: float

@@ -17,7 +17,7 @@ import stat as statmod
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, TypeVar
 
 from .. import visibility
@@ -26,6 +26,7 @@ from ..records import (
     HOST_JAIL,
     NO_TTY,
     Census,
+    Details,
     HostLimits,
     HostUsage,
     LoadAvg,
@@ -219,6 +220,62 @@ def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
     ]
 
 
+def _fields(data: bytes, names: dict[bytes, str], scale: int = 1) -> dict[str, int]:
+    """The values of the lines of ``data`` that start with a key of ``names`` (``key:``
+    then a number), as ``names`` calls them, times ``scale``; a missing line gives 0 (a
+    kernel thread has no ``VmSwap``)."""
+    found = dict.fromkeys(names.values(), 0)
+    for line in data.splitlines():
+        key, _, rest = line.partition(b":")
+        name = names.get(key)
+        if name is not None:
+            found[name] = int(rest.split()[0]) * scale
+    return found
+
+
+def _io(_: Any, base: str) -> dict[str, int]:
+    return _fields(_read(base + "io"), {b"read_bytes": "read_bytes", b"write_bytes": "write_bytes"})
+
+
+def _status(_: Any, base: str) -> dict[str, int]:
+    names = {
+        b"voluntary_ctxt_switches": "voluntary_switches",
+        b"nonvoluntary_ctxt_switches": "involuntary_switches",
+    }
+    data = _read(base + "status")
+    return _fields(data, names) | _fields(data, {b"VmSwap": "swap_bytes"}, 1024)
+
+
+def _smaps(_: Any, base: str) -> dict[str, int]:
+    names = {b"Pss": "proportional_bytes", b"SwapPss": "proportional_swap_bytes"}
+    try:
+        return _fields(_read(base + "smaps_rollup"), names, 1024)
+    except ProcessLookupError:  # no memory to read: a kernel thread, a zombie
+        return dict.fromkeys(names.values(), 0)
+
+
+def _fd(source: ProcfsSource, base: str) -> dict[str, int]:
+    return {"open_fds": source._open_fds(base)}
+
+
+def _fd_limit(_: Any, base: str) -> dict[str, int]:
+    """The soft limit on open descriptors (0: unlimited)."""
+    for line in _read(base + "limits").splitlines():
+        if line.startswith(b"Max open files"):
+            soft = line[len(b"Max open files") :].split()[0]
+            return {"fd_limit": 0 if soft == b"unlimited" else int(soft)}
+    return {"fd_limit": 0}
+
+
+_DETAIL_READS: dict[str, tuple[tuple[str, Callable[[Any, str], dict[str, Any]]], ...]] = {
+    "io": (("io", _io),),
+    "fd": (("fd", _fd), ("limits", _fd_limit)),
+    "status": (("status", _status),),
+    "smaps": (("smaps_rollup", _smaps),),
+}
+"""The files each detail reads, by name, and how."""
+
+
 class ProcfsSource:
     """Reads a procfs mounted at ``root`` (``/proc``; a copy of one in tests)."""
 
@@ -242,6 +299,8 @@ class ProcfsSource:
         self._room = 1024
         """Usage rows _procscan gets room for: what the last survey needed, and some."""
         self._boot: int | None = None
+        self._fd_sizes: bool | None = None
+        """Whether the kernel gives open descriptors as ``PID/fd``'s size (6.2 and later)."""
         self.usage_spec = UsageSpec(
             page_size=_PAGE_SIZE,
             counters=_USAGE_COUNTERS,
@@ -332,6 +391,41 @@ class ProcfsSource:
                 continue  # a thread that ended since the listing
             states.append(_STATE_OF_CODE.get(data[data.rindex(b")") + 2], "unknown"))
         return states
+
+    def details(self, pid: int, wanted: Collection[str]) -> Details | None:
+        """The ``wanted`` details (:data:`~kvm_exporter.records.DETAILS`) of process ``pid``,
+        a file or two each; None if it has gone. A file the kernel refuses (``io``, the
+        ``fd`` listing and ``smaps_rollup`` of another user's process need ptrace access) is
+        named in :attr:`Details.refused` and its values left 0."""
+        base = f"{self.root}/{pid}/"
+        values: dict[str, Any] = {}
+        refused: list[str] = []
+        try:
+            for detail in wanted:
+                for name, read in _DETAIL_READS[detail]:
+                    try:
+                        values.update(read(self, base))
+                    except PermissionError:
+                        refused.append(name)
+                    except (OSError, ValueError, IndexError) as err:
+                        if isinstance(err, _VANISHED):
+                            raise
+                        refused.append(name)  # content no kernel writes: not the poll's end
+        except _VANISHED:
+            return None
+        limit = values.pop("fd_limit", 0)
+        if limit and "fd" not in refused:
+            values["fd_ratio"] = values["open_fds"] / limit
+        return Details(**values, refused=tuple(refused))
+
+    def _open_fds(self, base: str) -> int:
+        """Open descriptors of a process: since Linux 6.2 the size of its ``fd`` directory
+        (one stat, allowed for any process), before that a listing (ptrace access only)."""
+        if self._fd_sizes is None:
+            self._fd_sizes = os.stat("/proc/self/fd").st_size > 0  # this process has some
+        if self._fd_sizes:
+            return os.stat(base + "fd").st_size
+        return len(os.listdir(base + "fd"))
 
     def jail_name(self, jid: int) -> str:
         """Linux has no jails: every process is the host's."""
