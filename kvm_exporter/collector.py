@@ -88,8 +88,15 @@ COUNTERS: dict[str, tuple[str, str, str]] = {
     ),
     "context_switches": (
         "kvm_context_switches",
-        "Context switches of the group's processes, by type," + COUNTED,
+        "Context switches of the group's processes, by type, since the exporter started"
+        " (FreeBSD: reaped children's included; Linux: each process's first thread's).",
         "type",
+    ),
+    "io_bytes": (
+        "kvm_io_bytes",
+        "Bytes the group's processes read from and wrote to storage (Linux PID/io), by"
+        " direction, since the exporter started.",
+        "direction",
     ),
     "block_operations": (
         "kvm_block_operations",

@@ -25,7 +25,7 @@ from .aggregate import MIN_SERIES
 from .files import Refused, Unreadable, load_yaml, read_file
 from .groups import Rule, RuleError, parse_process_names
 from .logs import FORMATS, LEVELS
-from .records import ARGV_BYTES
+from .records import ARGV_BYTES, DETAILS
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class GroupsConfig:
     """process-exporter's own config file, read for its ``process_names``."""
     children: bool = True
     """process-exporter's ``-children``: an unmatched new process joins its parent's group."""
+    details: tuple[str, ...] = ()
+    """What more to read of each named process every poll (``records.DETAILS``), each at
+    the cost of a file or two per named process."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ _PARSERS: Rules = {
     "labels": list_of(COUNT_LABELS),
     "web.listen_address": _listen_addresses,
     "compat": list_of(COMPAT),
+    "groups.details": list_of(DETAILS),
     "resources.labels": list_of(RESOURCE_LABELS),
     "top.by": _top_by,
 }

@@ -20,6 +20,7 @@ from itertools import chain, zip_longest
 from typing import Any, NamedTuple, cast
 
 from .aggregate import OTHER
+from .details import DetailCounts, GroupDetails, ReadDetails, group_totals
 from .groups import Argv, Rule, first_match
 from .records import (
     USAGE_COMM,
@@ -36,7 +37,7 @@ from .records import (
     comm_of,
 )
 from .states import STATES
-from .usage import STARTED, Accounts, Grouping, GroupKey, Tally, Tracker
+from .usage import STARTED, Accounts, Grouping, Tracker
 
 
 class GroupCounts(NamedTuple):
@@ -62,6 +63,8 @@ class GroupCounts(NamedTuple):
     """Per (group, state), the threads of the processes with two or more, which
     process-exporter's ``namedprocess_namegroup_states`` adds to the processes' states; empty
     unless the grouper was given ``thread_states``."""
+    details: DetailCounts | None = None
+    """The details asked for (``groups.details``); their counters are in :attr:`counters`."""
 
 
 ADMIN = -1
@@ -113,12 +116,14 @@ class Grouper:
         series_per_group: int = 1,
         cgroups: Callable[[int], tuple[str, ...]] | None = None,
         thread_states: Callable[[int], list[str] | None] | None = None,
+        details: tuple[ReadDetails, tuple[str, ...]] | None = None,
     ) -> None:
         """``series_per_group``: what a group has in the metrics served besides ours (with
         process-exporter's names, one per state it knows, every group); ``cgroups``: the
         source's reader of a process's cgroup paths, for ``{{.Cgroups}}`` (none: no cgroups);
         ``thread_states``: a process's thread states (None if gone), read each poll for the
-        named processes of two or more threads (:attr:`GroupCounts.thread_states`)."""
+        named processes of two or more threads (:attr:`GroupCounts.thread_states`);
+        ``details``: the source's reader of a process's details and those to read."""
         self._cgroups = cgroups or _no_cgroups
         self._rules = rules
         self._children = children
@@ -138,6 +143,9 @@ class Grouper:
         """Most series a group has in one metric but the per-state one: a counter's label
         values (cpu: user and system), or ``series_per_group``."""
         self._accounts = Accounts(("group",), max_series // self._values, spec)
+        self._details = (
+            None if details is None else GroupDetails(*details, spec, max_series // self._values)
+        )
 
     def update(self, survey: Survey) -> GroupCounts:
         """Name the processes not seen before, forget those gone, count per group."""
@@ -158,35 +166,23 @@ class Grouper:
             counts = counts._replace(thread_states=self._threads(self._thread_states, group))
         if kept is not None:
             counts = counts._replace(folded=len(processes) - len(kept))
-        counters = self._counters(tally, group, counts.processes)
+        counters = group_totals(self._accounts, tally, group, counts.processes)
         for name in counters[STARTED]:  # every group served: live, or gone while there is room
             for gauge in (counts.processes, counts.threads, counts.resident_bytes):
                 gauge.setdefault(name, 0)
             counts.virtual_bytes.setdefault(name, 0)
+        if self._details is not None:
+            found = self._details.poll(
+                self.name_of, lambda name: group((name, ADMIN, "")), counts.processes, survey.clock
+            )
+            counts = counts._replace(details=found)
+            counters.update(found.counters)
         return counts._replace(counters=counters)
 
     def name_of(self, pid: int) -> str | None:
         """The group of the process ``pid`` as of the last update; None if no rule names it."""
         key = self._tracker.group(pid)
         return None if key is None else cast(_Key, key)[0]
-
-    def _counters(
-        self, tally: Tally, group: Callable[[_Key], str], processes: dict[str, int]
-    ) -> dict[tuple[str, str], dict[str, float]]:
-        """Each group's counter totals, its (name, state) increments summed under ``group``;
-        groups whose processes are gone are there too, while the cap has room."""
-        increments: dict[GroupKey, list[int]] = {}
-        for key, grew in tally.increments.items():
-            if key is not None:
-                total = increments.setdefault(group(cast(_Key, key)), [0] * len(grew))
-                for i, amount in enumerate(grew):
-                    total[i] += amount
-        gauges: dict[GroupKey, list[int]] = {g: [n, 0, 0, 0] for g, n in processes.items()}
-        totals = self._accounts.add(tally._replace(gauges=gauges, increments=increments), _one)
-        return {
-            column: {key[0]: total for key, total in series.items()}
-            for column, series in totals.counters.items()
-        }
 
     def _count(
         self,
@@ -226,6 +222,8 @@ class Grouper:
         return out
 
     def _key(self, row: UsageRow, named: Named | None) -> _Key | None:
+        if self._details is not None:
+            self._details.note(row, None if named is None else named[0])
         if named is None:
             return None
         key = (*named, self._spec.state(row[USAGE_STATE]))
@@ -281,10 +279,6 @@ class Grouper:
 
 def _no_cgroups(_: int) -> tuple[str, ...]:
     return ()
-
-
-def _one(name: GroupKey) -> tuple[str, ...]:
-    return (str(name),)
 
 
 def _kept(

@@ -7,13 +7,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from itertools import chain
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from .collector import AS_OF, counter_families, label_value, labelled_gauge
 from .config import PROCESS_EXPORTER
+from .details import DetailCounts
 from .grouping import GroupCounts
-from .poller import Poller
+from .poller import Poller, Snapshot
 from .states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
 
 
@@ -73,12 +79,62 @@ def kvm_metrics(groups: GroupCounts) -> Iterator[Metric]:
         "Named groups folded into 'other' to stay under max_series" + AS_OF,
         value=groups.folded,
     )
+    if groups.details is not None:
+        yield from _kvm_details(groups.details)
     yield CounterMetricFamily(
         "kvm_namegroup_argv_unreadable",
         "Processes since the exporter started whose arguments could not be read"
         " (named by their comm instead).",
         value=groups.unreadable,
     )
+
+
+_KVM_GAUGES = {
+    "open_fds": ("kvm_namegroup_open_fds", "Open file descriptors of the named group's processes"),
+    "fd_ratio": (
+        "kvm_namegroup_worst_fd_ratio",
+        "Highest ratio of open file descriptors to their soft limit (RLIMIT_NOFILE) among the"
+        " named group's processes (0: unlimited)",
+    ),
+    "swap_bytes": (
+        "kvm_namegroup_swapped_memory_bytes",
+        "Swapped out memory of the named group's processes, summed",
+    ),
+    "proportional_bytes": (
+        "kvm_namegroup_proportional_resident_memory_bytes",
+        "Resident memory of the named group's processes, a page shared by N processes counted"
+        " 1/N (PSS), summed",
+    ),
+    "proportional_swap_bytes": (
+        "kvm_namegroup_proportional_swapped_memory_bytes",
+        "Swapped memory of the named group's processes, a page shared by N processes counted"
+        " 1/N (SwapPss), summed",
+    ),
+}
+"""Our name and HELP of each gauge of the details (``details.GAUGES``)."""
+
+
+def _kvm_details(details: DetailCounts) -> Iterator[Metric]:
+    for field, values in details.gauges.items():
+        name, doc = _KVM_GAUGES[field]
+        yield _per_group(name, doc, "group", values)
+    refused = CounterMetricFamily(
+        "kvm_namegroup_details_refused",
+        "Reads of a named process's details the kernel refused, since the exporter started,"
+        " by file (another user's io, fd and smaps_rollup need ptrace access)",
+        labels=["file"],
+    )
+    for file, count in sorted(details.refused.items()):
+        refused.add_metric([file], count)
+    yield refused
+
+
+_PE_MEMTYPES = {
+    "swap_bytes": "swapped",
+    "proportional_bytes": "proportionalResident",
+    "proportional_swap_bytes": "proportionalSwapped",
+}
+"""process-exporter's ``memtype`` of each memory gauge of the details."""
 
 
 def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
@@ -106,10 +162,30 @@ def process_exporter_metrics(groups: GroupCounts) -> Iterator[Metric]:
         "number of bytes of memory in use" + AS_OF,
         labels=["groupname", "memtype"],
     )
-    for memtype, values in (("resident", groups.resident_bytes), ("virtual", groups.virtual_bytes)):
+    memtypes: list[tuple[str, dict[str, int] | dict[str, float]]] = [
+        ("resident", groups.resident_bytes),
+        ("virtual", groups.virtual_bytes),
+    ]
+    gauges = {} if groups.details is None else groups.details.gauges
+    memtypes += [(_PE_MEMTYPES[f], v) for f, v in gauges.items() if f in _PE_MEMTYPES]
+    for memtype, values in memtypes:
         for group, value in sorted(_utf8(values).items()):
             memory.add_metric([group, memtype], value)
     yield memory
+    if "open_fds" in gauges:
+        yield _per_group(
+            "namedprocess_namegroup_open_filedesc",
+            "number of open file descriptors for this group",
+            "groupname",
+            gauges["open_fds"],
+        )
+        yield _per_group(
+            "namedprocess_namegroup_worst_fd_ratio",
+            "the worst (closest to 1) ratio between open fds and max fds among all procs in"
+            " this group",
+            "groupname",
+            gauges["fd_ratio"],
+        )
     states = GaugeMetricFamily(
         "namedprocess_namegroup_states",
         "Number of processes in states Running, Sleeping, Waiting, Zombie, or Other" + AS_OF,
@@ -143,6 +219,8 @@ _PE_COUNTERS = {
         "Context switches",
         ("ctxswitchtype", "nonvoluntary"),
     ),
+    ("io_bytes", "read"): ("read_bytes", "number of bytes read by this group", None),
+    ("io_bytes", "write"): ("write_bytes", "number of bytes written by this group", None),
 }
 """process-exporter's counter names (``collector/process_collector.go``) for ours."""
 
@@ -174,9 +252,42 @@ class GroupCollector(Collector):
         self._poller = poller
 
     def collect(self) -> Iterator[Metric]:
-        groups = self._poller.scraped().groups
+        snap = self._poller.scraped()
+        groups = snap.groups
+        compat = PROCESS_EXPORTER in self._poller.settings.compat
+        if compat and self._poller.settings.groups:
+            yield from _scrape_errors(snap, groups)
         if groups is None:
             return
         yield from kvm_metrics(groups)
-        if PROCESS_EXPORTER in self._poller.settings.compat:
+        if compat:
             yield from process_exporter_metrics(groups)
+
+
+def _scrape_errors(snap: Snapshot, groups: GroupCounts | None) -> Iterator[Metric]:
+    """process-exporter's ``namedprocess_scrape_*`` counters: polls whose processes could
+    not be read (its "no proc metrics collected during a cycle"); of the details, the named
+    processes whose ``status`` or ``limits`` were refused (its failed reads of a process,
+    which it counts at its first poll only) and those whose other files were. Untyped
+    where process-exporter's are counters: prometheus_client serves a counter as
+    ``NAME_total`` only."""
+    details = None if groups is None else groups.details
+    for name, doc, value in (
+        (
+            "namedprocess_scrape_errors",
+            "general scrape errors: no proc metrics collected during a cycle",
+            snap.errors.get("procs", 0) + snap.errors.get("groups", 0),
+        ),
+        (
+            "namedprocess_scrape_procread_errors",
+            "incremented each time a proc's metrics collection fails",
+            0 if details is None else details.procread_errors,
+        ),
+        (
+            "namedprocess_scrape_partial_errors",
+            "incremented each time a tracked proc's metrics collection fails partially,"
+            " e.g. unreadable I/O stats",
+            0 if details is None else details.partial_errors,
+        ),
+    ):
+        yield UnknownMetricFamily(name, doc, value=value)

@@ -62,6 +62,8 @@ class Settings:
     groups: tuple[Rule, ...] = ()
     """Named process groups (``grouping.py``); none: no groups."""
     children: bool = True
+    details: tuple[str, ...] = ()
+    """What more to read of each named process (``details.py``)."""
     resources: tuple[str, ...] | None = ("user",)
     """Labels of the resource metrics; None: not collected."""
     top: TopConfig | None = None
@@ -275,10 +277,18 @@ class Poller:
         if not settings.groups:
             self._grouper = None
             return None
-        made = (source, settings.groups, settings.children, settings.max_series, settings.compat)
+        made = (
+            source,
+            settings.groups,
+            settings.children,
+            settings.max_series,
+            settings.compat,
+            settings.details,
+        )
         if self._grouper is None or self._grouper_made != made:
             # process-exporter's names show every group in each state it knows.
             pe = len(PROCESS_EXPORTER_STATES) if PROCESS_EXPORTER in settings.compat else 1
+            read = getattr(source, "details", None)  # procfs only (service.py refuses others)
             self._grouper = Grouper(
                 settings.groups,
                 settings.children,
@@ -289,6 +299,7 @@ class Poller:
                 pe,
                 getattr(source, "cgroups", None),  # Linux only
                 getattr(source, "thread_states", None) if pe > 1 else None,
+                (read, settings.details) if read is not None and settings.details else None,
             )
             self._grouper_made = made
         return self._grouper

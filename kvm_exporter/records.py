@@ -175,6 +175,14 @@ DETAILS = ("io", "fd", "status", "smaps")
 reads per process (``groups.details``): storage bytes read and written; open descriptors
 and their soft limit; swapped memory and context switches; proportional memory."""
 
+DETAIL_FILES = {
+    "io": ("io",),
+    "fd": ("fd", "limits"),
+    "status": ("status",),
+    "smaps": ("smaps_rollup",),
+}
+"""The files of ``/proc/PID`` each detail reads on Linux (:attr:`Details.refused` names them)."""
+
 
 class Details(NamedTuple):
     """What the detail reads gave of one process; a value not asked for, or not read, is 0."""

@@ -36,6 +36,7 @@ def settings_of(config: Config) -> Settings:
         compat=config.compat,
         groups=config.groups.process_names,
         children=config.groups.children,
+        details=config.groups.details,
         resources=config.resources.labels if config.resources.enabled else None,
         top=config.top,
         top_labels=config.resources.labels,
@@ -81,7 +82,22 @@ def prepare(
     for address in config.web.listen_address:
         listen_target(address)
     web_file = config.web.config_file
-    return config, load_web_config(web_file) if web_file else None, open_source(config)
+    web_settings = load_web_config(web_file) if web_file else None
+    return config, web_settings, _opened(config, None)
+
+
+def _opened(config: Config, running: Source | None) -> Source:
+    """The source ``config`` asks for: ``running`` if given, else one opened (closed again if
+    it cannot read what the config asks of it: ``groups.details``)."""
+    source = running or open_source(config)
+    if config.groups.details and not hasattr(source, "details"):
+        if running is None:
+            source.close()
+        raise SourceError(
+            f"groups.details: the {source.name} source reads no details of processes"
+            " (only procfs does, on Linux)"
+        )
+    return source
 
 
 class Service:
@@ -141,7 +157,9 @@ class Service:
             config = load_config(self.config_path, self.flags)
             source: Source | None = None
             if source_key(config) != source_key(self.config):
-                source = open_source(config)
+                source = _opened(config, None)
+            else:
+                _opened(config, self.poller.source)
         except (ConfigError, SourceError) as err:
             self._reload = self._reload._replace(
                 successful=False, failures=self._reload.failures + 1

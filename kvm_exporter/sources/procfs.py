@@ -25,6 +25,7 @@ from ..records import (
     ARGV_BYTES,
     HOST_JAIL,
     NO_TTY,
+    DETAIL_FILES,
     Census,
     Details,
     HostLimits,
@@ -267,13 +268,14 @@ def _fd_limit(_: Any, base: str) -> dict[str, int]:
     return {"fd_limit": 0}
 
 
-_DETAIL_READS: dict[str, tuple[tuple[str, Callable[[Any, str], dict[str, Any]]], ...]] = {
-    "io": (("io", _io),),
-    "fd": (("fd", _fd), ("limits", _fd_limit)),
-    "status": (("status", _status),),
-    "smaps": (("smaps_rollup", _smaps),),
+_READS: dict[str, Callable[[Any, str], dict[str, Any]]] = {
+    "io": _io,
+    "fd": _fd,
+    "limits": _fd_limit,
+    "status": _status,
+    "smaps_rollup": _smaps,
 }
-"""The files each detail reads, by name, and how."""
+"""How to read each file of :data:`~kvm_exporter.records.DETAIL_FILES`."""
 
 
 class ProcfsSource:
@@ -402,9 +404,9 @@ class ProcfsSource:
         refused: list[str] = []
         try:
             for detail in wanted:
-                for name, read in _DETAIL_READS[detail]:
+                for name in DETAIL_FILES[detail]:
                     try:
-                        values.update(read(self, base))
+                        values.update(_READS[name](self, base))
                     except PermissionError:
                         refused.append(name)
                     except (OSError, ValueError, IndexError) as err:
