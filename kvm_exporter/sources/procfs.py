@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 from .. import visibility
 from ..records import (
     ARGV_BYTES,
+    DETAIL_FILES,
     HOST_JAIL,
     NO_TTY,
-    DETAIL_FILES,
     Census,
     Details,
     HostLimits,
