@@ -19,8 +19,8 @@ from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
 from .config import PROCESS_EXPORTER, TopConfig, format_duration
-from .grouping import GroupCounts, Grouper
-from .groups import Rule
+from .groups.rules import Rule
+from .groups.tracker import GroupCounts, Grouper
 from .logs import crash
 from .memory import give_back
 from .records import (
@@ -60,7 +60,7 @@ class Settings:
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
     groups: tuple[Rule, ...] = ()
-    """Named process groups (``grouping.py``); none: no groups."""
+    """Named process groups (``groups/tracker.py``); none: no groups."""
     children: bool = True
     resources: tuple[str, ...] | None = ("user",)
     """Labels of the resource metrics; None: not collected."""

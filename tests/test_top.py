@@ -16,7 +16,7 @@ from test_usage import SPEC, row
 
 from kvm_exporter.collector import KvmCollector, ReloadStatus
 from kvm_exporter.config import ConfigError, TopConfig, parse_config
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import USAGE_PID, split_argv
 from kvm_exporter.sources.procfs import ProcfsSource

@@ -12,7 +12,7 @@ import pytest
 from conftest import copy_proc_fixture
 
 from kvm_exporter.config import ConfigError, parse_config
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import USAGE_STATE, UsageSpec
 from kvm_exporter.sources import procfs

@@ -1,7 +1,7 @@
 """Named process groups: each process named once, then processes counted per group.
 
 A process (pid and start time) is named the first poll it is seen, from the rules of
-``groups.py``; its arguments are read then, and only if a rule needs them, never again. With
+``rules.py``; its arguments are read then, and only if a rule needs them, never again. With
 ``children`` (process-exporter's ``-children``), a new process no rule names joins the group of
 its nearest ancestor that has one, as process-exporter's tracker does; a process whose parent
 is gone or unnamed stays out. Processes no rule names are not counted, as in process-exporter.
@@ -19,9 +19,8 @@ from collections.abc import Callable, Collection
 from itertools import chain, zip_longest
 from typing import Any, NamedTuple, cast
 
-from .aggregate import OTHER
-from .groups import Argv, Rule, first_match
-from .records import (
+from ..aggregate import OTHER
+from ..records import (
     USAGE_COMM,
     USAGE_PID,
     USAGE_PPID,
@@ -35,8 +34,9 @@ from .records import (
     UsageSpec,
     comm_of,
 )
-from .states import STATES
-from .usage import STARTED, Accounts, Grouping, GroupKey, Tally, Tracker
+from ..states import STATES
+from ..usage import STARTED, Accounts, Grouping, GroupKey, Tally, Tracker
+from .rules import Argv, Rule, first_match
 
 
 class GroupCounts(NamedTuple):

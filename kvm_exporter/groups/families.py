@@ -10,11 +10,11 @@ from itertools import chain
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF, counter_families, label_value, labelled_gauge
-from .config import PROCESS_EXPORTER
-from .grouping import GroupCounts
-from .poller import Poller
-from .states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
+from ..collector import AS_OF, counter_families, label_value, labelled_gauge
+from ..config import PROCESS_EXPORTER
+from ..poller import Poller
+from ..states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
+from .tracker import GroupCounts
 
 
 def _utf8(values: dict[str, int] | dict[str, float]) -> dict[str, float]:
