@@ -67,7 +67,7 @@ class Settings:
     top: TopConfig | None = None
     """The top processes; None: off."""
     top_labels: tuple[str, ...] = ("user",)
-    """The top processes' label groups (the resources' labels, used without them too)."""
+    """The labels of the top processes' accounts (the resources' labels, used without them too)."""
 
 
 @dataclass(frozen=True)

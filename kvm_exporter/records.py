@@ -200,7 +200,7 @@ class HostLimits(NamedTuple):
 
 
 class HostUsage(NamedTuple):
-    """The host's own counters, beside which the groups' add up (or say what they miss)."""
+    """The host's own counters, beside which the accounts' add up (or say what they miss)."""
 
     cpu_seconds: dict[str, float]
     """CPU time since boot per mode, in node_exporter's words (``user``, ``nice``, ``system``,

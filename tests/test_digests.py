@@ -40,7 +40,7 @@ def test_records_read_back_as_written_and_equal_digests_mean_equal_records() -> 
 def test_the_tracker_counts_alike_from_records_and_from_bytes() -> None:
     """Random polls of growth, exits and pid reuse: every series the same either way."""
     rng = random.Random(7)
-    lists, buffers = Run(max_groups=5), Run(max_groups=5)
+    lists, buffers = Run(max_accounts=5), Run(max_accounts=5)
     procs: dict[int, list[int]] = {}
     for poll in range(60):
         for pid in list(procs):

@@ -35,7 +35,7 @@ from ..records import (
     comm_of,
 )
 from ..states import STATES
-from ..usage import STARTED, Accounts, Grouping, GroupKey, Tally, Tracker
+from ..usage import STARTED, AccountKey, Accounts, Attribution, Tally, Tracker
 from .rules import Argv, Rule, first_match
 
 
@@ -72,7 +72,7 @@ index as its share."""
 Named = tuple[str, int]
 """A process's group name and the share it counts in."""
 _Key = tuple[str, int, str]
-"""A tracker group of named processes: name, share (see :data:`ADMIN`), state."""
+"""The tracker account of named processes: name, share (see :data:`ADMIN`), state."""
 
 
 def chosen_by_processes(rule: Rule) -> bool:
@@ -99,8 +99,8 @@ def chosen_by_processes(rule: Rule) -> bool:
 
 class Grouper:
     """Names processes and counts them per group, from a survey's usage records: a
-    :class:`~kvm_exporter.usage.Tracker` whose groups are (name, state), so a poll costs only
-    the records that changed since the last; holds the names between polls."""
+    :class:`~kvm_exporter.usage.Tracker` whose accounts are (name, share, state), so a poll
+    costs only the records that changed since the last; holds the names between polls."""
 
     def __init__(
         self,
@@ -132,7 +132,7 @@ class Grouper:
         """The named processes of two or more threads, by pid, with their group when their
         record last changed (kept only with ``thread_states``)."""
         self._shares = tuple(i if chosen_by_processes(r) else ADMIN for i, r in enumerate(rules))
-        self._tracker = Tracker(Grouping(self._key, self._names), spec, oldest=True)
+        self._tracker = Tracker(Attribution(self._key, self._names), spec, oldest=True)
         columns = dict.fromkeys((metric, value) for metric, value, _ in spec.counters)
         self._values = max([*Counter(metric for metric, _ in columns).values(), series_per_group])
         """Most series a group has in one metric but the per-state one: a counter's label
@@ -167,7 +167,7 @@ class Grouper:
 
     def name_of(self, pid: int) -> str | None:
         """The group of the process ``pid`` as of the last update; None if no rule names it."""
-        key = self._tracker.group(pid)
+        key = self._tracker.account(pid)
         return None if key is None else cast(_Key, key)[0]
 
     def _counters(
@@ -175,13 +175,13 @@ class Grouper:
     ) -> dict[tuple[str, str], dict[str, float]]:
         """Each group's counter totals, its (name, state) increments summed under ``group``;
         groups whose processes are gone are there too, while the cap has room."""
-        increments: dict[GroupKey, list[int]] = {}
+        increments: dict[AccountKey, list[int]] = {}
         for key, grew in tally.increments.items():
             if key is not None:
                 total = increments.setdefault(group(cast(_Key, key)), [0] * len(grew))
                 for i, amount in enumerate(grew):
                     total[i] += amount
-        gauges: dict[GroupKey, list[int]] = {g: [n, 0, 0, 0] for g, n in processes.items()}
+        gauges: dict[AccountKey, list[int]] = {g: [n, 0, 0, 0] for g, n in processes.items()}
         totals = self._accounts.add(tally._replace(gauges=gauges, increments=increments), _one)
         return {
             column: {key[0]: total for key, total in series.items()}
@@ -215,7 +215,7 @@ class Grouper:
         """The threads per (group, state) of the named processes with two or more."""
         out: dict[tuple[str, str], int] = {}
         for pid, key in list(self._threaded.items()):
-            if self._tracker.group(pid) != key:  # gone, or named anew since
+            if self._tracker.account(pid) != key:  # gone, or named anew since
                 del self._threaded[pid]
                 continue
             states = read(pid) or ()
@@ -283,7 +283,7 @@ def _no_cgroups(_: int) -> tuple[str, ...]:
     return ()
 
 
-def _one(name: GroupKey) -> tuple[str, ...]:
+def _one(name: AccountKey) -> tuple[str, ...]:
     return (str(name),)
 
 
