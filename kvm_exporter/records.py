@@ -124,6 +124,10 @@ class Digests(Protocol):
 
     def __len__(self) -> int: ...
 
+    def __iter__(self) -> Iterator[int]:
+        """The digests in record order."""
+        ...
+
     def digest(self, at: int) -> int:
         """The digest of the record at position ``at``."""
         ...
@@ -142,7 +146,7 @@ def changes_by_sets(digests: Digests, last: Digests | None) -> tuple[list[int], 
     """:meth:`Digests.changes` by Python sets: for any two kinds of digests."""
     here, before = digests.members(), set() if last is None else last.members()
     fresh = here - before
-    positions = [at for at in range(len(digests)) if digests.digest(at) in fresh] if fresh else []
+    positions = [at for at, digest in enumerate(digests) if digest in fresh] if fresh else []
     return positions, list(before - here)
 
 
@@ -156,6 +160,9 @@ class Hashes:
 
     def __len__(self) -> int:
         return len(self._order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
 
     def digest(self, at: int) -> int:
         return self._order[at]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -33,11 +33,14 @@ class CompiledDigests:
     def __len__(self) -> int:
         return self._count
 
+    def __iter__(self) -> Iterator[int]:
+        return iter(_ffi.unpack(self._order, self._count))
+
     def digest(self, at: int) -> int:
         return int(self._order[at])
 
     def members(self) -> set[int]:
-        return set(_ffi.unpack(self._order, self._count))
+        return set(self)
 
     def changes(self, last: Digests | None) -> tuple[list[int], list[int]]:
         if last is not None and not isinstance(last, CompiledDigests):
