@@ -41,6 +41,9 @@ from .records import (
     USAGE_THREADS,
     USAGE_UID,
     USAGE_VSIZE,
+    Digests,
+    Hashes,
+    Records,
     Source,
     SourceError,
     Survey,
@@ -122,9 +125,10 @@ def _netted(spec: UsageSpec) -> Netted:
 class Tracker:
     """Per process state between polls; memory is bounded by the processes of the last poll.
 
-    A poll's usage records are compared with the last poll's as bytes, in sets (C speed):
-    only a record that changed is decoded and looked at, so a host whose processes mostly
-    idle between polls costs little more than the read.
+    A poll's usage records are compared with the last poll's by digests, as sets (in C where
+    the records come digested, else Python's hashes of their bytes): only a record that
+    changed is decoded and looked at, so a host whose processes mostly idle between polls
+    costs little more than the read.
 
     Reaped children: what a process's children's usage grew by is what it reaped in the
     interval, each child's final totals (own plus its children's). Of that, the totals each
@@ -163,8 +167,9 @@ class Tracker:
         """The last poll's record of each process, by digest (:class:`Records`' or Python's
         hash of its bytes): bytes made when the record last changed, the same objects the
         watch keeps, not a copy each poll."""
-        self._digests: set[int] = set()
-        """The digests of the last poll's records (a set: compared at C speed)."""
+        self._digests: Digests | None = None
+        """The digests of the last poll's records (compared with the next poll's as sets,
+        in C where they are compiled)."""
         self._seen: dict[int, _Seen] = {}
         self._shared: dict[_Seen, _Seen] = {}
         """One object per distinct :class:`_Seen`: processes share theirs (a few kinds for
@@ -213,13 +218,9 @@ class Tracker:
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
-        digests: list[int] | None = getattr(records, "digests", None)  # Records': bytes made
-        current = set(digests or ())  # only of what changed
-        if digests is None or len(current) < len(digests):  # a list of bytes, or two records
-            digests = list(map(hash, records))  # with one digest (p < 1e-9 a poll): their hashes
-            current = set(digests)
-        stale = self._digests - current  # changed or gone
-        fresh = current - self._digests
+        # Records' bytes are made only for what changed; a list's are there already.
+        digests = records.digests if isinstance(records, Records) else Hashes(records)
+        fresh, stale = digests.changes(self._digests)  # new or changed; changed or gone
         left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
         for digest in stale:
             record = self._records.pop(digest)
@@ -230,8 +231,8 @@ class Tracker:
         increments: dict[AccountKey, list[int]] = {}
         reaped: dict[int, list[int]] = {}  # per reaper pid: its children's usage growth
         new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
-        for at in [i for i, digest in enumerate(digests) if digest in fresh] if fresh else ():
-            record = self._records[digests[at]] = records[at]
+        for at in fresh:
+            record = self._records[digests.digest(at)] = records[at]
             row = decode(record)
             pid = row[USAGE_PID]
             last = left.get(pid)
@@ -267,8 +268,8 @@ class Tracker:
                 for (into, _), amount in zip(self._netted, grew, strict=True):
                     account[into[0]] += max(amount, 0)
         self._clock = clock
-        self._digests = current
-        if len(stale) > 2 * len(current) + 64:  # most processes gone: a table of their size
+        self._digests = digests
+        if len(stale) > 2 * len(digests) + 64:  # most processes gone: a table of their size
             self._records = dict(self._records)
         kinds = len(self._shared)  # a kind per live process at most, once those gone go
         if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
