@@ -42,7 +42,7 @@ from kvm_exporter.config import LibkvmConfig, TopConfig
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.sources.libkvm import LibkvmSource
 from kvm_exporter.sources.procfs import ProcfsSource
-from kvm_exporter.usage import Accounting, Grouping, Tracker
+from kvm_exporter.usage import Accounting, Attribution, Tracker
 
 HERE = pathlib.Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
@@ -152,7 +152,7 @@ def churn(jitter: float, margin: float, polls: int = 2000, n: int = 10) -> dict[
 
     top.MARGIN = margin
     watch = top.Watch(n, ("cpu", "memory"), SPEC)
-    tracker = Tracker(Grouping(lambda r, _: r[3]), SPEC, watch=watch)
+    tracker = Tracker(Attribution(lambda r, _: r[3]), SPEC, watch=watch)
     rng = random.Random(22)
     ticks = dict.fromkeys(range(1, 201), 0)
     before: dict[str, frozenset[int]] = {"cpu": frozenset(), "memory": frozenset()}

@@ -74,7 +74,7 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
 
 
 COUNTED = " reaped children's included, since the exporter started."
-"""Ends the HELP of the groups' counters (README: what the counters include)."""
+"""Ends the HELP of the usage counters (README: what the counters include)."""
 COUNTERS: dict[str, tuple[str, str, str]] = {
     "cpu": (
         "kvm_cpu_seconds",
@@ -110,14 +110,14 @@ COUNTERS: dict[str, tuple[str, str, str]] = {
     ),
 }
 """Family name, HELP and label of each counter metric of :class:`~kvm_exporter.usage.Resources`
-(no label: one series per group)."""
+(no label: one series per account or named group)."""
 
 
 def counter_families(
     counters: dict[tuple[str, str], dict[Key, float]], labels: tuple[str, ...], whose: str = ""
 ) -> Iterator[Metric]:
-    """One counter family per metric of ``counters`` (:data:`COUNTERS`), its series per group
-    (label values in ``labels`` order) and value; ``whose`` names the kind of group in the
+    """One counter family per metric of ``counters`` (:data:`COUNTERS`), its series per key
+    (label values in ``labels`` order) and value; ``whose``, for the named groups, goes into the
     family names and HELP (``namegroup``: ``kvm_namegroup_cpu_seconds_total``)."""
     families: dict[str, CounterMetricFamily] = {}
     for (metric, value), series in counters.items():
@@ -136,7 +136,7 @@ def counter_families(
 
 
 def _resources(res: Resources) -> Iterator[Metric]:
-    """The resource families: gauges per group, counters per group and mode."""
+    """The resource families: gauges per account, counters per account and mode."""
     labels = res.labels
     for name, doc, values in (
         ("kvm_group_processes", "Processes per resource group", res.processes),
@@ -169,7 +169,7 @@ def _resources(res: Resources) -> Iterator[Metric]:
 
 
 def _host(host: HostUsage) -> Iterator[Metric]:
-    """The host's own counters, which the groups' add up to (or say what they miss)."""
+    """The host's own counters, which the accounts' add up to (or say what they miss)."""
     for name, doc, label, values in (
         (
             "kvm_host_cpu_seconds",

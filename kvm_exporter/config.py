@@ -23,7 +23,7 @@ import yaml
 
 from .aggregate import MIN_SERIES
 from .files import Refused, Unreadable, load_yaml, read_file
-from .groups import Rule, RuleError, parse_process_names
+from .groups.rules import Rule, RuleError, parse_process_names
 from .logs import FORMATS, LEVELS
 from .records import ARGV_BYTES, DETAILS
 
@@ -115,7 +115,7 @@ class TopConfig:
 
 @dataclass(frozen=True)
 class GroupsConfig:
-    """Named process groups in process-exporter's config format (``groups.py``)."""
+    """Named process groups in process-exporter's config format (``groups/rules.py``)."""
 
     process_names: tuple[Rule, ...] = ()
     config_file: str | None = None

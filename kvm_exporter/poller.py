@@ -19,8 +19,8 @@ from typing import TypeVar
 
 from .aggregate import Counts, aggregate, user_names
 from .config import PROCESS_EXPORTER, TopConfig, format_duration
-from .grouping import GroupCounts, Grouper
-from .groups import Rule
+from .groups.rules import Rule
+from .groups.tracker import GroupCounts, Grouper
 from .logs import crash
 from .memory import give_back
 from .records import (
@@ -60,7 +60,7 @@ class Settings:
     compat: tuple[str, ...] = ()
     """Names served besides kvm_*; read by the collectors, not by a poll."""
     groups: tuple[Rule, ...] = ()
-    """Named process groups (``grouping.py``); none: no groups."""
+    """Named process groups (``groups/tracker.py``); none: no groups."""
     children: bool = True
     details: tuple[str, ...] = ()
     """What more to read of each named process (``details.py``)."""
@@ -69,7 +69,7 @@ class Settings:
     top: TopConfig | None = None
     """The top processes; None: off."""
     top_labels: tuple[str, ...] = ("user",)
-    """The top processes' label groups (the resources' labels, used without them too)."""
+    """The labels of the top processes' accounts (the resources' labels, used without them too)."""
 
 
 @dataclass(frozen=True)

@@ -118,18 +118,74 @@ class UsageSpec(NamedTuple):
     children's columns of the others stay 0 (FreeBSD fills only ``ki_rusage_ch``'s times)."""
 
 
-class Records(Sequence[bytes]):
-    """A survey's usage records side by side in one buffer, each ``size`` bytes, ``stride``
-    apart, made bytes only when asked for: a steady poll looks at the few that changed, by
-    :attr:`digests` (a keyed 64-bit hash of each record, equal for equal records)."""
+class Digests(Protocol):
+    """One poll's usage records as digests (equal records, equal digests), set against the
+    last poll's to find what changed."""
 
-    def __init__(self, buffer: Any, stride: int, size: int, digests: list[int]) -> None:
-        self._view = memoryview(buffer).cast("B")
-        self._stride, self._size = stride, size
-        self.digests = digests
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]:
+        """The digests in record order."""
+        ...
+
+    def digest(self, at: int) -> int:
+        """The digest of the record at position ``at``."""
+        ...
+
+    def members(self) -> set[int]:
+        """Every digest, as a set."""
+        ...
+
+    def changes(self, last: Digests | None) -> tuple[list[int], list[int]]:
+        """The positions of the records not in ``last`` (new or changed since), and the
+        digests of ``last``'s records not here (changed or gone)."""
+        ...
+
+
+def changes_by_sets(digests: Digests, last: Digests | None) -> tuple[list[int], list[int]]:
+    """:meth:`Digests.changes` by Python sets: for any two kinds of digests."""
+    here, before = digests.members(), set() if last is None else last.members()
+    fresh = here - before
+    positions = [at for at, digest in enumerate(digests) if digest in fresh] if fresh else []
+    return positions, list(before - here)
+
+
+class Hashes:
+    """:class:`Digests` by Python's own hash of each record's bytes: where no compiled
+    digests are, or two records had one."""
+
+    def __init__(self, records: Iterable[bytes]) -> None:
+        self._order = list(map(hash, records))
+        self._set = set(self._order)
 
     def __len__(self) -> int:
-        return len(self.digests)
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
+
+    def digest(self, at: int) -> int:
+        return self._order[at]
+
+    def members(self) -> set[int]:
+        return self._set
+
+    def changes(self, last: Digests | None) -> tuple[list[int], list[int]]:
+        return changes_by_sets(self, last)
+
+
+class Records(Sequence[bytes]):
+    """A survey's usage records side by side in one buffer, each ``size`` bytes, ``stride``
+    apart, made bytes only when asked for: a steady poll looks at the few that changed, found
+    by their :attr:`digests` (compiled ones; else the bytes' hashes)."""
+
+    def __init__(self, buffer: Any, stride: int, size: int, count: int, digests: Digests | None):
+        self._view = memoryview(buffer).cast("B")
+        self._stride, self._size, self._count = stride, size, count
+        self.digests: Digests = digests or Hashes(self)
+
+    def __len__(self) -> int:
+        return self._count
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -234,7 +290,7 @@ class HostLimits(NamedTuple):
 
 
 class HostUsage(NamedTuple):
-    """The host's own counters, beside which the groups' add up (or say what they miss)."""
+    """The host's own counters, beside which the accounts' add up (or say what they miss)."""
 
     cpu_seconds: dict[str, float]
     """CPU time since boot per mode, in node_exporter's words (``user``, ``nice``, ``system``,

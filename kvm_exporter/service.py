@@ -15,7 +15,7 @@ from .app import make_app
 from .collector import KvmCollector, OwnUsageCollector, ReloadStatus, VisibilityCollector
 from .compat import NodeCollector
 from .config import Config, ConfigError, format_duration, load_config
-from .groupmetrics import GroupCollector
+from .groups.families import GroupCollector
 from .logs import configure
 from .poller import Poller, Settings
 from .records import Source, SourceError

@@ -52,7 +52,7 @@ class TopProcess(NamedTuple):
     """One process of a top set, as the last poll saw it."""
 
     labels: tuple[str, ...]
-    """Values of :attr:`TopProcesses.labels`: pid, comm, the label groups, and where asked
+    """Values of :attr:`TopProcesses.labels`: pid, comm, its account's labels, and where asked
     for the named group and the command line."""
     cpu_seconds: dict[str, float]
     """Its own CPU time since it started, by mode (none from a crash dump)."""

@@ -1,14 +1,18 @@
-"""What processes consume, per group: usage rows in, gauges and truthful counters out.
+"""What processes consume, per account: usage rows in, gauges and truthful counters out.
+
+An account is what a process's usage is charged to: here, its values of ``resources.labels``
+(user, jail, cgroup); for the named groups' tracker (``groups/tracker.py``), its named group
+and state. "Group" is kept for process-exporter's named groups.
 
 Two steps, both pure (no Prometheus, no platform):
 
 - :class:`Tracker` keeps each process's last record, keyed by pid and start time, and turns a
-  poll's records into per-group gauges and the counters' *increments* since the last poll.
-  Which group a process is in is one pluggable step, a :class:`Grouping` (user, jail, cgroup
-  here; the named groups of ``grouping.py``).
-- :class:`Accounts` names the groups, folds the smallest into ``other`` under the series cap
-  and keeps each counter at the series level, so folding, pid reuse, a uid change or an exit
-  never makes a counter go down or jump.
+  poll's records into per-account gauges and the counters' *increments* since the last poll.
+  Which account a process is charged to is one pluggable step, an :class:`Attribution`.
+- :class:`Accounts` names the accounts (their label values: the series; two uids of one name
+  are one series), folds the smallest into ``other`` under the series cap and keeps each
+  counter at the series level, so folding, pid reuse, a uid change or an exit never makes a
+  counter go down or jump.
 
 What a counter includes: for each process, what it consumed between two polls that saw it,
 plus, for a process born since the previous poll, everything it consumed before the first poll
@@ -37,6 +41,9 @@ from .records import (
     USAGE_THREADS,
     USAGE_UID,
     USAGE_VSIZE,
+    Digests,
+    Hashes,
+    Records,
     Source,
     SourceError,
     Survey,
@@ -45,42 +52,43 @@ from .records import (
 )
 from .top import TopProcesses, Watch, report
 
-GroupKey = Hashable
-"""A group before naming: raw values (a uid, a jid, a cgroup path...)."""
+AccountKey = Hashable
+"""An account before naming: raw values (a tuple of a uid, a jid, a cgroup path...; a named
+group and state for the named groups' tracker)."""
 
 
-class Grouping(NamedTuple):
-    """Which group a process belongs to."""
+class Attribution(NamedTuple):
+    """Which account a process is charged to."""
 
-    key: Callable[[UsageRow, Any], GroupKey]
-    """The group of a row, given what :attr:`attach` gave that process; asked whenever its
+    key: Callable[[UsageRow, Any], AccountKey]
+    """The account of a row, given what :attr:`attach` gave that process; asked whenever its
     row changes, so a process that changes uid or jail moves its future increments to its
-    new group."""
+    new account."""
     attach: Callable[[dict[int, bytes], Callable[[int], Any]], dict[int, Any]] | None = None
     """Asked once per poll, with the usage records by pid of the processes (pid and start
     time) first seen in it, and never again for them: what each has for good (a cgroup, a
-    group name), by pid. Its second argument gives what a process seen before and still
-    alive got, by pid (None if none)."""
+    named group's name), by pid. Its second argument gives what a process seen before and
+    still alive got, by pid (None if none)."""
 
 
 class Tally(NamedTuple):
-    """One poll of :class:`Tracker`: per group, gauges and counter increments."""
+    """One poll of :class:`Tracker`: per account, gauges and counter increments."""
 
-    gauges: dict[GroupKey, list[int]]
-    """[processes, resident pages, virtual bytes, threads] of each group that has processes
+    gauges: dict[AccountKey, list[int]]
+    """[processes, resident pages, virtual bytes, threads] of each account that has processes
     (a process counts at least one thread: a zombie has none)."""
-    increments: dict[GroupKey, list[int]]
-    """Per group, each counter column's increase since the previous poll, then the number of
-    processes first seen in it after the first poll (only groups with one)."""
+    increments: dict[AccountKey, list[int]]
+    """Per account, each counter column's increase since the previous poll, then the number of
+    processes first seen in it after the first poll (only accounts with one)."""
     jids: set[int]
     """The jails that have processes."""
-    oldest: dict[GroupKey, tuple[int, int]]
-    """(start, fraction) of each group's oldest process, where the tracker keeps them."""
+    oldest: dict[AccountKey, tuple[int, int]]
+    """(start, fraction) of each account's oldest process, where the tracker keeps them."""
 
 
 class _Seen(NamedTuple):
     attached: Any
-    group: GroupKey
+    account: AccountKey
 
 
 _EXITED = frozenset(("zombie", "dead"))
@@ -117,15 +125,16 @@ def _netted(spec: UsageSpec) -> Netted:
 class Tracker:
     """Per process state between polls; memory is bounded by the processes of the last poll.
 
-    A poll's usage records are compared with the last poll's as bytes, in sets (C speed):
-    only a record that changed is decoded and looked at, so a host whose processes mostly
-    idle between polls costs little more than the read.
+    A poll's usage records are compared with the last poll's by digests, as sets (in C where
+    the records come digested, else Python's hashes of their bytes): only a record that
+    changed is decoded and looked at, so a host whose processes mostly idle between polls
+    costs little more than the read.
 
     Reaped children: what a process's children's usage grew by is what it reaped in the
     interval, each child's final totals (own plus its children's). Of that, the totals each
     reaped child had at its last poll were counted already (or, for a child first seen mid-life,
     were its baseline): they are taken off, so what is left, the children's use since their
-    last poll and children no poll saw, goes to the reaper's group. A gone child's totals are
+    last poll and children no poll saw, goes to the reaper's account. A gone child's totals are
     taken off its nearest ancestor still alive (its parent, or through gone parents, the one
     that reaped them); where that leaves too little, off the next ancestor up (an orphan that
     init or a subreaper reaped). A zombie is as good as gone: its row adds nothing and its
@@ -134,9 +143,13 @@ class Tracker:
     """
 
     def __init__(
-        self, grouping: Grouping, spec: UsageSpec, oldest: bool = False, watch: Watch | None = None
+        self,
+        attribution: Attribution,
+        spec: UsageSpec,
+        oldest: bool = False,
+        watch: Watch | None = None,
     ) -> None:
-        self.grouping = grouping
+        self.attribution = attribution
         self.decode = spec.decode
         self._state = spec.state
         self._width = len(spec.counters)
@@ -154,19 +167,20 @@ class Tracker:
         """The last poll's record of each process, by digest (:class:`Records`' or Python's
         hash of its bytes): bytes made when the record last changed, the same objects the
         watch keeps, not a copy each poll."""
-        self._digests: set[int] = set()
-        """The digests of the last poll's records (a set: compared at C speed)."""
+        self._digests: Digests | None = None
+        """The digests of the last poll's records (compared with the next poll's as sets,
+        in C where they are compiled)."""
         self._seen: dict[int, _Seen] = {}
         self._shared: dict[_Seen, _Seen] = {}
         """One object per distinct :class:`_Seen`: processes share theirs (a few kinds for
         thousands of processes), which holds the memory per process to its dict entry."""
         self._shared_kept = 0
         """Kinds in ``_shared`` when it was last rebuilt from the live processes."""
-        self._gauges: dict[GroupKey, list[int]] = {}
+        self._gauges: dict[AccountKey, list[int]] = {}
         self._jids: dict[int, int] = {}
         """Processes per jail."""
-        self._starts: dict[GroupKey, dict[int, int]] | None = {} if self._oldest else None
-        """With ``oldest``: processes per start of each group but None (no group: most
+        self._starts: dict[AccountKey, dict[int, int]] | None = {} if self._oldest else None
+        """With ``oldest``: processes per start of each account but None (no account: most
         processes, where only a few are named), a start and its fraction as one int
         (:func:`_start`)."""
         self._frozen: dict[int, list[int]] = {}
@@ -191,7 +205,7 @@ class Tracker:
         nothing (its counters are its baseline), unless it started at or after the previous
         poll's clock: then it adds all it and its reaped children have used (no spike: at most
         one interval's worth). Vanished processes are dropped, their gauges taken off their
-        group.
+        account.
         """
         try:
             return self._update(records, clock)
@@ -204,13 +218,9 @@ class Tracker:
         # Rows are decoded one at a time and dropped (a row is a tuple of a dozen ints: all
         # of a first poll's at once would be megabytes the allocator keeps); what must last
         # until the next pass is kept as the record bytes, alive anyway.
-        digests: list[int] | None = getattr(records, "digests", None)  # Records': bytes made
-        current = set(digests or ())  # only of what changed
-        if digests is None or len(current) < len(digests):  # a list of bytes, or two records
-            digests = list(map(hash, records))  # with one digest (p < 1e-9 a poll): their hashes
-            current = set(digests)
-        stale = self._digests - current  # changed or gone
-        fresh = current - self._digests
+        # Records' bytes are made only for what changed; a list's are there already.
+        digests = records.digests if isinstance(records, Records) else Hashes(records)
+        fresh, stale = digests.changes(self._digests)  # new or changed; changed or gone
         left: dict[int, tuple[bytes, _Seen]] = {}  # changed or gone: the last record, by pid
         for digest in stale:
             record = self._records.pop(digest)
@@ -218,11 +228,11 @@ class Tracker:
             seen = self._seen.pop(row[USAGE_PID])
             left[row[USAGE_PID]] = (record, seen)
             self._take(row, seen)
-        increments: dict[GroupKey, list[int]] = {}
+        increments: dict[AccountKey, list[int]] = {}
         reaped: dict[int, list[int]] = {}  # per reaper pid: its children's usage growth
         new: dict[int, bytes] = {}  # first seen in this poll: the record, by pid
-        for at in [i for i, digest in enumerate(digests) if digest in fresh] if fresh else ():
-            record = self._records[digests[at]] = records[at]
+        for at in fresh:
+            record = self._records[digests.digest(at)] = records[at]
             row = decode(record)
             pid = row[USAGE_PID]
             last = left.get(pid)
@@ -251,21 +261,21 @@ class Tracker:
             counters = self._first(row, born)
             self._add((row, counters), attached[pid], increments, reaped, record)
             if born_since is not None:  # a process started since the first poll
-                increments.setdefault(self._seen[pid].group, [0] * width)[-1] += 1
+                increments.setdefault(self._seen[pid].account, [0] * width)[-1] += 1
         for pid, grew in reaped.items():
             if max(grew, default=0) > 0:
-                group = increments.setdefault(self._seen[pid].group, [0] * width)
+                account = increments.setdefault(self._seen[pid].account, [0] * width)
                 for (into, _), amount in zip(self._netted, grew, strict=True):
-                    group[into[0]] += max(amount, 0)
+                    account[into[0]] += max(amount, 0)
         self._clock = clock
-        self._digests = current
-        if len(stale) > 2 * len(current) + 64:  # most processes gone: a table of their size
+        self._digests = digests
+        if len(stale) > 2 * len(digests) + 64:  # most processes gone: a table of their size
             self._records = dict(self._records)
         kinds = len(self._shared)  # a kind per live process at most, once those gone go
         if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
-        gauges = {group: list(totals) for group, totals in self._gauges.items()}
+        gauges = {account: list(totals) for account, totals in self._gauges.items()}
         oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
         return Tally(gauges, increments, set(self._jids), oldest)
 
@@ -303,16 +313,16 @@ class Tracker:
         self,
         grown: tuple[UsageRow, list[int]],
         attached: Any,
-        increments: dict[GroupKey, list[int]],
+        increments: dict[AccountKey, list[int]],
         reaped: dict[int, list[int]],
         record: bytes,
     ) -> None:
-        """Put the process of a row (``record`` decoded) in its group; its own counters'
-        growth goes to that group's ``increments``, its children's to ``reaped`` (to be
+        """Put the process of a row (``record`` decoded) in its account; its own counters'
+        growth goes to that account's ``increments``, its children's to ``reaped`` (to be
         netted), and both to the watch, if any."""
         row, grew = grown
         pid = row[USAGE_PID]
-        seen = _Seen(attached, self.grouping.key(row, attached))
+        seen = _Seen(attached, self.attribution.key(row, attached))
         seen = self._seen[pid] = self._shared.setdefault(seen, seen)
         self._put(row, seen)
         if self.watch is not None:
@@ -320,11 +330,11 @@ class Tracker:
         if not any(grew):
             return  # a baseline, or nothing used: most rows of a first poll
         n = self._width
-        group = increments.get(seen.group)
-        if group is None:
-            group = increments[seen.group] = [0] * (n + 1)  # and processes started
+        account = increments.get(seen.account)
+        if account is None:
+            account = increments[seen.account] = [0] * (n + 1)  # and processes started
         for i in range(n):
-            group[i] += grew[i]
+            account[i] += grew[i]
         if any(grew[n:]):  # it reaped (most processes did not: skip the sums)
             reaped[pid] = self._quantities(grew[n:])
 
@@ -405,9 +415,9 @@ class Tracker:
                 ancestor = parent(ancestor)
 
     def _attached(self, new: dict[int, bytes]) -> dict[int, Any]:
-        """What :attr:`Grouping.attach` gives each new process, by pid. Processes seen
+        """What :attr:`Attribution.attach` gives each new process, by pid. Processes seen
         before are all back in ``_seen`` by now, those whose record changed included."""
-        attach = self.grouping.attach
+        attach = self.attribution.attach
         if attach is None or not new:
             return dict.fromkeys(new)
 
@@ -418,46 +428,46 @@ class Tracker:
         return attach(new, earlier)
 
     def _put(self, row: UsageRow, seen: _Seen) -> None:
-        totals = self._gauges.get(seen.group)
+        totals = self._gauges.get(seen.account)
         if totals is None:
-            totals = self._gauges[seen.group] = [0, 0, 0, 0]
+            totals = self._gauges[seen.account] = [0, 0, 0, 0]
         totals[0] += 1
         totals[1] += row[USAGE_RSS_PAGES]
         totals[2] += row[USAGE_VSIZE]
         totals[3] += max(row[USAGE_THREADS], 1)
         jid = row[USAGE_JID]
         self._jids[jid] = self._jids.get(jid, 0) + 1
-        if self._starts is not None and seen.group is not None:
-            starts = self._starts.setdefault(seen.group, {})
+        if self._starts is not None and seen.account is not None:
+            starts = self._starts.setdefault(seen.account, {})
             start = _start(row)
             starts[start] = starts.get(start, 0) + 1
 
     def _take(self, row: UsageRow, seen: _Seen) -> None:
-        totals = self._gauges[seen.group]
+        totals = self._gauges[seen.account]
         totals[0] -= 1
         totals[1] -= row[USAGE_RSS_PAGES]
         totals[2] -= row[USAGE_VSIZE]
         totals[3] -= max(row[USAGE_THREADS], 1)
         if totals[0] == 0:
-            del self._gauges[seen.group]
+            del self._gauges[seen.account]
         jid = row[USAGE_JID]
         self._jids[jid] -= 1
         if self._jids[jid] == 0:
             del self._jids[jid]
-        if self._starts is not None and seen.group is not None:
-            starts = self._starts[seen.group]
+        if self._starts is not None and seen.account is not None:
+            starts = self._starts[seen.account]
             start = _start(row)
             starts[start] -= 1
             if starts[start] == 0:
                 del starts[start]
                 if not starts:
-                    del self._starts[seen.group]
+                    del self._starts[seen.account]
 
-    def group(self, pid: int) -> GroupKey | None:
-        """The group of process ``pid`` as of the last update; None if it had none or was
+    def account(self, pid: int) -> AccountKey | None:
+        """The account of process ``pid`` as of the last update; None if it had none or was
         not there."""
         seen = self._seen.get(pid)
-        return None if seen is None else seen.group
+        return None if seen is None else seen.account
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -473,7 +483,7 @@ class Resources(NamedTuple):
     counters: dict[tuple[str, str], dict[Key, float]]
     """Per (metric, label value) of :attr:`UsageSpec.counters`: the series' totals."""
     folded: int
-    """Groups folded into ``other`` to stay under the cap."""
+    """Series folded into ``other`` to stay under the cap."""
     jails: dict[int, str]
     """Name of every jail with a process (jid 0 included)."""
 
@@ -495,14 +505,14 @@ class Accounts:
     alert, and the last increments within reach of ``increase()``), as long as the cap leaves
     room beside the live series: the series idle longest go first, never a live one. Each
     series keeps its total while it is folded or idle, so when it returns it goes on from where
-    it was; of idle series, the :data:`IDLE_KEPT` times ``max_groups`` most recently live are
+    it was; of idle series, the :data:`IDLE_KEPT` times ``max_accounts`` most recently live are
     remembered (memory stays bounded). One idle for longer starts again from 0, which
     Prometheus takes for a counter reset: no spike, its rate stays right.
     """
 
-    def __init__(self, labels: tuple[str, ...], max_groups: int, spec: UsageSpec) -> None:
+    def __init__(self, labels: tuple[str, ...], max_accounts: int, spec: UsageSpec) -> None:
         self.labels = labels
-        self.max_groups = max(max_groups, 1)
+        self.max_accounts = max(max_accounts, 1)
         self.spec = spec
         self._columns = list(dict.fromkeys((m, v) for m, v, _ in spec.counters)) + [STARTED]
         self._totals: dict[Key, dict[tuple[str, str], float]] = {}
@@ -511,32 +521,32 @@ class Accounts:
         """Series with no processes: the poll number they went idle."""
         self._polls = 0
 
-    def add(self, tally: Tally, name: Callable[[GroupKey], Key]) -> Resources:
-        """This poll's series from a :class:`Tracker` tally; ``name`` labels a group."""
+    def add(self, tally: Tally, name: Callable[[AccountKey], Key]) -> Resources:
+        """This poll's series from a :class:`Tracker` tally; ``name`` labels an account."""
         self._polls += 1
         named: dict[Key, list[int]] = {}
-        key_of: dict[GroupKey, Key] = {}
-        for group, (procs, rss, vsize, _) in tally.gauges.items():
-            key = key_of[group] = name(group)
+        key_of: dict[AccountKey, Key] = {}
+        for account, (procs, rss, vsize, _) in tally.gauges.items():
+            key = key_of[account] = name(account)
             totals = named.setdefault(key, [0, 0, 0])  # two uids may share a name
             totals[0] += procs
             totals[1] += rss
             totals[2] += vsize
-        kept = sorted(named, key=lambda k: (-named[k][0], k))[: self.max_groups]
-        if len(named) > self.max_groups:
-            kept = kept[: self.max_groups - 1]  # one place for other
+        kept = sorted(named, key=lambda k: (-named[k][0], k))[: self.max_accounts]
+        if len(named) > self.max_accounts:
+            kept = kept[: self.max_accounts - 1]  # one place for other
         fold = set(named) - set(kept)
         other = (OTHER,) * len(self.labels)
         series: dict[Key, list[int]] = {k: named[k] for k in kept}
         if fold:
             series[other] = [sum(named[k][i] for k in fold) for i in range(3)]
-        for group, grew in tally.increments.items():
-            key = key_of.get(group) or name(group)
+        for account, grew in tally.increments.items():
+            key = key_of.get(account) or name(account)
             self._grow(other if key in fold or key not in series else key, grew)
         for key in series:
             self._totals.setdefault(key, {})
         self._forget(named, series)
-        room = max(self.max_groups - len(series), 0)
+        room = max(self.max_accounts - len(series), 0)
         idle = (  # the most recently live first
             heapq.nsmallest(room, self._idle, key=lambda k: (-self._idle[k], k))
             if len(self._idle) > room
@@ -558,7 +568,7 @@ class Accounts:
         )
 
     def _grow(self, key: Key, grew: list[int]) -> None:
-        """Add a group's increments to series ``key``; a metric whose sum would go down (a
+        """Add an account's increments to series ``key``; a metric whose sum would go down (a
         counter the kernel reset) adds nothing."""
         step: dict[tuple[str, str], float] = {STARTED: float(grew[-1])}
         for (metric, value, scale), amount in zip(self.spec.counters, grew, strict=False):
@@ -570,8 +580,8 @@ class Accounts:
                 totals[column] = totals.get(column, 0.0) + seconds_or_events
 
     def _forget(self, live: dict[Key, list[int]], served: dict[Key, list[int]]) -> None:
-        """Mark the series with no process idle (a folded group is live: its processes are
-        in ``other``), and keep the IDLE_KEPT * max_groups most recently live of them."""
+        """Mark the series with no process idle (a folded account is live: its processes are
+        in ``other``), and keep the IDLE_KEPT * max_accounts most recently live of them."""
         for key in served:
             self._idle.pop(key, None)
         for key in self._totals:
@@ -579,18 +589,19 @@ class Accounts:
                 self._idle.setdefault(key, self._polls)
             elif key in live:
                 self._idle.pop(key, None)
-        while len(self._idle) > IDLE_KEPT * self.max_groups:
+        while len(self._idle) > IDLE_KEPT * self.max_accounts:
             oldest = min(self._idle, key=self._idle.__getitem__)
             del self._idle[oldest], self._totals[oldest]
 
 
 def _per_pid(read: Callable[[int], Any]) -> Callable[[dict[int, bytes], Any], dict[int, Any]]:
-    """A :attr:`Grouping.attach` that reads each new process by its pid."""
+    """A :attr:`Attribution.attach` that reads each new process by its pid."""
     return lambda new, _: {pid: read(pid) for pid in new}
 
 
 class Accounting:
-    """Resources per ``labels`` group of one source: a tracker, its accounts and the naming."""
+    """Resources per account (one value of each of ``labels``) of one source: a tracker, its
+    accounts and the naming."""
 
     def __init__(
         self,
@@ -615,12 +626,12 @@ class Accounting:
             for label in labels
         ]
         attach = _per_pid(cgroup) if cgroup is not None and "cgroup" in labels else None
-        grouping = Grouping(lambda row, a: tuple(f(row, a) for f in raw), attach)
+        attribution = Attribution(lambda row, a: tuple(f(row, a) for f in raw), attach)
         watch = None if top is None else Watch(top.n, top.by, spec)
-        self.tracker = Tracker(grouping, spec, watch=watch)
+        self.tracker = Tracker(attribution, spec, watch=watch)
         self._chosen: list[tuple[UsageRow, Key]] = []
-        """The top sets of the last poll: each process's row and its label groups."""
-        # A metric with two values per group (cpu user/system) keeps within the series cap.
+        """The top sets of the last poll: each process's row and its account's label values."""
+        # A metric with two values per account (cpu user/system) keeps within the series cap.
         self.accounts = Accounts(labels, max_series // 2, spec)
 
     def poll(self, survey: Survey, user_name: Callable[[int], str]) -> Resources:
@@ -633,20 +644,20 @@ class Accounting:
         }
         namers = [by_label[label] for label in self.accounts.labels]
 
-        def name(group: GroupKey) -> Key:
-            assert isinstance(group, tuple)
-            return tuple(f(v) for f, v in zip(namers, group, strict=True))
+        def name(account: AccountKey) -> Key:
+            assert isinstance(account, tuple)
+            return tuple(f(v) for f, v in zip(namers, account, strict=True))
 
         out = self.accounts.add(tally, name)
         if self.tracker.watch is not None:
-            group = self.tracker.group
-            self._chosen = [(r, name(group(r[USAGE_PID]))) for r in self.tracker.watch.rank()]
+            account = self.tracker.account
+            self._chosen = [(r, name(account(r[USAGE_PID]))) for r in self.tracker.watch.rank()]
         return out._replace(jails=jails)
 
     def top_processes(self, group_of: Callable[[int], str | None] | None) -> TopProcesses:
-        """The last poll's top sets (``top`` on): labelled by the label groups, the named
-        group (``group_of``, where groups are on) and the command line (``top.cmdline``: read
-        only for these processes)."""
+        """The last poll's top sets (``top`` on): labelled by the account's labels, the named
+        group (``group_of``, where named groups are on) and the command line (``top.cmdline``:
+        read only for these processes)."""
         watch, top = self.tracker.watch, self.top
         assert watch is not None and top is not None
         labels = ("pid", "comm", *self.accounts.labels)

@@ -16,7 +16,7 @@ from conftest import copy_proc_fixture, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvm_exporter.app import make_app
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.service import build_registry
 from kvm_exporter.sources.procfs import ProcfsSource

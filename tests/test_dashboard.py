@@ -266,8 +266,8 @@ def test_swap_panels_show_zero_for_a_host_without_swap(tmp_path: Path) -> None:
 
 
 def test_jail_panels_serve_a_mixed_fleet(tmp_path: Path) -> None:
-    """One query for every host: a FreeBSD host grouping by jail and user, a Linux host
-    grouping by user alone (no jail label: all of it is 'host')."""
+    """One query for every host: a FreeBSD host labelled by jail and user, a Linux host
+    labelled by user alone (no jail label: all of it is 'host')."""
     series = {
         'kvm_resident_memory_bytes{instance="bsd",user="www",jail="www"}': 300,
         'kvm_resident_memory_bytes{instance="bsd",user="root",jail="www"}': 100,

@@ -9,7 +9,7 @@ import struct
 import pytest
 from test_usage import Run, cpu, row
 
-from kvm_exporter.records import Records
+from kvm_exporter.records import Hashes, Records
 from kvm_exporter.sources import digests, procfs
 
 
@@ -29,18 +29,24 @@ def test_records_read_back_as_written_and_equal_digests_mean_equal_records() -> 
     with pytest.raises(IndexError):
         got[len(written)]
     again = digests.records(buffer_of(written), len(written), size, size)
-    assert again.digests == got.digests  # type: ignore[attr-defined]  # the same records
-    assert len(set(got.digests)) == len(written)  # type: ignore[attr-defined]
+    assert isinstance(again, Records)
+    assert again.digests.members() == got.digests.members()  # the same records
+    assert len(got.digests.members()) == len(written)
+    assert again.digests.changes(got.digests) == ([], [])
     one_byte_off = bytearray(written[0])
     one_byte_off[-1] ^= 1
     changed = digests.records(one_byte_off, 1, size, size)
-    assert changed.digests[0] != got.digests[0]  # type: ignore[attr-defined]
+    assert isinstance(changed, Records)
+    assert changed.digests.digest(0) != got.digests.digest(0)
+    first = digests.records(bytearray(written[0]), 1, size, size)
+    assert isinstance(first, Records)
+    assert changed.digests.changes(first.digests) == ([0], [got.digests.digest(0)])
 
 
 def test_the_tracker_counts_alike_from_records_and_from_bytes() -> None:
     """Random polls of growth, exits and pid reuse: every series the same either way."""
     rng = random.Random(7)
-    lists, buffers = Run(max_groups=5), Run(max_groups=5)
+    lists, buffers = Run(max_accounts=5), Run(max_accounts=5)
     procs: dict[int, list[int]] = {}
     for poll in range(60):
         for pid in list(procs):
@@ -61,9 +67,39 @@ def test_two_records_of_one_digest_are_told_apart_by_their_bytes() -> None:
     """A collision (odds under 1e-9 a poll at 100,000 processes) costs one slower poll,
     not a process: the tracker compares that poll by the bytes' own hashes."""
     lists, colliding = Run(), Run()
+    one_digest = digests._ffi.new("uint64_t[]", [42, 42])
     for ticks in (0, 100, 250):
         written = [row(1, 5, ticks), row(2, 6, 2 * ticks)]
         size = len(written[0])
-        same = Records(buffer_of(written), size, size, [42, 42])
+        same = Records(buffer_of(written), size, size, 2, digests.compiled(one_digest, 2))
         assert cpu(lists.poll(*written)) == cpu(colliding.update(same))
     assert cpu(colliding.update(same)) == {"u5": 2.5, "u6": 5.0}
+
+
+def test_compiled_changes_are_the_sets_differences() -> None:
+    """The C comparison of two polls' digests gives what Python's sets give: the positions
+    of the new digests in poll order and the digests gone, whatever the overlap, also
+    against a poll compared by the bytes' hashes and against none (a first poll)."""
+    rng = random.Random(11)
+    for _ in range(200):
+        pool = [rng.getrandbits(64) | 1 for _ in range(rng.randrange(1, 300))]
+        last_order = rng.sample(pool, rng.randrange(len(pool) + 1))
+        order = rng.sample(pool, rng.randrange(len(pool) + 1))
+        last = digests.compiled(digests._ffi.new("uint64_t[]", last_order), len(last_order))
+        here = digests.compiled(digests._ffi.new("uint64_t[]", order), len(order))
+        assert last is not None and here is not None
+        fresh, stale = here.changes(last)
+        assert fresh == [at for at, d in enumerate(order) if d not in set(last_order)]
+        assert sorted(stale) == sorted(set(last_order) - set(order))
+        assert here.changes(None) == (list(range(len(order))), [])
+        hashed = Hashes(written := [d.to_bytes(8, "little") for d in last_order])
+        fresh, stale = here.changes(hashed)  # other kinds of digest: nothing in common
+        assert fresh == list(range(len(order))) and sorted(stale) == sorted(map(hash, written))
+
+
+def test_a_digest_of_zero_or_twice_is_no_compiled_set() -> None:
+    """0 marks a free slot of the C set, and a digest twice is two records with one: both
+    leave that poll to the bytes' hashes."""
+    assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 0, 7]), 3) is None
+    assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 9, 5]), 3) is None
+    assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 9, 7]), 3) is not None

@@ -1,6 +1,6 @@
-"""process-exporter's process_names semantics (groups.py) and the per-poll grouping
-(grouping.py), on records the tests make; the real process-exporter side by side is in
-tests/test_groups_process_exporter.py."""
+"""process-exporter's process_names semantics (kvm_exporter/groups/rules.py) and the per-poll
+naming and counting (kvm_exporter/groups/tracker.py), on records the tests make; the real
+process-exporter side by side is in tests/test_groups_process_exporter.py."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ from conftest import wait_until
 
 from kvm_exporter.aggregate import OTHER
 from kvm_exporter.config import ConfigError, parse_config
-from kvm_exporter.grouping import GroupCounts, Grouper, chosen_by_processes
-from kvm_exporter.groups import (
+from kvm_exporter.groups.rules import (
     Argv,
     Rule,
     RuleError,
@@ -33,6 +32,7 @@ from kvm_exporter.groups import (
     name_of,
     parse_process_names,
 )
+from kvm_exporter.groups.tracker import GroupCounts, Grouper, chosen_by_processes
 from kvm_exporter.records import Survey, UsageSpec
 from kvm_exporter.states import STATES
 
@@ -713,7 +713,7 @@ def test_process_exporters_names_stay_under_the_cap_too(exporter: Any, own_group
 def test_group_counters_under_both_names() -> None:
     from prometheus_client.core import Metric
 
-    from kvm_exporter.groupmetrics import kvm_metrics, process_exporter_metrics
+    from kvm_exporter.groups.families import kvm_metrics, process_exporter_metrics
 
     counters = {
         ("cpu", "user"): {"web": 1.5},

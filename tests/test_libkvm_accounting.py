@@ -15,7 +15,7 @@ import pytest
 from fakelib import HOST_COUNTERS, fake_libkvm  # noqa: F401 (fixture)
 from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture)
 
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import (
     USAGE_COUNTERS,

@@ -11,7 +11,7 @@ from test_libkvm_e2e import libkvm_config
 from test_libkvm_source import Opener, open_libkvm, write  # noqa: F401 (fixture)
 
 from kvm_exporter.aggregate import user_names
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import (
     USAGE_COUNTERS,

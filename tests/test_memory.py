@@ -16,7 +16,7 @@ from test_groups import SPEC, proc
 from tlsutil import write_pki
 
 from kvm_exporter import memory
-from kvm_exporter.usage import Grouping, Tracker
+from kvm_exporter.usage import Attribution, Tracker
 
 
 def test_a_thousand_stalled_handshakes_take_bounded_memory_and_give_it_back() -> None:
@@ -68,7 +68,7 @@ def test_a_tracker_keeps_next_to_nothing_of_a_burst_of_processes_gone() -> None:
     """3,000 processes of a kind each (a group name of their own) come and go: what the
     tracker still holds is its dicts' grown tables, under 100 bytes a process (it kept each
     process's kind, 300 bytes, until as many new kinds came)."""
-    names = Grouping(lambda _, name: name, lambda new, _: {pid: f"group-{pid}" for pid in new})
+    names = Attribution(lambda _, name: name, lambda new, _: {pid: f"group-{pid}" for pid in new})
     tracker = Tracker(names, SPEC)
     steady = [proc(1, 0, "init")]
 

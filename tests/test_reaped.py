@@ -1,5 +1,5 @@
 """Reaped children's usage (kvm_exporter.usage.Tracker): what a process's children's usage grew
-by goes to its group, less what was counted of those children already.
+by goes to its account, less what was counted of those children already.
 
 The kernels' rules the tests play out (Linux ``kernel/exit.c`` wait_task_zombie adds a reaped
 child's times and faults, its own plus its children's, to the parent's ``cutime``/``cminflt``...;

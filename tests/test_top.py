@@ -16,12 +16,12 @@ from test_usage import SPEC, row
 
 from kvm_exporter.collector import KvmCollector, ReloadStatus
 from kvm_exporter.config import ConfigError, TopConfig, parse_config
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import USAGE_PID, split_argv
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.top import CPU, MEMORY, Watch, choose, escape_cmdline
-from kvm_exporter.usage import Grouping, Tracker
+from kvm_exporter.usage import Attribution, Tracker
 
 TOP_FAMILIES = (
     "kvm_top_process_cpu_seconds_total",
@@ -35,7 +35,7 @@ class Polls:
 
     def __init__(self, n: int, by: tuple[str, ...] = (CPU, MEMORY)) -> None:
         self.watch = Watch(n, by, SPEC)
-        self.tracker = Tracker(Grouping(lambda r, _: r[3]), SPEC, watch=self.watch)
+        self.tracker = Tracker(Attribution(lambda r, _: r[3]), SPEC, watch=self.watch)
         self.clock = 1000
 
     def poll(self, records: Iterable[bytes]) -> dict[str, frozenset[int]]:

@@ -12,13 +12,13 @@ import pytest
 from conftest import copy_proc_fixture
 
 from kvm_exporter.config import ConfigError, parse_config
-from kvm_exporter.groups import parse_process_names
+from kvm_exporter.groups.rules import parse_process_names
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import USAGE_STATE, UsageSpec
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource
 from kvm_exporter.states import LINUX_STATES
-from kvm_exporter.usage import IDLE_KEPT, Accounts, Grouping, Resources, Tracker, accounting_for
+from kvm_exporter.usage import IDLE_KEPT, Accounts, Attribution, Resources, Tracker, accounting_for
 
 ROW = struct.Struct("=10q16s4q")
 """Usage records as the tests write them: two counters, then the same of reaped children."""
@@ -29,7 +29,7 @@ SPEC = UsageSpec(
     state=lambda code: LINUX_STATES[chr(code)],
     start_time=lambda start, _: float(start),
 )
-BY_UID = Grouping(lambda row, _: (row[3],))
+BY_UID = Attribution(lambda row, _: (row[3],))
 CPU = ("cpu", "user")
 T = TypeVar("T")
 
@@ -54,9 +54,9 @@ def row(
 class Run:
     """A tracker and accounts polled in turn, as the poller does."""
 
-    def __init__(self, max_groups: int = 100, grouping: Grouping = BY_UID) -> None:
-        self.tracker = Tracker(grouping, SPEC)
-        self.accounts = Accounts(("user",), max_groups, SPEC)
+    def __init__(self, max_accounts: int = 100, attribution: Attribution = BY_UID) -> None:
+        self.tracker = Tracker(attribution, SPEC)
+        self.accounts = Accounts(("user",), max_accounts, SPEC)
         self.clock = 1000
 
     def poll(self, *rows: Any) -> Resources:
@@ -65,7 +65,7 @@ class Run:
     def update(self, records: Sequence[bytes]) -> Resources:
         tally = self.tracker.update(records, self.clock)
         self.clock += 10
-        return self.accounts.add(tally, lambda group: (f"u{group[0]}",))
+        return self.accounts.add(tally, lambda account: (f"u{account[0]}",))
 
 
 def cpu(res: Resources) -> dict[str, float]:
@@ -109,7 +109,7 @@ def test_pid_reuse_is_a_new_process_not_a_drop() -> None:
     assert cpu(run.poll(row(1, 0, 60, start=200))) == {"u0": 8.5}
 
 
-def test_a_uid_change_moves_future_growth_and_the_old_group_keeps_its_total() -> None:
+def test_a_uid_change_moves_future_growth_and_the_old_account_keeps_its_total() -> None:
     run = Run()
     run.poll(row(1, 0, 0), row(2, 7, 0))
     run.poll(row(1, 0, 100), row(2, 7, 0))
@@ -135,7 +135,7 @@ def test_attach_runs_once_per_process() -> None:
         asked.extend(new)
         return {pid: f"slice{pid % 2}" for pid in new}
 
-    run = Run(grouping=Grouping(lambda r, attached: (attached,), attach))
+    run = Run(attribution=Attribution(lambda r, attached: (attached,), attach))
     run.poll(row(1, 0, 0), row(2, 0, 0))
     res = run.poll(row(1, 0, 10), row(2, 0, 20))
     assert sorted(asked) == [1, 2] and cpu(res) == {"uslice1": 0.1, "uslice0": 0.2}
@@ -143,8 +143,8 @@ def test_attach_runs_once_per_process() -> None:
     assert sorted(asked) == [1, 2, 2]  # a reused pid is asked again
 
 
-def test_a_group_folding_into_other_adds_only_its_growth_there() -> None:
-    run = Run(max_groups=2)  # one own series and other
+def test_an_account_folding_into_other_adds_only_its_growth_there() -> None:
+    run = Run(max_accounts=2)  # one own series and other
     run.poll(row(1, 0, 0), row(2, 0, 0), row(3, 7, 0), row(4, 8, 0))
     res = run.poll(row(1, 0, 100), row(2, 0, 0), row(3, 7, 50), row(4, 8, 0))
     assert cpu(res) == {"u0": 1.0, "other": 0.5} and res.folded == 2
@@ -158,7 +158,7 @@ def test_a_group_folding_into_other_adds_only_its_growth_there() -> None:
 
 
 def test_idle_series_totals_are_bounded() -> None:
-    run = Run(max_groups=3)
+    run = Run(max_accounts=3)
     for uid in range(100):
         run.poll(row(uid, uid, 0))
         run.poll(row(uid, uid, 10))
@@ -169,7 +169,7 @@ def test_churn_never_lowers_a_counter_and_the_sum_is_what_was_used() -> None:
     """Random pid reuse, uid changes, exits and births under a cap that folds: every series
     only grows, and all series together grew by exactly what the tracked processes used."""
     rng = random.Random(13)
-    run = Run(max_groups=3)
+    run = Run(max_accounts=3)
     procs: dict[int, list[int]] = {}  # pid: [start, uid, ticks]
     last: dict[str, float] = {}
     used = 0  # ticks the rules say must be counted
@@ -283,7 +283,7 @@ def test_the_shared_kinds_of_gone_processes_are_let_go() -> None:
 
 
 def test_a_poll_that_fails_half_way_leaves_the_next_one_working() -> None:
-    """An error inside an update (here the grouping's, for a new process) fails that poll
+    """An error inside an update (here the attribution's, for a new process) fails that poll
     only: the next starts afresh, as a baseline, and no series goes down."""
     failing = [True]
 
@@ -293,7 +293,7 @@ def test_a_poll_that_fails_half_way_leaves_the_next_one_working() -> None:
             raise RuntimeError("unforeseen")
         return dict.fromkeys(new)
 
-    run = Run(grouping=Grouping(lambda r, _: (r[3],), attach))
+    run = Run(attribution=Attribution(lambda r, _: (r[3],), attach))
     run.poll(row(1, 0, 0), row(2, 0, 0))
     assert cpu(run.poll(row(1, 0, 100), row(2, 0, 0))) == {"u0": 1.0}
     with pytest.raises(RuntimeError):
@@ -303,17 +303,17 @@ def test_a_poll_that_fails_half_way_leaves_the_next_one_working() -> None:
     assert cpu(run.poll(row(1, 0, 350), row(3, 0, 0))) == {"u0": 1.5}
 
 
-def test_gone_groups_stay_while_the_cap_has_room_the_longest_idle_first_out() -> None:
-    """Groups whose processes are gone are served at 0, counters kept, in the room the live
-    ones leave: the most recently live first; a live group never folds to make room."""
-    run = Run(max_groups=3)
+def test_gone_accounts_stay_while_the_cap_has_room_the_longest_idle_first_out() -> None:
+    """Accounts whose processes are gone are served at 0, counters kept, in the room the live
+    ones leave: the most recently live first; a live account never folds to make room."""
+    run = Run(max_accounts=3)
     run.poll(row(1, 1, 0), row(2, 2, 0), row(3, 3, 0))
     run.poll(row(1, 1, 100), row(2, 2, 200), row(3, 3, 300))
     res = run.poll(row(1, 1, 100), row(2, 2, 200))  # u3 gone
     assert res.processes == {("u1",): 1, ("u2",): 1, ("u3",): 0} and cpu(res)["u3"] == 3.0
     res = run.poll(row(1, 1, 100))  # u2 gone too: both fit
     assert res.processes == {("u1",): 1, ("u2",): 0, ("u3",): 0}
-    res = run.poll(row(1, 1, 100), row(4, 4, 0, start=1025))  # a new live group: u3 goes
+    res = run.poll(row(1, 1, 100), row(4, 4, 0, start=1025))  # a new live account: u3 goes
     assert res.processes == {("u1",): 1, ("u4",): 1, ("u2",): 0} and res.folded == 0
     res = run.poll(row(1, 1, 100), row(4, 4, 0), row(5, 5, 0), row(6, 6, 0))
     assert res.processes == {("u1",): 1, ("u4",): 1, ("other",): 2} and res.folded == 2

@@ -25,6 +25,10 @@ header: the offsets come from the caller, so it compiles on Linux and FreeBSD al
 (``keysize`` bytes at ``keyoff`` of each row): each distinct key once in ``keys``, in the
 order first seen, its number of rows in ``counts``; it returns how many (-1 if out of memory).
 
+``kvm_digest`` gives each usage record a keyed 64-bit digest, ``kvm_index_new`` puts one
+poll's digests in a hash set and ``kvm_index_diff`` sets it against the last poll's: which
+records are new or changed, which digests are gone, with no Python object per process.
+
 The extension is optional: ``setup.py`` loads this file by path at build time (it must
 therefore import nothing from kvm_exporter) and a host without a compiler gets the
 pure-Python path.
@@ -71,6 +75,11 @@ int kvm_count(const char *rows, int count, int rowsize, int keyoff, int keysize,
               uint32_t *counts);
 int kvm_census(int dir_fd, struct kvm_census_row *rows, int cap);
 void kvm_digest(const char *rows, int count, int stride, int size, uint64_t key, uint64_t *out);
+struct kvm_index;
+struct kvm_index *kvm_index_new(const uint64_t *digests, int count);
+void kvm_index_free(struct kvm_index *index);
+int kvm_index_diff(const struct kvm_index *last, const struct kvm_index *index, int *fresh,
+                   uint64_t *stale, int *nstale);
 int kvm_survey(int dir_fd, struct kvm_census_row *rows, int cap,
                struct kvm_usage_row *procs, int pcap, int *nprocs);
 """
@@ -455,8 +464,78 @@ void kvm_digest(const char *rows, int count, int stride, int size, uint64_t key,
             h = (h ^ (unsigned char)p[at]) * 0x100000001b3ull;
         h ^= h >> 32;
         h *= 0xd6e8feb86659fd93ull;
-        out[i] = h ^ (h >> 32);
+        h ^= h >> 32;
+        out[i] = h ? h : 1; /* 0 marks a free slot of a kvm_index */
     }
+}
+
+/* One poll's digests (not copied: the caller keeps them while the index lives) in a set:
+   open addressing, linear probing, at most half full; a slot of 0 is free. The digests are
+   keyed, so their low bits spread the slots whatever the records. */
+struct kvm_index { const uint64_t *order; int count; size_t mask; uint64_t *slots; };
+
+/* NULL with errno ENOMEM if out of memory, EEXIST if a digest is there twice (two records
+   with one digest: the caller compares that poll some other way) or EINVAL for a 0. */
+struct kvm_index *kvm_index_new(const uint64_t *digests, int count)
+{
+    size_t cap = 16;
+    while (cap < 2 * (size_t)(count > 0 ? count : 0))
+        cap *= 2;
+    struct kvm_index *x = malloc(sizeof *x);
+    uint64_t *slots = calloc(cap, sizeof *slots);
+    if (x == NULL || slots == NULL) {
+        free(x);
+        free(slots);
+        errno = ENOMEM;
+        return NULL;
+    }
+    *x = (struct kvm_index){digests, count, cap - 1, slots};
+    for (int i = 0; i < count; i++) {
+        uint64_t d = digests[i];
+        size_t j = (size_t)d & x->mask;
+        while (slots[j] != 0 && slots[j] != d)
+            j = (j + 1) & x->mask;
+        if (d == 0 || slots[j] == d) {
+            kvm_index_free(x);
+            errno = d == 0 ? EINVAL : EEXIST;
+            return NULL;
+        }
+        slots[j] = d;
+    }
+    return x;
+}
+
+void kvm_index_free(struct kvm_index *index)
+{
+    if (index != NULL)
+        free(index->slots);
+    free(index);
+}
+
+static int index_has(const struct kvm_index *x, uint64_t d)
+{
+    size_t j = (size_t)d & x->mask;
+    for (; x->slots[j] != 0; j = (j + 1) & x->mask)
+        if (x->slots[j] == d)
+            return 1;
+    return 0;
+}
+
+/* What changed since the last poll: the positions in index of its digests not in last (all,
+   if last is NULL), returned as their number, and the digests of last not in index, in
+   stale (*nstale of them). fresh has room for index's count, stale for last's. */
+int kvm_index_diff(const struct kvm_index *last, const struct kvm_index *index, int *fresh,
+                   uint64_t *stale, int *nstale)
+{
+    int n = 0, m = 0;
+    for (int i = 0; i < index->count; i++)
+        if (last == NULL || !index_has(last, index->order[i]))
+            fresh[n++] = i;
+    for (int i = 0; last != NULL && i < last->count; i++)
+        if (!index_has(index, last->order[i]))
+            stale[m++] = last->order[i];
+    *nstale = m;
+    return n;
 }
 
 static int64_t gather_signed(const char *p, int width)

@@ -1,7 +1,7 @@
 """Named process groups: each process named once, then processes counted per group.
 
 A process (pid and start time) is named the first poll it is seen, from the rules of
-``groups.py``; its arguments are read then, and only if a rule needs them, never again. With
+``rules.py``; its arguments are read then, and only if a rule needs them, never again. With
 ``children`` (process-exporter's ``-children``), a new process no rule names joins the group of
 its nearest ancestor that has one, as process-exporter's tracker does; a process whose parent
 is gone or unnamed stays out. Processes no rule names are not counted, as in process-exporter.
@@ -19,10 +19,8 @@ from collections.abc import Callable, Collection
 from itertools import chain, zip_longest
 from typing import Any, NamedTuple, cast
 
-from .aggregate import OTHER
-from .details import DetailCounts, GroupDetails, ReadDetails, group_totals
-from .groups import Argv, Rule, first_match
-from .records import (
+from ..aggregate import OTHER
+from ..records import (
     USAGE_COMM,
     USAGE_PID,
     USAGE_PPID,
@@ -36,8 +34,10 @@ from .records import (
     UsageSpec,
     comm_of,
 )
-from .states import STATES
-from .usage import STARTED, Accounts, Grouping, Tracker
+from ..states import STATES
+from ..usage import STARTED, Accounts, Attribution, Tracker
+from .details import DetailCounts, GroupDetails, ReadDetails, group_totals
+from .rules import Argv, Rule, first_match
 
 
 class GroupCounts(NamedTuple):
@@ -75,7 +75,7 @@ index as its share."""
 Named = tuple[str, int]
 """A process's group name and the share it counts in."""
 _Key = tuple[str, int, str]
-"""A tracker group of named processes: name, share (see :data:`ADMIN`), state."""
+"""The tracker account of named processes: name, share (see :data:`ADMIN`), state."""
 
 
 def chosen_by_processes(rule: Rule) -> bool:
@@ -102,8 +102,8 @@ def chosen_by_processes(rule: Rule) -> bool:
 
 class Grouper:
     """Names processes and counts them per group, from a survey's usage records: a
-    :class:`~kvm_exporter.usage.Tracker` whose groups are (name, state), so a poll costs only
-    the records that changed since the last; holds the names between polls."""
+    :class:`~kvm_exporter.usage.Tracker` whose accounts are (name, share, state), so a poll
+    costs only the records that changed since the last; holds the names between polls."""
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class Grouper:
         """The named processes of two or more threads, by pid, with their group when their
         record last changed (kept only with ``thread_states``)."""
         self._shares = tuple(i if chosen_by_processes(r) else ADMIN for i, r in enumerate(rules))
-        self._tracker = Tracker(Grouping(self._key, self._names), spec, oldest=True)
+        self._tracker = Tracker(Attribution(self._key, self._names), spec, oldest=True)
         columns = dict.fromkeys((metric, value) for metric, value, _ in spec.counters)
         self._values = max([*Counter(metric for metric, _ in columns).values(), series_per_group])
         """Most series a group has in one metric but the per-state one: a counter's label
@@ -181,7 +181,7 @@ class Grouper:
 
     def name_of(self, pid: int) -> str | None:
         """The group of the process ``pid`` as of the last update; None if no rule names it."""
-        key = self._tracker.group(pid)
+        key = self._tracker.account(pid)
         return None if key is None else cast(_Key, key)[0]
 
     def _count(
@@ -211,7 +211,7 @@ class Grouper:
         """The threads per (group, state) of the named processes with two or more."""
         out: dict[tuple[str, str], int] = {}
         for pid, key in list(self._threaded.items()):
-            if self._tracker.group(pid) != key:  # gone, or named anew since
+            if self._tracker.account(pid) != key:  # gone, or named anew since
                 del self._threaded[pid]
                 continue
             states = read(pid) or ()

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
-from .records import (
+from ..records import (
     DETAIL_FILES,
     USAGE_PID,
     USAGE_START,
@@ -32,7 +32,7 @@ from .records import (
     UsageRow,
     UsageSpec,
 )
-from .usage import STARTED, Accounts, Grouping, Tally, Tracker
+from ..usage import STARTED, Accounts, Attribution, Tally, Tracker
 
 ReadDetails = Callable[[int, Collection[str]], Details | None]
 """A source's reader of one process's details (None: the process has gone)."""
@@ -94,7 +94,7 @@ class _Counted:
         """This poll's group of each process in :attr:`records`, by pid."""
         self.records: list[bytes] = []
         attach = lambda new, _: {pid: self.names[pid] for pid in new}  # noqa: E731
-        self.tracker = Tracker(Grouping(lambda _, name: name, attach), spec)
+        self.tracker = Tracker(Attribution(lambda _, name: name, attach), spec)
         self.accounts = Accounts(("group",), max_groups, spec)
 
     def add(self, identity: tuple[int, int, int, int], name: str, details: Details) -> None:

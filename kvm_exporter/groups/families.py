@@ -15,12 +15,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .collector import AS_OF, counter_families, label_value, labelled_gauge
-from .config import PROCESS_EXPORTER
+from ..collector import AS_OF, counter_families, label_value, labelled_gauge
+from ..config import PROCESS_EXPORTER
+from ..poller import Poller, Snapshot
+from ..states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
 from .details import DetailCounts
-from .grouping import GroupCounts
-from .poller import Poller, Snapshot
-from .states import PROCESS_EXPORTER_STATE, PROCESS_EXPORTER_STATES
+from .tracker import GroupCounts
 
 
 def _utf8(values: dict[str, int] | dict[str, float]) -> dict[str, float]:
