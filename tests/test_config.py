@@ -173,6 +173,12 @@ def test_listen_addresses_one_or_a_list() -> None:
         ("libkvm: {argument: 1.5}", "cfg.yml: libkvm.argument: got 1.5, expected an integer"),
         ("interval: -0x" + "f" * 5000, "cfg.yml: interval: got an integer too long to show"),
         ("interval: [", "cfg.yml: line 1, column 12: invalid YAML"),
+        (
+            "groups: {details: [io, wchan]}",
+            "cfg.yml: groups.details: got ['io', 'wchan'], expected a list drawn from io, fd,"
+            " status, smaps without repeats",
+        ),
+        ("groups: {details: io}", "cfg.yml: groups.details: got 'io', expected a list drawn"),
         ("a: b\n  c: d", "cfg.yml: line 2, column 4: invalid YAML"),
     ],
 )
