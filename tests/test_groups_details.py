@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 from conftest import free_port, listens, samples, wait_until
+from fakelib import fake_libkvm  # noqa: F401 (fixture)
 from test_groups import SPEC, Argvs, proc, rules
 from test_groups_process_exporter import by_group, scrape
 
 from kvm_exporter.groups.tracker import Grouper
-from kvm_exporter.records import Details, Survey
+from kvm_exporter.records import Details, SourceError, Survey
+from kvm_exporter.service import prepare
 
 # --- how the groups count details: a reader the test answers for --------------------------
 
@@ -140,6 +142,11 @@ class Child:
             if value.split() and value.split()[0].isdigit():
                 out[key] = int(value.split()[0])
         return out
+
+    def blocked(self) -> bool:
+        """Whether it sleeps, waiting for its next line: its counters stand still."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "S"
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -265,6 +272,9 @@ def test_details_equal_proc_and_the_real_process_exporters(
         }
 
     def on_proc() -> dict[str, int]:
+        """The children's counters once both wait for a line (one that has just answered
+        may switch once more on its way to the next read)."""
+        wait_until(lambda: many.blocked() and few.blocked(), what="the children to wait")
         total: dict[str, int] = {}
         for child in (many, few):
             for key, value in (child.proc_file("io") | child.proc_file("status")).items():
@@ -349,3 +359,23 @@ def test_another_users_files_refused_are_counted_and_never_fail_the_poll(
     fds = many.open_fds() + few.open_fds()
     assert by_group(second, "namedprocess_namegroup_open_filedesc")["g"] == fds
     assert by_group(second, "kvm_namegroup_io_bytes_total", direction="write")["g"] == 0
+
+
+def test_details_on_a_source_that_reads_none_is_one_clear_error(
+    fake_libkvm: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scenario = tmp_path / "host.scenario"
+    scenario.write_text("proc pid=1 ppid=0 uid=0 comm=init\n")
+    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(scenario))
+    config = tmp_path / "kvm_exporter.yml"
+    config.write_text(
+        f"source: libkvm\nlibkvm: {{library: {fake_libkvm}}}\ngroups: {{details: [status]}}\n"
+    )
+    with pytest.raises(SourceError) as err:
+        prepare(str(config), {})
+    assert str(err.value) == (
+        "groups.details: the libkvm source reads no details of processes (only procfs does,"
+        " on Linux)"
+    )
