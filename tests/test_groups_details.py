@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, listens, samples, wait_until
-from fakelib import fake_libkvm  # noqa: F401 (fixture)
+from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
 from test_groups import SPEC, Argvs, proc, rules
 from test_groups_process_exporter import by_group, scrape
 
@@ -366,9 +366,7 @@ def test_details_on_a_source_that_reads_none_is_one_clear_error(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    scenario = tmp_path / "host.scenario"
-    scenario.write_text("proc pid=1 ppid=0 uid=0 comm=init\n")
-    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(scenario))
+    monkeypatch.setenv("FAKE_KVM_SCENARIO", str(SCENARIOS / "web01.scenario"))
     config = tmp_path / "kvm_exporter.yml"
     config.write_text(
         f"source: libkvm\nlibkvm: {{library: {fake_libkvm}}}\ngroups: {{details: [status]}}\n"
