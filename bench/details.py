@@ -21,13 +21,19 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from cputime import median_ms
-from groups import SHARED, build, free_port, scrape_cpu
+from groups import (
+    SHARED,
+    arguments,
+    free_port,
+    idle_processes,
+    kvm_exporter,
+    process_exporter,
+    scrape_cpu,
+)
 
 from kvm_exporter.config import load_config
 from kvm_exporter.poller import Poller, Settings
@@ -53,67 +59,49 @@ def steady_poll_ms(config: Path, details: tuple[str, ...], polls: int) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=10000)
-    parser.add_argument("--polls", type=int, default=10)
-    parser.add_argument("--scrapes", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvm-details-bench."))
     pe_config = tmp / "pe-comm.yml"
     shutil.copy(SHARED / "pe-comm.yml", pe_config)
-    idle = build(tmp, "idlekids")
-    uids = "0,65534" if os.getuid() == 0 else str(os.getuid())
-    kids = subprocess.Popen(
-        [idle, str(args.n), str(tmp / "pids"), "1800", uids], stdout=subprocess.PIPE, text=True
-    )
     try:
-        assert kids.stdout is not None and kids.stdout.readline().startswith("ready")
-        result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
-        kvm_rules = tmp / "kvm.yml"
-        kvm_rules.write_text(f"groups:\n  config_file: {pe_config}\n")
-        polls: dict[str, list[float]] = {case: [] for case in CASES}
-        for _ in range(args.rounds):
-            for case, details in CASES.items():
-                cost, grouped = steady_poll_ms(kvm_rules, details, args.polls)
-                polls[case].append(cost)
-        result["grouped_processes"] = grouped
-        median = {case: statistics.median(costs) for case, costs in polls.items()}
-        result["steady_poll_cpu_ms"] = {case: round(ms, 1) for case, ms in median.items()}
-        result["detail_cost_ms"] = {
-            case: round(ms - median["none"], 1) for case, ms in median.items() if case != "none"
-        }
-        result["rounds"] = polls
-        for smaps in ("false", "true"):
-            port = free_port()
-            pe = [
-                "/usr/bin/prometheus-process-exporter",
-                f"-config.path={pe_config}",
-                f"-web.listen-address=127.0.0.1:{port}",
-                "-threads=false",
-                f"-gather-smaps={smaps}",
-            ]
-            result[f"process_exporter_smaps_{smaps}"] = scrape_cpu(pe, port, args.scrapes)
-        for case in ("none", "all"):
-            config = tmp / f"kvm-{case}.yml"
-            details = ", ".join(CASES[case])
-            config.write_text(
-                f"interval: 0\nresources: {{enabled: false}}\n"
-                f"groups:\n  config_file: {pe_config}\n  details: [{details}]\n"
-            )
-            port = free_port()
-            kvm = [
-                str(Path(sys.executable).with_name("kvm_exporter")),
-                f"--config.file={config}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ]
-            result[f"kvm_exporter_scrape0_details_{case}"] = scrape_cpu(kvm, port, args.scrapes)
-        result["load1_after"] = os.getloadavg()[0]
-        print(json.dumps(result, indent=1))
+        with idle_processes(tmp, args.n):
+            print(json.dumps(measure(tmp, pe_config, args), indent=1))
     finally:
-        kids.terminate()
-        kids.wait(timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(tmp: Path, pe_config: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The in-process polls, then the exporters' scrapes, with the processes running."""
+    result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
+    kvm_rules = tmp / "kvm.yml"
+    kvm_rules.write_text(f"groups:\n  config_file: {pe_config}\n")
+    polls: dict[str, list[float]] = {case: [] for case in CASES}
+    for _ in range(args.rounds):
+        for case, details in CASES.items():
+            cost, grouped = steady_poll_ms(kvm_rules, details, args.polls)
+            polls[case].append(cost)
+    result["grouped_processes"] = grouped
+    median = {case: statistics.median(costs) for case, costs in polls.items()}
+    result["steady_poll_cpu_ms"] = {case: round(ms, 1) for case, ms in median.items()}
+    result["detail_cost_ms"] = {
+        case: round(ms - median["none"], 1) for case, ms in median.items() if case != "none"
+    }
+    result["rounds"] = polls
+    for smaps in (False, True):
+        port = free_port()
+        pe = process_exporter(pe_config, port, smaps)
+        result[f"process_exporter_smaps_{smaps}"] = scrape_cpu(pe, port, args.scrapes)
+    for case in ("none", "all"):
+        config = tmp / f"kvm-{case}.yml"
+        config.write_text(
+            f"interval: 0\nresources: {{enabled: false}}\n"
+            f"groups:\n  config_file: {pe_config}\n  details: [{', '.join(CASES[case])}]\n"
+        )
+        port = free_port()
+        kvm = kvm_exporter(config, port)
+        result[f"kvm_exporter_scrape0_details_{case}"] = scrape_cpu(kvm, port, args.scrapes)
+    result["load1_after"] = os.getloadavg()[0]
+    return result
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cputime import group_poll_costs
@@ -93,6 +95,42 @@ def scrape_cpu(cmd: list[str], port: int, scrapes: int) -> dict[str, float]:
         proc.wait(timeout=30)
 
 
+def process_exporter(config: Path, port: int, smaps: bool = False) -> list[str]:
+    """process-exporter's command line on ``port``, threads off (its leanest)."""
+    return [
+        "/usr/bin/prometheus-process-exporter",
+        f"-config.path={config}",
+        f"-web.listen-address=127.0.0.1:{port}",
+        "-threads=false",
+        f"-gather-smaps={str(smaps).lower()}",
+    ]
+
+
+def kvm_exporter(config: Path, port: int) -> list[str]:
+    """kvm_exporter's command line (this venv's) on ``port``."""
+    return [
+        str(Path(sys.executable).with_name("kvm_exporter")),
+        f"--config.file={config}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+
+
+@contextmanager
+def idle_processes(tmp: Path, n: int) -> Iterator[None]:
+    """``n`` idle processes (``idlekids``; as root half uid 0, half 65534) while inside."""
+    idle = build(tmp, "idlekids")
+    uids = "0,65534" if os.getuid() == 0 else str(os.getuid())
+    kids = subprocess.Popen(
+        [idle, str(n), str(tmp / "pids"), "1800", uids], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert kids.stdout is not None and kids.stdout.readline().startswith("ready")
+        yield
+    finally:
+        kids.terminate()
+        kids.wait(timeout=60)
+
+
 def floor(binary: str) -> float:
     out = subprocess.run([binary, "20"], capture_output=True, text=True, check=True)
     values = dict(kv.split("=") for kv in out.stdout.split())
@@ -117,12 +155,18 @@ def rounds(binary: str, config: Path, args: argparse.Namespace) -> dict[str, obj
     return {"rounds": each, "steady_over_floor_median": ratios[len(ratios) // 2]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The settings both group benches take: processes, polls, scrapes, rounds."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--n", type=int, default=10000)
     parser.add_argument("--polls", type=int, default=10)
     parser.add_argument("--scrapes", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def main() -> None:
+    parser = arguments(__doc__)
     parser.add_argument(
         "--no-resources", dest="resources", action="store_false", help="groups alone"
     )
@@ -133,37 +177,20 @@ def main() -> None:
     kvm_config = tmp / "kvm.yml"
     resources = "" if args.resources else "resources:\n  enabled: false\n"
     kvm_config.write_text(f"interval: 0\ngroups:\n  config_file: {pe_config}\n{resources}")
-    idle = build(tmp, "idlekids")
     floor_bin = build(tmp, "floor")
-    uids = "0,65534" if os.getuid() == 0 else str(os.getuid())
-    kids = subprocess.Popen(
-        [idle, str(args.n), str(tmp / "pids"), "1800", uids], stdout=subprocess.PIPE, text=True
-    )
     try:
-        assert kids.stdout is not None and kids.stdout.readline().startswith("ready")
-        result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
-        result.update(rounds(floor_bin, kvm_config, args))
-        port = free_port()
-        pe = [
-            "/usr/bin/prometheus-process-exporter",
-            f"-config.path={pe_config}",
-            f"-web.listen-address=127.0.0.1:{port}",
-            "-threads=false",
-            "-gather-smaps=false",
-        ]
-        result["process_exporter"] = scrape_cpu(pe, port, args.scrapes)
-        port = free_port()
-        kvm = [
-            str(Path(sys.executable).with_name("kvm_exporter")),
-            f"--config.file={kvm_config}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ]
-        result["kvm_exporter_scrape0"] = scrape_cpu(kvm, port, args.scrapes)
-        result["load1_after"] = os.getloadavg()[0]
-        print(json.dumps(result, indent=1))
+        with idle_processes(tmp, args.n):
+            result: dict[str, object] = {"n": args.n, "load1_before": os.getloadavg()[0]}
+            result.update(rounds(floor_bin, kvm_config, args))
+            port = free_port()
+            pe = process_exporter(pe_config, port)
+            result["process_exporter"] = scrape_cpu(pe, port, args.scrapes)
+            port = free_port()
+            kvm = kvm_exporter(kvm_config, port)
+            result["kvm_exporter_scrape0"] = scrape_cpu(kvm, port, args.scrapes)
+            result["load1_after"] = os.getloadavg()[0]
+            print(json.dumps(result, indent=1))
     finally:
-        kids.terminate()
-        kids.wait(timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -224,13 +224,13 @@ def _census_py(dir_fd: int, usage: list[bytes] | None = None) -> list[RawKind]:
 def _fields(data: bytes, names: dict[bytes, str], scale: int = 1) -> dict[str, int]:
     """The values of the lines of ``data`` that start with a key of ``names`` (``key:``
     then a number), as ``names`` calls them, times ``scale``; a missing line gives 0 (a
-    kernel thread has no ``VmSwap``)."""
-    found = dict.fromkeys(names.values(), 0)
-    for line in data.splitlines():
-        key, _, rest = line.partition(b":")
-        name = names.get(key)
-        if name is not None:
-            found[name] = int(rest.split()[0]) * scale
+    kernel thread has no ``VmSwap``). Found by search, not line by line: ``status`` has
+    some 60 lines, of which a poll wants three."""
+    text = b"\n" + data
+    found = {}
+    for key, name in names.items():
+        at = text.find(b"\n" + key + b":")
+        found[name] = 0 if at < 0 else int(text[at + len(key) + 2 :].split(None, 1)[0]) * scale
     return found
 
 
