@@ -23,8 +23,9 @@ from test_groups import SPEC, Argvs, proc, rules
 from test_groups_process_exporter import by_group, scrape
 
 from kvm_exporter.groups.tracker import Grouper
-from kvm_exporter.records import Details, SourceError, Survey
+from kvm_exporter.records import DETAILS, Details, SourceError, Survey
 from kvm_exporter.service import prepare
+from kvm_exporter.sources.procfs import ProcfsSource
 
 # --- how the groups count details: a reader the test answers for --------------------------
 
@@ -377,3 +378,22 @@ def test_details_on_a_source_that_reads_none_is_one_clear_error(
         "groups.details: the libkvm source reads no details of processes (only procfs does,"
         " on Linux)"
     )
+
+
+def test_a_zombie_has_no_memory_to_read_and_a_reaped_process_is_gone(tmp_path: Path) -> None:
+    """``smaps_rollup`` of a process without memory (a zombie, a kernel thread) says ESRCH:
+    no memory, not an error; ``status`` has no ``VmSwap`` line there. A process reaped
+    before its read is None (gone), whatever was asked."""
+    source = ProcfsSource()
+    child = subprocess.Popen(["true"])
+    wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z")
+    try:
+        zombie = source.details(child.pid, DETAILS)
+        assert zombie is not None and zombie.refused == ()
+        assert (zombie.proportional_bytes, zombie.swap_bytes, zombie.open_fds) == (0, 0, 0)
+    finally:
+        child.wait()
+    assert source.details(child.pid, DETAILS) is None
+    alive = source.details(os.getpid(), DETAILS)
+    assert alive is not None and alive.open_fds == len(os.listdir("/proc/self/fd")) - 1
+    assert alive.proportional_bytes > 0 and alive.voluntary_switches + alive.involuntary_switches

@@ -423,8 +423,11 @@ class ProcfsSource:
     def _open_fds(self, base: str) -> int:
         """Open descriptors of a process: since Linux 6.2 the size of its ``fd`` directory
         (one stat, allowed for any process), before that a listing (ptrace access only)."""
-        if self._fd_sizes is None:
-            self._fd_sizes = os.stat("/proc/self/fd").st_size > 0  # this process has some
+        if self._fd_sizes is None:  # this process has descriptors open: a size if it has one
+            try:
+                self._fd_sizes = os.stat(f"{self.root}/self/fd").st_size > 0
+            except OSError:  # not a procfs (a copy of one): list
+                self._fd_sizes = False
         if self._fd_sizes:
             return os.stat(base + "fd").st_size
         return len(os.listdir(base + "fd"))
