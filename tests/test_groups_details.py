@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import free_port, listens, samples, wait_until
@@ -22,8 +22,10 @@ from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
 from test_groups import SPEC, Argvs, proc, rules
 from test_groups_process_exporter import by_group, scrape
 
+from kvm_exporter.groups.families import GroupCollector
 from kvm_exporter.groups.tracker import Grouper
-from kvm_exporter.records import DETAILS, Details, SourceError, Survey
+from kvm_exporter.poller import Poller, Settings
+from kvm_exporter.records import DETAILS, Details, Source, SourceError, Survey
 from kvm_exporter.service import prepare
 from kvm_exporter.sources.procfs import ProcfsSource
 
@@ -397,3 +399,46 @@ def test_a_zombie_has_no_memory_to_read_and_a_reaped_process_is_gone(tmp_path: P
     alive = source.details(os.getpid(), DETAILS)
     assert alive is not None and alive.open_fds == len(os.listdir("/proc/self/fd")) - 1
     assert alive.proportional_bytes > 0 and alive.voluntary_switches + alive.involuntary_switches
+
+
+class FailingOnce:
+    """The procfs source, whose next survey fails once (a /proc that could not be listed)."""
+
+    def __init__(self) -> None:
+        self._source = ProcfsSource()
+        self.fail = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def survey(self) -> Any:
+        if self.fail:
+            self.fail = False
+            raise SourceError("cannot list /proc: Input/output error")
+        return self._source.survey()
+
+
+def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> None:
+    source = FailingOnce()
+    settings = Settings(
+        groups=rules({"name": "me", "cmdline": ["."]}), compat=("process_exporter",)
+    )
+    poller = Poller(cast(Source, source), settings)
+
+    def scrape_errors() -> dict[str, float]:
+        return {
+            family.name: family.samples[0].value
+            for family in GroupCollector(poller).collect()
+            if family.name.startswith("namedprocess_scrape_")
+        }
+
+    poller.poll()
+    assert scrape_errors() == dict.fromkeys(
+        ("namedprocess_scrape_errors", "namedprocess_scrape_procread_errors",
+         "namedprocess_scrape_partial_errors"), 0,
+    )  # fmt: skip
+    source.fail = True
+    poller.poll()  # no groups this poll: the scrape counters are still served
+    assert scrape_errors()["namedprocess_scrape_errors"] == 1
+    poller.poll()
+    assert scrape_errors()["namedprocess_scrape_errors"] == 1
