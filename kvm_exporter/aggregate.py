@@ -8,7 +8,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
-from .records import Census
+from .records import Census, Kind
 from .states import STATES
 
 OTHER = "other"
@@ -71,32 +71,40 @@ def aggregate(
     """
     name = user_name or user_names()
     # A host has thousands of processes but few kinds (most processes have one thread), so
-    # this loop runs once per kind, and uids become names once per kind.
+    # this loop runs once per kind; uids and jails become names once per group of raw values.
     fields = [_FIELD[label] for label in labels]
+    pick: Callable[[Kind], tuple[Any, ...]] = (
+        itemgetter(*fields) if len(fields) > 1 else lambda kind: tuple(kind[f] for f in fields)
+    )
+    processes: dict[Any, int] = {}
+    threads: dict[Any, int] = {}
+    for kind, count in census.items():
+        raw = pick(kind)
+        processes[raw] = processes.get(raw, 0) + count
+        each = kind[_THREADS]
+        threads[raw] = threads.get(raw, 0) + (count * each if each > 1 else count)  # one at least
     named = [i for i, label in enumerate(labels) if label == "user"]
     jails = [i for i, label in enumerate(labels) if label == "jail"]
-    jail_name = functools.cache(jail_name)  # once per jail, not per kind
-    processes: dict[Key, int] = {}
-    threads: dict[Key, int] = {}
-    for kind, count in census.items():
-        values: list[Any] = [kind[f] for f in fields]
-        for i in named:
-            values[i] = name(values[i])
-        for i in jails:
-            values[i] = jail_name(values[i])
-        key = tuple(values)
+    if named or jails:
+        jail_name = functools.cache(jail_name)  # once per jail, not per group
+
+        def by_name(raw: tuple[Any, ...]) -> Key:
+            values = list(raw)
+            for i in named:
+                values[i] = name(values[i])
+            for i in jails:
+                values[i] = jail_name(values[i])
+            return tuple(values)
+
         # Two uids can share a name: their groups add up.
-        processes[key] = processes.get(key, 0) + count
-        threads[key] = threads.get(key, 0) + count * max(kind[_THREADS], 1)  # one at least
+        processes, threads, _ = _refold(processes, threads, by_name)
 
     at = _Positions.of(labels)
     missing = set(states) - {key[at.state] for key in processes} if at.state is not None else ()
     folded = 0
     if len(processes) + len(missing) > max_series:
         fold = _folding(processes, at, max_series - len(missing), max_series)
-        into = {key: fold(key) for key in processes}
-        folded = sum(1 for key, new in into.items() if new != key)
-        processes, threads = _refold(processes, into), _refold(threads, into)
+        processes, threads, folded = _refold(processes, threads, fold)
     for state in states:
         if state in missing:
             key = _other_key(len(labels), at.state, state)
@@ -199,9 +207,17 @@ def _other_key(width: int, state_at: int | None, state: str) -> Key:
     return tuple(key)
 
 
-def _refold(counts: dict[Key, int], into: dict[Key, Key]) -> dict[Key, int]:
-    out: dict[Key, int] = {}
-    for key, count in counts.items():
-        key = into[key]
-        out[key] = out.get(key, 0) + count
-    return out
+def _refold(
+    processes: dict[Any, int], threads: dict[Any, int], into: Callable[[Any], Key]
+) -> tuple[dict[Key, int], dict[Key, int], int]:
+    """``processes`` and ``threads`` with each key replaced by ``into`` of it, added up where
+    two keys become one (in the order first seen), and how many keys ``into`` changed."""
+    out_processes: dict[Key, int] = {}
+    out_threads: dict[Key, int] = {}
+    changed = 0
+    for key, count in processes.items():
+        new = into(key)
+        changed += new != key
+        out_processes[new] = out_processes.get(new, 0) + count
+        out_threads[new] = out_threads.get(new, 0) + threads[key]
+    return out_processes, out_threads, changed

@@ -154,8 +154,14 @@ def _other_namespace(root: str, status: str) -> bool:
     return len(line.split()) == 2
 
 
-def freebsd(sysctl: Callable[[str], int | None]) -> dict[str, bool]:
-    """The restrictions FreeBSD's sysctls set, ``sysctl`` reading one (None: no such node).
+Sysctl = Callable[[str], int | None]
+"""Reads one int sysctl by name; None where the kernel has no such node."""
+SysctlIds = Callable[[str], tuple[int, ...] | None]
+"""Reads a sysctl that lists ids (one or several) by name; None where there is no such node."""
+
+
+def freebsd(sysctl: Sysctl, ids: SysctlIds) -> dict[str, bool]:
+    """The restrictions FreeBSD's sysctls set, ``sysctl`` and ``ids`` reading them.
 
     ``sys/kern/kern_prot.c`` cr_cansee(), which kern.proc's sysctl_kern_proc applies to
     each process: prison_check() (a jailed reader sees its jail and those below), the MAC
@@ -178,13 +184,13 @@ def freebsd(sysctl: Callable[[str], int | None]) -> dict[str, bool]:
             if value is not None:
                 found[reason] = value == 0 and not exempt
         enabled = sysctl("security.mac.seeotheruids.enabled")  # None: the module is not loaded
-        found["mac_seeotheruids"] = bool(enabled) and not _seeotheruids_exempt(sysctl, root)
+        found["mac_seeotheruids"] = bool(enabled) and not _seeotheruids_exempt(sysctl, ids, root)
     except SourceError as err:
         log.warning("cannot tell every restriction on process visibility: %s", err)
     return found
 
 
-def _known(sysctl: Callable[[str], int | None], name: str, reason: str) -> int | None:
+def _known(sysctl: Sysctl, name: str, reason: str) -> int | None:
     """Sysctl ``name``, or None with a warning that ``reason`` is left out: a node every
     kernel of this exporter's era has, so its absence is worth saying."""
     value = sysctl(name)
@@ -193,12 +199,13 @@ def _known(sysctl: Callable[[str], int | None], name: str, reason: str) -> int |
     return value
 
 
-def _seeotheruids_exempt(sysctl: Callable[[str], int | None], root: bool) -> bool:
+def _seeotheruids_exempt(sysctl: Sysctl, ids: SysctlIds, root: bool) -> bool:
     """``sys/security/mac_seeotheruids/mac_seeotheruids.c`` seeotheruids_check(): root
     while suser_privileged, and with specificgid_enabled a reader whose real gid or one of
-    whose groups is specificgid."""
+    whose groups is specificgid: any of its gids where the kernel takes a list."""
     if root and sysctl("security.mac.seeotheruids.suser_privileged") != 0:
         return True
     if not sysctl("security.mac.seeotheruids.specificgid_enabled"):
         return False
-    return sysctl("security.mac.seeotheruids.specificgid") in (os.getgid(), *os.getgroups())
+    exempted = ids("security.mac.seeotheruids.specificgid") or ()
+    return not {os.getgid(), *os.getgroups()}.isdisjoint(exempted)

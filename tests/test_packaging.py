@@ -134,6 +134,18 @@ def test_port_rc_script_passes_shellcheck_under_another_prefix(tmp_path: Path) -
     assert re.search(r'kvm_exporter_command:?="?/opt/pkg/bin/kvm_exporter"?}', text)
 
 
+@pytest.mark.parametrize("script", ["make-rc-in.sh", "check-port.sh"])
+def test_packaging_scripts_pass_shellcheck(script: str) -> None:
+    # check-port.sh runs by hand against a ports tree (README, FreeBSD, Port); here it is at
+    # least read by shellcheck, as the rc.d script is.
+    result = subprocess.run(
+        ["shellcheck", "--severity=style", str(REPO / "packaging" / script)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- the port's Makefile against the project ---
 
 

@@ -259,15 +259,24 @@ EXEMPT = {
     "security.mac.seeotheruids.specificgid": GROUP,
 }
 """mac_seeotheruids(4) with the group the README tells to exempt."""
+OTHER_GROUP = 61236
+"""A group the reader is never in."""
 
 
 def freebsd_once(
-    world: Path, sysctls: dict[str, int | None], reader: bool = True, groups: int | None = None
+    world: Path,
+    sysctls: dict[str, int | str | None],
+    reader: bool = True,
+    groups: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """--once on the fake with web01's processes and :data:`DEFAULTS` changed by ``sysctls``
-    (None: the kernel has no such node)."""
+    (None: the kernel has no such node; a str: a string node)."""
     values = {**DEFAULTS, **sysctls}
-    lines = [f"sysctl {name} {value}" for name, value in values.items() if value is not None]
+    lines = [
+        f"sysctl_text {name} {value}" if isinstance(value, str) else f"sysctl {name} {value}"
+        for name, value in values.items()
+        if value is not None
+    ]
     web01 = (SCENARIOS / "web01.scenario").read_text().splitlines()
     lines += [line for line in web01 if not line.startswith("sysctl security.")]
     scenario = world / "host.scenario"
@@ -332,7 +341,7 @@ def freebsd_once(
 )
 def test_freebsd_restrictions_from_the_sysctls(
     freebsd_world: Path,
-    sysctls: dict[str, int | None],
+    sysctls: dict[str, int | str | None],
     reader: bool,
     groups: int | None,
     found: dict[str, int],
@@ -364,4 +373,40 @@ def test_a_sysctl_an_old_kernel_lacks_leaves_its_reason_out(freebsd_world: Path)
     assert (
         "sysctl security.bsd.see_jail_proc does not exist on this kernel: see_jail_proc not"
         " checked" in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("listed", "restricts"),
+    [
+        (f"{OTHER_GROUP},{GROUP}", 0),  # the reader's group second in the list
+        (f"{OTHER_GROUP} {GROUP}", 0),
+        (f"{GROUP}", 0),
+        (f"{OTHER_GROUP},{OTHER_GROUP + 1}", 1),
+    ],
+)
+def test_a_specificgid_list_exempts_a_reader_in_any_of_its_groups(
+    freebsd_world: Path, listed: str, restricts: int
+) -> None:
+    """Where security.mac.seeotheruids.specificgid is a string node listing gids (its kind,
+    sysctl.oidfmt, says CTLTYPE_STRING; mac_seeotheruids(4) on FreeBSD main: "the list of
+    group IDs to be exempted"), the reader is exempt when in any of them, not only the
+    first; seeotheruids_check() tests groupmember() of each exempted gid."""
+    sysctls = {**EXEMPT, "security.mac.seeotheruids.specificgid": listed}
+    result = freebsd_once(freebsd_world, sysctls, groups=GROUP)
+    assert result.returncode == 0, result.stderr
+    assert restricted(samples(result.stdout)) == {**CLEAR_ALL, "mac_seeotheruids": restricts}
+    assert "cannot tell" not in result.stderr
+
+
+def test_a_specificgid_text_that_lists_no_gids_leaves_the_reason_out(freebsd_world: Path) -> None:
+    """A string node that is not a list of decimal gids is refused, not guessed at: the
+    reason is left out and the log quotes the text."""
+    sysctls = {**EXEMPT, "security.mac.seeotheruids.specificgid": f"{GROUP},procview"}
+    result = freebsd_once(freebsd_world, sysctls, groups=GROUP)
+    assert result.returncode == 0, result.stderr
+    assert restricted(samples(result.stdout)) == CLEAR
+    assert (
+        "sysctl security.mac.seeotheruids.specificgid: '61235,procview' is not a list of ids"
+        in result.stderr
     )

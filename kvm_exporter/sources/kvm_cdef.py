@@ -201,6 +201,7 @@ int kvm_nlist2(kvm_t *, struct kvm_nlist *);
 ssize_t kvm_read2(kvm_t *, uint64_t, void *, size_t);
 char *devname_r(uint64_t, uint16_t, char *, int);
 int sysctlbyname(const char *, void *, size_t *, const void *, size_t);
+int sysctlnametomib(const char *, int *, size_t *);
 int sysctl(const int *, unsigned int, void *, size_t *, const void *, size_t);
 char *jail_getname(int);
 void free(void *);

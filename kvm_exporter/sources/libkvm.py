@@ -11,13 +11,14 @@ import array
 import errno
 import logging
 import os
+import re
 import resource
 import struct
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, Literal, NamedTuple, cast
 
@@ -76,6 +77,10 @@ KERN_PROC_OPS: dict[str, int] = {
 KERN_PROC_INC_THREAD = 0x10
 KERN_PROC_NFDS = 43
 CTL_KERN, KERN_PROC = 1, 14
+CTL_SYSCTL, CTL_SYSCTL_OIDFMT = 0, 4  # sysctl.oidfmt: a node's kind and format (sys/sysctl.h)
+CTL_MAXNAME = 24
+CTLTYPE, CTLTYPE_INT, CTLTYPE_STRING, CTLTYPE_UINT = 0xF, 2, 3, 6
+_ID_SEPARATORS = re.compile(r"[\s,]+")
 P_CONTROLT = 0x00002  # ki_flag: the process has a controlling terminal (sys/sys/proc.h)
 O_RDONLY = 0
 ERRBUF_SIZE = 2048  # _POSIX2_LINE_MAX, what kvm_openfiles copies into errbuf
@@ -365,7 +370,9 @@ class LibkvmSource:
     def visibility(self) -> dict[str, bool]:
         """The security sysctls of the running kernel; none for a crash dump, whose
         processes libkvm reads from kernel memory with no p_cansee()."""
-        return {} if self.crash_dump else visibility.freebsd(self._sysctl_if_any)
+        if self.crash_dump:
+            return {}
+        return visibility.freebsd(self._sysctl_if_any, self._sysctl_ids)
 
     def _physmem(self) -> int | None:
         """hw.physmem, an unsigned long; None if the sysctl cannot be read."""
@@ -450,6 +457,35 @@ class LibkvmSource:
         """The ``int`` sysctl ``name``; None where the kernel has no such node (ENOENT)."""
         value = self._sysctl_value(name, "int")
         return None if value is None else int(value[0])
+
+    def _sysctl_ids(self, name: str) -> tuple[int, ...] | None:
+        """Sysctl ``name`` as the ids it lists, read as the kernel says the node is written
+        (its kind in sysctl.oidfmt, as sysctl(8) prints by): ints, one id per 4 bytes
+        (``mac_seeotheruids.c``'s SYSCTL_UINT specificgid, one gid), or a text of decimal ids
+        separated by commas or blanks (a CTLTYPE_STRING list); None where the kernel has no
+        such node (ENOENT). Any other kind or text is refused, not guessed at."""
+        mib = ffi.new("int[]", CTL_MAXNAME)
+        length = ffi.new("size_t *", CTL_MAXNAME)
+        if self._lib.sysctlnametomib(name.encode(), mib, length) != 0:
+            if ffi.errno == errno.ENOENT:
+                return None
+            raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
+        oidfmt = [CTL_SYSCTL, CTL_SYSCTL_OIDFMT, *mib[0 : length[0]]]
+        kind = _read_sized(name, lambda value, size: self._sysctl(oidfmt, value, size))
+        value = _read_sized(
+            name,
+            lambda value, size: self._lib.sysctlbyname(name.encode(), value, size, ffi.NULL, 0),
+        )
+        ctltype = struct.unpack_from("=I", kind)[0] & CTLTYPE if len(kind) >= 4 else None
+        if ctltype == CTLTYPE_STRING:
+            text = value.split(b"\0", 1)[0].decode("ascii", "replace")
+            ids = [word for word in _ID_SEPARATORS.split(text) if word]
+            if all(word.isdigit() for word in ids):
+                return tuple(int(word) for word in ids)
+            raise SourceError(f"sysctl {name}: {text!r} is not a list of ids")
+        if ctltype in (CTLTYPE_INT, CTLTYPE_UINT) and value and len(value) % 4 == 0:
+            return struct.unpack(f"={len(value) // 4}I", value)
+        raise SourceError(f"sysctl {name}: neither ints nor a text of ids (kind {ctltype})")
 
     def _sysctl_value(self, name: str, ctype: str) -> Any:
         """sysctlbyname ``name`` read as one ``ctype``, as a pointer that owns it, or None where
@@ -556,6 +592,16 @@ class LibkvmSource:
                 name = NO_TTY
             cache[dev] = name
         return name
+
+
+def _read_sized(name: str, read: Callable[[Any, Any], int]) -> bytes:
+    """The bytes a sysctl answers, ``read(NULL, size)`` asked for their size first."""
+    size = ffi.new("size_t *", 0)
+    if read(ffi.NULL, size) == 0:
+        value = ffi.new("char[]", max(size[0], 1))
+        if read(value, size) == 0:
+            return bytes(ffi.buffer(value, size[0]))
+    raise SourceError(f"sysctl {name}: {os.strerror(ffi.errno)}")
 
 
 def _record_type(structsize: int) -> str:

@@ -2,7 +2,8 @@
  * A fake FreeBSD libkvm for tests on Linux: the symbols and semantics of
  * kvm_openfiles(3), kvm_getprocs(3), kvm_getargv(3), kvm_getloadavg(3), kvm_getswapinfo(3),
  * kvm_nlist2(3), kvm_read2(3), kvm_geterr(3), kvm_close(3), devname_r(3),
- * sysctlbyname(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of the caller), libjail's
+ * sysctlbyname(3), sysctlnametomib(3) and sysctl(3) (kern.proc.pid and kern.proc.nfds of
+ * the caller, sysctl.oidfmt of a scenario sysctl), libjail's
  * jail_getname(3), with the
  * FreeBSD LP64 (amd64/arm64) record layouts, fed by a scenario file.
  *
@@ -41,6 +42,7 @@
  *                              children's: p_cru) and exited_X (of X, what exited threads
  *                              used: in no thread row)
  *   sysctl NAME VALUE        hw.physmem, hw.realmem, hw.usermem are unsigned longs (8 bytes)
+ *   sysctl_text NAME TEXT    a string sysctl (CTLTYPE_STRING): the rest of the line
  *   counter NAME VALUE       a 64-bit vm_cnt counter (vm.stats.vm.v_forks, ...)
  *   boottime SECONDS         kern.boottime (default 0)
  *   cp_time U N S I IDLE     kern.cp_time (long[5])
@@ -235,6 +237,13 @@ _Static_assert(offsetof(struct kvm_swap, ksw_flags) == 40, "ksw_flags offset");
 #define KERN_PROC_GID 11
 #define KERN_PROC_NFDS 43
 #define CTL_KERN 1
+#define CTL_SYSCTL 0 /* sys/sysctl.h: the sysctl tree's own nodes */
+#define CTL_SYSCTL_OIDFMT 4
+#define FAKE_NODE 0x7fff /* the first OID component name2oid gives a scenario sysctl */
+#define CTLTYPE_INT 2
+#define CTLTYPE_STRING 3
+#define CTLTYPE_ULONG 8
+#define CTLTYPE_U64 9
 #define KERN_PROC 14
 #define SIDL 1
 #define SRUN 2
@@ -306,6 +315,8 @@ struct scenario {
 		char name[64];
 		long long value;
 		int u64; /* a vm_cnt counter (sysctl_handle_vmstat), not an int */
+		int is_text;    /* a string node (sysctl_text): CTLTYPE_STRING, value unused */
+		char text[256]; /* its text */
 	} sysctls[MAXSYSCTL], symbols[MAXSYMBOL];
 	double boottime;      /* kern.boottime, seconds since the epoch */
 	long cp_time[5];      /* kern.cp_time */
@@ -534,6 +545,14 @@ static int load_scenario(struct scenario *sc, const char *path, char *err)
 			bad = sscanf(rest, "%63s %lld", sc->sysctls[sc->nsysctls].name,
 				     &sc->sysctls[sc->nsysctls].value) != 2;
 			sc->nsysctls++;
+		} else if (!strcmp(kw, "sysctl_text") && sc->nsysctls < MAXSYSCTL) {
+			/* NAME, then the text: the rest of the line, spaces included */
+			int at = 0;
+			bad = sscanf(rest, "%63s %n", sc->sysctls[sc->nsysctls].name, &at) != 1 ||
+			      at == 0 || strlen(rest + at) >= sizeof(sc->sysctls[0].text);
+			if (!bad)
+				strcpy(sc->sysctls[sc->nsysctls].text, rest + at);
+			sc->sysctls[sc->nsysctls++].is_text = 1;
 		} else if (!strcmp(kw, "counter") && sc->nsysctls < MAXSYSCTL) {
 			bad = sscanf(rest, "%63s %lld", sc->sysctls[sc->nsysctls].name,
 				     &sc->sysctls[sc->nsysctls].value) != 2;
@@ -1270,6 +1289,80 @@ static int sysctl_out(void *oldp, size_t *oldlenp, const void *value, size_t len
 	return 0;
 }
 
+/*
+ * A string node as kern_sysctl.c sysctl_handle_string() answers a read: the text and its
+ * NUL; into a buffer too small, what fits and ENOMEM (sysctl_old_user() copies up to the
+ * buffer's end and fails; userland_sysctl() reports the bytes copied).
+ */
+static int text_out(void *oldp, size_t *oldlenp, const char *text)
+{
+	size_t len = strlen(text) + 1;
+
+	if (oldp != NULL && *oldlenp < len) {
+		memcpy(oldp, text, *oldlenp);
+		errno = ENOMEM;
+		return -1;
+	}
+	return sysctl_out(oldp, oldlenp, text, len);
+}
+
+/* The scenario's sysctl named name, or -1. */
+static int sysctl_index(const struct scenario *sc, const char *name)
+{
+	for (int i = 0; sc != NULL && i < sc->nsysctls; i++)
+		if (!strcmp(sc->sysctls[i].name, name))
+			return i;
+	return -1;
+}
+
+/*
+ * sysctlnametomib(3) (lib/libc/gen/sysctlnametomib.c): the name2oid node
+ * (CTL_SYSCTL.CTL_SYSCTL_NAME2OID, kern_sysctl.c sysctl_sysctl_name2oid()) turns a name into
+ * its OID, ENOENT for no such node and ENOMEM for a MIB buffer too small. A scenario
+ * sysctl's OID here is {FAKE_NODE, its index}: only sysctl.oidfmt (below) reads it.
+ */
+int sysctlnametomib(const char *name, int *mibp, size_t *sizep)
+{
+	int i = sysctl_index(current_scenario(), name);
+
+	if (i < 0) {
+		errno = ENOENT;
+		return -1;
+	}
+	if (*sizep < 2) {
+		errno = ENOMEM;
+		return -1;
+	}
+	mibp[0] = FAKE_NODE;
+	mibp[1] = i;
+	*sizep = 2;
+	return 0;
+}
+
+/*
+ * sysctl.oidfmt of a scenario sysctl (kern_sysctl.c sysctl_sysctl_oidfmt()): its u_int
+ * oid_kind, then its format string and NUL, as sysctl(8) reads them to print a node. The
+ * kinds are those of the kernel's nodes: a SYSCTL_INT "I", hw.physmem and its kin
+ * CTLTYPE_ULONG "LU" (sysctl_hw_physmem), a vm_cnt counter CTLTYPE_U64 "QU"
+ * (VM_STATS_VM), a string CTLTYPE_STRING "A".
+ */
+static int oidfmt_out(const struct scenario *sc, int i, void *oldp, size_t *oldlenp)
+{
+	unsigned char out[sizeof(unsigned int) + 4];
+	unsigned int kind = CTLTYPE_INT;
+	const char *fmt = "I";
+
+	if (sc->sysctls[i].is_text)
+		kind = CTLTYPE_STRING, fmt = "A";
+	else if (sc->sysctls[i].u64)
+		kind = CTLTYPE_U64, fmt = "QU";
+	else if (is_ulong_sysctl(sc->sysctls[i].name))
+		kind = CTLTYPE_ULONG, fmt = "LU";
+	memcpy(out, &kind, sizeof(kind));
+	memcpy(out + sizeof(kind), fmt, strlen(fmt) + 1);
+	return sysctl_out(oldp, oldlenp, out, sizeof(kind) + strlen(fmt) + 1);
+}
+
 int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp, size_t newlen)
 {
 	const struct scenario *sc = current_scenario();
@@ -1293,6 +1386,8 @@ int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, const void *newp
 	for (int i = 0; sc != NULL && i < sc->nsysctls; i++) {
 		if (strcmp(sc->sysctls[i].name, name) != 0)
 			continue;
+		if (sc->sysctls[i].is_text)
+			return text_out(oldp, oldlenp, sc->sysctls[i].text);
 		/* hw.physmem and its kin are CTLTYPE_ULONG (sysctl_hw_physmem ...): 8 bytes on
 		   LP64, and SYSCTL_OUT of 8 into a smaller buffer is ENOMEM. */
 		unsigned long ul = (unsigned long)sc->sysctls[i].value;
@@ -1333,7 +1428,8 @@ static int open_fds(void)
  * - kern.proc.nfds (CTL_KERN, KERN_PROC, KERN_PROC_NFDS, 0): its open descriptors, which
  *   sysctl_kern_proc_nfds() counts for curproc alone (an argument other than 0 is EINVAL);
  * - kern.proc.pid.<getpid()>: its kinfo_proc as sysctl_kern_proc() fills it, read from
- *   Linux's /proc/self (read_self); any other pid is not emulated (ESRCH).
+ *   Linux's /proc/self (read_self); any other pid is not emulated (ESRCH);
+ * - sysctl.oidfmt of a scenario sysctl's OID (sysctlnametomib): oidfmt_out().
  */
 int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, const void *newp,
 	   size_t newlen)
@@ -1344,6 +1440,10 @@ int sysctl(const int *name, unsigned int namelen, void *oldp, size_t *oldlenp, c
 	struct fb_rusage ru;
 	int count;
 
+	if (namelen == 4 && name[0] == CTL_SYSCTL && name[1] == CTL_SYSCTL_OIDFMT &&
+	    name[2] == FAKE_NODE && sc != NULL && name[3] >= 0 && name[3] < sc->nsysctls &&
+	    newp == NULL && newlen == 0)
+		return oidfmt_out(sc, name[3], oldp, oldlenp);
 	if (namelen < 3 || name[0] != CTL_KERN || name[1] != KERN_PROC ||
 	    (name[2] != KERN_PROC_NFDS && name[2] != KERN_PROC_PID)) {
 		errno = ENOENT;
