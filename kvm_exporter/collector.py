@@ -89,7 +89,7 @@ COUNTERS: dict[str, tuple[str, str, str]] = {
     "context_switches": (
         "kvm_context_switches",
         "Context switches of the group's processes, by type, since the exporter started"
-        " (FreeBSD: reaped children's included; Linux: each process's first thread's).",
+        " (FreeBSD: reaped children's included; Linux: the live threads' of each process).",
         "type",
     ),
     "io_bytes": (

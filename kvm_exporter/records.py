@@ -252,7 +252,7 @@ class Details(NamedTuple):
     swap_bytes: int = 0
     voluntary_switches: int = 0
     involuntary_switches: int = 0
-    """Of the process's first thread (Linux ``PID/status``)."""
+    """Summed over the process's live threads (Linux ``status`` counts one thread's own)."""
     proportional_bytes: int = 0
     proportional_swap_bytes: int = 0
     """Resident and swapped memory, each page shared by N processes counted 1/N."""

@@ -93,14 +93,28 @@ def test_details_are_read_for_named_processes_only_and_counters_never_go_back() 
 PROCESS_EXPORTER = "/usr/bin/prometheus-process-exporter"
 
 CHILD = """
-import os, resource, sys
+import os, resource, sys, threading, time
+go, done = threading.Semaphore(0), threading.Semaphore(0)
+
+
+def switcher():  # a second thread: 50 short sleeps, 50 voluntary switches, when told
+    while go.acquire():
+        for _ in range(50):
+            time.sleep(0.001)
+        done.release()
+
+
+threading.Thread(target=switcher, daemon=True).start()
 soft = int(sys.argv[sys.argv.index("--nofile") + 1])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 held = [open(os.devnull) for _ in range(int(sys.argv[sys.argv.index("--files") + 1]))]
 print("ready", flush=True)
 for line in sys.stdin:
     what, path, size = line.split()
-    if what == "write":  # to storage: written, synced, then dropped from the page cache
+    if what == "switch":
+        go.release()
+        done.acquire()
+    elif what == "write":  # to storage: written, synced, then dropped from the page cache
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.write(fd, b"x" * int(size))
         os.fsync(fd)
@@ -118,8 +132,9 @@ MIB = 1 << 20
 
 
 class Child:
-    """One of the test's processes: holds ``files`` descriptors under a soft limit of
-    ``nofile``, and writes or reads a file when told."""
+    """One of the test's processes, of two threads: holds ``files`` descriptors under a soft
+    limit of ``nofile``, and writes or reads a file, or has its second thread switch, when
+    told."""
 
     def __init__(self, script: Path, nofile: int, files: int) -> None:
         self.proc = subprocess.Popen(
@@ -146,10 +161,22 @@ class Child:
                 out[key] = int(value.split()[0])
         return out
 
+    def switches(self) -> int:
+        """Voluntary context switches of its threads (each thread's status counts its own)."""
+        return sum(
+            int(line.split()[1])
+            for status in Path(f"/proc/{self.proc.pid}/task").glob("*/status")
+            for line in status.read_text().splitlines()
+            if line.startswith("voluntary_ctxt_switches:")
+        )
+
     def blocked(self) -> bool:
-        """Whether it sleeps, waiting for its next line: its counters stand still."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] == "S"
+        """Whether its threads sleep, waiting for the next line: its counters stand still."""
+        states = []
+        for stat in Path(f"/proc/{self.proc.pid}/task").glob("*/stat"):
+            text = stat.read_text()
+            states.append(text[text.rindex(")") + 2])
+        return states == ["S", "S"]
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -186,7 +213,7 @@ def process_exporter(tmp_path: Path) -> Iterator[Any]:
                     PROCESS_EXPORTER,
                     f"-config.path={config_path}",
                     f"-web.listen-address=127.0.0.1:{port}",
-                    "-threads=false",  # context switches of the first thread, as ours
+                    "-threads=true",  # its default: context switches summed over threads
                     "-gather-smaps=true",
                 ],
                 stdout=log,
@@ -280,17 +307,20 @@ def test_details_equal_proc_and_the_real_process_exporters(
         wait_until(lambda: many.blocked() and few.blocked(), what="the children to wait")
         total: dict[str, int] = {}
         for child in (many, few):
-            for key, value in (child.proc_file("io") | child.proc_file("status")).items():
+            for key, value in child.proc_file("io").items():
                 total[key] = total.get(key, 0) + value
+        total["voluntary_ctxt_switches"] = many.switches() + few.switches()
         return total
 
     proc_before, before = on_proc(), counters(*both())
     data = tmp_path / "data"
     many.do("write", data, 4 * MIB)
     few.do("read", data, 4 * MIB)
+    many.do("switch", data, 0)
     proc_after, after = on_proc(), counters(*both())
     grew = {key: proc_after[key] - proc_before[key] for key in before}
     assert grew["write_bytes"] >= 4 * MIB and grew["read_bytes"] >= 4 * MIB  # storage I/O
+    assert grew["voluntary_ctxt_switches"] >= 50  # the second thread's, and the first's
     for key, (kvm_then, pe_then) in before.items():
         kvm_now, pe_now = after[key]
         assert (kvm_now - kvm_then, pe_now - pe_then) == (grew[key], grew[key]), key

@@ -238,13 +238,30 @@ def _io(_: Any, base: str) -> dict[str, int]:
     return _fields(_read(base + "io"), {b"read_bytes": "read_bytes", b"write_bytes": "write_bytes"})
 
 
+_SWITCHES = {
+    b"voluntary_ctxt_switches": "voluntary_switches",
+    b"nonvoluntary_ctxt_switches": "involuntary_switches",
+}
+"""The context switch lines of ``status``: each thread's own (the kernel's per-task counts)."""
+
+
 def _status(_: Any, base: str) -> dict[str, int]:
-    names = {
-        b"voluntary_ctxt_switches": "voluntary_switches",
-        b"nonvoluntary_ctxt_switches": "involuntary_switches",
-    }
+    """Swapped memory and context switches; those of a process of two or more threads summed
+    over its live threads' ``task/TID/status``, as process-exporter sums them (its default
+    ``-threads``): ``status`` counts one thread's own only."""
     data = _read(base + "status")
-    return _fields(data, names) | _fields(data, {b"VmSwap": "swap_bytes"}, 1024)
+    found = _fields(data, {b"VmSwap": "swap_bytes"}, 1024)
+    if _fields(data, {b"Threads": "threads"})["threads"] < 2:
+        return found | _fields(data, _SWITCHES)
+    found |= dict.fromkeys(_SWITCHES.values(), 0)
+    for tid in os.listdir(base + "task"):
+        try:
+            thread = _read(f"{base}task/{tid}/status")
+        except _VANISHED:
+            continue  # a thread that ended since the listing
+        for name, count in _fields(thread, _SWITCHES).items():
+            found[name] += count
+    return found
 
 
 def _smaps(_: Any, base: str) -> dict[str, int]:
