@@ -29,15 +29,17 @@ SERVED = {
     % f'namedprocess_namegroup_memory_bytes{{{INSTGNRE}, memtype="resident"}}',
     "threads running": f'sum(namedprocess_namegroup_states{{{INSTRE}, state="Running"}})',
     "threads blocked": f'sum(namedprocess_namegroup_states{{{INSTRE}, state="Waiting"}})',
+    "exporter errs": f"sum(namedprocess_scrape_errors{{{INSTRE}}})",
 }
 NOT_SERVED = {
     # The jsonnet's CPU panel names process-exporter's old cpu_user/cpu_system metrics, which
     # its 0.7 releases no longer serve either.
     "CPU": GROUPED
     % f"rate(namedprocess_namegroup_cpu_user_seconds_total{{{INSTGNRE}}}[$interval])",
+    # FreeBSD has neither bytes (kinfo_proc counts block operations) nor a cheap count of
+    # another process's descriptors; on Linux groups.details serves both.
     "I/O": GROUPED % f"rate(namedprocess_namegroup_read_bytes_total{{{INSTGNRE}}}[$interval])",
     "Worst FD Ratio": GROUPED % f"namedprocess_namegroup_worst_fd_ratio{{{INSTGNRE}}}",
-    "exporter errs": f"sum(namedprocess_scrape_errors{{{INSTRE}}})",
 }
 CONFIG = """source: libkvm
 interval: 1s
