@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from conftest import free_port, listens, samples, wait_until
 from fakelib import SCENARIOS, fake_libkvm  # noqa: F401 (fixture)
 from test_groups import SPEC, Argvs, proc, rules
 from test_groups_process_exporter import by_group, scrape
+from test_live_leader import leader  # noqa: F401 (fixture)
 
 from kvm_exporter.groups.families import GroupCollector
 from kvm_exporter.groups.tracker import Grouper
@@ -163,12 +165,15 @@ class Child:
 
     def switches(self) -> int:
         """Voluntary context switches of its threads (each thread's status counts its own)."""
-        return sum(
-            int(line.split()[1])
-            for status in Path(f"/proc/{self.proc.pid}/task").glob("*/status")
-            for line in status.read_text().splitlines()
-            if line.startswith("voluntary_ctxt_switches:")
-        )
+        return sum(map(self.status_switches, Path(f"/proc/{self.proc.pid}/task").glob("*/status")))
+
+    @staticmethod
+    def status_switches(status: Path) -> int:
+        """The voluntary context switches a ``status`` file gives."""
+        for line in status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no voluntary_ctxt_switches in {status}")
 
     def blocked(self) -> bool:
         """Whether its threads sleep, waiting for the next line: its counters stand still."""
@@ -472,3 +477,30 @@ def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> No
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
     poller.poll()
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
+
+
+def test_a_process_whose_first_thread_exited_counts_its_live_threads_switches(
+    leader: subprocess.Popen[bytes],  # noqa: F811
+) -> None:
+    """``pthread_exit`` in main: the first thread is a zombie whose ``status`` counts only its
+    own switches, frozen, while the second runs on (the zombie still counts in ``Threads:``,
+    so both are summed). Stopped, the second thread has switched at least once more (into
+    the stop): the process's switches are both threads'."""
+    os.kill(leader.pid, signal.SIGSTOP)
+    try:
+        task = Path(f"/proc/{leader.pid}/task")
+        wait_until(
+            lambda: all("State:\tT" in (task / tid / "status").read_text() for tid in
+                        os.listdir(task) if tid != str(leader.pid)),
+            what="the live thread to stop",
+        )  # fmt: skip
+        per_thread = {
+            tid: Child.status_switches(Path(f"/proc/{leader.pid}/task/{tid}/status"))
+            for tid in os.listdir(f"/proc/{leader.pid}/task")
+        }
+        details = ProcfsSource().details(leader.pid, ("status",))
+    finally:
+        os.kill(leader.pid, signal.SIGCONT)
+    assert len(per_thread) == 2 and details is not None
+    assert details.voluntary_switches == sum(per_thread.values())
+    assert details.voluntary_switches > per_thread[str(leader.pid)]  # the zombie's own
