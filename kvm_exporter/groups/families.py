@@ -94,7 +94,7 @@ _KVM_GAUGES = {
     "fd_ratio": (
         "kvm_namegroup_worst_fd_ratio",
         "Highest ratio of open file descriptors to their soft limit (RLIMIT_NOFILE) among the"
-        " named group's processes (0: unlimited)",
+        " named group's processes (0 where unlimited or not readable)",
     ),
     "swap_bytes": (
         "kvm_namegroup_swapped_memory_bytes",
