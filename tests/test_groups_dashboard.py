@@ -1,12 +1,16 @@
 """process-exporter's own dashboard (ncabatoff/process-exporter dashboards/procmain.jsonnet,
 panels built by grproc.libsonnet's gntarget: ``sum by (groupname) (EXPR)``) on a real
 Prometheus scraping kvm_exporter on a fake FreeBSD host with ``compat: [process_exporter]``:
-the panels whose metrics both exporters serve have data; the others stay empty."""
+the panels whose metrics both exporters serve have data; the others stay empty. On Linux
+with ``groups.details``, its I/O and worst fd ratio panels have data too."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fakelib import SCENARIOS, build_fake_libkvm, fixed_passwd
@@ -37,7 +41,7 @@ NOT_SERVED = {
     "CPU": GROUPED
     % f"rate(namedprocess_namegroup_cpu_user_seconds_total{{{INSTGNRE}}}[$interval])",
     # FreeBSD has neither bytes (kinfo_proc counts block operations) nor a cheap count of
-    # another process's descriptors; on Linux groups.details serves both.
+    # another process's descriptors; on Linux groups.details serves both (the last test).
     "I/O": GROUPED % f"rate(namedprocess_namegroup_read_bytes_total{{{INSTGNRE}}}[$interval])",
     "Worst FD Ratio": GROUPED % f"namedprocess_namegroup_worst_fd_ratio{{{INSTGNRE}}}",
 }
@@ -126,3 +130,31 @@ def test_kvm_dashboards_cpu_per_group_is_process_exporters_cpu(
     assert {s["metric"]["group"]: s["value"][1] for s in ours} == {
         s["metric"]["groupname"]: s["value"][1] for s in theirs
     }
+
+
+@pytest.mark.parametrize("panel", ["I/O", "Worst FD Ratio"])
+def test_on_linux_the_details_fill_the_io_and_fd_panels(
+    tmp_path: Path, panel: str, own_process: str
+) -> None:
+    """With ``groups.details: [io, fd]`` on Linux, the dashboard's I/O and Worst FD Ratio
+    panels, empty on FreeBSD, have data."""
+    config = tmp_path / "kvm.yml"
+    config.write_text(
+        "interval: 1s\ncompat: [process_exporter]\ngroups:\n  details: [io, fd]\n"
+        f"  process_names: [{{name: mine, cmdline: ['{own_process}']}}]\n"
+    )
+    with scraped_exporter(tmp_path, config, dict(os.environ), "process-exporter") as scraped:
+        url, instance = scraped
+        assert_panel_has_data(url, panel, fill(NOT_SERVED[panel], instance))
+
+
+@pytest.fixture
+def own_process() -> Iterator[str]:
+    """A process of the test's own, by a token in its command line."""
+    token = "t" + secrets.token_hex(4)
+    child = subprocess.Popen(["bash", "-c", f"exec -a {token} sleep 600"])
+    try:
+        yield token
+    finally:
+        child.kill()
+        child.wait()
