@@ -504,3 +504,19 @@ def test_a_process_whose_first_thread_exited_counts_its_live_threads_switches(
     assert len(per_thread) == 2 and details is not None
     assert details.voluntary_switches == sum(per_thread.values())
     assert details.voluntary_switches > per_thread[str(leader.pid)]  # the zombie's own
+
+
+def test_sighup_turns_details_on_and_off(exporter: Any, children: tuple[str, list[Child]]) -> None:
+    token, _ = children
+    rules = f"  process_names: [{{name: g, cmdline: ['{token}\\.py']}}]\n"
+    e = exporter(f"interval: 1s\ngroups:\n{rules}")
+    assert 'kvm_namegroup_processes{group="g"} 2.0' in e.get()
+    assert "kvm_namegroup_open_fds" not in e.get()
+    for details, served in (("[fd]", True), ("[]", False)):
+        e.config_path.write_text(f"interval: 1s\ngroups:\n{rules}  details: {details}\n")
+        e.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda served=served: ('kvm_namegroup_open_fds{group="g"}' in e.get()) == served,
+            what=f"details served: {served}",
+        )
+    assert e.proc.poll() is None
