@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily
 from . import __version__
 from .exposition import StartResponse, WSGIApp, cached_metrics_app
 from .poller import Snapshot
+from .quick import WouldBlock
 
 HEALTH_PATH = "/-/healthy"
 READY_PATH = "/-/ready"
@@ -72,6 +73,8 @@ def _counted(app: WSGIApp, counter: ScrapeCounter) -> WSGIApp:
 
         try:
             return app(environ, start)
+        except WouldBlock:  # asked again by a worker, counted then
+            raise
         except Exception:
             counter.count("500")  # the server answers 500
             raise

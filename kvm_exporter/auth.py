@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import bcrypt
 
+from .quick import WouldBlock, refuse_to_block
 from .webconfig import RateLimit, WebSettings
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ class BasicAuth:
         if key in self._refused:
             return False
         hashed = self._users.get(user)
+        refuse_to_block()  # bcrypt
         with self._turns.turn(client) as mine:
             if not mine:
                 return None
@@ -193,9 +195,14 @@ class RateLimited:
             allowed = self._tokens >= 1
             if allowed:
                 self._tokens -= 1
-        if allowed:
+        if not allowed:
+            return _reply(start_response, "429 Too Many Requests", [])
+        try:
             return self._app(environ, start_response)
-        return _reply(start_response, "429 Too Many Requests", [])
+        except WouldBlock:  # a worker asks again: this one does not count
+            with self._lock:
+                self._tokens += 1
+            raise
 
 
 def guarded(app: WSGIApplication, settings: WebSettings) -> WSGIApplication:

@@ -23,6 +23,8 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .quick import refuse_to_block
+
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Encoder = Callable[[Collector], bytes]
@@ -128,6 +130,8 @@ def cached_metrics_app(
         compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
         current = None if names else key()
+        if names or current is None:
+            refuse_to_block()  # renders
         if names:
             metrics = only(everything, set(names))
             if not metrics:
@@ -142,13 +146,19 @@ def cached_metrics_app(
             variant = (content_type, compress)
             # One renderer at a time: scrapers arriving together after a poll wait for one
             # render instead of each doing its own.
-            with lock:
+            if not lock.acquire(blocking=False):
+                refuse_to_block()  # another thread renders
+                lock.acquire()
+            try:
                 if cached_key[0] != current:
                     bodies.clear()
                     cached_key[0] = current
                 if variant not in bodies:
+                    refuse_to_block()
                     bodies[variant] = render(encoder, compress)
                 body, stream = bodies[variant]
+            finally:
+                lock.release()
             if live is not None:
                 tail = encoder(live)
                 if stream is None:

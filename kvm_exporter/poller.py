@@ -23,6 +23,7 @@ from .groups.rules import Rule
 from .groups.tracker import GroupCounts, Grouper
 from .logs import crash
 from .memory import give_back
+from .quick import refuse_to_block
 from .records import (
     HostLimits,
     HostUsage,
@@ -152,9 +153,11 @@ class Poller:
         Just after :meth:`start`, it waits for the first poll (:data:`FIRST_POLL_WAIT`), so
         that poll comes first in either mode.
         """
+        interval = self.settings.interval
+        if not self._polled.is_set() or interval == 0:
+            refuse_to_block()
         if not self._polled.is_set():
             self._polled.wait(self._first_poll_due - time.monotonic())
-        interval = self.settings.interval
         if interval == 0:
             return self._asked_poll()
         snap = self._snapshot

@@ -121,7 +121,7 @@ class Service:
             registry.register(OwnUsageCollector(lambda: self.poller.source))  # not in --once
             app = make_app(registry, web.telemetry_path, self.poller.snapshot, self._cache_key)
             for address in web.listen_address:  # one server per address, all with one app
-                self.servers.append(serve(app, address, web_settings))
+                self.servers.append(serve(app, address, web_settings, quick_app=True))
         except BaseException:
             for server in self.servers:
                 server.shutdown()

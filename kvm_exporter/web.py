@@ -19,6 +19,7 @@ process with status 70, so the service manager restarts it instead of leaving it
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -43,6 +44,7 @@ from kvm_exporter.config import listen_host_port
 from kvm_exporter.http1 import HeadBuffer, HttpError, Request
 from kvm_exporter.logs import crash
 from kvm_exporter.memory import give_back
+from kvm_exporter.quick import WouldBlock, refuse_to_block, without_blocking
 from kvm_exporter.webconfig import WebSettings, ssl_context
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ nor an eviction, and do not queue ahead of a scrape, whose request arrives with 
 connection: 1,000 idle clients reconnecting as soon as they are closed made every new scrape
 wait 0.8 s behind them. After it the connection is accepted, silent or not; if the server
 is full then, that connection is the one closed (see :meth:`Server._accept`)."""
+
+ACCEPT_EVERY = 16
+"""Ready connections the event loop serves between two looks at the listener: a new
+connection (a scrape) waits behind at most these, not behind a thousand back-to-back
+clients whose requests are all ready at once."""
 
 
 class _Budget:
@@ -279,6 +286,8 @@ class _Conn:
     """Its last request came within _HASTY of the response before."""
 
 
+_Sender = Callable[[bytes, Iterable[bytes], bool], None]
+"""Sends a response's head and body (chunked or not)."""
 _KEEP, _LINGER, _CLOSE = "keep", "linger", "close"
 """What a worker hands a connection back for: the next request, a lingering close, a close."""
 _LINGER_SECONDS = 1.0
@@ -290,23 +299,37 @@ _HASTY = 0.25
 others: a client scraping back to back cannot crowd out one that scrapes now and then."""
 
 
+@dataclass(frozen=True)
+class _Rest:
+    """The part of a response the event loop could not send without blocking, and what to
+    do with the connection after it."""
+
+    data: bytes
+    outcome: str
+
+
+_Job = Request | _Rest
+"""What a worker does for a connection: answer a request, or finish sending an answer."""
+
+
 class _Requests:
-    """Complete requests waiting for a worker: those of clients in no hurry first, and at
-    most ``hasty_workers`` hasty ones at a time (fewer threads contending for the GIL)."""
+    """Complete requests (or answers to finish) waiting for a worker: those of clients in no
+    hurry first, and at most ``hasty_workers`` hasty ones at a time (fewer threads contending
+    for the GIL)."""
 
     def __init__(self, hasty_workers: int) -> None:
         self._hasty_workers = hasty_workers
         self._hasty_running = 0
         self._cond = threading.Condition()
-        self._queues: tuple[deque[tuple[_Conn, Request]], ...] = (deque(), deque())
+        self._queues: tuple[deque[tuple[_Conn, _Job]], ...] = (deque(), deque())
         self._closed = False
 
-    def put(self, item: tuple[_Conn, Request], hasty: bool) -> None:
+    def put(self, item: tuple[_Conn, _Job], hasty: bool) -> None:
         with self._cond:
             self._queues[hasty].append(item)
             self._cond.notify()
 
-    def get(self) -> tuple[_Conn, Request, bool] | None:
+    def get(self) -> tuple[_Conn, _Job, bool] | None:
         """The next request for a worker and whether it is hasty (then call :meth:`done`
         after it); None once closed."""
         with self._cond:
@@ -327,7 +350,7 @@ class _Requests:
             self._hasty_running -= 1
             self._cond.notify()
 
-    def close(self) -> list[tuple[_Conn, Request]]:
+    def close(self) -> list[tuple[_Conn, _Job]]:
         """Wake every worker to stop; returns the requests no worker took."""
         with self._cond:
             self._closed = True
@@ -358,10 +381,15 @@ class Server:
         app: WSGIApplication,
         context: ssl.SSLContext | None,
         limits: Limits,
+        quick_app: bool = False,
     ) -> None:
+        """``quick_app``: ``app`` raises :class:`~kvm_exporter.quick.WouldBlock` where it
+        would block inside :func:`~kvm_exporter.quick.without_blocking`, so the event loop
+        may answer plain-HTTP requests itself (see :mod:`kvm_exporter.quick`)."""
         host, port = listener.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
         self._app, self._context, self._limits = app, context, limits
+        self._here = quick_app and context is None
         self._listener = listener
         listener.setblocking(False)
         self._deferred = _defer_accept(listener)
@@ -399,6 +427,8 @@ class Server:
         # Connections of hasty clients, not read while hasty requests are backed up: the
         # loop does not spend itself parsing requests that could only wait.
         self._cooling: deque[_Conn] = deque()
+        self._pipelined: deque[_Conn] = deque()
+        """Connections answered in the loop whose next request was read already."""
         self._stopping = threading.Event()
         self._refused = _Throttled(logging.WARNING)
         self._evicted = _Throttled(logging.WARNING)
@@ -451,7 +481,7 @@ class Server:
                 timeout = 0.25
                 if not self._listening:
                     timeout = min(timeout, max(0.0, self._resume_at - time.monotonic()))
-                for key, _ in self._selector.select(timeout):
+                for done, (key, _) in enumerate(self._selector.select(timeout), 1):
                     conn = key.data
                     if key.fileobj is self._listener:
                         self._accept()
@@ -459,8 +489,14 @@ class Server:
                         self._take_back()
                     elif conn.events:  # not closed or handed on earlier in this batch
                         self._on_ready(conn)
+                    if done % ACCEPT_EVERY == 0 and self._listening:
+                        self._accept()
                 while self._cooling and self._requests.hasty_backlog() < 4:
                     self._keep(self._cooling.popleft())
+                for _ in range(len(self._pipelined)):  # those that came in meanwhile wait
+                    conn = self._pipelined.popleft()
+                    if conn.where is self._heads:  # not closed, not with a worker
+                        self._advance(conn)
                 now = time.monotonic()
                 self._expire(now)
                 self._peak = max(self._peak, self._open)
@@ -608,6 +644,20 @@ class Server:
             else:
                 self._keep(conn)
 
+    def _answered_here(self, conn: _Conn, outcome: str) -> None:
+        """After a response the loop sent whole: what ``outcome`` says."""
+        if outcome == _LINGER:
+            self._linger(conn)
+        elif outcome == _CLOSE:
+            self._close(conn)
+        else:
+            conn.done = time.monotonic()
+            if conn.buffer:  # its next request is read already: after this round's others
+                self._queue(conn, self._heads, self._limits.request_timeout)
+                self._pipelined.append(conn)
+            else:
+                self._hold(conn, self._idle, self._limits.idle_timeout)
+
     def _keep(self, conn: _Conn) -> None:
         """Wait for the next request of a connection kept alive."""
         conn.sock.setblocking(False)
@@ -665,9 +715,45 @@ class Server:
         self._watch(conn, events)
 
     def _dispatch(self, conn: _Conn, request: Request) -> None:
+        if self._here and self._answer_here(conn, request):
+            return
+        self._to_worker(conn, request)
+
+    def _to_worker(self, conn: _Conn, job: _Job) -> None:
         self._release(conn)
         conn.hasty = bool(conn.done) and time.monotonic() - conn.done < _HASTY
-        self._requests.put((conn, request), conn.hasty)
+        self._requests.put((conn, job), conn.hasty)
+
+    def _answer_here(self, conn: _Conn, request: Request) -> bool:
+        """Answer ``request`` in the loop, sending what the socket takes at once and handing
+        the rest to a worker; False if the app cannot answer without blocking."""
+        rest: list[bytes] = []
+
+        def send(head: bytes, body: Iterable[bytes], chunked: bool) -> None:
+            data = head + b"".join(body)  # a list: iterators were refused
+            try:
+                sent = socket.socket.send(conn.sock, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                raise _Lost(err) from err
+            rest.append(data[sent:])
+
+        try:
+            with without_blocking():
+                keep = self._respond(conn, request, send)
+        except WouldBlock:
+            return False
+        except _Lost as err:
+            log.debug("%s: connection lost: %s", conn.peer[0], err)
+            self._close(conn)
+            return True
+        outcome = _outcome(request, keep)
+        if rest and rest[0]:
+            self._to_worker(conn, _Rest(rest[0], outcome))
+        else:
+            self._answered_here(conn, outcome)
+        return True
 
     def _refuse(self, conn: _Conn, response: bytes, raw: bool = False) -> None:
         """Send a short error response without blocking, then close without a reset."""
@@ -766,16 +852,17 @@ class Server:
             with contextlib.suppress(OSError):  # a full wake-up socket wakes the loop anyway
                 self._waker.send(b"\0")
 
-    def _serve(self, conn: _Conn, request: Request) -> str:
+    def _serve(self, conn: _Conn, job: _Job) -> str:
         with self._lock:
             self._active[conn.sock] = time.monotonic() + self._limits.deadline
         try:
             if self._stopping.is_set():
                 return _CLOSE
             conn.sock.settimeout(self._limits.read_timeout)
-            if self._respond(conn, request):
-                return _KEEP
-            return _LINGER if request.has_body else _CLOSE
+            if isinstance(job, _Rest):
+                _sendall(conn.sock, job.data)
+                return job.outcome
+            return _outcome(job, self._respond(conn, job, functools.partial(_send, conn.sock)))
         except _Lost as err:
             log.debug("%s: connection lost: %s", conn.peer[0], err)
             return _CLOSE
@@ -783,8 +870,10 @@ class Server:
             with self._lock:
                 del self._active[conn.sock]
 
-    def _respond(self, conn: _Conn, request: Request) -> bool:
-        """Run the app on ``request`` and send its response; whether to keep the connection."""
+    def _respond(self, conn: _Conn, request: Request, send: _Sender) -> bool:
+        """Run the app on ``request`` and ``send`` its response; whether to keep the
+        connection. In the loop (``send`` taking only lists) an app returning an iterator
+        raises WouldBlock before it runs."""
         started: list[tuple[str, list[tuple[str, str]]]] = []
         early: list[bytes] = []
         sent = False
@@ -802,17 +891,19 @@ class Server:
         try:
             result = self._app(self._environ(conn, request), start_response)
             try:
+                if not isinstance(result, (list, tuple)):
+                    refuse_to_block()  # its first next() may block; a worker runs it again
                 body = _started(result, early)
                 if not started:
                     raise AssertionError("the application did not call start_response")
                 status, headers = started[0]
                 head, chunked, keep = _response_head(request, status, headers, body)
                 sent = True
-                _send(conn.sock, head, () if request.method == "HEAD" else body, chunked)
+                send(head, [] if request.method == "HEAD" else body, chunked)
             finally:
                 if hasattr(result, "close"):
                     result.close()
-        except _Lost:
+        except (_Lost, WouldBlock):
             raise
         except Exception as err:
             trace = "".join(traceback.format_exception(err)).rstrip()
@@ -893,6 +984,13 @@ def _response_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), chunked, keep
 
 
+def _outcome(request: Request, keep: bool) -> str:
+    """What to do with a connection after answering ``request``."""
+    if keep:
+        return _KEEP
+    return _LINGER if request.has_body else _CLOSE
+
+
 def _send(sock: socket.socket, head: bytes, body: Iterable[bytes], chunked: bool) -> None:
     """Send the head with the first chunk, then each chunk as the app yields it (PEP 3333
     forbids holding one back)."""
@@ -921,8 +1019,10 @@ def serve(
     listen_address: str,
     settings: WebSettings | None,
     limits: Limits | None = None,
+    quick_app: bool = False,
 ) -> Server:
-    """Serve ``app`` on ``listen_address`` with the TLS, basic auth and headers of ``settings``.
+    """Serve ``app`` on ``listen_address`` with the TLS, basic auth and headers of ``settings``
+    (``quick_app``: see :class:`Server`).
 
     Raises WebError if the address is bad or taken, ConfigError if a TLS file no longer loads.
     """
@@ -933,4 +1033,4 @@ def serve(
             app = _with_headers(app, settings.http.headers)
         if settings.tls is not None:
             context = ssl_context(settings.tls)
-    return Server(_listen(listen_address), app, context, limits or Limits())
+    return Server(_listen(listen_address), app, context, limits or Limits(), quick_app)
