@@ -269,8 +269,8 @@ class Tracker:
                     account[into[0]] += max(amount, 0)
         self._clock = clock
         self._digests = digests
-        if len(stale) > 2 * len(digests) + 64:  # most processes gone: a table of their size
-            self._records = dict(self._records)
+        if len(stale) > 2 * len(digests) + 64:  # most processes gone: tables of their size
+            self._shrink()
         kinds = len(self._shared)  # a kind per live process at most, once those gone go
         if kinds > 2 * min(self._shared_kept, len(self._seen)) + 64:  # kinds gone: let them go
             self._shared = {seen: seen for seen in self._seen.values()}
@@ -278,6 +278,15 @@ class Tracker:
         gauges = {account: list(totals) for account, totals in self._gauges.items()}
         oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
         return Tally(gauges, increments, set(self._jids), oldest)
+
+    def _shrink(self) -> None:
+        """Copy the tables keyed by process or group: a dict keeps the room of its largest
+        size until rebuilt (after 3,000 processes, 144-576 KiB each, for good)."""
+        self._records = dict(self._records)
+        self._seen = dict(self._seen)
+        self._gauges = dict(self._gauges)
+        if self._starts is not None:
+            self._starts = dict(self._starts)
 
     def _zombie(self, row: UsageRow) -> bool:
         """Whether ``row``'s process has exited: a zombie, or Linux's dead (being reaped)."""

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
 from kvm_exporter.aggregate import MIN_SERIES, OTHER, aggregate, user_names
 from kvm_exporter.exposition import cached_metrics_app
+from kvm_exporter.quick import WouldBlock, without_blocking
 from kvm_exporter.records import NO_TTY, Proc, census_of
 from kvm_exporter.sources import procfs
 from kvm_exporter.sources.procfs import ProcfsSource, parse_stat
@@ -264,6 +265,31 @@ def test_cached_exposition_renders_once_per_key() -> None:
     gauge.labels("a").set(3)
     key[0] = None
     assert b"3.0" in call(app)[2], "no key: rendered on every request"
+
+
+def test_the_event_loop_gets_the_rendered_body_and_never_renders() -> None:
+    """Inside without_blocking (the web event loop), a body not rendered yet, a filtered
+    scrape and collect-on-scrape raise WouldBlock instead of rendering; the rendered body is
+    served there as often as asked, with one render in all."""
+    registry, _ = registry_with(1)
+    renders = []
+    real = registry.collect
+    registry.collect = lambda: (renders.append(1), (yield from real()))[1]  # type: ignore[method-assign]
+    key: list[object] = ["snapshot-1"]
+    app = cached_metrics_app(registry, lambda: key[0])
+    with without_blocking():
+        with pytest.raises(WouldBlock):
+            call(app)
+        assert not renders
+    first = call(app)[2]  # a worker renders
+    with without_blocking():
+        assert all(call(app)[2] == first for _ in range(50))
+        with pytest.raises(WouldBlock):
+            call(app, QUERY_STRING="name[]=g")
+        key[0] = None
+        with pytest.raises(WouldBlock):
+            call(app)
+    assert len(renders) == 1
 
 
 def test_census_compiled_python_and_full_records_agree(

@@ -29,6 +29,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvm_exporter.quick import refuse_to_block
 from kvm_exporter.web import Limits, Server, WebError, parse_listen_address, serve
 from kvm_exporter.webconfig import WebSettings, load_web_config
 
@@ -797,3 +798,79 @@ def test_servers_of_one_process_share_the_descriptors() -> None:
         child.wait(10)
         for sock in clients:
             sock.close()
+
+
+# --- answers from the event loop (issue 23: scrapes that wait for no worker) -----------------
+
+
+def quick(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """An app as :mod:`kvm_exporter.quick` asks: ``/slow`` would block (so a worker runs it,
+    until ``released``), ``/big`` is 8 MiB; otherwise the answering thread's name."""
+    path = environ["PATH_INFO"]
+    if path == "/slow":
+        refuse_to_block()
+        entered.set()
+        released.wait(30)
+        body = b"slow"
+    elif path == "/big":
+        body = b"x" * (8 << 20)
+    else:
+        body = threading.current_thread().name.encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+
+
+entered, released = threading.Event(), threading.Event()
+
+
+@pytest.fixture
+def quick_server(servers: list[Server]) -> Iterator[Server]:
+    entered.clear()
+    released.clear()
+    server = serve(quick, "127.0.0.1:0", None, Limits(workers=1), quick_app=True)
+    servers.append(server)
+    yield server
+    released.set()
+
+
+def test_the_loop_answers_what_needs_no_worker_while_every_worker_waits(
+    quick_server: Server,
+) -> None:
+    slow: list[tuple[int, dict[str, str], bytes]] = []
+    waiting = threading.Thread(target=lambda: slow.append(get(quick_server, "/slow", timeout=30)))
+    waiting.start()
+    assert entered.wait(10), "the request that would block never reached the worker"
+    status, _, body = get(quick_server, "/fast")
+    assert (status, body) == (200, b"web-loop")
+    assert not slow  # the only worker is still held
+    released.set()
+    waiting.join(10)
+    assert slow[0][0] == 200 and slow[0][2] == b"slow"
+
+
+def test_what_the_loop_cannot_send_at_once_a_worker_sends_whole(quick_server: Server) -> None:
+    status, _, body = get(quick_server, "/big", timeout=30)
+    assert status == 200 and body == b"x" * (8 << 20)
+
+
+def _next_response(file: Any) -> tuple[bytes, bytes]:
+    """The status line and body of the next response on ``file`` (with a Content-Length)."""
+    status, length = file.readline().rstrip(), 0
+    while (line := file.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return status, file.read(length)
+
+
+def test_requests_sent_together_are_answered_in_order_on_the_kept_connection(
+    quick_server: Server,
+) -> None:
+    two = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(quick_server.address, timeout=30) as sock:
+        sock.sendall(two)
+        file = sock.makefile("rb")
+        assert _next_response(file) == (b"HTTP/1.1 200 OK", b"web-loop")
+        assert _next_response(file) == (b"HTTP/1.1 200 OK", b"x" * (8 << 20))
+        sock.sendall(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # still kept alive
+        assert _next_response(file) == (b"HTTP/1.1 200 OK", b"web-loop")
