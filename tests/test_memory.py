@@ -90,7 +90,7 @@ def test_a_tracker_keeps_next_to_nothing_of_a_burst_of_processes_gone() -> None:
 def test_a_tracker_gives_back_the_room_of_a_burst_once_it_is_gone() -> None:
     """Its tables keyed by process and by group are rebuilt once most processes are gone: a
     dict keeps the room of its largest size until then (144-576 KiB each after 3,000)."""
-    names = Grouping(lambda _, name: name, lambda new, _: {pid: f"group-{pid}" for pid in new})
+    names = Attribution(lambda _, name: name, lambda new, _: {pid: f"group-{pid}" for pid in new})
     tracker = Tracker(names, SPEC, oldest=True)
     steady = [proc(1, 0, "init")]
     tracker.update(steady, 0)
