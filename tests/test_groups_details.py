@@ -90,6 +90,29 @@ def test_details_are_read_for_named_processes_only_and_counters_never_go_back() 
     assert got.gauges["open_fds"] == {"web": 0} and got.counters[write] == {"web": 57}
 
 
+def test_a_thread_gone_takes_nothing_off_the_groups_other_processes() -> None:
+    """A process's switches are its live threads' sum, which drops when a thread exits: the
+    drop is taken off neither the group's other processes nor the process's next polls (what
+    its other threads did in that interval is lost: the sum tells it from the drop no more)."""
+    reader = Reader()
+    grouper = Grouper(rules({"name": "web", "comm": ["a"]}), True, 100, Argvs({}), str, SPEC,
+                      details=(reader, ("status",)))  # fmt: skip
+    procs = [proc(2, 1, "a", threads=3), proc(3, 1, "a")]
+    voluntary = ("context_switches", "voluntary")
+
+    def poll(clock: int, two: int, three: int) -> float:
+        reader.table = {2: Details(voluntary_switches=two), 3: Details(voluntary_switches=three)}
+        got = grouper.update(Survey({}, procs, clock)).details
+        assert got is not None
+        return got.counters[voluntary]["web"]
+
+    assert poll(10, 1000, 0) == 0  # a baseline
+    assert poll(20, 1100, 50) == 150
+    # A thread of pid 2 with 900 switches exits and its others switch 40: the sum drops 860.
+    assert poll(30, 240, 110) == 150 + 60  # pid 3's 60 all the same (none before the fix)
+    assert poll(40, 250, 110) == 150 + 60 + 10  # pid 2 goes on from 240
+
+
 # --- live: real processes, the exporter, /proc and the real process-exporter ---------------
 
 PROCESS_EXPORTER = "/usr/bin/prometheus-process-exporter"
