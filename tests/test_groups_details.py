@@ -5,6 +5,7 @@ process-exporter's; compared with what /proc says and with the real process-expo
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -476,20 +477,22 @@ class FailingOnce:
         return self._source.survey()
 
 
+def served_scrape_errors(poller: Poller) -> dict[str, float]:
+    """The ``namedprocess_scrape_*`` values a scrape gets, by name."""
+    return {
+        family.name: family.samples[0].value
+        for family in GroupCollector(poller).collect()
+        if family.name.startswith("namedprocess_scrape_")
+    }
+
+
 def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> None:
     source = FailingOnce()
     settings = Settings(
         groups=rules({"name": "me", "cmdline": ["."]}), compat=("process_exporter",)
     )
     poller = Poller(cast(Source, source), settings)
-
-    def scrape_errors() -> dict[str, float]:
-        return {
-            family.name: family.samples[0].value
-            for family in GroupCollector(poller).collect()
-            if family.name.startswith("namedprocess_scrape_")
-        }
-
+    scrape_errors = functools.partial(served_scrape_errors, poller)
     poller.poll()
     assert scrape_errors() == dict.fromkeys(
         ("namedprocess_scrape_errors", "namedprocess_scrape_procread_errors",
@@ -500,6 +503,33 @@ def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> No
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
     poller.poll()
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
+
+
+class Refusing(FailingOnce):
+    """:class:`FailingOnce` whose details reads are all refused ``io``."""
+
+    def details(self, pid: int, wanted: Any) -> Details | None:
+        found = self._source.details(pid, wanted)
+        return None if found is None else found._replace(refused=("io",))
+
+
+def test_a_poll_that_fails_serves_no_refusals_rather_than_none() -> None:
+    """A poll without groups has no details: the count of refused reads so far is not 0
+    then (a rate() over that dip and back would see the whole count again)."""
+    source = Refusing()
+    settings = Settings(groups=rules({"name": "me", "cmdline": ["."]}), details=("io",),
+                        compat=("process_exporter",))  # fmt: skip
+    poller = Poller(cast(Source, source), settings)
+    partial = "namedprocess_scrape_partial_errors"
+    served = functools.partial(served_scrape_errors, poller)
+    poller.poll()
+    refused = served()[partial]
+    assert refused >= 1  # this process at least
+    source.fail = True
+    poller.poll()
+    assert served()["namedprocess_scrape_errors"] == 1 and partial not in served()
+    poller.poll()
+    assert served()[partial] > refused  # this process's refusal again at least
 
 
 def test_a_process_whose_first_thread_exited_counts_its_live_threads_switches(
