@@ -280,7 +280,7 @@ class Tracker:
         return Tally(gauges, increments, set(self._jids), oldest)
 
     def _shrink(self) -> None:
-        """Copy the tables keyed by process or group: a dict keeps the room of its largest
+        """Copy the tables keyed by process or account: a dict keeps the room of its largest
         size until rebuilt (after 3,000 processes, 144-576 KiB each, for good)."""
         self._records = dict(self._records)
         self._seen = dict(self._seen)

@@ -478,7 +478,7 @@ class Server:
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
-                timeout = 0.25
+                timeout = 0.0 if self._pipelined else 0.25  # pipelined: read, not waited for
                 if not self._listening:
                     timeout = min(timeout, max(0.0, self._resume_at - time.monotonic()))
                 for done, (key, _) in enumerate(self._selector.select(timeout), 1):

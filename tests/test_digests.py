@@ -103,3 +103,22 @@ def test_a_digest_of_zero_or_twice_is_no_compiled_set() -> None:
     assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 0, 7]), 3) is None
     assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 9, 5]), 3) is None
     assert digests.compiled(digests._ffi.new("uint64_t[]", [5, 9, 7]), 3) is not None
+
+
+def test_no_word_a_process_writes_makes_the_digest_forget_what_came_before() -> None:
+    """A process writes its own comm (prctl, on Linux any bytes but NUL): no 8 bytes of it
+    may zero the digest's state, which would drop the key and every field before it (pid,
+    start, uid, memory), so that two processes, or one whose uid or memory changed, digest
+    alike whatever the key."""
+    assert digests._lib is not None
+    mum_zero = struct.pack("<Q", 0xA0761D6478BD642F)  # w ^ this constant = 0
+    size = 112
+    for at in range(8, size, 8):
+        pair = [
+            struct.pack("=2q", pid, uid)[:at].ljust(at, b"\0") + mum_zero.ljust(size - at, b"\1")
+            for pid, uid in ((10, 1000), (11, 0))
+        ]
+        got = digests.records(buffer_of(pair), 2, size, size)
+        assert isinstance(got, Records)
+        # Two alike would leave the poll to the bytes' hashes: no compiled set.
+        assert isinstance(got.digests, digests.CompiledDigests), f"alike: the word at {at}"

@@ -5,6 +5,7 @@ process-exporter's; compared with what /proc says and with the real process-expo
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -88,6 +89,29 @@ def test_details_are_read_for_named_processes_only_and_counters_never_go_back() 
     got = grouper.update(Survey({}, [proc(4, 1, "c")], 40)).details
     assert got is not None
     assert got.gauges["open_fds"] == {"web": 0} and got.counters[write] == {"web": 57}
+
+
+def test_a_thread_gone_takes_nothing_off_the_groups_other_processes() -> None:
+    """A process's switches are its live threads' sum, which drops when a thread exits: the
+    drop is taken off neither the group's other processes nor the process's next polls (what
+    its other threads did in that interval is lost: the sum tells it from the drop no more)."""
+    reader = Reader()
+    grouper = Grouper(rules({"name": "web", "comm": ["a"]}), True, 100, Argvs({}), str, SPEC,
+                      details=(reader, ("status",)))  # fmt: skip
+    procs = [proc(2, 1, "a", threads=3), proc(3, 1, "a")]
+    voluntary = ("context_switches", "voluntary")
+
+    def poll(clock: int, two: int, three: int) -> float:
+        reader.table = {2: Details(voluntary_switches=two), 3: Details(voluntary_switches=three)}
+        got = grouper.update(Survey({}, procs, clock)).details
+        assert got is not None
+        return got.counters[voluntary]["web"]
+
+    assert poll(10, 1000, 0) == 0  # a baseline
+    assert poll(20, 1100, 50) == 150
+    # A thread of pid 2 with 900 switches exits and its others switch 40: the sum drops 860.
+    assert poll(30, 240, 110) == 150 + 60  # pid 3's 60 all the same (none before the fix)
+    assert poll(40, 250, 110) == 150 + 60 + 10  # pid 2 goes on from 240
 
 
 # --- live: real processes, the exporter, /proc and the real process-exporter ---------------
@@ -453,20 +477,22 @@ class FailingOnce:
         return self._source.survey()
 
 
+def served_scrape_errors(poller: Poller) -> dict[str, float]:
+    """The ``namedprocess_scrape_*`` values a scrape gets, by name."""
+    return {
+        family.name: family.samples[0].value
+        for family in GroupCollector(poller).collect()
+        if family.name.startswith("namedprocess_scrape_")
+    }
+
+
 def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> None:
     source = FailingOnce()
     settings = Settings(
         groups=rules({"name": "me", "cmdline": ["."]}), compat=("process_exporter",)
     )
     poller = Poller(cast(Source, source), settings)
-
-    def scrape_errors() -> dict[str, float]:
-        return {
-            family.name: family.samples[0].value
-            for family in GroupCollector(poller).collect()
-            if family.name.startswith("namedprocess_scrape_")
-        }
-
+    scrape_errors = functools.partial(served_scrape_errors, poller)
     poller.poll()
     assert scrape_errors() == dict.fromkeys(
         ("namedprocess_scrape_errors", "namedprocess_scrape_procread_errors",
@@ -477,6 +503,33 @@ def test_scrape_errors_count_the_polls_whose_processes_could_not_be_read() -> No
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
     poller.poll()
     assert scrape_errors()["namedprocess_scrape_errors"] == 1
+
+
+class Refusing(FailingOnce):
+    """:class:`FailingOnce` whose details reads are all refused ``io``."""
+
+    def details(self, pid: int, wanted: Any) -> Details | None:
+        found = self._source.details(pid, wanted)
+        return None if found is None else found._replace(refused=("io",))
+
+
+def test_a_poll_that_fails_serves_no_refusals_rather_than_none() -> None:
+    """A poll without groups has no details: the count of refused reads so far is not 0
+    then (a rate() over that dip and back would see the whole count again)."""
+    source = Refusing()
+    settings = Settings(groups=rules({"name": "me", "cmdline": ["."]}), details=("io",),
+                        compat=("process_exporter",))  # fmt: skip
+    poller = Poller(cast(Source, source), settings)
+    partial = "namedprocess_scrape_partial_errors"
+    served = functools.partial(served_scrape_errors, poller)
+    poller.poll()
+    refused = served()[partial]
+    assert refused >= 1  # this process at least
+    source.fail = True
+    poller.poll()
+    assert served()["namedprocess_scrape_errors"] == 1 and partial not in served()
+    poller.poll()
+    assert served()[partial] > refused  # this process's refusal again at least
 
 
 def test_a_process_whose_first_thread_exited_counts_its_live_threads_switches(

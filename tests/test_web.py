@@ -874,3 +874,23 @@ def test_requests_sent_together_are_answered_in_order_on_the_kept_connection(
         assert _next_response(file) == (b"HTTP/1.1 200 OK", b"x" * (8 << 20))
         sock.sendall(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # still kept alive
         assert _next_response(file) == (b"HTTP/1.1 200 OK", b"web-loop")
+
+
+def test_requests_sent_together_wait_for_no_tick_of_the_loop(quick_server: Server) -> None:
+    """Each pipelined request after the first two is read from the connection's buffer, not
+    the socket: the loop must not sit in select() (a 0.25 s tick each) while one waits."""
+    selector, waited = quick_server._selector, []
+    select = selector.select
+
+    def watched(timeout: float | None = None) -> Any:
+        waited.append(bool(quick_server._pipelined) and timeout != 0)
+        return select(timeout)
+
+    selector.select = watched  # type: ignore[method-assign]
+    five = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * 5
+    with socket.create_connection(quick_server.address, timeout=30) as sock:
+        sock.sendall(five)
+        file = sock.makefile("rb")
+        for _ in range(5):
+            assert _next_response(file) == (b"HTTP/1.1 200 OK", b"web-loop")
+    assert not any(waited), f"{waited.count(True)} ticks waited with requests read already"

@@ -268,16 +268,19 @@ def _scrape_errors(snap: Snapshot, groups: GroupCounts | None) -> Iterator[Metri
     """process-exporter's ``namedprocess_scrape_*`` counters: polls whose processes could
     not be read (its "no proc metrics collected during a cycle"); of the details, the named
     processes whose ``status`` or ``limits`` were refused (its failed reads of a process,
-    which it counts at its first poll only) and those whose other files were. Untyped
-    where process-exporter's are counters: prometheus_client serves a counter as
+    which it counts at its first poll only) and those whose other files were; those two
+    not after a poll without groups, which has no count of them (not 0: a counter's dip).
+    Untyped where process-exporter's are counters: prometheus_client serves a counter as
     ``NAME_total`` only."""
-    details = None if groups is None else groups.details
+    yield UnknownMetricFamily(
+        "namedprocess_scrape_errors",
+        "general scrape errors: no proc metrics collected during a cycle",
+        value=snap.errors.get("procs", 0) + snap.errors.get("groups", 0),
+    )
+    if groups is None:
+        return
+    details = groups.details
     for name, doc, value in (
-        (
-            "namedprocess_scrape_errors",
-            "general scrape errors: no proc metrics collected during a cycle",
-            snap.errors.get("procs", 0) + snap.errors.get("groups", 0),
-        ),
         (
             "namedprocess_scrape_procread_errors",
             "incremented each time a proc's metrics collection fails",

@@ -453,7 +453,10 @@ void kvm_digest(const char *rows, int count, int stride, int size, uint64_t key,
         for (; at + 8 <= size; at += 8) {
             memcpy(&w, p + at, 8);
 #ifdef __SIZEOF_INT128__
-            __uint128_t m = (__uint128_t)(w ^ 0xa0761d6478bd642full) * (h ^ 0xe7037ed1a0b428dbull);
+            /* The key in both factors: a word no one can pick to zero the product (a
+               record's own bytes, a comm, would otherwise erase the key and all before). */
+            __uint128_t m = (__uint128_t)(w ^ key ^ 0xa0761d6478bd642full) *
+                            (h ^ 0xe7037ed1a0b428dbull);
             h = (uint64_t)m ^ (uint64_t)(m >> 64);
 #else
             h = (h ^ w) * 0xff51afd7ed558ccdull;
