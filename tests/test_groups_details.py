@@ -157,6 +157,31 @@ for line in sys.stdin:
 MIB = 1 << 20
 
 
+def fs_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on, from the innermost mount that holds it."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[fields.index("-") + 1]
+    return kind
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Path]:
+    """A directory of the test's own where writes reach a block device (``read_bytes`` and
+    ``write_bytes`` count storage I/O only, so a tmpfs ``/tmp`` would show none)."""
+    for where in (tmp_path, Path("/var/tmp"), Path(__file__).resolve().parent):
+        if fs_type(where.resolve()) not in ("tmpfs", "ramfs"):
+            made = Path(tempfile.mkdtemp(prefix="kvm-details-", dir=where))
+            yield made
+            shutil.rmtree(made, ignore_errors=True)
+            return
+    raise AssertionError("no directory on storage: /tmp, /var/tmp and tests/ are all in memory")
+
+
 class Child:
     """One of the test's processes, of two threads: holds ``files`` descriptors under a soft
     limit of ``nofile``, and writes or reads a file, or has its second thread switch, when
@@ -269,7 +294,11 @@ def help_and_type(text: str) -> dict[str, tuple[str, str]]:
 
 
 def test_details_equal_proc_and_the_real_process_exporters(
-    exporter: Any, process_exporter: Any, children: tuple[str, list[Child]], tmp_path: Path
+    exporter: Any,
+    process_exporter: Any,
+    children: tuple[str, list[Child]],
+    tmp_path: Path,
+    storage: Path,
 ) -> None:
     token, (many, few) = children
     group = f"io-{token}"
@@ -342,7 +371,7 @@ def test_details_equal_proc_and_the_real_process_exporters(
         return total
 
     proc_before, before = on_proc(), counters(*both())
-    data = tmp_path / "data"
+    data = storage / "data"
     many.do("write", data, 4 * MIB)
     few.do("read", data, 4 * MIB)
     many.do("switch", data, 0)
