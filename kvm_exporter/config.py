@@ -519,6 +519,10 @@ def parse_config(text: str, where: str = "<config>", checks: Rules | None = None
     for rule in config.groups.process_names:
         for warning in rule.warnings:
             log.warning("%s%s", at, warning)
+    if config.groups.details and not config.groups.process_names:
+        log.warning(
+            "%s: groups.details: no process_names rule names a process: none is read", where
+        )
     return config
 
 

@@ -974,3 +974,14 @@ def test_live_comms_that_are_not_utf8_or_empty_stay_distinct_visible_groups(
         for p in started:
             p.kill()
             p.wait()
+
+
+def test_details_without_rules_say_that_nothing_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    """groups.details reads only what a rule named: without rules it reads nothing, and says so
+    (FreeBSD refuses the key outright; Linux would else be silent)."""
+    with caplog.at_level(logging.WARNING):
+        parse_config("groups: {details: [io]}", "cfg.yml")
+        parse_config("groups: {details: [io], process_names: [{comm: [sshd]}]}", "cfg.yml")
+    assert [r.getMessage() for r in caplog.records] == [
+        "cfg.yml: groups.details: no process_names rule names a process: none is read"
+    ]
