@@ -182,7 +182,7 @@ class Records(Sequence[bytes]):
     def __init__(self, buffer: Any, stride: int, size: int, count: int, digests: Digests | None):
         self._view = memoryview(buffer).cast("B")
         self._stride, self._size, self._count = stride, size, count
-        self.digests: Digests = digests or Hashes(self)
+        self.digests: Digests = Hashes(self) if digests is None else digests
 
     def __len__(self) -> int:
         return self._count

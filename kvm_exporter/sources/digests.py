@@ -56,7 +56,8 @@ class CompiledDigests:
 
 def compiled(order: Any, count: int) -> CompiledDigests | None:
     """The ``count`` digests at ``order`` (a cffi array, kept) as a set; None where two are
-    equal (two records with one digest: that poll is compared by the bytes' hashes)."""
+    equal (two records with one digest: that poll is compared by the bytes' hashes) or one is
+    0 (``kvm_digest`` never gives 0: it marks a free slot)."""
     index = _lib.kvm_index_new(order, count)
     if index == _ffi.NULL:
         if _ffi.errno == errno.ENOMEM:
