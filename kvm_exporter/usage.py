@@ -179,10 +179,12 @@ class Tracker:
         self._gauges: dict[AccountKey, list[int]] = {}
         self._jids: dict[int, int] = {}
         """Processes per jail."""
-        self._starts: dict[AccountKey, dict[int, int]] | None = {} if self._oldest else None
-        """With ``oldest``: processes per start of each account but None (no account: most
-        processes, where only a few are named), a start and its fraction as one int
-        (:func:`_start`)."""
+        self._starts: dict[tuple[AccountKey, int], int] | None = {} if self._oldest else None
+        """With ``oldest``: processes per (account, start) of every account but None (no
+        account: most processes, where only a few are named), a start and its fraction as one
+        int (:func:`_start`). One table, not one per account: a burst of 3,000 one-process
+        groups made 3,000 small dicts (0.9 MiB at its peak, and the Python heap a burst grows
+        stays grown, issue 23)."""
         self._frozen: dict[int, list[int]] = {}
         """The counters each zombie is taken to have (own, then children's), by pid: its last
         live row's, plus what it reaped after that poll of children a poll saw."""
@@ -276,8 +278,15 @@ class Tracker:
             self._shared = {seen: seen for seen in self._seen.values()}
             self._shared_kept = len(self._shared)
         gauges = {account: list(totals) for account, totals in self._gauges.items()}
-        oldest = {g: divmod(min(starts), _FRACTIONS) for g, starts in (self._starts or {}).items()}
-        return Tally(gauges, increments, set(self._jids), oldest)
+        return Tally(gauges, increments, set(self._jids), self._oldest_starts())
+
+    def _oldest_starts(self) -> dict[AccountKey, tuple[int, int]]:
+        """(start, fraction) of each account's oldest process, where kept."""
+        first: dict[AccountKey, int] = {}
+        for account, start in self._starts or ():
+            if start < first.get(account, start + 1):
+                first[account] = start
+        return {account: divmod(start, _FRACTIONS) for account, start in first.items()}
 
     def _shrink(self) -> None:
         """Copy the tables keyed by process or account: a dict keeps the room of its largest
@@ -447,9 +456,8 @@ class Tracker:
         jid = row[USAGE_JID]
         self._jids[jid] = self._jids.get(jid, 0) + 1
         if self._starts is not None and seen.account is not None:
-            starts = self._starts.setdefault(seen.account, {})
-            start = _start(row)
-            starts[start] = starts.get(start, 0) + 1
+            key = (seen.account, _start(row))
+            self._starts[key] = self._starts.get(key, 0) + 1
 
     def _take(self, row: UsageRow, seen: _Seen) -> None:
         totals = self._gauges[seen.account]
@@ -464,13 +472,10 @@ class Tracker:
         if self._jids[jid] == 0:
             del self._jids[jid]
         if self._starts is not None and seen.account is not None:
-            starts = self._starts[seen.account]
-            start = _start(row)
-            starts[start] -= 1
-            if starts[start] == 0:
-                del starts[start]
-                if not starts:
-                    del self._starts[seen.account]
+            key = (seen.account, _start(row))
+            self._starts[key] -= 1
+            if self._starts[key] == 0:
+                del self._starts[key]
 
     def account(self, pid: int) -> AccountKey | None:
         """The account of process ``pid`` as of the last update; None if it had none or was
