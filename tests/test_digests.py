@@ -63,6 +63,20 @@ def test_the_tracker_counts_alike_from_records_and_from_bytes() -> None:
         assert cpu(lists.poll(*written)) == cpu(buffers.update(as_records))
 
 
+def test_trackers_of_one_survey_keep_one_copy_of_each_record() -> None:
+    """The resources' and the named groups' trackers both keep every record: one bytes
+    object each, not one per tracker (a 3,000-process burst's peak, issue 23)."""
+    written = [row(pid, pid % 3, pid * 7) for pid in range(1, 50)]
+    size = len(written[0])
+    survey = digests.records(buffer_of(written), len(written), size, size)
+    assert isinstance(survey, Records)
+    first, second = Run(), Run()
+    first.update(survey)
+    second.update(survey)
+    kept = [{id(record) for record in run.tracker._records.values()} for run in (first, second)]
+    assert len(kept[0]) == len(written) and kept[0] == kept[1]
+
+
 def test_two_records_of_one_digest_are_told_apart_by_their_bytes() -> None:
     """A collision (odds under 1e-9 a poll at 100,000 processes) costs one slower poll,
     not a process: the tracker compares that poll by the bytes' own hashes."""
