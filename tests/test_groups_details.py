@@ -31,6 +31,7 @@ from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import DETAILS, Details, Source, SourceError, Survey
 from kvm_exporter.service import prepare
 from kvm_exporter.sources.procfs import ProcfsSource
+from kvm_exporter.visibility import mount_of
 
 # --- how the groups count details: a reader the test answers for --------------------------
 
@@ -157,24 +158,13 @@ for line in sys.stdin:
 MIB = 1 << 20
 
 
-def fs_type(path: Path) -> str:
-    """The type of the filesystem ``path`` is on, from the innermost mount that holds it."""
-    best, kind = "", ""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point = fields[4].encode().decode("unicode_escape")  # \040 for a space
-        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fields[fields.index("-") + 1]
-    return kind
-
-
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Path]:
     """A directory of the test's own where writes reach a block device (``read_bytes`` and
     ``write_bytes`` count storage I/O only, so a tmpfs ``/tmp`` would show none)."""
     for where in (tmp_path, Path("/var/tmp"), Path(__file__).resolve().parent):
-        if fs_type(where.resolve()) not in ("tmpfs", "ramfs"):
+        mount = mount_of(str(where.resolve()), Path("/proc/self/mountinfo").read_text())
+        if mount is not None and mount[1] not in ("tmpfs", "ramfs"):
             made = Path(tempfile.mkdtemp(prefix="kvm-details-", dir=where))
             yield made
             shutil.rmtree(made, ignore_errors=True)
