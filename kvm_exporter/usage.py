@@ -139,7 +139,9 @@ class Tracker:
     that reaped them); where that leaves too little, off the next ancestor up (an orphan that
     init or a subreaper reaped). A zombie is as good as gone: its row adds nothing and its
     totals are those of its last live row (FreeBSD adds its children's usage into a zombie's
-    own, kern_exit.c exit1).
+    own, kern_exit.c exit1). A quantity of a process's own that went down (a sum over its live
+    threads when one exits) adds nothing that poll, and grows from there: it takes nothing
+    off its account's other processes.
     """
 
     def __init__(
@@ -155,6 +157,9 @@ class Tracker:
         self._width = len(spec.counters)
         """Counter columns of each kind: a row has as many again for the reaped children."""
         self._netted = _netted(spec)
+        self._own = _netted(spec._replace(reaped=None))
+        """Each quantity of a process's own counter columns (FreeBSD's seconds and
+        microseconds as one), weighed as :attr:`_netted`'s."""
         """Each quantity netted for reapers: its columns and their integer weights."""
         self._oldest = oldest
         self.watch = watch
@@ -314,7 +319,13 @@ class Tracker:
             self._frozen.setdefault(row[USAGE_PID], list(before))
             self._exited_ch[row[USAGE_PID]] = row[USAGE_COUNTERS + self._width :]
             return row, [0] * len(before)
-        return row, [now - then for now, then in zip(row[USAGE_COUNTERS:], before, strict=True)]
+        grew = [now - then for now, then in zip(row[USAGE_COUNTERS:], before, strict=True)]
+        if min(grew[: self._width], default=0) < 0:  # a quantity of its own went down?
+            for columns, weights in self._own:
+                if sum(grew[c] * w for c, w in zip(columns, weights, strict=True)) < 0:
+                    for c in columns:  # it adds nothing, so takes nothing off the others
+                        grew[c] = 0
+        return row, grew
 
     def _first(self, row: UsageRow, born: bool) -> list[int]:
         """What a process first seen adds: all its counters if ``born`` since the last poll,

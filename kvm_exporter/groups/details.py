@@ -9,8 +9,8 @@ and written, context switches) are kept as the usage counters are, by a
 over records made of the details: a process first seen is a baseline (all it used if born
 since the last poll), an exit or a reused pid never takes anything off, and a group keeps
 its totals while it folds or idles. A sum over live threads (context switches) drops when one
-exits: the drop is added back to that process's records from then on, so it takes nothing off
-the group's other processes or the process's later growth. A process whose file for a
+exits: like any counter of a process that goes down, the tracker takes that poll's growth as
+nothing, so it takes nothing off the group's other processes. A process whose file for a
 counter was refused this poll is left out of that counter's records, so once readable it
 comes back as a baseline, not as its whole past at once. A read refused is counted, as
 process-exporter counts it: its ``status`` or ``limits`` (process-exporter's basics) in
@@ -95,36 +95,17 @@ class _Counted:
         self.names: dict[int, str] = {}
         """This poll's group of each process in :attr:`records`, by pid."""
         self.records: list[bytes] = []
-        self._read: dict[int, tuple[tuple[int, int], list[int], list[int]]] = {}
-        self._last_read: dict[int, tuple[tuple[int, int], list[int], list[int]]] = {}
-        """Each process of this poll's (the last poll's) records, by pid: its start, the values
-        read and what they have dropped by in all (a sum over live threads drops when one
-        exits), which its records add back so that a drop takes nothing off the others."""
         attach = lambda new, _: {pid: self.names[pid] for pid in new}  # noqa: E731
         self.tracker = Tracker(Attribution(lambda _, name: name, attach), spec)
         self.accounts = Accounts(("group",), max_groups, spec)
-
-    def begin(self) -> None:
-        """Start a poll's records."""
-        self.records, self.names = [], {}
-        self._last_read, self._read = self._read, {}
 
     def add(self, identity: tuple[int, int, int, int], name: str, details: Details) -> None:
         """Put a process's record in this poll's."""
         values = [getattr(details, field) for field in self.fields]
         pid, start, fraction, state = identity
-        dropped = [0] * len(values)
-        last = self._last_read.get(pid)
-        if last is not None and last[0] == (start, fraction):
-            dropped = [
-                d + max(then - now, 0)
-                for d, then, now in zip(last[2], last[1], values, strict=True)
-            ]
-        self._read[pid] = ((start, fraction), values, dropped)
-        kept = [value + drop for value, drop in zip(values, dropped, strict=True)]
         zeros = [0] * len(values)
         self.records.append(
-            self._layout.pack(pid, start, fraction, 0, 0, 0, 0, 0, 0, state, b"", *kept, *zeros)
+            self._layout.pack(pid, start, fraction, 0, 0, 0, 0, 0, 0, state, b"", *values, *zeros)
         )
         self.names[pid] = name
 
@@ -166,7 +147,7 @@ class GroupDetails:
         processes per served group, ``clock`` the poll's (:attr:`Survey.clock`)."""
         gauges = {field: dict.fromkeys(processes, 0.0) for field in self._gauges}
         for counted in self._counted:
-            counted.begin()
+            counted.records, counted.names = [], {}
         for pid, (identity, name) in list(self._named.items()):
             if named(pid) != name:  # gone, or the pid is another process's by now
                 del self._named[pid]
