@@ -8,8 +8,17 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from kvm_exporter import memory
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.records import Source, Survey
+
+
+def as_the_service() -> None:
+    """Allocate as ``kvm_exporter`` does when it serves (``memory.use_c_allocator``): this
+    script starts again under the C library's allocator, unless ``PYTHONMALLOC`` says
+    otherwise. First thing in ``main``."""
+    memory.configure()
+    memory.use_c_allocator()
 
 
 def median_ms(run: Callable[[], object], repeat: int) -> float:

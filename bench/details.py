@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from cputime import median_ms
+from cputime import as_the_service, median_ms
 from groups import (
     SHARED,
     arguments,
@@ -59,6 +59,7 @@ def steady_poll_ms(config: Path, details: tuple[str, ...], polls: int) -> tuple[
 
 
 def main() -> None:
+    as_the_service()
     args = arguments(__doc__).parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvm-details-bench."))
     pe_config = tmp / "pe-comm.yml"

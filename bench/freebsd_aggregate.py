@@ -43,7 +43,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from cputime import median_ms
+from cputime import as_the_service, median_ms
 
 from kvm_exporter.aggregate import Counts, aggregate, user_names
 from kvm_exporter.config import LibkvmConfig
@@ -140,6 +140,7 @@ def read_all(sources: list[LibkvmSource]) -> list[Proc]:
 
 
 def main() -> None:
+    as_the_service()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=7)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cputime import group_poll_costs
+from cputime import as_the_service, group_poll_costs
 
 from kvm_exporter.config import load_config
 from kvm_exporter.poller import Settings
@@ -166,6 +166,7 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    as_the_service()
     parser = arguments(__doc__)
     parser.add_argument(
         "--no-resources", dest="resources", action="store_false", help="groups alone"

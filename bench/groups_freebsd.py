@@ -18,7 +18,7 @@ import pathlib
 import sys
 import tempfile
 
-from cputime import group_poll_costs
+from cputime import as_the_service, group_poll_costs
 from freebsd_aggregate import TESTS, scenario
 
 from kvm_exporter.config import LibkvmConfig, parse_config
@@ -43,6 +43,7 @@ def with_argv(text: str) -> str:
 
 
 def main() -> None:
+    as_the_service()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--polls", type=int, default=7)

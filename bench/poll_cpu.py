@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from cputime import median_ms
+from cputime import as_the_service, median_ms
 
 from kvm_exporter.poller import Poller, Settings
 from kvm_exporter.sources import procfs
 
 
 def main() -> None:
+    as_the_service()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--polls", type=int, default=20)
     args = parser.parse_args()

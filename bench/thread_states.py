@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from cputime import as_the_service
+
 from kvm_exporter.sources.procfs import ProcfsSource
 
 THREADED = """import sys, threading, time
@@ -26,6 +28,7 @@ sys.stdin.read()
 
 
 def main() -> None:
+    as_the_service()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--processes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1000)

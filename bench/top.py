@@ -34,7 +34,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from cputime import median_ms
+from cputime import as_the_service, median_ms
 
 from kvm_exporter import top
 from kvm_exporter.aggregate import user_names
@@ -172,6 +172,7 @@ def churn(jitter: float, margin: float, polls: int = 2000, n: int = 10) -> dict[
 
 
 def main() -> None:
+    as_the_service()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--processes", type=int, default=10_000)
     parser.add_argument("--records", type=int, default=100_000)

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return check(args)
         if args.once or getattr(args, "libkvm.core"):
             return once(args)
+        memory.use_c_allocator()
         return serve_forever(args)
     except (ConfigError, SourceError, WebError) as err:
         log.error("%s", err)
