@@ -1,5 +1,6 @@
 """Bounded attacks on kvm_exporter (and node_exporter when installed), each beside a
 legitimate scraper, printing per attack: scrape p50/p99/max, failed scrapes, CPU, RSS, fds.
+"RSS after" is read after :data:`SETTLE` seconds more of scrapes once the attack is over.
 
 Every attack runs in a child process of its own (``attack.py attacker KIND PORT SECONDS``)
 so that neither side's GIL slows the other; the legitimate scraper opens a new connection
@@ -27,6 +28,7 @@ Needs the test extra (``pip install '.[test]'``): it reuses tests/attack_support
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
@@ -61,11 +63,13 @@ from tlsutil import write_pki  # noqa: E402
 FLOOD_TOKEN = "kvmflood"
 """The first word of the name-flood's processes (and of the rules that name them)."""
 FLOOD_PROCESSES = 3000
-GROUPS_CONFIG = f"""groups:
+GROUPS_CONFIG = f"""interval: 1
+groups:
   process_names:
     - {{name: 'app-{{{{.Matches.app}}}}', cmdline: ['^{FLOOD_TOKEN} --app=(?P<app>\\S+)']}}
     - {{name: service, cmdline: ['^{FLOOD_TOKEN}-admin ']}}
 """
+"""A poll a second, so that polls fall inside the attack (the default 15 s may not)."""
 ADMIN_GROUP = b'group="service"'
 CRAFTED_CONFIG = r"""interval: 1
 groups:
@@ -77,6 +81,9 @@ groups:
 polls fall inside the attack."""
 CRAFTED_ARGV = ["java"] * 260 + ["a" * 2700 + "!"]
 """Arguments that made one Python ``re.search`` of that rule run 7-10 s (issue 23 item 1)."""
+SETTLE = 10.0
+"""Seconds of scrapes, four a second, after an attack before its "RSS after": several polls
+and trims, so that it is what stays, not what the next poll would still give back."""
 DRIPPED = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: 0123456789\r\n" * 400 + b"\r\n"
 
 
@@ -307,7 +314,11 @@ def measure(
     cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
     if attack is not None:
         attack.wait(30)
-    time.sleep(2.0)
+    deadline = time.monotonic() + SETTLE
+    while time.monotonic() < deadline and running.proc.poll() is None:
+        with contextlib.suppress(OSError):
+            scrape(running.port, context=running.context, timeout=5)
+        time.sleep(0.25)
     alive = running.proc.poll() is None
     after = rss_fds(pid)[0] if alive else float("nan")
     try:
