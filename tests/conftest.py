@@ -177,6 +177,21 @@ class Exporter:
 
 
 @pytest.fixture
+def namespace() -> Iterator[str]:
+    """A PID namespace with its own /proc; yields the host pid of its init. Everything in it
+    is killed with it. An exporter given ``--path.procfs=/proc/INIT/root/proc`` sees its
+    processes alone, whatever else the host runs."""
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sleep", "600"]
+    )
+    children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+    init = wait_until(lambda: children.read_text().split(), what="the namespace's init")[0]
+    yield init
+    unshare.kill()
+    unshare.wait()
+
+
+@pytest.fixture
 def exporter(tmp_path: Path) -> Iterator[Any]:
     """Start exporters with ``exporter(config_yaml, *args, env={})``; all stop at teardown."""
     started: list[Exporter] = []

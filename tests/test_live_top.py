@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,6 @@ while True:  # its CPU time kept at rate times the time since it began, however 
 RATES = [0.001 * (i + 1) for i in range(20)] + [0.04 + 0.002 * i for i in range(10)]
 """CPU each process burns, in cores: 0.1% to 2%, and the ten busiest 4% to 5.8% (a gap that
 a loaded host's scheduling noise does not cross)."""
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    """A PID namespace with its own /proc; yields the host pid of its init. Everything in it
-    is killed with it."""
-    unshare = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sleep", "600"]
-    )
-    children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
-    init = wait_until(lambda: children.read_text().split(), what="the namespace's init")[0]
-    yield init
-    unshare.kill()
-    unshare.wait()
 
 
 def ps(init: str) -> dict[str, tuple[int, float]]:
