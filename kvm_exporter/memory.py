@@ -33,14 +33,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import cast
 
+log = logging.getLogger("kvm_exporter")
+
 MIN_GAP = 1.0
 """Seconds between two trims at least."""
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 """glibc's ``mallopt`` parameters (``malloc.h``)."""
-log = logging.getLogger("kvm_exporter")
-
 LARGE = 128 * 1024
 """Blocks from this size on get pages of their own, given back when freed: glibc's default,
 held there (see :func:`configure`)."""

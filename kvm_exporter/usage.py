@@ -157,10 +157,10 @@ class Tracker:
         self._width = len(spec.counters)
         """Counter columns of each kind: a row has as many again for the reaped children."""
         self._netted = _netted(spec)
+        """Each quantity netted for reapers: its columns and their integer weights."""
         self._own = _netted(spec._replace(reaped=None))
         """Each quantity of a process's own counter columns (FreeBSD's seconds and
         microseconds as one), weighed as :attr:`_netted`'s."""
-        """Each quantity netted for reapers: its columns and their integer weights."""
         self._oldest = oldest
         self.watch = watch
         """The top processes' stage, told of every row decoded and every process gone."""

@@ -33,11 +33,11 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``server(web_config_text)``: a server of ``hello`` behind that web config."""
     started: list[Server] = []
 
-    def start(text: str, app: Any = hello) -> Server:
+    def start(text: str, quick_app: bool = False) -> Server:
         path = tmp_path / f"web-{len(started)}.yml"
         path.write_text(text)
         settings = load_web_config(str(path))
-        started.append(serve(app, "127.0.0.1:0", settings, Limits(), quick_app=app is not hello))
+        started.append(serve(hello, "127.0.0.1:0", settings, Limits(), quick_app=quick_app))
         return started[-1]
 
     yield start
@@ -200,17 +200,12 @@ def test_rate_limit_comes_before_basic_auth(
     assert len(checks) == 1  # the refused request cost no bcrypt
 
 
-def quick_hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """``hello`` served with ``quick_app``: the event loop tries each request first."""
-    return hello(environ, start_response)
-
-
 def test_a_request_the_loop_hands_to_a_worker_takes_one_token(
     server: Callable[..., Server], checks: list[bytes]
 ) -> None:
     """New credentials need bcrypt, so the event loop hands the request to a worker, which
     runs the rate limit again: the loop's try gives its token back."""
-    s = server(users(4) + "rate_limit: {interval: 1h, burst: 1}\n", quick_hello)
+    s = server(users(4) + "rate_limit: {interval: 1h, burst: 1}\n", quick_app=True)
     assert get(s, b"alice", PASSWORD)[0] == 200
     assert get(s, b"alice", PASSWORD)[0] == 429
     assert len(checks) == 1
